@@ -1,0 +1,71 @@
+"""Checks of command-line overrides that Hydra would otherwise report as a multi-line trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from ibq.errors import UserError
+
+# Hydra flags that take the next argument as their value.
+VALUE_FLAGS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p", "--info", "-i"}
+
+
+def override_args(argv: list[str]) -> list[str]:
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in VALUE_FLAGS:
+            skip = True
+        elif not arg.startswith("-") and "=" in arg:
+            args.append(arg)
+    return args
+
+
+def available(group_dir: Path) -> list[str]:
+    names = [p.stem for p in group_dir.glob("*.yaml")]
+    return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+
+
+def group_choices(argv: list[str], conf_dir: Path):
+    """(argument, group, [choices]) for each override that selects from a config group."""
+    for arg in override_args(argv):
+        override = OverridesParser.create().parse_override(arg)
+        group_dir = conf_dir / override.key_or_group
+        if override.is_delete() or override.package is not None or not group_dir.is_dir():
+            continue
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        yield arg, override.key_or_group, [str(value) for value in values]
+
+
+def quote_numeric_choices(argv: list[str], conf_dir: Path) -> list[str]:
+    """Hydra rejects a group choice that parses as a number (codebook_size=1024); quote it."""
+    rewritten = {}
+    for arg, group, choices in group_choices(argv, conf_dir):
+        if any(choice.lstrip("-").isdigit() for choice in choices):
+            prefix = arg.split("=", 1)[0]
+            rewritten[arg] = f"{prefix}=" + ",".join(f'"{choice}"' for choice in choices)
+    return [rewritten.get(arg, arg) for arg in argv]
+
+
+def check_group_choices(argv: list[str], conf_dir: Path) -> None:
+    """Every `group=choice` names an existing config file; numeric groups get a hint."""
+    for _, group, choices in group_choices(argv, conf_dir):
+        group_dir = conf_dir / group
+        valid = available(group_dir)
+        for choice in choices:
+            if choice in valid:
+                continue
+            if group == "codebook_size":
+                if choice.isdigit() and int(choice) > 0:
+                    raise UserError(
+                        f"codebook_size={choice} has no preset (presets: {', '.join(valid)}); "
+                        f"any positive size works as the plain key quantizer.codebook_size={choice}"
+                    )
+                raise UserError(
+                    f"codebook_size={choice} is invalid: it must be a positive integer "
+                    f"(presets: {', '.join(valid)}; other sizes through quantizer.codebook_size=N)"
+                )
+            raise UserError(f"{group}={choice} is not a config in {group_dir}; valid: {', '.join(valid)}")

@@ -1,0 +1,124 @@
+"""Image folders in ImageNet layout (`<root>/<split>/<class>/<image>`), with the paper's
+preprocessing: shorter side to the resolution, random crop for training, centre crop for validation,
+no flip, pixels in [-1, 1]. Unreadable files are skipped and counted; only an all-corrupt set is fatal."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+
+from ibq.data.positions import position_generator
+from ibq.data.splits import DataSplits
+from ibq.errors import UserError
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def scan_split(root: Path, split: str) -> tuple[list[tuple[Path, int]], list[str], int]:
+    """[(file, class index)], class names, and the number of unreadable files skipped."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise UserError(f"data.root={root} has no '{split}' folder: expected {root}/{split}/<class>/<image>")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    samples, corrupt = [], 0
+    for label, name in enumerate(classes):
+        for path in sorted((split_dir / name).iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(path) as image:
+                    image.size  # the header must parse
+            except (UnidentifiedImageError, OSError):
+                corrupt += 1
+                continue
+            samples.append((path, label))
+    if corrupt:
+        log.warning("skipped %d unreadable image file(s) under %s", corrupt, split_dir)
+    if not samples:
+        what = f"{corrupt} file(s), all unreadable" if corrupt else "no images"
+        raise UserError(f"data.root={root}: '{split}' holds {what} (expected {split}/<class>/<image>.jpg|png)")
+    return samples, classes, corrupt
+
+
+def load_resized(path: Path, resolution: int) -> Tensor | None:
+    """Shorter side to `resolution`, as float in [-1, 1]; None when the file cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        log.warning("skipping unreadable image %s", path)
+        return None
+    tensor = TF.pil_to_tensor(image).float() / 127.5 - 1.0
+    return TF.resize(tensor, resolution, antialias=True).clamp(-1, 1)
+
+
+class FolderTrain(Dataset):
+    """Item `position`: epoch = position // N, a per-epoch permutation, then a random crop seeded by
+    the position."""
+
+    def __init__(self, samples: list[tuple[Path, int]], resolution: int, seed: int):
+        self.samples, self.resolution, self.seed = samples, resolution, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @lru_cache(maxsize=2)
+    def permutation(self, epoch: int) -> Tensor:
+        return torch.randperm(len(self.samples), generator=position_generator(self.seed, -1 - epoch))
+
+    def __getitem__(self, position: int) -> tuple[Tensor, int]:
+        epoch, offset = divmod(position, len(self.samples))
+        order = self.permutation(epoch)
+        for attempt in range(len(self.samples)):  # a file that fails to decode gives way to the next one
+            path, label = self.samples[int(order[(offset + attempt) % len(order)])]
+            image = load_resized(path, self.resolution)
+            if image is not None:
+                break
+        else:
+            raise UserError(f"no image under {path.parent.parent} could be decoded")
+        generator = position_generator(self.seed, position)
+        top = int(torch.randint(image.shape[-2] - self.resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(image.shape[-1] - self.resolution + 1, (1,), generator=generator))
+        return image[:, top : top + self.resolution, left : left + self.resolution].contiguous(), label
+
+
+class FolderVal(Dataset):
+    def __init__(self, samples: list[tuple[Path, int]], resolution: int):
+        self.samples, self.resolution = samples, resolution
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        image = load_resized(path, self.resolution)
+        if image is None:  # keep the validation set fixed: a failing file is a black image, and logged
+            image = torch.full((3, self.resolution, self.resolution), -1.0)
+        return TF.center_crop(image, self.resolution), label
+
+
+def build_image_folder(
+    root: str,
+    resolution: int,
+    seed: int,
+    train_split: str = "train",
+    val_split: str = "val",
+    val_limit: int | None = None,
+    num_workers: int = 4,
+) -> DataSplits:
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise UserError(f"data.root={root} does not exist: point it at a folder with train/<class>/ and val/<class>/")
+    train_samples, _, _ = scan_split(root_path, train_split)
+    val_samples, _, _ = scan_split(root_path, val_split)
+    if val_limit is not None:
+        val_samples = val_samples[:val_limit]
+    return DataSplits(FolderTrain(train_samples, resolution, seed), FolderVal(val_samples, resolution), num_workers)

@@ -1,0 +1,9 @@
+"""Errors a user can fix: the CLI prints them as one line and exits non-zero."""
+
+
+class UserError(Exception):
+    """Bad input: a config key, a file or a run directory the user pointed at."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; training stops and keeps its last good checkpoint."""

@@ -1,0 +1,54 @@
+"""The contract every quantizer honours, so the engine never branches on a quantizer's name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ibq.errors import UserError
+
+
+@dataclass
+class QuantizerOutput:
+    z_q: Tensor  # (B, D, H, W): what the decoder receives
+    indices: Tensor  # (B, H, W) int64
+    loss: Tensor  # scalar: the quantizer's whole weighted loss
+    stats: dict[str, float] = field(default_factory=dict)  # per-batch figures for logging
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{name}={value!r} is invalid: it must be a positive integer")
+    return value
+
+
+def check_input(z: Tensor, dim: int) -> None:
+    if z.ndim != 4 or z.shape[1] != dim:
+        raise UserError(
+            f"quantizer.dim={dim} does not match the encoder output of shape {tuple(z.shape)}: "
+            f"set model.embed_dim and quantizer.dim to the same value"
+        )
+
+
+def to_tokens(z: Tensor) -> Tensor:
+    """(B, D, H, W) -> (B*H*W, D) in raster order."""
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+
+def to_map(tokens: Tensor, like_shape: torch.Size) -> Tensor:
+    """(B*H*W, D) -> (B, D, H, W)."""
+    b, d, h, w = like_shape
+    return tokens.reshape(b, h, w, d).permute(0, 3, 1, 2)
+
+
+def batch_usage_stats(indices: Tensor, codebook_size: int) -> dict[str, float]:
+    """Usage within one batch; the exact whole-set figures come from ibq.metrics.codebook."""
+    counts = torch.bincount(indices.flatten(), minlength=codebook_size).double()
+    probs = counts / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return {
+        "codebook/batch_utilization": (counts > 0).double().mean().item(),
+        "codebook/batch_perplexity": entropy.exp().item(),
+    }

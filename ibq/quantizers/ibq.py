@@ -1,0 +1,119 @@
+"""Index Backpropagation Quantization (Shi et al., arXiv 2412.02692).
+
+The index is the argmax of raw dot-product logits; the decoder receives a straight-through one-hot
+over the categorical distribution (one_hot - sg(p) + p) times the codebook, so the reconstruction
+gradient reaches every code through the softmax, not only the selected one. Defaults follow the
+released code: beta=0.25 sits on the codebook term; the paper's Eq. 10 puts it on the commitment
+term instead (commitment_weight=0.25, codebook_weight=1.0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ibq.errors import UserError
+from ibq.quantizers.base import (
+    QuantizerOutput,
+    batch_usage_stats,
+    check_input,
+    check_positive_int,
+    to_map,
+    to_tokens,
+)
+
+
+def entropy_terms(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """MAGVIT-v2 entropy statistics of softmax(logits / T) over the batch's tokens.
+
+    Returns (mean per-token entropy, entropy of the batch-average distribution)."""
+    log_probs = F.log_softmax(logits / temperature, dim=-1)
+    probs = log_probs.exp()
+    sample_entropy = -(probs * log_probs).sum(-1).mean()
+    avg_probs = probs.mean(0)
+    codebook_entropy = -(avg_probs * torch.log(avg_probs + 1e-5)).sum()
+    return sample_entropy, codebook_entropy
+
+
+class IBQ(nn.Module):
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        double_quant_weight: float = 1.0,
+        commitment_weight: float = 1.0,
+        codebook_weight: float = 0.25,
+        entropy_weight: float = 0.05,
+        entropy_temperature: float = 0.01,
+        sample_entropy_weight: float = 1.0,
+        codebook_entropy_weight: float = 1.0,
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        self.codebook_size = check_positive_int("quantizer.codebook_size", codebook_size)
+        self.dim = check_positive_int("quantizer.dim", dim)
+        if entropy_temperature <= 0:
+            raise UserError(f"quantizer.entropy_temperature={entropy_temperature} is invalid: it must be > 0")
+        if chunk_size is not None:
+            check_positive_int("quantizer.chunk_size", chunk_size)
+        self.double_quant_weight = double_quant_weight
+        self.commitment_weight = commitment_weight
+        self.codebook_weight = codebook_weight
+        self.entropy_weight = entropy_weight
+        self.entropy_temperature = entropy_temperature
+        self.sample_entropy_weight = sample_entropy_weight
+        self.codebook_entropy_weight = codebook_entropy_weight
+        self.chunk_size = chunk_size
+        # N(0, 1), as nn.Embedding's default: the released IBQ uses no other initialisation.
+        self.codebook = nn.Embedding(codebook_size, dim)
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        check_input(z, self.dim)
+        # Logits over K codes are compared with an argmax: keep them in fp32 under autocast.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            out = self._quantize(z.float())
+        out.z_q = out.z_q.to(z.dtype)
+        return out
+
+    def _quantize(self, z: Tensor) -> QuantizerOutput:
+        tokens = to_tokens(z)
+        codebook = self.codebook.weight
+        logits = tokens @ codebook.t()
+        probs = logits.softmax(-1)
+        indices = logits.argmax(-1)
+        one_hot = F.one_hot(indices, self.codebook_size).to(probs.dtype)
+        soft_one_hot = one_hot - probs.detach() + probs
+        z_q = soft_one_hot @ codebook  # equals codebook[indices] in value
+        z_hard = codebook[indices]
+
+        double_quant = F.mse_loss(z_q, tokens)
+        commitment = F.mse_loss(z_hard.detach(), tokens)
+        codebook_term = F.mse_loss(z_hard, tokens.detach())
+        sample_entropy, codebook_entropy = entropy_terms(logits, self.entropy_temperature)
+        entropy = self.sample_entropy_weight * sample_entropy - self.codebook_entropy_weight * codebook_entropy
+        loss = (
+            self.double_quant_weight * double_quant
+            + self.commitment_weight * commitment
+            + self.codebook_weight * codebook_term
+            + self.entropy_weight * entropy
+        )
+        stats = {
+            "loss/double_quant": double_quant.item(),
+            "loss/commitment": commitment.item(),
+            "loss/codebook": codebook_term.item(),
+            "loss/entropy": entropy.item(),
+            "entropy/sample": sample_entropy.item(),
+            "entropy/codebook": codebook_entropy.item(),
+            **batch_usage_stats(indices, self.codebook_size),
+        }
+        return QuantizerOutput(
+            z_q=to_map(z_q, z.shape),
+            indices=indices.reshape(z.shape[0], z.shape[2], z.shape[3]),
+            loss=loss,
+            stats=stats,
+        )
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """(B, H, W) int64 -> z_q (B, D, H, W)."""
+        return self.codebook(indices).permute(0, 3, 1, 2)

@@ -1,0 +1,67 @@
+"""Textbook vector quantization (van den Oord et al. 2017) with a straight-through estimator.
+
+Nearest code by squared L2. `legacy=True` reproduces taming-transformers' VectorQuantizer2 default
+(beta on the codebook term, weight 1 on the commitment term), which SEED-Voken's VQ baseline uses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ibq.quantizers.base import (
+    QuantizerOutput,
+    batch_usage_stats,
+    check_input,
+    check_positive_int,
+    to_map,
+    to_tokens,
+)
+
+
+class VQ(nn.Module):
+    def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, legacy: bool = False):
+        super().__init__()
+        self.codebook_size = check_positive_int("quantizer.codebook_size", codebook_size)
+        self.dim = check_positive_int("quantizer.dim", dim)
+        self.beta = beta
+        self.legacy = legacy
+        self.codebook = nn.Embedding(codebook_size, dim)
+        nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        check_input(z, self.dim)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            out = self._quantize(z.float())
+        out.z_q = out.z_q.to(z.dtype)
+        return out
+
+    def _quantize(self, z: Tensor) -> QuantizerOutput:
+        tokens = to_tokens(z)
+        codebook = self.codebook.weight
+        distances = (
+            tokens.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * tokens @ codebook.t()
+        )
+        indices = distances.argmin(-1)
+        z_hard = codebook[indices]
+        codebook_term = F.mse_loss(z_hard, tokens.detach())
+        commitment = F.mse_loss(z_hard.detach(), tokens)
+        if self.legacy:
+            loss = self.beta * codebook_term + commitment
+        else:
+            loss = codebook_term + self.beta * commitment
+        z_q = tokens + (z_hard - tokens).detach()
+        stats = {
+            "loss/codebook": codebook_term.item(),
+            "loss/commitment": commitment.item(),
+            **batch_usage_stats(indices, self.codebook_size),
+        }
+        return QuantizerOutput(
+            z_q=to_map(z_q, z.shape),
+            indices=indices.reshape(z.shape[0], z.shape[2], z.shape[3]),
+            loss=loss,
+            stats=stats,
+        )
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        return self.codebook(indices).permute(0, 3, 1, 2)

@@ -1,0 +1,150 @@
+"""The results contract: every run owns a folder with run.json, metrics.jsonl, results.json,
+checkpoints/ and media/. metrics.jsonl is the source of truth; W&B mirrors it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys that change where or how a run is reported, not what it computes.
+NON_RESULT_KEYS = ("run_dir", "logger", "cluster", "dry_run", "train.log_every", "train.checkpoint_every", "data.num_workers", "eval.every")
+PACKAGES = ("torch", "torchvision", "hydra-core", "wandb", "submitit", "deepspeed", "scipy", "scikit-image", "lpips", "ibq")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def result_config(cfg: DictConfig) -> dict:
+    """The resolved config without the keys that do not change the result."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in NON_RESULT_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = container
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return container
+
+
+def signature(cfg: DictConfig) -> str:
+    canonical = json.dumps(result_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, e.g. ['quantizer.codebook_size: 1024 -> 8192']."""
+    differences = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differences.append(f"{prefix}{key}: {a} -> {b}")
+    return differences
+
+
+def git_state() -> dict[str, Any]:
+    source = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"sha": None, "dirty": None}
+    if sha.returncode != 0:
+        return {"sha": None, "dirty": None}
+    return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class RunRecord:
+    """run.json of one run directory; only rank 0 writes it."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir / "run.json"
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def start(self, cfg: DictConfig, choices: dict, overrides: list[str], kind: str, resumed_from_step: int | None) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.data.setdefault("created", now)
+        self.data.setdefault("resumes", [])
+        if resumed_from_step is not None:
+            self.data["resumes"].append({"step": resumed_from_step, "time": now, "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+        self.data.update(
+            kind=kind,
+            signature=signature(cfg),
+            choices=choices,
+            overrides=overrides,
+            command=sys.argv,
+            git=git_state(),
+            packages=package_versions(),
+            python=platform.python_version(),
+            host=socket.gethostname(),
+            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            status="running",
+            started=now,
+            ended=None,
+            error=None,
+        )
+        self.save()
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        self.update(status=status, error=error, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step`, so a resumed run neither loses nor repeats a line."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+    def append(self, step: int, metrics: dict[str, Any]) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
