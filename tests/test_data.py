@@ -1,0 +1,88 @@
+"""Datasets: held-out photo crops, position-addressed training samples, image folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ibq.data import PositionSampler, build_image_folder, build_photos
+from ibq.data.photos import PHOTOS, load_photo, scale_shorter_side, split_photos
+from ibq.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return build_photos(list(PHOTOS), shorter_side=192, resolution=64, val_crops_per_photo=2, seed=0)
+
+
+def test_photos_are_rgb_in_range_with_a_fixed_validation_set(photos):
+    assert len(photos.val) == 2 * len(PHOTOS)
+    image, label = photos.val[0]
+    assert image.shape == (3, 64, 64) and image.min() >= -1 and image.max() <= 1
+    again = build_photos(list(PHOTOS), shorter_side=192, resolution=64, val_crops_per_photo=2, seed=123)
+    assert torch.equal(again.val[5][0], photos.val[5][0])  # the validation set ignores the seed
+    greyscale = photos.val[2 * PHOTOS.index("camera")][0]
+    assert torch.equal(greyscale[0], greyscale[1]) and torch.equal(greyscale[1], greyscale[2])
+
+
+def test_validation_crops_are_held_out_from_training():
+    """Validation crops come from each photo's right-most strip; training regions stop before it."""
+    split = split_photos(["astronaut", "coffee"], shorter_side=192, resolution=64, val_crops_per_photo=3)
+    for index, name in enumerate(["astronaut", "coffee"]):
+        photo = scale_shorter_side(load_photo(name), 192)
+        assert torch.equal(split.train[index], photo[:, :, :-64])
+        for crop in split.val_crops[3 * index : 3 * index + 3]:
+            strip = photo[:, :, -64:]
+            assert any(torch.equal(crop, strip[:, top : top + 64]) for top in range(strip.shape[1] - 63))
+
+
+def test_training_samples_depend_only_on_seed_and_position(photos):
+    first = photos.train[1234]
+    assert torch.equal(first[0], photos.train[1234][0]) and first[1] == photos.train[1234][1]
+    other_seed = build_photos(list(PHOTOS), shorter_side=192, resolution=64, val_crops_per_photo=2, seed=1)
+    assert not torch.equal(other_seed.train[1234][0], first[0])
+
+
+def test_resumed_loader_continues_the_same_stream(photos):
+    batch = 4
+    full = [b[0] for b in DataLoader(photos.train, batch_size=batch, sampler=PositionSampler(0, 6 * batch))]
+    resumed = [b[0] for b in DataLoader(photos.train, batch_size=batch, sampler=PositionSampler(3 * batch, 6 * batch), num_workers=2)]
+    assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed))
+
+
+def test_crop_larger_than_every_photo_is_refused():
+    with pytest.raises(UserError, match="data.resolution=256 is larger than every photo"):
+        build_photos(["astronaut"], shorter_side=192, resolution=256, val_crops_per_photo=1, seed=0)
+
+
+def test_unknown_photo_is_refused():
+    with pytest.raises(UserError, match="'nope', which scikit-image does not ship"):
+        build_photos(["nope"], shorter_side=192, resolution=64, val_crops_per_photo=1, seed=0)
+
+
+def test_image_folder_skips_corrupt_files_and_keeps_paper_preprocessing(image_folder: Path):
+    splits = build_image_folder(str(image_folder), resolution=64, seed=0, num_workers=0)
+    assert len(splits.train) == 6 and len(splits.val) == 4  # the corrupt file is skipped
+    image, label = splits.train[0]
+    assert image.shape == (3, 64, 64) and label in (0, 1)
+    epoch_labels = sorted(splits.train[p][1] for p in range(6))
+    assert epoch_labels == [0, 0, 0, 1, 1, 1]  # one epoch visits every image once
+    val_image, _ = splits.val[0]
+    assert torch.equal(val_image, splits.val[0][0])
+
+
+def test_image_folder_errors_name_the_root(tmp_path: Path):
+    with pytest.raises(UserError, match="does not exist"):
+        build_image_folder(str(tmp_path / "missing"), resolution=64, seed=0)
+    (tmp_path / "only_train" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="has no 'val' folder|holds no images"):
+        build_image_folder(str(tmp_path / "only_train"), resolution=64, seed=0)
+    broken = tmp_path / "broken"
+    for split in ("train", "val"):
+        (broken / split / "a").mkdir(parents=True)
+        (broken / split / "a" / "x.png").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="all unreadable"):
+        build_image_folder(str(broken), resolution=64, seed=0)
