@@ -7,3 +7,9 @@ class UserError(Exception):
 
 class TrainingDiverged(RuntimeError):
     """The loss became non-finite; training stops and keeps its last good checkpoint."""
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{name}={value!r} is invalid: it must be a positive integer")
+    return value

@@ -11,7 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 IBQ_TRAIN = [sys.executable, "-m", "ibq.cli.train"]
 # Small and fast: a handful of steps, one validation crop per photo, no W&B unless a test asks.
-QUICK = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "data.val_crops_per_photo=1", "logger=none"]
+QUICK = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "logger=none"]
+ONE_CROP_PER_PHOTO = "data.val_crops_per_photo=1"
 
 
 def run_cli(args: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -20,7 +21,8 @@ def run_cli(args: list[str], timeout: float = 600, **kwargs) -> subprocess.Compl
 
 
 def train(run_dir: Path, *overrides: str, quick: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    args = IBQ_TRAIN + (QUICK if quick else []) + list(overrides) + [f"hydra.run.dir={run_dir}"]
+    quick_args = QUICK + ([] if any(o.startswith("data=") for o in overrides) else [ONE_CROP_PER_PHOTO])
+    args = IBQ_TRAIN + (quick_args if quick else []) + list(overrides) + [f"hydra.run.dir={run_dir}"]
     return run_cli(args, timeout=timeout)
 
 

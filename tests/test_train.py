@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import IBQ_TRAIN, QUICK, REPO, error_line, read_jsonl, run_cli, train
+from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, QUICK, REPO, error_line, read_jsonl, run_cli, train
 
 pytestmark = pytest.mark.slow
 LOSS_KEYS = ("loss/g", "loss/l1", "loss/quantizer", "loss/d", "loss/lecam", "codebook/batch_perplexity")
@@ -53,7 +53,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path: Path):
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run_dir = tmp_path / "interrupted"
-    args = IBQ_TRAIN + QUICK + steps + [f"hydra.run.dir={run_dir}"]
+    args = IBQ_TRAIN + QUICK + [ONE_CROP_PER_PHOTO] + steps + [f"hydra.run.dir={run_dir}"]
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 300
@@ -150,6 +150,9 @@ def test_dry_run_reports_paper_parameter_counts(tmp_path: Path):
         (["data.resolution=256"], "data.resolution=256 is larger than every photo's training region"),
         (["quantizer.entropy_temperature=0"], "quantizer.entropy_temperature=0 is invalid"),
         (["train.precision=fp8"], "train.precision='fp8' is invalid"),
+        (["train.foo=1"], "Could not override 'train.foo'"),
+        (["train.steps=abc"], "train.steps='abc' is invalid: it must be a positive integer"),
+        (["train.batch_size=0"], "train.batch_size=0 is invalid"),
     ],
 )
 def test_bad_input_gets_one_line_and_writes_nothing(tmp_path: Path, overrides: list[str], expected: str):

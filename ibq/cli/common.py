@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from functools import wraps
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from ibq.cli.overrides import check_group_choices, quote_numeric_choices
+from ibq.cli.overrides import check_group_choices, first_of_each_sweep, one_line, override_args, quote_numeric_choices
 from ibq.errors import TrainingDiverged, UserError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -26,35 +26,47 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
-def entry_point(hydra_main):
-    """Console script around a Hydra main: checks group choices first, prints user errors as one line."""
+def check_composition(argv: list[str], config_name: str) -> None:
+    """Compose one job's config up front, so a bad key or value is one line, not Hydra's report."""
+    overrides = first_of_each_sweep(override_args(argv))
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
+            compose(config_name, overrides=overrides, return_hydra_config=True)
+    except Exception as error:  # Hydra raises several unrelated types for bad overrides
+        raise UserError(one_line(str(error))) from None
+
+
+def entry_point(hydra_main, config_name: str):
+    """Console script around a Hydra main: checks the overrides first, prints user errors as one line."""
 
     @wraps(hydra_main)
     def cli() -> None:
         try:
             check_group_choices(sys.argv[1:], CONF_DIR)
+            sys.argv[1:] = quote_numeric_choices(sys.argv[1:], CONF_DIR)
+            check_composition(sys.argv[1:], config_name)
         except UserError as error:
             fail(str(error))
-        sys.argv[1:] = quote_numeric_choices(sys.argv[1:], CONF_DIR)
         hydra_main()
 
     return cli
 
 
 def guarded(task):
-    """Runs a Hydra task; a user error or divergence exits non-zero with one line, and a run
-    directory that this invocation created and left empty is removed again."""
+    """Runs a Hydra task; a user error or divergence exits non-zero with one line. Hydra creates the
+    run directory before the task starts: when the task leaves it empty (a rejected config, a dry
+    run), it is removed again."""
 
     @wraps(task)
     def wrapper(cfg) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        existed_before = any(run_dir.iterdir()) if run_dir.exists() else False
         try:
             task(cfg, run_dir)
         except (UserError, TrainingDiverged, FileNotFoundError) as error:
-            if not existed_before and run_dir.exists() and not any(run_dir.iterdir()):
-                shutil.rmtree(run_dir)
             fail(str(error), 3 if isinstance(error, TrainingDiverged) else 2)
+        finally:
+            if run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()
 
     return wrapper
 

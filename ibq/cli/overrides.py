@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 
 from ibq.errors import UserError
 
@@ -29,10 +30,17 @@ def available(group_dir: Path) -> list[str]:
     return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
 
 
+def parse(arg: str):
+    try:
+        return OverridesParser.create().parse_override(arg)
+    except HydraException as error:
+        raise UserError(f"cannot parse the override {arg!r}: {error}") from None
+
+
 def group_choices(argv: list[str], conf_dir: Path):
     """(argument, group, [choices]) for each override that selects from a config group."""
     for arg in override_args(argv):
-        override = OverridesParser.create().parse_override(arg)
+        override = parse(arg)
         group_dir = conf_dir / override.key_or_group
         if override.is_delete() or override.package is not None or not group_dir.is_dir():
             continue
@@ -48,6 +56,25 @@ def quote_numeric_choices(argv: list[str], conf_dir: Path) -> list[str]:
             prefix = arg.split("=", 1)[0]
             rewritten[arg] = f"{prefix}=" + ",".join(f'"{choice}"' for choice in choices)
     return [rewritten.get(arg, arg) for arg in argv]
+
+
+def first_of_each_sweep(args: list[str]) -> list[str]:
+    """One job's overrides out of a sweep: each `key=a,b` becomes `key=a`."""
+    single = []
+    for arg in args:
+        override = parse(arg)
+        if override.is_sweep_override():
+            first = next(iter(override.sweep_string_iterator()))
+            arg = f"{arg.split('=', 1)[0]}={first}"
+        single.append(arg)
+    return single
+
+
+def one_line(message: str) -> str:
+    """Hydra's multi-line composition errors, condensed to the lines that name the problem."""
+    noise = ("full_key:", "object_type", "Set the environment variable", "reference_type")
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)]
+    return "; ".join(lines)
 
 
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:

@@ -67,7 +67,7 @@ def main(cfg: DictConfig, run_dir: Path) -> None:
         print("  " + line)
 
 
-cli = entry_point(main)
+cli = entry_point(main, "train")
 
 if __name__ == "__main__":
     cli()

@@ -22,7 +22,7 @@ from ibq.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, s
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
 from ibq.data.positions import PositionSampler
-from ibq.errors import TrainingDiverged, UserError
+from ibq.errors import TrainingDiverged, UserError, check_positive_int
 from ibq.losses import LeCAM, hinge_d_loss, non_saturating_g_loss
 from ibq.metrics.fid import load_fid_network
 from ibq.metrics.lpips import try_load_lpips
@@ -32,9 +32,19 @@ from ibq.runs.wandb_mirror import NullMirror, WandbMirror
 log = logging.getLogger(__name__)
 
 
+def check_training_keys(cfg: DictConfig) -> None:
+    for key in ("train.steps", "train.batch_size", "train.log_every", "train.checkpoint_every", "eval.batch_size"):
+        check_positive_int(key, OmegaConf.select(cfg, key))
+    if not isinstance(cfg.eval.every, int) or cfg.eval.every < 0:
+        raise UserError(f"eval.every={cfg.eval.every!r} is invalid: it must be 0 (only at the end) or a positive integer")
+    if not isinstance(cfg.optim.lr, (int, float)) or cfg.optim.lr <= 0:
+        raise UserError(f"optim.lr={cfg.optim.lr!r} is invalid: it must be a positive number")
+
+
 class TokenizerTraining:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
+        check_training_keys(cfg)
         self.device = resolve_device(cfg.train.device)
         self.dtype = resolve_precision(cfg.train.precision, self.device)
         self.signature = signature(cfg)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ibq.errors import UserError
+from ibq.errors import UserError, check_positive_int  # noqa: F401  (re-exported for quantizers)
 
 
 @dataclass
@@ -16,12 +16,6 @@ class QuantizerOutput:
     indices: Tensor  # (B, H, W) int64
     loss: Tensor  # scalar: the quantizer's whole weighted loss
     stats: dict[str, float] = field(default_factory=dict)  # per-batch figures for logging
-
-
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"{name}={value!r} is invalid: it must be a positive integer")
-    return value
 
 
 def check_input(z: Tensor, dim: int) -> None:
