@@ -274,7 +274,8 @@ class TokenizerTraining:
         metrics, grid = evaluator(self.ema.shadow, codebook_size, desc=f"eval@{step}")
         grid_path = self.run_dir / "media" / f"reconstructions_step{step:07d}.png"
         tmp = grid_path.with_name(f".{grid_path.stem}.tmp.png")
-        # top row(s): validation images; bottom: their reconstructions by the EMA tokenizer
+        # top row: validation images; bottom: their reconstructions; small crops enlarged to be seen
+        grid = torch.nn.functional.interpolate(grid, scale_factor=max(1, 128 // grid.shape[-1]), mode="nearest")
         torchvision.utils.save_image((grid + 1) / 2, tmp, nrow=len(grid) // 2)
         tmp.replace(grid_path)
         logged = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
