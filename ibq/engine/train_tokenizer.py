@@ -122,7 +122,7 @@ class TokenizerTraining:
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
         metrics_log.truncate_after(self.start_step)
         mirror = self._mirror(choices, group)
-        record.update(wandb={"id": mirror.run_id, "url": mirror.url, "dir": mirror.local_dir, "mode": mirror.mode})
+        record.update(wandb={"id": mirror.run_id, "url": mirror.url, "dir": mirror.local_dir, "mode": mirror.mode, "group": mirror.group})
         try:
             results = self._train(metrics_log, mirror)
         except TrainingDiverged as error:

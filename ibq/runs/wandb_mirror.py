@@ -25,6 +25,7 @@ def reachable(base_url: str, timeout: float = 3.0) -> bool:
 
 class NullMirror:
     run_id = None
+    group = None
     url = None
     local_dir = None
     mode = "disabled"
@@ -70,6 +71,7 @@ class WandbMirror(NullMirror):
             dir=str(run_dir), id=run_id, resume="allow", settings=settings,
         )
         self.mode = mode
+        self.group = group
         self.run_id = self.run.id
         self.url = self.run.get_url() if mode == "online" else None
         self.local_dir = str(Path(self.run.dir).parent)
