@@ -1,0 +1,113 @@
+"""Class-conditional sampling of token grids: classifier-free guidance, temperature, top-k / top-p.
+
+With guidance the batch is doubled to [cond; null class] and each step uses
+`uncond + cfg_scale * (cond - uncond)`; the sampled token is fed to both halves. cfg_scale = 1 is plain
+conditional sampling (no doubling), 0 is unconditional. Draws come from one torch.Generator, so a seed
+fixes the samples, with or without the KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ibq.errors import UserError
+from ibq.models.transformer import Transformer
+
+
+def check_sampling_args(cfg_scale: float, temperature: float, top_k: int, top_p: float) -> None:
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise UserError(f"sampling.cfg_scale={cfg_scale} is invalid: it must be >= 0 (1: no guidance)")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise UserError(f"sampling.temperature={temperature} is invalid: it must be > 0")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise UserError(f"sampling.top_k={top_k!r} is invalid: it must be an integer >= 0 (0: off)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"sampling.top_p={top_p} is invalid: it must be in (0, 1] (1: off)")
+
+
+def check_labels(labels: Tensor, num_classes: int) -> None:
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if len(outside):
+        raise UserError(
+            f"class index {outside[0].item()} is outside the model's classes: valid are 0..{num_classes - 1} "
+            f"(transformer.num_classes={num_classes})"
+        )
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set to -inf all but the top_k largest logits (0: keep all), then all outside the smallest set whose
+    probability reaches top_p (1: keep all). logits: (B, V)."""
+    if 0 < top_k < logits.shape[-1]:
+        kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # a token is dropped when the more likely ones already reach top_p; the most likely always stays
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model: Transformer,
+    labels: Tensor | list[int],
+    num_tokens: int | None = None,
+    cfg_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> Tensor:
+    """Sample (B, num_tokens) int64 image tokens in raster order for the classes `labels` (B,).
+
+    num_tokens defaults to the model's block_size (the full grid). generator, when given, must be on the
+    model's device and replaces seed. use_cache=False recomputes the whole prefix at every step (the
+    reference path; same tokens, much slower)."""
+    check_sampling_args(cfg_scale, temperature, top_k, top_p)
+    device = model.head.weight.device
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
+    check_labels(labels, model.num_classes)
+    num_tokens = model.block_size if num_tokens is None else num_tokens
+    if not 0 < num_tokens <= model.block_size:
+        raise UserError(f"num_tokens={num_tokens} is invalid: the model generates 1..{model.block_size} tokens")
+    if generator is None:
+        generator = torch.Generator(device).manual_seed(seed)
+
+    guided = cfg_scale != 1
+    batch = len(labels)
+    model_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
+
+    def both_halves(tokens: Tensor) -> Tensor:
+        return torch.cat([tokens, tokens]) if guided else tokens
+
+    tokens = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    if use_cache:
+        model.setup_cache(len(model_labels))
+    try:
+        for index in range(num_tokens):
+            if not use_cache:
+                logits = model.next_token_logits(model_labels, both_halves(tokens[:, :index]))
+            elif index == 0:
+                logits = model.prefill(model_labels)
+            else:
+                logits = model.step(both_halves(tokens[:, index - 1]), index - 1)
+            logits = logits.float()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg_scale * (cond - uncond)
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+            tokens[:, index] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    finally:
+        model.train(was_training)
+        if use_cache:
+            model.reset_cache()
+    return tokens
