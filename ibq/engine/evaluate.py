@@ -1,8 +1,12 @@
-"""Reconstruction evaluation over a whole validation set: codebook usage from an exact histogram,
-per-image PSNR/SSIM, LPIPS when its backbone is available, and rFID with the shipped FID network."""
+"""Evaluation over whole sets. Reconstruction: codebook usage from an exact histogram, per-image PSNR/SSIM,
+LPIPS for each available backbone, and rFID against the real images of the same pass. Generation: gFID
+against reference statistics and the Inception Score of a stream of uint8 samples."""
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -11,8 +15,19 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ibq.metrics.codebook import CodebookHistogram
-from ibq.metrics.fid import FeatureStats, fid_from_stats, to_uint8
+from ibq.metrics.fid import (
+    FeatureStats,
+    _file_sha1,
+    fid_from_stats,
+    frechet_distance,
+    inception_score,
+    load_torch_fidelity_inception,
+    to_uint8,
+)
 from ibq.metrics.image import psnr_ssim
+from ibq.metrics.reference import ReferenceStats
+
+TORCH_FIDELITY_NAME = "torch-fidelity inception-v3-compat (TF inception-2015-12-05 pool3, logits_unbiased)"
 
 
 @dataclass
@@ -22,13 +37,15 @@ class ReconstructionEvaluator:
     fid_network: object | None = None  # ibq.metrics.fid network: .features(uint8) -> (N, 2048)
     lpips_model: nn.Module | None = None
     grid_images: int = 8
-    real_stats: FeatureStats | None = field(default=None, init=False)  # computed once, reused by every eval
+    lpips_models: dict[str, nn.Module] = field(default_factory=dict)  # reported as lpips/<name>
+    real_stats: FeatureStats | None = field(default=None, init=False)  # computed once (or set from a cache), reused
 
     @torch.no_grad()
     def __call__(self, tokenizer: nn.Module, codebook_size: int, desc: str = "eval") -> tuple[dict, Tensor]:
         tokenizer.eval()
         histogram = CodebookHistogram(codebook_size, self.device)
         psnrs, ssims, lpips_values = [], [], []
+        named_lpips = {name: [] for name in self.lpips_models}
         fake_stats = FeatureStats() if self.fid_network is not None else None
         collect_real = self.fid_network is not None and self.real_stats is None
         real_stats = FeatureStats() if collect_real else self.real_stats
@@ -43,6 +60,8 @@ class ReconstructionEvaluator:
             ssims += batch_ssim
             if self.lpips_model is not None:
                 lpips_values.append(self.lpips_model(images, reconstructions).flatten().cpu())
+            for name, model in self.lpips_models.items():
+                named_lpips[name].append(model(images, reconstructions).flatten().cpu())
             if fake_stats is not None:
                 fake_stats.update(self.fid_network.features(to_uint8(reconstructions)))
                 if collect_real:
@@ -57,6 +76,7 @@ class ReconstructionEvaluator:
             "psnr": sum(psnrs) / len(psnrs),
             "ssim": sum(ssims) / len(ssims),
             "lpips": float(torch.cat(lpips_values).mean()) if lpips_values else None,
+            **{f"lpips/{name}": float(torch.cat(values).mean()) for name, values in named_lpips.items()},
             "eval/images": len(psnrs),
         }
         if fake_stats is not None:
@@ -66,3 +86,99 @@ class ReconstructionEvaluator:
         else:
             metrics.update({"rfid": None, "rfid/samples": 0, "rfid/network": None})
         return metrics, grid
+
+
+class TorchFidelityNetwork:
+    """torch-fidelity's Inception from a user-supplied weights file, in the FID network interface (name, sha1,
+    features), plus the unbiased logits that IS needs from the same forward pass."""
+
+    def __init__(self, weights_path: str | os.PathLike, device: torch.device | str = "cpu"):
+        self.model = load_torch_fidelity_inception(weights_path, device=device).eval()
+        self.device = torch.device(device)
+        self.name = TORCH_FIDELITY_NAME
+        self.sha1 = _file_sha1(str(weights_path))
+
+    @torch.no_grad()
+    def features_and_logits(self, images_uint8: Tensor) -> tuple[Tensor, Tensor]:
+        """Pool3 (N, 2048) and logits_unbiased (N, 1008), float64, of uint8 images (N, 3, H, W)."""
+        features, logits = self.model(images_uint8.to(self.device))
+        return features.double(), logits.double()
+
+    def features(self, images_uint8: Tensor) -> Tensor:
+        return self.features_and_logits(images_uint8)[0]
+
+
+@torch.no_grad()
+def real_feature_stats(loader: DataLoader, network, device: torch.device, desc: str = "reference") -> FeatureStats:
+    """FID-network statistics of a dataset's images ([-1, 1] floats, uint8-rounded as the samples are)."""
+    stats = FeatureStats()
+    for images, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        stats.update(network.features(to_uint8(images.to(device))))
+    return stats
+
+
+@dataclass
+class GenerationEvaluator:
+    """gFID against reference statistics and IS of uint8 samples, in one pass over them.
+
+    `inception` gives (features, logits) per batch; when it is also the FID network, one forward pass per batch
+    serves both metrics."""
+
+    device: torch.device
+    fid_network: object | None = None
+    inception: TorchFidelityNetwork | None = None
+    is_splits: int = 10
+    is_shuffle: bool = True
+
+    @torch.no_grad()
+    def __call__(self, batches: Iterable[Tensor], reference: ReferenceStats | None, total: int | None = None) -> dict:
+        fake_stats = None  # sized by the network's first batch of features
+        logits = []
+        for batch in tqdm(batches, desc="samples", total=total, leave=False, dynamic_ncols=True):
+            batch = batch.to(self.device)
+            inception_features = None
+            if self.inception is not None:
+                inception_features, batch_logits = self.inception.features_and_logits(batch)
+                logits.append(batch_logits.cpu())
+            if self.fid_network is not None:
+                shared = self.fid_network is self.inception
+                features = inception_features if shared else self.fid_network.features(batch)
+                if fake_stats is None:
+                    fake_stats = FeatureStats(dim=features.shape[1])
+                fake_stats.update(features)
+        metrics = {}
+        if fake_stats is not None:
+            metrics.update(
+                {
+                    "gfid": self._fid(reference, fake_stats),
+                    "gfid/samples": fake_stats.count,
+                    "gfid/network": self.fid_network.name,
+                    "gfid/reference": reference.source,
+                    "gfid/reference_samples": reference.count,
+                }
+            )
+        if self.inception is not None:
+            all_logits = torch.cat(logits)
+            mean, std = inception_score(all_logits, splits=self.is_splits, shuffle=self.is_shuffle)
+            metrics.update(
+                {
+                    "is": mean,
+                    "is/std": std,
+                    "is/samples": len(all_logits),
+                    "is/splits": self.is_splits,
+                    "is/shuffle": self.is_shuffle,
+                    "is/network": self.inception.name,
+                }
+            )
+        return metrics
+
+    @staticmethod
+    def _fid(reference: ReferenceStats, fake: FeatureStats) -> float:
+        if fake.count < fake.dim:
+            warnings.warn(
+                f"gFID from {fake.count} samples < {fake.dim} feature dims: finite but biased, not comparable to "
+                "gFIDs over 10k-50k samples",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return frechet_distance(reference.mu, reference.sigma, fake.mean(), fake.covariance())

@@ -1,0 +1,410 @@
+"""ibq-eval: reproduces a run's own metrics, records them in the run, caches reference statistics, scores
+samples in the ADM format, and rejects bad input with one line before writing anything."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO, error_line, read_jsonl, run_cli, train
+from ibq.cli import eval as eval_app
+from ibq.cli.overrides import quote_numeric_choices
+from ibq.engine.build import build
+from ibq.engine.evaluate import GenerationEvaluator
+from ibq.errors import UserError
+from ibq.metrics.adm import AdmSamples, save_adm_npz, to_adm_array
+from ibq.metrics.fid import FeatureStats, inception_score
+from ibq.metrics.reference import ReferenceCache, ReferenceStats, load_reference_npz, reference_key
+
+CONF = REPO / "conf"
+IBQ_EVAL = [sys.executable, "-m", "ibq.cli.eval"]
+REPRODUCED = ("rfid", "psnr", "ssim", "codebook/utilization", "codebook/perplexity")
+PHOTOS = "[astronaut,coffee,rocket,camera]"  # 4 photos x 3 crops: enough samples for 4 IS splits, quick to score
+
+
+class StandInNetwork:
+    """A cheap FID network: fixed random projection of 4x4-pooled pixels; counts the images it has seen."""
+
+    name = "stand-in"
+    sha1 = "0" * 40
+
+    def __init__(self, dim: int = 2048):
+        self.projection = torch.randn(48, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        self.images = 0
+
+    def features(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        self.images += len(images_uint8)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images_uint8.double(), 4).flatten(1)
+        return pooled @ self.projection
+
+
+class StandInInception(StandInNetwork):
+    """Also gives 7-class logits, as torch-fidelity's Inception gives pool3 and logits in one pass."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.calls = 0
+
+    def features_and_logits(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        features = self.features(images_uint8)
+        return features, features[:, :7] / 100
+
+
+def compose_eval(*overrides: str):
+    args = quote_numeric_choices(list(overrides), CONF)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("eval", overrides=args, return_hydra_config=True)
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra/")}
+    return cfg, choices
+
+
+def evaluate_in_process(*overrides: str) -> list[str]:
+    return eval_app.evaluate(*compose_eval(*overrides))
+
+
+def run_files(run_dir: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+
+
+def photo_samples() -> torch.Tensor:
+    """The validation crops that `data=photos data.photos=PHOTOS data.val_crops_per_photo=3` gives at 32 px."""
+    cfg, _ = compose_eval("data=photos", f"data.photos={PHOTOS}", "data.val_crops_per_photo=3", "data.resolution=32")
+    val = build(cfg.data, seed=0).val
+    return torch.stack([val[i][0] for i in range(len(val))])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    result = train(run_dir, "logger=wandb")  # offline: the evaluation must find and resume its W&B run
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run (without its W&B folder), so each test sees it untouched."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("wandb"))
+    return copy
+
+
+@pytest.fixture
+def stand_in_fid(monkeypatch) -> StandInNetwork:
+    network = StandInNetwork()
+    monkeypatch.setattr(eval_app, "load_fid_network", lambda path=None, device="cpu": network)
+    return network
+
+
+# ------------------------------------------------------------------------------------------------ reconstruction
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_runs_own_metrics_and_records_them(run_copy: Path, tmp_path: Path):
+    trained = json.loads((run_copy / "results.json").read_text())
+    lines_before = read_jsonl(run_copy / "metrics.jsonl")
+    cache = tmp_path / "cache"
+    result = run_cli(IBQ_EVAL + [f"run_dir={run_copy}", f"reference.cache_dir={cache}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rfid" in result.stdout and "lpips/alex            unavailable" in result.stdout
+
+    evaluated = json.loads((run_copy / "results.json").read_text())
+    for key in REPRODUCED:
+        assert evaluated[key] == pytest.approx(trained[key], rel=1e-6), key
+    assert evaluated["codebook/dead"] == trained["codebook/dead"]
+    assert evaluated["rfid/samples"] == 18 and evaluated["rfid/network"] == trained["rfid/network"]
+    assert evaluated["eval/dataset"] == "photos" and evaluated["eval/split"] == "val"
+    assert evaluated["eval/images"] == 18 and evaluated["eval/weights"] == "ema" and evaluated["eval/step"] == 4
+    assert evaluated["lpips/vgg"] is None and "vgg16-397923af.pth" in evaluated["eval/unavailable"]["lpips_vgg"]
+    assert evaluated["reconstruction_grid"] == trained["reconstruction_grid"]  # merged, not replaced
+
+    lines = read_jsonl(run_copy / "metrics.jsonl")
+    assert lines[:-1] == lines_before
+    assert lines[-1]["step"] == 4 and lines[-1]["rfid"] == evaluated["rfid"] and lines[-1]["eval/weights"] == "ema"
+    assert len(list(cache.glob("photos-val-*px-*.npz"))) == 1
+
+    signature = json.loads((run_copy / "run.json").read_text())["wandb"]["id"]
+    offline_runs = list((run_copy / "wandb").glob(f"offline-run-*-{signature}"))
+    assert len(offline_runs) == 1, "the evaluation resumes the training run's W&B id"
+    tables = list(offline_runs[0].rglob("*.table.json"))
+    assert tables and "rfid" in tables[0].read_text()
+
+
+@pytest.mark.slow
+def test_reference_statistics_are_cached_across_evaluations(run_copy: Path, tmp_path: Path, stand_in_fid: StandInNetwork):
+    cache = tmp_path / "cache"
+    common = [f"run_dir={run_copy}", f"reference.cache_dir={cache}", "metrics.lpips=[]", "wandb_mode=disabled"]
+    evaluate_in_process(*common)
+    first = json.loads((run_copy / "results.json").read_text())
+    assert first["eval/reference_cached"] is False and stand_in_fid.images == 2 * 18  # real and reconstructed
+    (cached_file,) = cache.glob("*.npz")
+    written = cached_file.stat().st_mtime_ns
+
+    evaluate_in_process(*common, "weights=live")
+    second = json.loads((run_copy / "results.json").read_text())
+    assert second["eval/reference_cached"] is True and stand_in_fid.images == 3 * 18  # only the reconstructions
+    assert cached_file.stat().st_mtime_ns == written and len(list(cache.glob("*.npz"))) == 1
+    assert second["eval/weights"] == "live" and second["psnr"] != first["psnr"]
+
+
+@pytest.mark.slow
+def test_another_dataset_is_evaluated_at_the_training_resolution(run_copy: Path, tmp_path: Path):
+    trained = json.loads((run_copy / "results.json").read_text())
+    tokens_per_image = trained["codebook/tokens"] // trained["eval/images"]
+    evaluate_in_process(f"run_dir={run_copy}", "metrics.fid=false", "metrics.lpips=[]", "wandb_mode=disabled",
+                        "data=photos", f"data.photos={PHOTOS}", "data.val_crops_per_photo=3")
+    results = json.loads((run_copy / "results.json").read_text())
+    checkpoint = torch.load(run_copy / "checkpoints" / "last.pt", weights_only=False, mmap=True)
+    assert results["eval/data"]["resolution"] == checkpoint["config"]["data"]["resolution"]
+    assert results["eval/images"] == 12 and results["codebook/tokens"] == 12 * tokens_per_image
+
+
+@pytest.mark.slow
+def test_checkpoint_outside_a_run_writes_beside_it(run_copy: Path, tmp_path: Path):
+    checkpoint = tmp_path / "elsewhere" / "tokenizer.pt"
+    checkpoint.parent.mkdir()
+    shutil.copy(run_copy / "checkpoints" / "last.pt", checkpoint)
+    evaluate_in_process(f"checkpoint={checkpoint}", "metrics.fid=false", "metrics.lpips=[]")
+    results = json.loads((tmp_path / "elsewhere" / "tokenizer.results.json").read_text())
+    trained = json.loads((run_copy / "results.json").read_text())
+    assert results["eval/step"] == 4 and results["psnr"] == pytest.approx(trained["psnr"], rel=1e-6)
+    assert results["rfid"] is None and results["rfid/samples"] == 0
+
+
+def bad_samples(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.npz"
+    if kind == "float":
+        np.savez(path, arr_0=np.zeros((4, 8, 8, 3), dtype=np.float32))
+    elif kind == "nchw":
+        np.savez(path, arr_0=np.zeros((4, 3, 8, 8), dtype=np.uint8))
+    elif kind == "no_arr_0":
+        np.savez(path, images=np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    else:
+        save_adm_npz(path, np.zeros((12, 8, 8, 3), dtype=np.uint8))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["run_dir={empty}"], "has no checkpoint (checkpoints/last.pt)"),
+        (["run_dir={tmp}/missing"], "does not exist"),
+        (["checkpoint={tmp}/not_a_checkpoint.pt"], "cannot be read"),
+        (["run_dir={run}", "quantizer.codebook_size=256"],
+         "(checkpoint -> evaluated: quantizer.codebook_size: 1024 -> 256): tensor quantizer.codebook.weight is (1024, "),
+        (["run_dir={run}", "codebook_size=256"], "quantizer.codebook_size: 1024 -> 256"),
+        (["run_dir={run}", "model_scale=paper"], "does not fit the config it is evaluated with (checkpoint -> evaluated: model."),
+        (["run_dir={run}", "quantizer=vq"], "it was trained with ibq.quantizers.IBQ, not ibq.quantizers.VQ"),
+        (["run_dir={run}", "data=photos", "data.resolution=16"], "data.resolution=16 differs from the checkpoint's training resolution"),
+        (["run_dir={run}", "metrics.lpips=[alex]", "metrics.required=[fid,lpips_alex]",
+          "metrics.lpips_backbone_paths.alex={tmp}/alex.pth"], "alex.pth (place torchvision's alexnet-owt-7be5be79.pth there"),
+        (["run_dir={run}", "metrics.fid_network_path={tmp}/missing.pt"], "missing.pt not found"),
+        (["run_dir={run}", "weights=best"], "weights='best' is invalid; valid: ema, live"),
+        (["samples={tmp}/float.npz"], "arr_0 has dtype float32, expected uint8"),
+        (["samples={tmp}/nchw.npz"], "arr_0 has shape (4, 3, 8, 8), expected N x H x W x 3"),
+        (["samples={tmp}/no_arr_0.npz"], "has no arr_0"),
+        (["samples={tmp}/ok.npz", "metrics.required=[fid,is]"], "set metrics.inception_weights_path"),
+        (["samples={tmp}/ok.npz", "metrics.is=false"], "gFID needs reference statistics"),
+        (["samples={tmp}/ok.npz", "metrics.is=false", "reference.stats={tmp}/float.npz"], "expected mu and sigma"),
+        ([], "nothing to evaluate"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(run_copy: Path, tmp_path: Path, overrides: list[str], expected: str):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "not_a_checkpoint.pt").write_bytes(b"not a checkpoint")
+    for kind in ("float", "nchw", "no_arr_0", "ok"):
+        bad_samples(tmp_path, kind)
+    cache = tmp_path / "cache"
+    args = [arg.format(run=run_copy, tmp=tmp_path, empty=tmp_path / "empty") for arg in overrides]
+    before = run_files(run_copy)
+    with pytest.raises((UserError, FileNotFoundError)) as raised:
+        evaluate_in_process(f"reference.cache_dir={cache}", "metrics.lpips=[]", *args)
+    message = str(raised.value)
+    assert expected in message and "\n" not in message
+    assert run_files(run_copy) == before and not cache.exists()
+    assert not list(tmp_path.glob("*.results.json"))
+
+
+@pytest.mark.slow
+def test_cli_prints_one_line_and_exits_nonzero(run_copy: Path, tmp_path: Path):
+    before = run_files(run_copy)
+    cache = tmp_path / "cache"
+    line = error_line(run_cli(IBQ_EVAL + [f"run_dir={run_copy}", 'codebook_size="256"', f"reference.cache_dir={cache}"]))
+    assert "quantizer.codebook_size: 1024 -> 256" in line
+    assert run_files(run_copy) == before and not cache.exists()
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+
+
+def stand_in_torch_fidelity_weights(path: Path, monkeypatch) -> Path:
+    """Randomly initialised torch-fidelity Inception weights: its real loading path, without the real file."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        stand_in = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    torch.save(stand_in.state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+def test_generation_scores_adm_samples_against_a_real_set(tmp_path: Path, monkeypatch):
+    samples = save_adm_npz(tmp_path / "samples.npz", to_adm_array(photo_samples()))
+    weights = stand_in_torch_fidelity_weights(tmp_path / "inception.pth", monkeypatch)
+    cache = tmp_path / "cache"
+    # torch-fidelity's Inception for both metrics: one forward pass per batch (the shipped FID network is
+    # exercised end to end by the reconstruction test)
+    args = [f"samples={samples}", "data=photos", f"data.photos={PHOTOS}", "data.val_crops_per_photo=3",
+            f"reference.cache_dir={cache}", f"metrics.inception_weights_path={weights}", "metrics.is_splits=4",
+            "metrics.fid_network=torch-fidelity"]
+    result = run_cli(IBQ_EVAL + args)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    results = json.loads((tmp_path / "samples.results.json").read_text())
+    assert abs(results["gfid"]) < 1e-3, "samples identical to the reference set"
+    assert results["gfid/samples"] == 12 and results["gfid/reference_samples"] == 12
+    assert "torch-fidelity" in results["gfid/network"] and "photos val" in results["gfid/reference"]
+    assert results["is"] >= 1.0 and results["is/splits"] == 4 and results["is/shuffle"] is True
+    assert results["is/samples"] == 12 and "torch-fidelity" in results["is/network"]
+    assert results["eval/reference_cached"] is False and len(list(cache.glob("photos-val-32px-*.npz"))) == 1
+
+
+def test_generation_evaluator_shares_one_pass_and_follows_the_split_order():
+    images = to_adm_array(photo_samples())
+    batches = [torch.from_numpy(images[i : i + 5]).permute(0, 3, 1, 2) for i in range(0, len(images), 5)]
+    inception = StandInInception(dim=16)
+    reference_stats = FeatureStats(dim=16)
+    reference_stats.update(StandInNetwork(dim=16).features(torch.cat(batches)))
+    reference = ReferenceStats.from_feature_stats(reference_stats, "the samples themselves")
+    logits = inception.features_and_logits(torch.cat(batches))[1]
+    inception.calls = 0
+
+    for shuffle in (True, False):
+        evaluator = GenerationEvaluator(torch.device("cpu"), inception, inception, is_splits=4, is_shuffle=shuffle)
+        with pytest.warns(RuntimeWarning, match="biased"):
+            metrics = evaluator(batches, reference)
+        assert (metrics["is"], metrics["is/std"]) == pytest.approx(inception_score(logits, splits=4, shuffle=shuffle))
+        assert abs(metrics["gfid"]) < 1e-9 * np.trace(reference.sigma) and metrics["gfid/samples"] == 12
+        assert metrics["is/shuffle"] is shuffle
+    assert inception.calls == 2 * len(batches), "FID and IS come from one forward pass per batch"
+
+
+# ---------------------------------------------------------------------------------------------------- ADM files
+
+
+def test_adm_npz_round_trip_is_what_numpy_and_the_adm_evaluator_read(tmp_path: Path):
+    images = torch.rand(7, 3, 6, 5) * 2 - 1
+    array = to_adm_array(images)
+    assert array.shape == (7, 6, 5, 3) and array.dtype == np.uint8
+    path = save_adm_npz(tmp_path / "out" / "samples.npz", array)
+    with np.load(path) as data:
+        assert data.files == ["arr_0"]
+        np.testing.assert_array_equal(data["arr_0"], array)
+    samples = AdmSamples(path)
+    assert len(samples) == 7 and samples.resolution == (6, 5)
+    streamed = torch.cat(list(samples.batches(3)))
+    torch.testing.assert_close(streamed, torch.from_numpy(array).permute(0, 3, 1, 2))
+    assert [p.name for p in path.parent.iterdir()] == ["samples.npz"]
+
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, arr_0=array)
+    torch.testing.assert_close(torch.cat(list(AdmSamples(compressed).batches(4))), streamed)
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("float", "dtype float32, expected uint8"),
+        ("nchw", "shape (4, 3, 8, 8), expected N x H x W x 3"),
+        ("no_arr_0", "has no arr_0"),
+    ],
+)
+def test_adm_npz_validation(tmp_path: Path, kind: str, expected: str):
+    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        AdmSamples(bad_samples(tmp_path, kind))
+
+
+def test_adm_npz_rejects_other_files_and_arrays(tmp_path: Path):
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(UserError, match="is not a .npz"):
+        AdmSamples(tmp_path / "text.npz")
+    with pytest.raises(FileNotFoundError, match="missing.npz not found"):
+        AdmSamples(tmp_path / "missing.npz")
+    np.savez(tmp_path / "fortran.npz", arr_0=np.asfortranarray(np.zeros((2, 4, 4, 3), dtype=np.uint8)))
+    with pytest.raises(UserError, match="Fortran order"):
+        AdmSamples(tmp_path / "fortran.npz")
+    with pytest.raises(UserError, match="dtype float64"):
+        save_adm_npz(tmp_path / "bad.npz", np.zeros((2, 4, 4, 3)))
+    with pytest.raises(UserError, match=r"shape \(4, 4, 3\)"):
+        save_adm_npz(tmp_path / "bad.npz", np.zeros((4, 4, 3), dtype=np.uint8))
+    assert not (tmp_path / "bad.npz").exists()
+
+
+# ----------------------------------------------------------------------------------------- reference statistics
+
+
+def test_reference_cache_computes_once_per_key(tmp_path: Path):
+    calls = []
+
+    def compute() -> FeatureStats:
+        calls.append(1)
+        stats = FeatureStats(dim=4)
+        stats.update(torch.arange(12.0).reshape(3, 4) ** 2)
+        return stats
+
+    data = {"_target_": "ibq.data.build_photos", "resolution": 64, "num_workers": 0}
+    key = reference_key(data, "val", None, 0, "a" * 40)
+    cache = ReferenceCache(tmp_path / "cache")
+    stats, cached = cache.get_or_compute(key, compute)
+    assert not cached and len(calls) == 1
+    path = cache.path(key)
+    written = path.stat().st_mtime_ns
+    again, cached = cache.get_or_compute(key, compute)
+    assert cached and len(calls) == 1 and path.stat().st_mtime_ns == written
+    torch.testing.assert_close(again.covariance(), stats.covariance())
+
+    # Anything that changes the statistics is part of the key; loader settings are not.
+    assert reference_key({**data, "num_workers": 8}, "val", None, 0, "a" * 40) == key
+    for other in (
+        reference_key({**data, "resolution": 32}, "val", None, 0, "a" * 40),
+        reference_key(data, "train", None, 0, "a" * 40),
+        reference_key(data, "val", 100, 0, "a" * 40),
+        reference_key(data, "val", None, 0, "b" * 40),
+    ):
+        assert other.digest() != key.digest()
+        assert cache.get_or_compute(other, compute)[1] is False
+    assert len(calls) == 5
+    ReferenceCache(tmp_path / "cache", refresh=True).get_or_compute(key, compute)
+    assert len(calls) == 6 and not list((tmp_path / "cache").glob(".*tmp"))
+
+
+def test_reference_npz_with_mu_and_sigma_or_feature_stats(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.normal(size=8), np.eye(8)
+    np.savez(tmp_path / "adm.npz", mu=mu.astype(np.float32), sigma=sigma, mu_s=np.zeros(3))
+    reference = load_reference_npz(tmp_path / "adm.npz", dim=8)
+    assert reference.count is None and reference.mu.dtype == np.float64
+    np.testing.assert_allclose(reference.mu, mu.astype(np.float32))
+
+    stats = FeatureStats(dim=8)
+    stats.update(torch.from_numpy(rng.normal(size=(20, 8))))
+    stats.to_npz(tmp_path / "stats.npz")
+    reference = load_reference_npz(tmp_path / "stats.npz", dim=8)
+    assert reference.count == 20
+    np.testing.assert_allclose(reference.sigma, stats.covariance().numpy())
+
+    with pytest.raises(UserError, match=r"expected \(2048,\) and \(2048, 2048\)"):
+        load_reference_npz(tmp_path / "adm.npz", dim=2048)
+    with pytest.raises(FileNotFoundError, match="missing.npz not found"):
+        load_reference_npz(tmp_path / "missing.npz", dim=8)
