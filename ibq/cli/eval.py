@@ -273,8 +273,6 @@ def publish(run_dir: Path, step: int, results: dict, train_cfg: DictConfig | Non
     logger = train_cfg.get("logger") if train_cfg is not None else None
     if logger is None or logger.get("kind") != "wandb" or wandb_mode == "disabled" or run_id is None:
         return None
-    import wandb
-
     mirror = WandbMirror(
         run_dir=run_dir, run_id=run_id, config={"evaluation": scalars(results)}, project=logger.project,
         entity=logger.entity, group=logger.group, name=logger.name or run_dir.name, mode=wandb_mode,
@@ -282,7 +280,7 @@ def publish(run_dir: Path, step: int, results: dict, train_cfg: DictConfig | Non
     )
     mirror.summarize(scalars(results))
     numbers = [[key, float(value)] for key, value in scalars(results).items() if not isinstance(value, (str, bool))]
-    mirror.run.log({"eval/metrics": wandb.Table(columns=["metric", "value"], data=numbers)})
+    mirror.log_table("eval/metrics", ["metric", "value"], numbers)
     mirror.finish()
     return mirror.local_dir
 

