@@ -5,6 +5,9 @@ over the categorical distribution (one_hot - sg(p) + p) times the codebook, so t
 gradient reaches every code through the softmax, not only the selected one. Defaults follow the
 released code: beta=0.25 sits on the codebook term; the paper's Eq. 10 puts it on the commitment
 term instead (commitment_weight=0.25, codebook_weight=1.0).
+
+`chunk_size=None` computes the tokens x K logits at once; an integer computes the same values and
+gradients over codebook slices of that many codes (ibq.quantizers.chunked), for K up to 2^20.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ibq.quantizers.base import (
     to_map,
     to_tokens,
 )
+from ibq.quantizers.chunked import ENTROPY_EPS, chunked_ibq
 
 
 def entropy_terms(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -32,7 +36,7 @@ def entropy_terms(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     probs = log_probs.exp()
     sample_entropy = -(probs * log_probs).sum(-1).mean()
     avg_probs = probs.mean(0)
-    codebook_entropy = -(avg_probs * torch.log(avg_probs + 1e-5)).sum()
+    codebook_entropy = -(avg_probs * torch.log(avg_probs + ENTROPY_EPS)).sum()
     return sample_entropy, codebook_entropy
 
 
@@ -76,8 +80,7 @@ class IBQ(nn.Module):
         out.z_q = out.z_q.to(z.dtype)
         return out
 
-    def _quantize(self, z: Tensor) -> QuantizerOutput:
-        tokens = to_tokens(z)
+    def _dense(self, tokens: Tensor):
         codebook = self.codebook.weight
         logits = tokens @ codebook.t()
         probs = logits.softmax(-1)
@@ -86,11 +89,21 @@ class IBQ(nn.Module):
         soft_one_hot = one_hot - probs.detach() + probs
         z_q = soft_one_hot @ codebook  # equals codebook[indices] in value
         z_hard = codebook[indices]
+        sample_entropy, codebook_entropy = entropy_terms(logits, self.entropy_temperature)
+        return z_q, z_hard, indices, sample_entropy, codebook_entropy
+
+    def _quantize(self, z: Tensor) -> QuantizerOutput:
+        tokens = to_tokens(z)
+        if self.chunk_size is None:
+            z_q, z_hard, indices, sample_entropy, codebook_entropy = self._dense(tokens)
+        else:
+            z_q, z_hard, indices, sample_entropy, codebook_entropy = chunked_ibq(
+                tokens, self.codebook.weight, self.entropy_temperature, self.chunk_size
+            )
 
         double_quant = F.mse_loss(z_q, tokens)
         commitment = F.mse_loss(z_hard.detach(), tokens)
         codebook_term = F.mse_loss(z_hard, tokens.detach())
-        sample_entropy, codebook_entropy = entropy_terms(logits, self.entropy_temperature)
         entropy = self.sample_entropy_weight * sample_entropy - self.codebook_entropy_weight * codebook_entropy
         loss = (
             self.double_quant_weight * double_quant

@@ -1,0 +1,202 @@
+"""Codebook-slice computations, so that no tokens x K matrix is ever held.
+
+`chunked_ibq` is IBQ's assignment and its softmax / entropy terms, forward and backward, with memory
+O(N * chunk + K * D): the logits of one codebook slice at a time, streamed through an online
+logsumexp, and recomputed in the backward pass instead of being stored. `nearest_code` is the same
+idea for the argmin of the VQ family.
+
+Notation (per token n and code k): L = z . e (logits), m = max_k L, p = softmax(L) (the straight-through
+distribution, temperature 1) and q = softmax(L / T) (the entropy distribution, temperature T).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# The eps of MAGVIT-v2's codebook entropy, -sum_k qbar_k log(qbar_k + eps).
+ENTROPY_EPS = 1e-5
+# Exponents are clamped from below at this value before exp. Relative to the largest term of a row this
+# adds at most K * e^-50 < 3e-16 (K <= 2^20) of its mass, far below fp32 precision, and it keeps every
+# exp result and every GEMM operand clear of denormals, which make CPU GEMMs about 100x slower.
+EXP_FLOOR = -50.0
+
+
+def codebook_slices(codebook_size: int, chunk_size: int):
+    for start in range(0, codebook_size, chunk_size):
+        yield start, min(start + chunk_size, codebook_size)
+
+
+def _rows(buffer: Tensor, rows: int, cols: int) -> Tensor:
+    """A contiguous (rows, cols) view at the start of a preallocated buffer (out= needs contiguity)."""
+    return buffer.view(-1)[: rows * cols].view(rows, cols)
+
+
+@torch.no_grad()
+def nearest_code(tokens: Tensor, codebook: Tensor, chunk_size: int = 8192) -> Tensor:
+    """argmin_k ||z - e_k||^2 for each token, over codebook slices (||z||^2 does not change the argmin)."""
+    best_distance = best_index = None
+    buffer = tokens.new_empty(tokens.shape[0] * min(chunk_size, codebook.shape[0]))
+    for start, stop in codebook_slices(codebook.shape[0], chunk_size):
+        block = codebook[start:stop]
+        distances = torch.addmm(block.pow(2).sum(1), tokens, block.t(), alpha=-2, out=_rows(buffer, len(tokens), stop - start))
+        distance, index = distances.min(1)
+        if best_distance is None:
+            best_distance, best_index = distance, index
+        else:
+            closer = distance < best_distance  # strict: the first minimum wins, as in argmin
+            best_distance = torch.where(closer, distance, best_distance)
+            best_index = torch.where(closer, index + start, best_index)
+    return best_index
+
+
+def _logit_slices(rows: Tensor, codebook: Tensor, chunk_size: int, shift: Tensor | None = None):
+    """(start, stop, rows @ codebook[start:stop].T + shift) for each slice, in one reused buffer.
+
+    The shift (a column, e.g. -max_logit) is added by the GEMM itself (addmm's input), not by a pass."""
+    n, k = rows.shape[0], codebook.shape[0]
+    buffer = rows.new_empty(n * min(chunk_size, k))
+    for start, stop in codebook_slices(k, chunk_size):
+        out = _rows(buffer, n, stop - start)
+        block = codebook[start:stop].t()
+        yield start, stop, (torch.mm(rows, block, out=out) if shift is None else torch.addmm(shift, rows, block, out=out))
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_k a_nk b_nk in one pass (a batched GEMV)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _argmax_and_sharp_normaliser(tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int):
+    """First pass: argmax_k L, m = max_k L and log sum_k exp((L - m) / T), the sum kept online
+    (rescaled whenever a later slice raises the maximum)."""
+    n = tokens.shape[0]
+    ones = tokens.new_ones(min(chunk_size, codebook.shape[0]))
+    for start, stop, logits in _logit_slices(tokens, codebook, chunk_size):
+        chunk_max, chunk_index = logits.max(1)
+        if start == 0:
+            max_logit, indices, sharp_sum = chunk_max, chunk_index, tokens.new_zeros(n)
+        else:
+            # Strictly greater: ties keep the earlier code, as argmax over all K does.
+            indices = torch.where(chunk_max > max_logit, chunk_index + start, indices)
+            new_max = torch.maximum(max_logit, chunk_max)
+            sharp_sum.mul_(((max_logit - new_max) / temperature).exp())
+            max_logit = new_max
+        sharp = logits.sub_(max_logit[:, None]).div_(temperature).clamp_(min=EXP_FLOOR).exp_()
+        sharp_sum.add_(torch.mv(sharp, ones[: stop - start]))
+    return indices, max_logit, sharp_sum.log()
+
+
+def _sharp_statistics(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum):
+    """Second pass: qbar_k = mean_n q_nk and the per-token entropies H(q_n) = -sum_k q_nk log q_nk."""
+    n, k = tokens.shape[0], codebook.shape[0]
+    average, token_entropy = tokens.new_empty(k), tokens.new_zeros(n)
+    ones = tokens.new_ones(n)
+    work_buffer = tokens.new_empty(n * min(chunk_size, k))
+    for start, stop, shifted in _logit_slices(tokens, codebook, chunk_size, shift=-max_logit[:, None]):
+        # log q = (L - m) / T - log sum exp((L - m) / T): the large logits cancel before the division.
+        log_sharp = torch.add(-log_sharp_sum[:, None], shifted, alpha=1 / temperature, out=shifted).clamp_(min=EXP_FLOOR)
+        sharp = torch.exp(log_sharp, out=_rows(work_buffer, n, stop - start))
+        torch.mv(sharp.t(), ones, out=average[start:stop])
+        token_entropy.sub_(_row_dot(sharp, log_sharp))
+    return average.div_(n), token_entropy
+
+
+class _ChunkedIBQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int):
+        ctx.set_materialize_grads(False)
+        indices, max_logit, log_sharp_sum = _argmax_and_sharp_normaliser(tokens, codebook, temperature, chunk_size)
+        average, token_entropy = _sharp_statistics(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum)
+        sample_entropy = token_entropy.mean()
+        codebook_entropy = -(average * (average + ENTROPY_EPS).log()).sum()
+        z_q = codebook[indices]
+        ctx.save_for_backward(tokens, codebook, indices, max_logit, log_sharp_sum, token_entropy, average)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(indices)
+        # z_q (straight-through, gradients through p) and z_hard (selected code only) share a value.
+        return z_q, z_q.clone(), indices, sample_entropy, codebook_entropy
+
+    @staticmethod
+    def backward(ctx, grad_z_q, grad_z_hard, _grad_indices, grad_sample_entropy, grad_codebook_entropy):
+        tokens, codebook, indices, max_logit, log_sharp_sum, token_entropy, average = ctx.saved_tensors
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        n, k = tokens.shape[0], codebook.shape[0]
+        sample_weight = 0.0 if grad_sample_entropy is None else float(grad_sample_entropy)
+        codebook_weight = 0.0 if grad_codebook_entropy is None else float(grad_codebook_entropy)
+        soft_path = grad_z_q is not None
+        entropy_path = sample_weight != 0.0 or codebook_weight != 0.0
+
+        grad_codebook = torch.zeros_like(codebook) if ctx.needs_input_grad[1] else None
+        selected = [g for g in (grad_z_q, grad_z_hard) if g is not None]
+        if grad_codebook is not None and selected:
+            # onehot^T G: the forward value of (onehot - sg(p) + p) is the one-hot.
+            grad_codebook.index_add_(0, indices, sum(selected))
+        if not (soft_path or entropy_path):
+            return None, grad_codebook, None, None
+
+        # d H(qbar) / d qbar_k times the incoming gradient: the codebook entropy's weight of code k.
+        code_weight = None
+        if codebook_weight != 0.0:
+            code_weight = -((average + ENTROPY_EPS).log() + average / (average + ENTROPY_EPS)) * codebook_weight
+
+        # One GEMM per slice gives both L - m (rows of z) and G . e_k (rows of the gradient G).
+        if soft_path:
+            stacked = torch.cat([tokens, grad_z_q])
+            shift = torch.cat([-max_logit, max_logit.new_zeros(n)])[:, None]
+        else:
+            stacked, shift = tokens, -max_logit[:, None]
+        work_buffer = tokens.new_empty(n * min(chunk_size, k))
+
+        # Pass 1: the centres of both softmax Jacobians, sum_k p_nk G_n.e_k and sum_k q_nk w_k, and the
+        # temperature-1 normaliser, which only the backward pass needs.
+        soft_sum, soft_dot, code_centre = tokens.new_zeros(n), tokens.new_zeros(n), tokens.new_zeros(n)
+        if soft_path or code_weight is not None:
+            ones = tokens.new_ones(min(chunk_size, k))
+            for start, stop, out in _logit_slices(stacked, codebook, chunk_size, shift):
+                shifted, work = out[:n], _rows(work_buffer, n, stop - start)
+                if soft_path:
+                    unnormalised = torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_()
+                    soft_sum.add_(torch.mv(unnormalised, ones[: stop - start]))
+                    soft_dot.add_(_row_dot(unnormalised, out[n:]))
+                if code_weight is not None:
+                    log_sharp = torch.add(-log_sharp_sum[:, None], shifted, alpha=1 / temperature, out=shifted)
+                    sharp = torch.exp(log_sharp.clamp_(min=EXP_FLOOR), out=work)
+                    code_centre.add_(torch.mv(sharp, code_weight[start:stop]))
+        log_soft_sum, soft_centre = soft_sum.log(), soft_dot / soft_sum
+
+        # Pass 2: dLoss/dL of the slice, then its products with the codebook and with the tokens.
+        # Entropy part: q_nk (w_k - wbar_n - g_s (log q_nk + H(q_n))) / (N T).
+        scale = 1.0 / (n * temperature)
+        row_term = ((-sample_weight) * token_entropy - code_centre)[:, None] * scale
+        code_term = None if code_weight is None else code_weight * scale
+        grad_tokens = torch.zeros_like(tokens)
+        for start, stop, out in _logit_slices(stacked, codebook, chunk_size, shift):
+            shifted, work = out[:n], _rows(work_buffer, n, stop - start)
+            grad_logits = None
+            if soft_path:
+                probs = torch.sub(shifted, log_soft_sum[:, None], out=work).clamp_(min=EXP_FLOOR).exp_()
+                grad_logits = out[n:].sub_(soft_centre[:, None]).mul_(probs)
+            if entropy_path:
+                log_sharp = torch.add(-log_sharp_sum[:, None], shifted, alpha=1 / temperature, out=shifted)
+                log_sharp.clamp_(min=EXP_FLOOR)
+                sharp = torch.exp(log_sharp, out=work)
+                if code_term is None:
+                    term = log_sharp.mul_(-sample_weight * scale)
+                else:
+                    term = torch.add(code_term[start:stop], log_sharp, alpha=-sample_weight * scale, out=log_sharp)
+                term.add_(row_term)
+                grad_logits = sharp.mul_(term) if grad_logits is None else grad_logits.addcmul_(sharp, term)
+            grad_tokens.addmm_(grad_logits, codebook[start:stop])
+            if grad_codebook is not None:
+                grad_codebook[start:stop].addmm_(grad_logits.t(), tokens)
+        return grad_tokens, grad_codebook, None, None
+
+
+def chunked_ibq(tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int):
+    """IBQ on (N, D) tokens with a (K, D) codebook, `chunk_size` codes at a time.
+
+    Returns (z_q, z_hard, indices, sample_entropy, codebook_entropy), equal in value and gradient to
+    the dense computation: z_q = (onehot - sg(p) + p) E, z_hard = E[indices], and the MAGVIT-v2 entropy
+    terms mean_n H(q_n) and H(mean_n q_n)."""
+    return _ChunkedIBQ.apply(tokens, codebook, temperature, chunk_size)

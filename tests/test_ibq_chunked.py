@@ -1,0 +1,172 @@
+"""IBQ against an independent transcription of its formula, and the chunked path against the dense one."""
+
+import pytest
+import torch
+
+from ibq.quantizers import IBQ
+from ibq.quantizers.chunked import chunked_ibq
+
+K, D = 64, 8
+WEIGHTS = dict(
+    double_quant_weight=1.0,
+    commitment_weight=1.0,
+    codebook_weight=0.25,
+    entropy_weight=0.3,
+    entropy_temperature=0.05,
+    sample_entropy_weight=1.0,
+    codebook_entropy_weight=0.7,
+)
+
+
+def reference_ibq(z, codebook, *, double_quant_weight, commitment_weight, codebook_weight, entropy_weight,
+                  entropy_temperature, sample_entropy_weight, codebook_entropy_weight):
+    """The released IBQ quantizer written out with plain torch ops (SEED-Voken's IndexPropagationQuantize)."""
+    tokens = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    logits = torch.einsum("nd,kd->nk", tokens, codebook)
+    probs = torch.softmax(logits, dim=1)
+    indices = torch.argmax(logits, dim=1)
+    hard = torch.zeros_like(probs).scatter_(1, indices[:, None], 1.0)
+    z_q = (hard - probs.detach() + probs) @ codebook
+    selected = codebook[indices]
+    quant = (
+        double_quant_weight * ((z_q - tokens) ** 2).mean()
+        + commitment_weight * ((selected.detach() - tokens) ** 2).mean()
+        + codebook_weight * ((selected - tokens.detach()) ** 2).mean()
+    )
+    sharp_log = torch.log_softmax(logits / entropy_temperature, dim=1)
+    sharp = sharp_log.exp()
+    sample_entropy = (-(sharp * sharp_log).sum(1)).mean()
+    average = sharp.mean(0)
+    codebook_entropy = -(average * torch.log(average + 1e-5)).sum()
+    loss = quant + entropy_weight * (sample_entropy_weight * sample_entropy - codebook_entropy_weight * codebook_entropy)
+    b, _, h, w = z.shape
+    return z_q.reshape(b, h, w, -1).permute(0, 3, 1, 2), indices.reshape(b, h, w), loss
+
+
+def assert_gradients_close(actual, expected):
+    """fp32 tolerance for sums over many codes: relative to the gradient's largest entry."""
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=1e-4, atol=2e-5 * float(expected.abs().max()))
+
+
+def run(quantizer, z, upstream):
+    """Quantize, backpropagate a decoder-like gradient plus the loss; return outputs and gradients."""
+    z = z.clone().requires_grad_()
+    quantizer.zero_grad(set_to_none=True)
+    out = quantizer(z)
+    ((out.z_q * upstream).sum() + out.loss).backward()
+    return out, z.grad, quantizer.codebook.weight.grad
+
+
+def inputs(seed: int, scale: float = 1.0, shape=(2, D, 3, 5)):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator) * scale, torch.randn(shape, generator=generator)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 4.0])
+def test_dense_ibq_matches_the_formula_written_out(scale):
+    torch.manual_seed(0)
+    quantizer = IBQ(K, D, **WEIGHTS)
+    z, upstream = inputs(1, scale)
+    out, grad_z, grad_codebook = run(quantizer, z, upstream)
+
+    codebook = quantizer.codebook.weight.detach().double().requires_grad_()
+    z_ref = z.double().requires_grad_()
+    z_q, indices, loss = reference_ibq(z_ref, codebook, **WEIGHTS)
+    ((z_q * upstream.double()).sum() + loss).backward()
+
+    assert torch.equal(out.indices, indices)
+    torch.testing.assert_close(out.z_q.double(), z_q.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), loss.detach(), rtol=1e-5, atol=1e-6)
+    assert_gradients_close(grad_z.double(), z_ref.grad)
+    assert_gradients_close(grad_codebook.double(), codebook.grad)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 64, 100])
+@pytest.mark.parametrize("scale", [0.1, 1.0, 4.0])
+def test_chunked_equals_dense(chunk_size, scale):
+    torch.manual_seed(0)
+    dense = IBQ(K, D, **WEIGHTS)
+    chunked = IBQ(K, D, **WEIGHTS, chunk_size=chunk_size)
+    chunked.load_state_dict(dense.state_dict())
+    z, upstream = inputs(2, scale)
+    out_dense, grad_z_dense, grad_codebook_dense = run(dense, z, upstream)
+    out_chunked, grad_z_chunked, grad_codebook_chunked = run(chunked, z, upstream)
+
+    assert torch.equal(out_chunked.indices, out_dense.indices)
+    torch.testing.assert_close(out_chunked.z_q, out_dense.z_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out_chunked.loss, out_dense.loss, rtol=1e-5, atol=1e-6)
+    assert out_chunked.stats.keys() == out_dense.stats.keys()
+    for key, value in out_dense.stats.items():
+        assert out_chunked.stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert_gradients_close(grad_z_chunked, grad_z_dense)
+    assert_gradients_close(grad_codebook_chunked, grad_codebook_dense)
+
+
+def test_chunked_equals_dense_with_paper_beta_and_more_tokens():
+    weights = dict(WEIGHTS, commitment_weight=0.25, codebook_weight=1.0, entropy_temperature=0.01, entropy_weight=0.05)
+    torch.manual_seed(3)
+    dense = IBQ(1000, 32, **weights)
+    chunked = IBQ(1000, 32, **weights, chunk_size=96)
+    chunked.load_state_dict(dense.state_dict())
+    z, upstream = inputs(4, 0.5, shape=(4, 32, 8, 8))
+    out_dense, grad_z_dense, grad_codebook_dense = run(dense, z, upstream)
+    out_chunked, grad_z_chunked, grad_codebook_chunked = run(chunked, z, upstream)
+    assert torch.equal(out_chunked.indices, out_dense.indices)
+    torch.testing.assert_close(out_chunked.loss, out_dense.loss, rtol=1e-5, atol=1e-6)
+    assert_gradients_close(grad_z_chunked, grad_z_dense)
+    assert_gradients_close(grad_codebook_chunked, grad_codebook_dense)
+
+
+@pytest.mark.parametrize("used", ["z_q only", "loss only", "entropy off"])
+def test_chunked_gradients_when_only_some_outputs_are_used(used):
+    weights = dict(WEIGHTS, entropy_weight=0.0) if used == "entropy off" else WEIGHTS
+    torch.manual_seed(0)
+    dense = IBQ(K, D, **weights)
+    chunked = IBQ(K, D, **weights, chunk_size=10)
+    chunked.load_state_dict(dense.state_dict())
+    z, upstream = inputs(5)
+    grads = []
+    for quantizer in (dense, chunked):
+        z_leaf = z.clone().requires_grad_()
+        out = quantizer(z_leaf)
+        objective = {"z_q only": (out.z_q * upstream).sum(), "loss only": out.loss}.get(used, (out.z_q * upstream).sum() + out.loss)
+        objective.backward()
+        grads.append((z_leaf.grad, quantizer.codebook.weight.grad))
+    assert_gradients_close(grads[1][0], grads[0][0])
+    assert_gradients_close(grads[1][1], grads[0][1])
+
+
+def test_chunked_function_passes_gradcheck_in_float64():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(6, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    codebook = torch.randn(9, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    # z_q's gradient is a straight-through surrogate (its value does not move with z), so finite
+    # differences apply to the entropies and to the selected codes only; z_q is checked against dense.
+    def differentiable_outputs(tokens, codebook):
+        _, z_hard, _, sample_entropy, codebook_entropy = chunked_ibq(tokens, codebook, 0.5, 4)
+        return z_hard, sample_entropy, codebook_entropy
+
+    assert torch.autograd.gradcheck(differentiable_outputs, (tokens, codebook))
+
+
+def test_chunked_keeps_no_tokens_by_codes_tensor_for_backward():
+    n, k = 60, 500
+    saved_sizes = []
+    quantizer = IBQ(k, D, chunk_size=32)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_sizes.append(t.numel()) or t, lambda t: t):
+        out = quantizer(torch.randn(3, D, 4, 5, requires_grad=True))
+    out.loss.backward()
+    assert out.indices.numel() == n
+    assert max(saved_sizes) == k * D < n * k  # the codebook itself is the largest saved tensor
+
+
+def test_chunked_runs_without_autograd():
+    quantizer = IBQ(K, D, chunk_size=16)
+    dense = IBQ(K, D)
+    dense.load_state_dict(quantizer.state_dict())
+    z, _ = inputs(6)
+    with torch.no_grad():
+        out, out_dense = quantizer(z), dense(z)
+    assert torch.equal(out.indices, out_dense.indices)
+    torch.testing.assert_close(out.loss, out_dense.loss, rtol=1e-5, atol=1e-6)
