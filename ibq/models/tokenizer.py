@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ibq.errors import UserError
 from ibq.quantizers.base import QuantizerOutput
 
 
@@ -153,6 +154,11 @@ class Tokenizer(nn.Module):
 
     def __init__(self, encoder: Encoder, decoder: Decoder, quantizer: nn.Module, embed_dim: int):
         super().__init__()
+        if getattr(quantizer, "dim", embed_dim) != embed_dim:
+            raise UserError(
+                f"quantizer.dim={quantizer.dim} does not match model.embed_dim={embed_dim}: "
+                f"the quantizer receives embed_dim channels, so set both to the same value"
+            )
         self.encoder = encoder
         self.decoder = decoder
         self.quantizer = quantizer
