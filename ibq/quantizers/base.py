@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ibq.errors import UserError, check_positive_int  # noqa: F401  (re-exported for quantizers)
 
@@ -16,6 +16,23 @@ class QuantizerOutput:
     indices: Tensor  # (B, H, W) int64
     loss: Tensor  # scalar: the quantizer's whole weighted loss
     stats: dict[str, float] = field(default_factory=dict)  # per-batch figures for logging
+
+
+class Quantizer(nn.Module):
+    """Shared entry: checks the input and quantizes in fp32, since code selection compares
+    distances or logits over K codes that bf16/fp16 would blur. Subclasses implement `_quantize`."""
+
+    dim: int
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        check_input(z, self.dim)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            out = self._quantize(z.float())
+        out.z_q = out.z_q.to(z.dtype)
+        return out
+
+    def _quantize(self, z: Tensor) -> QuantizerOutput:
+        raise NotImplementedError
 
 
 def check_input(z: Tensor, dim: int) -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ibq.errors import UserError
-from ibq.quantizers.base import QuantizerOutput, batch_usage_stats, check_input, check_positive_int, to_map, to_tokens
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_map, to_tokens
 from ibq.quantizers.chunked import nearest_code
 
 
@@ -34,7 +34,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-class EMAVQ(nn.Module):
+class EMAVQ(Quantizer):
     def __init__(
         self,
         codebook_size: int,
@@ -60,12 +60,6 @@ class EMAVQ(nn.Module):
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("embed_sum", codebook.clone())
 
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        check_input(z, self.dim)
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            out = self._quantize(z.float())
-        out.z_q = out.z_q.to(z.dtype)
-        return out
 
     def dead_codes(self, tokens_per_batch: int) -> Tensor:
         """Mask of the codes whose EMA count is below the restart threshold."""

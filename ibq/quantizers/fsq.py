@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ibq.errors import UserError
-from ibq.quantizers.base import QuantizerOutput, batch_usage_stats, check_input, check_positive_int, to_map, to_tokens
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_map, to_tokens
 
 # Default levels per codebook size. The FSQ paper's (Table 1) target about 2^8..2^16 codes; their
 # exact sizes are 240, 1000, 4375, 15360 and 64000. Comparisons at equal K need exact powers of two,
@@ -67,7 +67,7 @@ def resolve_levels(codebook_size: int, levels) -> tuple[int, ...]:
     return levels
 
 
-class FSQ(nn.Module):
+class FSQ(Quantizer):
     def __init__(self, codebook_size: int, dim: int, levels: list[int] | None = None):
         super().__init__()
         self.codebook_size = check_positive_int("quantizer.codebook_size", codebook_size)
@@ -89,12 +89,6 @@ class FSQ(nn.Module):
         self.register_buffer("levels_int", torch.tensor(self.levels), persistent=False)
         self.register_buffer("basis", basis, persistent=False)
 
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        check_input(z, self.dim)
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            out = self._quantize(z.float())
-        out.z_q = out.z_q.to(z.dtype)
-        return out
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """(..., len(levels)) grid points -> (...) int64 indices."""

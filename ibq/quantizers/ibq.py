@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from ibq.errors import UserError
 from ibq.quantizers.base import (
+    Quantizer,
     QuantizerOutput,
     batch_usage_stats,
-    check_input,
     check_positive_int,
     to_map,
     to_tokens,
@@ -40,7 +40,7 @@ def entropy_terms(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     return sample_entropy, codebook_entropy
 
 
-class IBQ(nn.Module):
+class IBQ(Quantizer):
     def __init__(
         self,
         codebook_size: int,
@@ -72,13 +72,6 @@ class IBQ(nn.Module):
         # N(0, 1), as nn.Embedding's default: the released IBQ uses no other initialisation.
         self.codebook = nn.Embedding(codebook_size, dim)
 
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        check_input(z, self.dim)
-        # Logits over K codes are compared with an argmax: keep them in fp32 under autocast.
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            out = self._quantize(z.float())
-        out.z_q = out.z_q.to(z.dtype)
-        return out
 
     def _dense(self, tokens: Tensor):
         codebook = self.codebook.weight

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ibq.quantizers.base import QuantizerOutput, batch_usage_stats, check_input, check_positive_int, to_map, to_tokens
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_map, to_tokens
 from ibq.quantizers.chunked import nearest_code
 
 
-class L2VQ(nn.Module):
+class L2VQ(Quantizer):
     def __init__(self, codebook_size: int, dim: int, codebook_dim: int | None = 8, beta: float = 0.25):
         super().__init__()
         self.codebook_size = check_positive_int("quantizer.codebook_size", codebook_size)
@@ -30,12 +30,6 @@ class L2VQ(nn.Module):
         self.project_out = nn.Linear(self.codebook_dim, dim) if needs_projection else nn.Identity()
         self.codebook = nn.Embedding(codebook_size, self.codebook_dim)
 
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        check_input(z, self.dim)
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            out = self._quantize(z.float())
-        out.z_q = out.z_q.to(z.dtype)
-        return out
 
     def _quantize(self, z: Tensor) -> QuantizerOutput:
         latents = F.normalize(self.project_in(to_tokens(z)), dim=-1)

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 
 from ibq.errors import UserError
 from ibq.quantizers.base import (
+    Quantizer,
     QuantizerOutput,
     batch_usage_stats,
-    check_input,
     check_positive_int,
     to_map,
     to_tokens,
@@ -104,7 +104,7 @@ def binary_entropy(logits: Tensor) -> Tensor:
     return p * F.softplus(-logits) + (1 - p) * F.softplus(logits)
 
 
-class LFQ(nn.Module):
+class LFQ(Quantizer):
     def __init__(
         self,
         codebook_size: int,
@@ -136,12 +136,6 @@ class LFQ(nn.Module):
         self.project_out = nn.Linear(self.codebook_bits, dim) if needs_projection else nn.Identity()
         self.register_buffer("bit_values", 2 ** torch.arange(self.codebook_bits), persistent=False)
 
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        check_input(z, self.dim)
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            out = self._quantize(z.float())
-        out.z_q = out.z_q.to(z.dtype)
-        return out
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """(..., d) signs -> (...) int64 indices."""

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ibq.quantizers.base import QuantizerOutput, batch_usage_stats, check_input, check_positive_int, to_map, to_tokens
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_map, to_tokens
 from ibq.quantizers.chunked import nearest_code
 
 
-class SimVQ(nn.Module):
+class SimVQ(Quantizer):
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, map_bias: bool = True):
         super().__init__()
         self.codebook_size = check_positive_int("quantizer.codebook_size", codebook_size)
@@ -26,12 +26,6 @@ class SimVQ(nn.Module):
         self.register_buffer("frozen_codebook", torch.randn(codebook_size, dim) * dim**-0.5)
         self.codebook_map = nn.Linear(dim, dim, bias=map_bias)
 
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        check_input(z, self.dim)
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            out = self._quantize(z.float())
-        out.z_q = out.z_q.to(z.dtype)
-        return out
 
     def _quantize(self, z: Tensor) -> QuantizerOutput:
         tokens = to_tokens(z)

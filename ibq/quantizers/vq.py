@@ -10,16 +10,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ibq.quantizers.base import (
+    Quantizer,
     QuantizerOutput,
     batch_usage_stats,
-    check_input,
     check_positive_int,
     to_map,
     to_tokens,
 )
 
 
-class VQ(nn.Module):
+class VQ(Quantizer):
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, legacy: bool = False):
         super().__init__()
         self.codebook_size = check_positive_int("quantizer.codebook_size", codebook_size)
@@ -29,12 +29,6 @@ class VQ(nn.Module):
         self.codebook = nn.Embedding(codebook_size, dim)
         nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
 
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        check_input(z, self.dim)
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            out = self._quantize(z.float())
-        out.z_q = out.z_q.to(z.dtype)
-        return out
 
     def _quantize(self, z: Tensor) -> QuantizerOutput:
         tokens = to_tokens(z)
