@@ -1,0 +1,395 @@
+"""`ibq-sweep`: the ledger of a sweep, before and after launch.
+
+  ibq-sweep plan codebook_scaling model_scale=tiny     jobs, signatures, already-completed ones, device-hours
+  ibq-sweep launch codebook_scaling model_scale=tiny   run the jobs that have not completed anywhere yet
+  ibq-sweep status outputs/multirun/<time>             done / running / failed / preempted / interrupted per job
+  ibq-sweep table  outputs/multirun/<time>             metrics by quantizer x codebook size, mean ± std over seeds
+  ibq-sweep plot   outputs/multirun/<time>             utilization (and rFID) vs codebook size, PNG + W&B
+  ibq-sweep retry  outputs/multirun/<time>             relaunch the failed / preempted / interrupted / missing jobs
+  ibq-sweep report outputs/multirun/<time>             W&B Report when online, else report.md + report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ibq.errors import UserError
+
+DEFAULT_RUNS = Path("outputs")
+ENTRY_SCRIPTS = {"train": "ibq-train", "train_ar": "ibq-train-ar"}  # primary config -> console script
+PLOT_METRICS = ("codebook/utilization", "rfid")
+
+
+def fail(message: str, code: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def shown(overrides: list[str]) -> str:
+    return " ".join(o.replace('"', "") for o in overrides)
+
+
+def hours(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def print_table(header: list[str], body: list[list[str]], numeric: set[int] = frozenset()) -> None:
+    widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths]] + body:
+        print("  ".join(str(c).rjust(w) if i in numeric else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+
+
+# -- plan / launch -------------------------------------------------------------------------------------
+def plan_arguments(items: list[str], config_name: str) -> list[str]:
+    from ibq.ledger.plan import sweep_arguments
+
+    if items and "=" not in items[0]:
+        return sweep_arguments(items[0], config_name) + items[1:]
+    if not items:
+        raise UserError("nothing to plan: name a sweep (e.g. codebook_scaling) and/or give overrides")
+    return items
+
+
+def search_roots(args) -> list[Path]:
+    return [DEFAULT_RUNS, *map(Path, args.runs or [])]
+
+
+def show_plan(plan, completed: dict) -> None:
+    new = [j for j in plan.jobs if j.signature not in completed]
+    print(f"plan: {ENTRY_SCRIPTS[plan.config_name]} -m {shown(plan.hydra_overrides + plan.arguments)}")
+    print(f"  {len(plan.jobs)} jobs: {len(plan.jobs) - len(new)} already completed, {len(new)} to run")
+    common = plan.common_overrides()
+    if common:
+        print(f"  every job: {shown(common)}")
+    estimates = [j.estimate for j in new if j.estimate]
+    known = [e for e in estimates if e.device_hours is not None]
+    if estimates:
+        unknown = len(estimates) - len(known)
+        print(f"  estimate for the jobs to run: {hours(sum(e.device_hours for e in known))} device-hours"
+              + (f" ({unknown} job(s) without a known step cost not included)" if unknown else ""))
+        for source in dict.fromkeys(e.source for e in known):
+            print(f"    from: {source}")
+        walls = {(round(e.device_hours / e.devices * 60), e.time_limit_min) for e in known if e.time_limit_min and e.devices}
+        for wall_min, limit in sorted(walls):
+            if wall_min > limit:
+                print(f"  a job needs ~{wall_min:,.0f} min of wall time: {wall_min / limit:.1f} allocations of the {limit} min limit (requeues)")
+    body = []
+    for job in plan.jobs:
+        done_at = completed.get(job.signature)
+        own = [o for o in job.overrides if o not in common]
+        est = job.estimate.device_hours if job.estimate and not done_at else None
+        body.append([str(job.index), "done" if done_at else "new", job.signature, hours(est), shown(own) + (f"  -> {done_at}" if done_at else "")])
+    print_table(["#", "state", "signature", "device-h", "overrides"], body, numeric={0, 3})
+
+
+def cmd_plan(args) -> int:
+    from ibq.ledger.plan import expand
+    from ibq.ledger.runs import completed_runs
+
+    started = time.perf_counter()
+    plan = expand(plan_arguments(args.items, args.config), config_name=args.config)
+    completed = {sig: str(path) for sig, path in completed_runs(search_roots(args)).items()}
+    show_plan(plan, completed)
+    print(f"(planned in {time.perf_counter() - started:.1f} s; completed runs searched in {', '.join(map(str, search_roots(args)))})")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from ibq.ledger.launch import relaunch
+    from ibq.ledger.plan import expand
+    from ibq.ledger.runs import completed_runs
+    from ibq.ledger.sweep import LEDGER_FILE, JobStatus, Sweep
+
+    plan = expand(plan_arguments(args.items, args.config), config_name=args.config)
+    completed = {sig: str(path) for sig, path in completed_runs(search_roots(args)).items()}
+    show_plan(plan, completed)
+    directory = Path(args.dir or plan.sweep_dir)
+    if (directory / LEDGER_FILE).exists() or (directory / "multirun.yaml").exists():
+        raise UserError(f"{directory} already holds a sweep: `ibq-sweep retry {directory}` completes it")
+    todo = [JobStatus(job, None, "missing") for job in plan.jobs if job.signature not in completed]
+    plan.sweep_dir = str(directory)
+    reused = {job.signature: completed[job.signature] for job in plan.jobs if job.signature in completed}
+    if args.dry_run:
+        print(f"dry run: would run {len(todo)} job(s) into {directory}")
+        return 0
+    directory.mkdir(parents=True, exist_ok=True)
+    sweep = Sweep(directory, plan, [], todo, reused)
+    if not todo:
+        sweep.save_ledger()  # the sweep directory then lists (and tables) the completed runs it reuses
+        print(f"nothing to run: every job has completed; the sweep's ledger: {directory / LEDGER_FILE}")
+        return 0
+    print(f"launching {len(todo)} job(s) into {directory}")
+    return report_launch(relaunch(sweep, todo), directory)
+
+
+def report_launch(results, directory: Path) -> int:
+    failed = [status for status, code in results if code != 0]
+    print(f"{len(results) - len(failed)} of {len(results)} job(s) finished; `ibq-sweep status {directory}` for details")
+    return 1 if failed else 0
+
+
+# -- status / retry ------------------------------------------------------------------------------------
+def load(args):
+    from ibq.ledger.sweep import load_sweep
+
+    return load_sweep(Path(args.sweep_dir), search_roots(args))
+
+
+def cmd_status(args) -> int:
+    if args.source == "wandb":
+        return wandb_status(args)
+    from ibq.ledger.sweep import RETRYABLE, progress
+
+    sweep = load(args)
+    counts = ", ".join(f"{n} {state}" for state, n in sweep.counts().items())
+    print(f"sweep {sweep.directory} (W&B group {sweep.group}): {len(sweep.jobs)} jobs: {counts}")
+    for note in sweep.notes:
+        print(f"  note: {note}")
+    common = sweep.plan.common_overrides() if sweep.plan else []
+    if common:
+        print(f"  every job: {shown(common)}")
+    body = []
+    for status in sweep.jobs:
+        index = str(status.job.index) if status.job else "-"
+        own = [o for o in status.overrides if o not in common]
+        body.append([index, status.state, progress(status), status.signature or "", shown(own), status.reason])
+    print_table(["#", "state", "progress", "signature", "overrides", "note"], body, numeric={0, 2})
+    retryable = [s for s in sweep.jobs if s.state in RETRYABLE]
+    if retryable:
+        print(f"{len(retryable)} job(s) can be relaunched: ibq-sweep retry {sweep.directory}")
+    return 0
+
+
+def wandb_status(args) -> int:
+    runs, group = wandb_source_runs(args)
+    print(f"W&B group {group}: {len(runs)} runs")
+    body = [[run.name, run.status, run.signature or "", " ".join(f"{k}={v}" for k, v in sorted(run.choices.items()))] for run in runs]
+    print_table(["run", "state", "id", "choices"], body)
+    return 0
+
+
+def cmd_retry(args) -> int:
+    from ibq.ledger.launch import relaunch
+    from ibq.ledger.sweep import RETRYABLE
+
+    sweep = load(args)
+    targets = [s for s in sweep.jobs if s.state in RETRYABLE]
+    if not targets:
+        print(f"nothing to retry in {sweep.directory}: " + ", ".join(f"{n} {state}" for state, n in sweep.counts().items()))
+        return 0
+    for status in targets:
+        print(f"  {status.state:<11} {shown(status.overrides)}" + (f"  ({status.reason})" if status.reason else ""))
+    if args.dry_run:
+        print(f"dry run: would relaunch {len(targets)} job(s)")
+        return 0
+    print(f"relaunching {len(targets)} job(s) into {sweep.directory}")
+    return report_launch(relaunch(sweep, targets), sweep.directory)
+
+
+# -- table / plot / report -----------------------------------------------------------------------------
+def wandb_source_runs(args):
+    from ibq.ledger.sweep import load_sweep
+    from ibq.ledger.wandb_source import require_online, wandb_runs
+
+    require_online("--source wandb")
+    target = Path(args.sweep_dir)
+    group = load_sweep(target).group if target.is_dir() else args.sweep_dir
+    return wandb_runs(group, args.project or "ibq", args.entity), group
+
+
+def compared_runs(args):
+    """(runs, sweep or None, group): completed and other runs, from disk or from W&B."""
+    if args.source == "wandb":
+        runs, group = wandb_source_runs(args)
+        return runs, None, group
+    sweep = load(args)
+    runs = [s.run for s in sweep.jobs if s.run is not None]
+    if not runs:
+        raise UserError(f"{sweep.directory} holds no runs yet (no run.json below it); see `ibq-sweep status {sweep.directory}`")
+    return runs, sweep, sweep.group
+
+
+def metric_list(text: str | None) -> list[str] | None:
+    return [m.strip() for m in text.split(",") if m.strip()] if text else None
+
+
+def cmd_table(args) -> int:
+    from ibq.report.table import build_table, render_markdown, render_terminal
+
+    runs, sweep, group = compared_runs(args)
+    table = build_table(runs, metric_list(args.metrics))
+    if args.columns:
+        parts = []
+        for metric in table.metrics:
+            header, body = table.pivot(args.columns, metric)
+            render = render_markdown if args.format == "markdown" else render_terminal
+            parts.append(f"{metric}\n{render(header, body, numeric_from=len(table.factors) - 1)}")
+        text = "\n\n".join(parts) if args.format != "csv" else table.csv()
+    else:
+        text = {"terminal": table.terminal, "markdown": table.markdown, "csv": table.csv}[args.format]()
+    if args.output:
+        Path(args.output).write_text(text if text.endswith("\n") else text + "\n")
+        print(f"wrote {args.output}")
+        return 0
+    if args.format == "terminal":
+        runs_done = sum(len(row.runs) for row in table.rows)
+        print(f"sweep {group}: {runs_done} completed runs in {len(table.rows)} groups (mean ± std over the runs of a group: its seeds)")
+    print(text)
+    if args.format == "terminal" and sweep is not None:
+        unfinished = [s for s in sweep.jobs if s.state != "done"]
+        if unfinished:
+            print(f"({len(unfinished)} job(s) not completed and not in the table: ibq-sweep status {sweep.directory})")
+    return 0
+
+
+def output_dir(sweep, group: str, name: str, chosen: str | None = None) -> Path:
+    """`chosen` (--out), else <sweep dir>/<name>, else (runs from W&B only) outputs/analysis/<group>/<name>."""
+    if chosen:
+        return Path(chosen)
+    return (sweep.directory if sweep is not None else DEFAULT_RUNS / "analysis" / group) / name
+
+
+def wandb_project(runs) -> str:
+    for run in runs:
+        project = run.config.get("logger.project")
+        if project:
+            return str(project)
+    return "ibq"
+
+
+def make_plots(table, metrics: list[str], x: str | None, out: Path) -> list[Path]:
+    from ibq.report.plot import default_x, save_plot
+
+    x = x or default_x(table)
+    paths = []
+    for metric in metrics:
+        if not any(row.cell(metric).values for row in table.rows):
+            print(f"{metric}: no run reports it; no plot")
+            continue
+        paths.append(save_plot(table, metric, x, out))
+    return paths
+
+
+def cmd_plot(args) -> int:
+    from ibq.report.table import build_table
+    from ibq.report.wandb_log import log_analysis
+
+    runs, sweep, group = compared_runs(args)
+    table = build_table(runs, args.metric)  # checks that some run reports each metric asked for
+    paths = make_plots(table, table.metrics if args.metric else list(PLOT_METRICS), args.x, output_dir(sweep, group, "plots", args.out))
+    for path in paths:
+        print(f"wrote {path}")
+    where = log_analysis(table, paths, group, args.project or wandb_project(runs), args.entity, output_dir(sweep, group, "analysis"), args.wandb)
+    if where:
+        print(f"W&B ({args.wandb}): {where}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ibq.ledger.wandb_source import online_problem
+    from ibq.report.report import sections, wandb_report, write_local
+    from ibq.report.table import build_table
+
+    runs, sweep, group = compared_runs(args)
+    table = build_table(runs)
+    out = output_dir(sweep, group, "report", args.out)
+    plots = make_plots(table, list(PLOT_METRICS), None, out / "plots") if table.factors else []
+    title = f"ibq sweep {group}"
+    lines = [f"W&B group: {group}", f"factors: {', '.join(table.factors) or 'none'}"]
+    problems = []
+    if sweep is not None:
+        lines.insert(0, f"directory: {sweep.directory}")
+        if sweep.plan:
+            lines.append(f"command: {ENTRY_SCRIPTS[sweep.plan.config_name]} -m {shown(sweep.plan.hydra_overrides + sweep.plan.arguments)}")
+        lines.append("jobs: " + ", ".join(f"{n} {state}" for state, n in sweep.counts().items()))
+        problems = [f"{s.state}: {shown(s.overrides)}" + (f" ({s.reason})" if s.reason else "") for s in sweep.jobs if s.state != "done"]
+    parts = sections(lines, table, plots, problems)
+    md_path, html_path = write_local(title, parts, out)
+    print(f"wrote {md_path}\nwrote {html_path}")
+    problem = "--offline" if args.offline else online_problem()
+    if problem:
+        print(f"W&B Report not created ({problem}); the local report above has the same content")
+        return 0
+    try:
+        report = wandb_report(title, "; ".join(lines), table, group, args.project or wandb_project(runs), args.entity)
+        report.save()
+    except Exception as error:  # the Reports API (public preview) raises many types
+        print(f"W&B Report not created ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+              "the local report above has the same content")
+        return 0
+    print(f"W&B Report: {report.url}")
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ibq-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def runs_option(sp):
+        sp.add_argument("--runs", action="append", metavar="DIR", help=f"also count completed runs below DIR (always: {DEFAULT_RUNS}/)")
+
+    def source_options(sp):
+        sp.add_argument("sweep_dir", help="a sweep directory (outputs/multirun/<time>), or with --source wandb a W&B group")
+        sp.add_argument("--source", choices=("disk", "wandb"), default="disk", help="read the runs from their directories (default) or from the W&B API")
+        sp.add_argument("--project", help="W&B project (default: the runs' logger.project, else ibq)")
+        sp.add_argument("--entity", help="W&B entity (default: your default entity)")
+        runs_option(sp)
+
+    for name, help_text in (("plan", "list a sweep's jobs without running anything"), ("launch", "run the jobs of a sweep that have not completed anywhere")):
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("items", nargs="*", metavar="SWEEP|OVERRIDE", help="a sweep name (sweeps/<name>.yaml) and/or ibq-train overrides")
+        sp.add_argument("--config", choices=tuple(ENTRY_SCRIPTS), default="train", help="primary config: train (stage I) or train_ar (stage II)")
+        runs_option(sp)
+        if name == "launch":
+            sp.add_argument("--dir", help="sweep directory (default: the config's hydra.sweep.dir)")
+            sp.add_argument("--dry-run", action="store_true", help="plan only")
+
+    sp = sub.add_parser("status", help="state of every job of a sweep directory")
+    source_options(sp)
+
+    sp = sub.add_parser("table", help="metrics by config-group choices, mean ± std over seeds")
+    source_options(sp)
+    sp.add_argument("--metrics", help="comma-separated results keys (default: utilization, bound, perplexity, rFID, PSNR, SSIM, LPIPS)")
+    sp.add_argument("--columns", metavar="FACTOR", help="one table per metric with the values of FACTOR as columns (e.g. codebook_size)")
+    sp.add_argument("--format", choices=("terminal", "markdown", "csv"), default="terminal", help="csv: one line per group with <metric>_mean/_std/_n")
+    sp.add_argument("--output", help="write to this file instead of the terminal")
+
+    sp = sub.add_parser("plot", help="PNG plots of a metric against a factor, also logged to W&B")
+    source_options(sp)
+    sp.add_argument("--metric", action="append", help="results key to plot (repeatable; default: codebook/utilization and rfid)")
+    sp.add_argument("--x", help="factor on the x axis (default: codebook_size)")
+    sp.add_argument("--out", help="folder for the PNGs (default: <sweep dir>/plots)")
+    sp.add_argument("--wandb", choices=("offline", "online", "disabled"), default="offline", help="log the plots as a W&B analysis run in the sweep's group")
+
+    sp = sub.add_parser("retry", help="relaunch failed, preempted, interrupted and never-started jobs")
+    sp.add_argument("sweep_dir")
+    sp.add_argument("--dry-run", action="store_true", help="list them only")
+    runs_option(sp)
+
+    sp = sub.add_parser("report", help="W&B Report when online; report.md and report.html in any case")
+    source_options(sp)
+    sp.add_argument("--out", help="folder for the local report (default: <sweep dir>/report)")
+    sp.add_argument("--offline", action="store_true", help="do not try to create a W&B Report")
+    return p
+
+
+COMMANDS = {"plan": cmd_plan, "launch": cmd_launch, "status": cmd_status, "table": cmd_table, "plot": cmd_plot, "retry": cmd_retry, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        code = COMMANDS[args.command](args)
+    except UserError as error:
+        fail(str(error))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""A sweep's jobs before launch: the overrides Hydra's basic sweeper will give each job, the run
+directory it will get, its signature and a device-hour estimate. Nothing is run.
+
+Jobs are expanded exactly as `ibq-train -m` expands them: the sweep file's `hydra.sweeper.params`
+first, command-line overrides after (a command-line key replaces the same key from the file), then
+the cartesian product (hydra's BasicSweeper.split_arguments). Composing one config per job with
+Hydra takes ~0.1-0.2 s each; jobs that select the same config-group options share one composition,
+to which each job's plain key overrides are applied by Hydra's own override routine, which yields
+the config (and signature) the job itself will compose."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from ibq.cli.overrides import available, check_group_choices, first_of_each_sweep, one_line, quote_numeric_choices
+from ibq.errors import UserError
+from ibq.ledger.cost import Estimate, estimate
+from ibq.runs.record import signature
+
+# hydra.sweep.subdir uses this resolver; the training entry point registers the same one (ibq.cli.common),
+# which is not imported here because it pulls in torch and would double the time a plan takes.
+if not OmegaConf.has_resolver("ibq.dirname"):
+    OmegaConf.register_new_resolver("ibq.dirname", lambda overrides: overrides.replace('"', "") or "default")
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+SWEEPS_DIR = CONF_DIR / "sweep"
+# Hydra overrides that say how this invocation runs, not what a job computes or where it lands.
+INVOCATION_KEYS = ("hydra.mode", "hydra.sweep.dir")
+
+
+@dataclass
+class Job:
+    index: int
+    overrides: list[str]
+    signature: str
+    subdir: str
+    choices: dict[str, str]
+    estimate: Estimate | None = None
+
+
+@dataclass
+class Plan:
+    config_name: str
+    arguments: list[str]  # task overrides of the invocation, numeric group choices quoted
+    hydra_overrides: list[str]
+    sweeper_params: dict[str, str]
+    sweep_dir: str
+    jobs: list[Job] = field(default_factory=list)
+
+    def common_overrides(self) -> list[str]:
+        """Overrides every job shares (printed once instead of on every line)."""
+        if not self.jobs:
+            return []
+        shared = set(self.jobs[0].overrides)
+        for job in self.jobs[1:]:
+            shared &= set(job.overrides)
+        return [o for o in self.jobs[0].overrides if o in shared]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for job in data["jobs"]:
+            job.pop("estimate")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        jobs = [Job(**job) for job in data.get("jobs", [])]
+        return cls(
+            config_name=data.get("config_name", "train"),
+            arguments=list(data.get("arguments", [])),
+            hydra_overrides=list(data.get("hydra_overrides", [])),
+            sweeper_params=dict(data.get("sweeper_params") or {}),
+            sweep_dir=data.get("sweep_dir", ""),
+            jobs=jobs,
+        )
+
+
+def sweep_names() -> list[str]:
+    return available(SWEEPS_DIR)
+
+
+def has_default(config_name: str, group: str) -> bool:
+    """Whether the primary config's defaults list selects from `group` (else a choice must be appended: +group=)."""
+    defaults = OmegaConf.load(CONF_DIR / f"{config_name}.yaml").get("defaults") or []
+    return any(isinstance(entry, DictConfig) and any(str(key).split()[-1] == group for key in entry) for entry in defaults)
+
+
+def sweep_arguments(name: str, config_name: str = "train") -> list[str]:
+    """`codebook_scaling` -> ['sweep=codebook_scaling'], after checking that the sweep file exists."""
+    if name not in sweep_names():
+        raise UserError(f"unknown sweep {name!r}; sweeps: {', '.join(sweep_names()) or 'none'} (files in {SWEEPS_DIR.resolve()})")
+    return [f"{'' if has_default(config_name, 'sweep') else '+'}sweep={name}"]
+
+
+def parse(line: str, parser: OverridesParser):
+    try:
+        return parser.parse_override(line)
+    except HydraException as error:
+        raise UserError(f"cannot parse the override {line!r}: {one_line(str(error))}") from None
+
+
+def composed(config_name: str, overrides: list[str]) -> DictConfig:
+    try:
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
+    except Exception as error:  # Hydra raises several unrelated types for bad overrides
+        raise UserError(one_line(str(error))) from None
+
+
+def expand(arguments: list[str], config_name: str = "train", sweeper_params: dict | None = None) -> Plan:
+    """The jobs of `ibq-train -m <arguments>`, arguments as typed. With `sweeper_params`, the arguments
+    and params recorded when a sweep was launched (multirun.yaml), instead of what the sweep files hold now."""
+    if sweeper_params is None:
+        check_group_choices(arguments, CONF_DIR)
+        arguments = quote_numeric_choices(arguments, CONF_DIR)
+    plain_parser = OverridesParser.create()
+    parsed = [parse(arg, plain_parser) for arg in arguments]
+    hydra_args = [arg for arg, o in zip(arguments, parsed) if o.is_hydra_override()]
+    task_args = [arg for arg, o in zip(arguments, parsed) if not o.is_hydra_override()]
+    job_hydra_args = [arg for arg in hydra_args if arg.split("=", 1)[0].lstrip("+~") not in INVOCATION_KEYS]
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
+        loader = GlobalHydra.instance().config_loader()
+        read_files_once(loader.repository)
+        master = composed(config_name, hydra_args + first_of_each_sweep(task_args))
+        if sweeper_params is None:
+            params = OmegaConf.select(master, "hydra.sweeper.params", default=None)
+            sweeper_params = {str(k): str(v) for k, v in (params or {}).items()}
+        sweep_parser = OverridesParser.create(config_loader=loader)
+        lines = [f"{k}={v}" for k, v in sweeper_params.items()] + task_args
+        try:
+            job_lines = BasicSweeper.split_arguments(sweep_parser.parse_overrides(lines), None)[0]
+        except HydraException as error:
+            raise UserError(one_line(str(error))) from None
+
+        plan = Plan(config_name, task_args, job_hydra_args, sweeper_params, str(OmegaConf.select(master, "hydra.sweep.dir")))
+        bases: dict[tuple[str, ...], Base] = {}
+        parsed_lines = {}  # the same few lines recur in every job, and parsing is slow
+        for index, lines in enumerate(job_lines):
+            for line in lines:
+                if line not in parsed_lines:
+                    parsed_lines[line] = parse(line, plain_parser)
+            overrides = [parsed_lines[line] for line in lines]
+            selects_config = [o.is_hydra_override() or loader.repository.group_exists(o.key_or_group) for o in overrides]
+            groups = tuple(job_hydra_args) + tuple(line for line, chosen in zip(lines, selects_config) if chosen)
+            if groups not in bases:
+                bases[groups] = Base(composed(config_name, list(groups)))
+            plain = [o for o, chosen in zip(overrides, selects_config) if not chosen]
+            plan.jobs.append(bases[groups].job(index, lines, overrides, plain))
+    return plan
+
+
+def read_files_once(repository) -> None:
+    """Each composition reads and parses the same YAML files again; keep the first read of each and hand
+    out copies. Set on this initialisation's repository only."""
+    load = repository.load_config
+    loaded = {}
+
+    def load_once(config_path: str):
+        if config_path not in loaded:
+            loaded[config_path] = load(config_path)
+        return copy.deepcopy(loaded[config_path])
+
+    repository.load_config = load_once
+
+
+class Base:
+    """One composition shared by the jobs that select the same config-group options.
+
+    The task config and the small parts of the hydra node that jobs need are split off once:
+    copying the whole hydra node for every job would cost more than the composition itself."""
+
+    def __init__(self, cfg: DictConfig):
+        self.task = copy.deepcopy(cfg)
+        with read_write(self.task), open_dict(self.task):
+            del self.task["hydra"]
+        self.needs_hydra = "${hydra:" in OmegaConf.to_yaml(self.task)
+        self.dirname_conf = OmegaConf.to_container(cfg.hydra.job.config.override_dirname)
+        self.naming = OmegaConf.create(
+            {"hydra": {"job": OmegaConf.to_container(cfg.hydra.job, resolve=False),
+                       "sweep": {"subdir": OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]}}}
+        )
+        self.choices = {k: str(v) for k, v in cfg.hydra.runtime.choices.items() if v is not None and not k.startswith("hydra/")}
+        self.with_hydra = cfg
+
+    def job(self, index: int, lines: list[str], overrides: list, plain: list) -> Job:
+        if self.needs_hydra:
+            HydraConfig.instance().set_config(self.with_hydra)  # ${hydra:...} resolves as when the job runs
+        task = copy.deepcopy(self.task)
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(plain, task)
+        except Exception as error:
+            raise UserError(f"job {' '.join(lines)}: {one_line(str(error))}") from None
+        naming = self.naming
+        naming.hydra.job.override_dirname = get_overrides_dirname(
+            overrides=overrides,
+            exclude_keys=list(self.dirname_conf["exclude_keys"]),
+            item_sep=self.dirname_conf["item_sep"],
+            kv_sep=self.dirname_conf["kv_sep"],
+        )
+        naming.hydra.job.num = index
+        subdir = str(naming.hydra.sweep.subdir)
+        job_estimate = estimate(self.with_hydra, task, self.choices.get("model_scale"))
+        return Job(index, list(lines), signature(task), subdir, dict(self.choices), job_estimate)
+

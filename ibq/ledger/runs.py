@@ -1,0 +1,135 @@
+"""Runs as the ledger sees them: one record per run directory (run.json, results.json, .hydra/config.yaml),
+or per W&B run. Table, plots and reports take these records and do not care where they came from."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+# Folders inside a run directory that never hold another run.
+RUN_INTERNALS = {"wandb", "checkpoints", "media", ".hydra", "plots", "report", "analysis", ".submitit"}
+
+
+@dataclass
+class Run:
+    name: str
+    location: str  # a directory, or a W&B run path
+    status: str  # running | completed | failed | preempted (as recorded; liveness is judged elsewhere)
+    signature: str | None
+    choices: dict[str, str]
+    config: dict[str, Any]  # flattened: dotted key -> value
+    results: dict[str, Any] | None
+    record: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed" and self.results is not None
+
+    @property
+    def error(self) -> str | None:
+        return self.record.get("error")
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}, 'c': [1, 2]} -> {'a.b': 1, 'c': '[1, 2]'} (lists as JSON text, so values are hashable)."""
+    if isinstance(node, dict):
+        flat = {}
+        for key, value in node.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    if isinstance(node, list):
+        return {prefix[:-1]: json.dumps(node, default=str)}
+    return {prefix[:-1]: node}
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        return {}
+    cfg = OmegaConf.load(path)
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation that needs Hydra's runtime: compare the raw text instead
+        container = OmegaConf.to_container(cfg, resolve=False)
+    return flatten(container)
+
+
+def load_run(run_dir: Path) -> Run | None:
+    record = read_json(run_dir / "run.json")
+    if record is None:
+        return None
+    results = read_json(run_dir / "results.json")
+    choices = {k: str(v) for k, v in (record.get("choices") or {}).items() if v is not None}
+    return Run(
+        name=run_dir.name,
+        location=str(run_dir),
+        status=record.get("status") or "unknown",
+        signature=record.get("signature"),
+        choices=choices,
+        config=read_config(run_dir),
+        results=results,
+        record=record,
+        path=run_dir,
+    )
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Every directory below `root` (itself included) that holds a run.json; run folders are not searched further."""
+    found = []
+    for current, dirs, files in os.walk(root):
+        if "run.json" in files:
+            found.append(Path(current))
+            dirs[:] = []
+        else:
+            dirs[:] = sorted(d for d in dirs if d not in RUN_INTERNALS)
+    return found
+
+
+def discover(root: Path) -> list[Run]:
+    return [run for run in (load_run(d) for d in run_dirs(root)) if run is not None]
+
+
+def completed_runs(roots: list[Path]) -> dict[str, Path]:
+    """signature -> directory of a completed run (with results.json) below any of `roots`; the newest wins."""
+    index: dict[str, tuple[str, Path]] = {}
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for run_dir in run_dirs(root):
+            record = read_json(run_dir / "run.json") or {}
+            sig = record.get("signature")
+            if sig and record.get("status") == "completed" and (run_dir / "results.json").exists():
+                ended = record.get("ended") or ""
+                if sig not in index or ended > index[sig][0]:
+                    index[sig] = (ended, run_dir)
+    return {sig: path for sig, (_, path) in index.items()}
+
+
+def completed_run(signature: str, roots: list[Path], exclude: Path | None = None) -> Path | None:
+    """The directory of a completed run with this signature below `roots`, other than `exclude`.
+
+    The training entry point can call this before it builds anything, to skip a job that already
+    finished elsewhere (a relaunched sweep then re-runs only what is missing)."""
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for run_dir in run_dirs(root):
+            if exclude is not None and run_dir.resolve() == exclude.resolve():
+                continue
+            record = read_json(run_dir / "run.json") or {}
+            if record.get("signature") == signature and record.get("status") == "completed" and (run_dir / "results.json").exists():
+                return run_dir
+    return None

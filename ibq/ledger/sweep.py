@@ -1,0 +1,207 @@
+"""A sweep directory and the state of each of its jobs.
+
+The jobs a sweep should have come from its ledger file (sweep.json, written by `ibq-sweep launch` and
+before a retry) or, for a sweep started with `ibq-train -m`, from Hydra's multirun.yaml (the command
+line and the sweeper params it recorded, expanded again). Each job is matched to its run directory
+(by the directory Hydra gives it, else by signature), or to a completed run with the same signature
+elsewhere. Run directories that match no job are listed as well."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ibq.errors import UserError
+from ibq.ledger.liveness import run_process_alive
+from ibq.ledger.plan import Job, Plan, expand
+from ibq.ledger.runs import Run, completed_runs, discover, load_run, read_json
+from ibq.runs.record import write_json
+
+LEDGER_FILE = "sweep.json"
+RETRYABLE = ("failed", "preempted", "interrupted", "missing")
+STATE_ORDER = ("done", "running", "pending", "interrupted", "preempted", "failed", "missing")
+
+
+@dataclass
+class JobStatus:
+    job: Job | None  # None: a run directory that no planned job accounts for
+    run: Run | None
+    state: str
+    reason: str = ""
+    elsewhere: bool = False  # the run is a completed run with the same signature outside this sweep
+
+    @property
+    def overrides(self) -> list[str]:
+        if self.job is not None:
+            return self.job.overrides
+        return list(self.run.record.get("overrides") or []) if self.run else []
+
+    @property
+    def signature(self) -> str | None:
+        return self.job.signature if self.job else (self.run.signature if self.run else None)
+
+
+@dataclass
+class Sweep:
+    directory: Path
+    plan: Plan | None
+    notes: list[str]
+    jobs: list[JobStatus]
+    reused: dict[str, str]  # signature -> directory of a completed run outside the sweep, kept in sweep.json
+
+    @property
+    def group(self) -> str:
+        """The W&B group of its runs: the sweep directory's name, unless the runs recorded another."""
+        for status in self.jobs:
+            if status.run is not None and not status.elsewhere:
+                group = (status.run.record.get("wandb") or {}).get("group")
+                if group:
+                    return group
+        return self.directory.name
+
+    def counts(self) -> dict[str, int]:
+        counts = {state: 0 for state in STATE_ORDER}
+        for status in self.jobs:
+            counts[status.state] = counts.get(status.state, 0) + 1
+        return {state: n for state, n in counts.items() if n}
+
+    def completed_runs(self) -> list[Run]:
+        return [s.run for s in self.jobs if s.state == "done" and s.run is not None]
+
+    def save_ledger(self) -> None:
+        """Keep the plan next to the runs: a relaunch through Hydra rewrites multirun.yaml."""
+        if self.plan is None:
+            return
+        write_json(
+            self.directory / LEDGER_FILE,
+            {"plan": self.plan.to_dict(), "reused": self.reused, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        )
+
+
+def plan_from_multirun(directory: Path) -> Plan:
+    recorded = OmegaConf.load(directory / "multirun.yaml")
+    hydra = recorded.hydra
+    arguments = [str(o) for o in hydra.overrides.hydra] + [str(o) for o in hydra.overrides.task]
+    params = {str(k): str(v) for k, v in (hydra.sweeper.params or {}).items()}
+    plan = expand(arguments, config_name=str(hydra.job.config_name), sweeper_params=params)
+    plan.sweep_dir = str(directory)
+    return plan
+
+
+def read_ledger(directory: Path) -> tuple[Plan | None, dict[str, str], list[str]]:
+    ledger = read_json(directory / LEDGER_FILE)
+    if ledger is not None:
+        return Plan.from_dict(ledger["plan"]), dict(ledger.get("reused") or {}), []
+    if (directory / "multirun.yaml").exists():
+        try:
+            return plan_from_multirun(directory), {}, []
+        except UserError as error:
+            return None, {}, [f"the sweep's jobs cannot be expanded again from multirun.yaml ({error}); listing its runs only"]
+    return None, {}, []
+
+
+def last_update(run: Run) -> float | None:
+    paths = [run.path / name for name in ("run.json", "metrics.jsonl", "checkpoints/last.pt")] if run.path else []
+    times = [p.stat().st_mtime for p in paths if p.exists()]
+    return max(times) if times else None
+
+
+def age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def run_state(run: Run) -> tuple[str, str]:
+    if run.status == "completed":
+        return ("done", "") if run.results is not None else ("failed", "completed but wrote no results.json")
+    if run.status in ("failed", "preempted"):
+        return run.status, run.error or ""
+    if run.status == "running":
+        updated = last_update(run)
+        since = f"last update {age(time.time() - updated)} ago" if updated else "no update yet"
+        alive = run_process_alive(run.record)
+        if alive is False:
+            return "interrupted", f"its process is gone; {since}"
+        if alive is None:
+            return "running", f"on {run.record.get('host')}, not checked from here; {since}"
+        return "running", since
+    return "failed", f"unknown status {run.status!r} in run.json"
+
+
+def load_sweep(directory: Path, search: list[Path] | None = None) -> Sweep:
+    """`search`: folders where completed runs of the same signatures count as done (e.g. outputs/)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory")
+    runs = discover(directory)
+    plan, reused, notes = read_ledger(directory)
+    if not runs and plan is None:
+        raise UserError(f"{directory} holds no runs (no run.json below it) and no sweep plan (sweep.json or multirun.yaml)")
+
+    by_dir = {run.path.relative_to(directory).as_posix(): run for run in runs}
+    by_signature = {run.signature: run for run in runs if run.signature}
+    elsewhere = completed_runs(search or []) if plan else {}
+    matched: set[str] = set()
+    statuses: list[JobStatus] = []
+    for job in plan.jobs if plan else []:
+        run = by_dir.get(job.subdir) or by_signature.get(job.signature)
+        if run is not None:
+            matched.add(run.location)
+            state, reason = run_state(run)
+            if run.signature and run.signature != job.signature:
+                reason = "; ".join(filter(None, [reason, f"the config changed since launch (signature {run.signature}, now {job.signature})"]))
+            statuses.append(JobStatus(job, run, state, reason))
+            continue
+        other = reused.get(job.signature) or (str(elsewhere[job.signature]) if job.signature in elsewhere else None)
+        other_run = load_run(Path(other)) if other else None
+        if other_run is not None and other_run.completed:
+            reused[job.signature] = other
+            statuses.append(JobStatus(job, other_run, "done", f"completed in {other}", elsewhere=True))
+        else:
+            statuses.append(JobStatus(job, None, "missing", "not started"))
+    for run in runs:
+        if run.location not in matched:
+            state, reason = run_state(run)
+            if plan is not None:
+                reason = "; ".join(filter(None, [reason, "not a job of the sweep's plan"]))
+            statuses.append(JobStatus(None, run, state, reason))
+
+    if any(s.state == "running" for s in statuses):
+        for status in statuses:
+            if status.state == "missing":
+                status.state, status.reason = "pending", "not started yet (the sweep is still running)"
+    return Sweep(directory, plan, notes, statuses, reused)
+
+
+def progress(status: JobStatus) -> str:
+    """'120/300': the last step in metrics.jsonl over train.steps."""
+    run = status.run
+    if run is None or run.path is None:
+        return ""
+    total = run.config.get("train.steps")
+    if status.state == "done":
+        step = (run.results or {}).get("step", total)
+    else:
+        step = last_logged_step(run.path / "metrics.jsonl")
+    return f"{step}/{total}" if step is not None and total is not None else ""
+
+
+def last_logged_step(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    with path.open("rb") as file:
+        file.seek(max(0, path.stat().st_size - 8192))
+        lines = [line for line in file.read().splitlines() if line.strip()]
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None

@@ -1,0 +1,212 @@
+"""Comparison tables: completed runs grouped by what distinguishes them, metrics as mean ± std over
+the runs of a group (the seeds).
+
+What distinguishes runs (the factors) is found from the runs themselves, so that disk and W&B runs
+are handled alike: the config-group choices that differ between runs (quantizer, codebook_size, ...),
+then any config key that differs between runs with the same choices (e.g. optim.lr), except `seed`,
+over which the table averages, and keys that do not change results (logging, paths, launcher)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from ibq.errors import UserError
+from ibq.ledger.runs import Run
+from ibq.runs.record import NON_RESULT_KEYS
+
+# results.json key -> (column label, decimals)
+METRICS = {
+    "codebook/utilization": ("utilization", 4),
+    "codebook/utilization_bound": ("util. bound", 4),
+    "codebook/perplexity": ("perplexity", 1),
+    "rfid": ("rFID", 2),
+    "psnr": ("PSNR", 2),
+    "ssim": ("SSIM", 4),
+    "lpips": ("LPIPS", 4),
+}
+DEFAULT_METRICS = list(METRICS)
+AVERAGED = "seed"
+# choices that say where or how a run was launched or logged, not what it computed
+LAUNCH_CHOICES = {"sweep", "logger", "cluster"}
+FACTOR_ORDER = ("quantizer", "codebook_size", "model_scale", "data", "experiment")
+
+
+def label(metric: str) -> str:
+    return METRICS.get(metric, (metric, 4))[0]
+
+
+def decimals(metric: str) -> int:
+    return METRICS.get(metric, (metric, 4))[1]
+
+
+def sort_key(value) -> tuple:
+    """Numbers in numeric order (256 < 1024), before text."""
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+def number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def ignored_key(key: str) -> bool:
+    return key == AVERAGED or any(key == k or key.startswith(k + ".") for k in NON_RESULT_KEYS) or key.startswith("hydra.")
+
+
+def factors_of(runs: list[Run]) -> list[str]:
+    """A key missing from some runs (a run older than a config group or key) only counts where present."""
+    choice_keys = {k for run in runs for k in run.choices} - LAUNCH_CHOICES
+    varying = [k for k in choice_keys if len({run.choices[k] for run in runs if k in run.choices}) > 1]
+    varying.sort(key=lambda k: (FACTOR_ORDER.index(k) if k in FACTOR_ORDER else len(FACTOR_ORDER), k))
+    same_choices = defaultdict(list)
+    for run in runs:
+        same_choices[tuple(run.choices.get(k) for k in sorted(choice_keys))].append(run)
+    keys = set()
+    for members in same_choices.values():
+        for key in set().union(*(m.config for m in members)):
+            if not ignored_key(key) and len({repr(m.config[key]) for m in members if key in m.config}) > 1:
+                keys.add(key)
+    return varying + sorted(keys)
+
+
+def factor_value(run: Run, factor: str) -> str:
+    value = run.choices[factor] if factor in run.choices else run.config.get(factor)
+    return str(value)
+
+
+@dataclass
+class Cell:
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def text(self, digits: int) -> str:
+        if not self.values:
+            return "–"
+        if self.std is None:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+@dataclass
+class Row:
+    key: tuple[str, ...]
+    runs: list[Run] = field(default_factory=list)
+
+    def cell(self, metric: str) -> Cell:
+        return Cell([v for v in (number((run.results or {}).get(metric)) for run in self.runs) if v is not None])
+
+
+@dataclass
+class Table:
+    factors: list[str]
+    metrics: list[str]
+    rows: list[Row]
+
+    @property
+    def header(self) -> list[str]:
+        return self.factors + ["runs"] + [label(m) for m in self.metrics]
+
+    def body(self) -> list[list[str]]:
+        return [list(row.key) + [str(len(row.runs))] + [row.cell(m).text(decimals(m)) for m in self.metrics] for row in self.rows]
+
+    def terminal(self) -> str:
+        return render_terminal(self.header, self.body(), numeric_from=len(self.factors))
+
+    def markdown(self) -> str:
+        return render_markdown(self.header, self.body(), numeric_from=len(self.factors))
+
+    def csv(self) -> str:
+        """One line per group: factors, runs, then <metric>_mean, <metric>_std, <metric>_n for every metric."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self.factors + ["runs"] + [f"{m}_{s}" for m in self.metrics for s in ("mean", "std", "n")])
+        for row in self.rows:
+            cells = [row.cell(m) for m in self.metrics]
+            writer.writerow(list(row.key) + [len(row.runs)] + [v for c in cells for v in (fmt_csv(c.mean), fmt_csv(c.std), c.n)])
+        return out.getvalue()
+
+    def pivot(self, column: str, metric: str) -> tuple[list[str], list[list[str]]]:
+        """`metric` with the values of the factor `column` as columns and the other factors as rows."""
+        if column not in self.factors:
+            raise UserError(f"--columns {column}: not a factor of these runs; factors: {', '.join(self.factors) or 'none (all runs alike)'}")
+        at = self.factors.index(column)
+        row_factors = [f for f in self.factors if f != column]
+        columns = sorted({row.key[at] for row in self.rows}, key=sort_key)
+        grid: dict[tuple, dict[str, str]] = defaultdict(dict)
+        for row in self.rows:
+            grid[row.key[:at] + row.key[at + 1 :]][row.key[at]] = row.cell(metric).text(decimals(metric))
+        header = (row_factors or [""]) + [f"{column}={c}" for c in columns]
+        body = [list(key or ("all",)) + [cells.get(c, "") for c in columns] for key, cells in sorted(grid.items(), key=lambda kv: [sort_key(v) for v in kv[0]])]
+        return header, body
+
+
+def fmt_csv(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def build_table(runs: list[Run], metrics: list[str] | None = None) -> Table:
+    """Completed runs only; `metrics`: None for the defaults, else each must be reported by some run."""
+    done = dedupe([run for run in runs if run.completed])
+    if not done:
+        raise UserError("no completed run with results.json to compare (see `ibq-sweep status`)")
+    if metrics is None:
+        metrics = DEFAULT_METRICS
+    else:
+        reported = sorted({k for run in done for k, v in run.results.items() if number(v) is not None})
+        for metric in metrics:
+            if not any(number(run.results.get(metric)) is not None for run in done):
+                raise UserError(f"no run reports the metric {metric!r}; reported: {', '.join(reported)}")
+    factors = factors_of(done)
+    rows: dict[tuple[str, ...], Row] = {}
+    for run in done:
+        key = tuple(factor_value(run, f) for f in factors)
+        rows.setdefault(key, Row(key)).runs.append(run)
+    ordered = sorted(rows.values(), key=lambda row: [sort_key(v) for v in row.key])
+    return Table(factors, list(metrics), ordered)
+
+
+def dedupe(runs: list[Run]) -> list[Run]:
+    """One run per signature (a job re-run elsewhere must not count twice in the mean)."""
+    seen, unique = set(), []
+    for run in runs:
+        if run.signature:
+            if run.signature in seen:
+                continue
+            seen.add(run.signature)
+        unique.append(run)
+    return unique
+
+
+def render_terminal(header: list[str], body: list[list[str]], numeric_from: int = 0) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i >= numeric_from else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in body])
+
+
+def render_markdown(header: list[str], body: list[list[str]], numeric_from: int = 0) -> str:
+    align = ["---:" if i >= numeric_from else ":---" for i in range(len(header))]
+    rows = [header, align] + body
+    return "\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows)

@@ -1,0 +1,275 @@
+"""The sweep ledger: job states, tables (mean ± std over seeds), liveness of `running` runs, one-line
+errors, retry of a killed job, launch that skips completed signatures, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, error_line
+from ibq.ledger.liveness import run_process_alive
+from ibq.ledger.runs import completed_run, discover
+from ibq.ledger.sweep import STATE_ORDER, load_sweep
+from ibq.report.table import build_table
+from test_sweeps import IBQ_SWEEP, TINY_SWEEP, tiny_sweep_dir
+
+HOST = socket.gethostname()
+
+
+def sweep_cli(args: list[str], env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "WANDB_SILENT": "true"}
+    return subprocess.run(IBQ_SWEEP + args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory) -> Path:
+    return tiny_sweep_dir(tmp_path_factory.getbasetemp())
+
+
+def fake_run(directory: Path, status: str = "completed", results: dict | None = None, seed: int = 0, signature: str | None = None,
+             error: str | None = None, host: str = HOST, command: list[str] | None = None, **choices) -> Path:
+    """A run directory as the training job leaves it: run.json, results.json, .hydra/config.yaml."""
+    directory.mkdir(parents=True)
+    choices = {"quantizer": "ibq", "codebook_size": "1024", "model_scale": "tiny", "logger": "none", **choices}
+    config = {"seed": seed, "quantizer": {"codebook_size": int(choices["codebook_size"])}, "optim": {"lr": 1e-4}, "train": {"steps": 10}}
+    sig = signature or f"{choices['quantizer']}-{choices['codebook_size']}-{seed}"
+    record = {"signature": sig, "status": status, "choices": choices, "overrides": [f"{k}={v}" for k, v in choices.items()],
+              "error": error, "host": host, "command": command or ["/nowhere/ibq-train", "seed=12345"],
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wandb": {"group": directory.parent.name}}
+    (directory / "run.json").write_text(json.dumps(record))
+    (directory / ".hydra").mkdir()
+    (directory / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    if results is not None:
+        (directory / "results.json").write_text(json.dumps({"signature": sig, "step": 10, **results}))
+    return directory
+
+
+def seeded_sweep(root: Path) -> Path:
+    """ibq, vq x 256, 1024 x seeds 0, 1, 2; utilization = base + seed / 100."""
+    base = {("ibq", "256"): 0.9, ("ibq", "1024"): 0.8, ("vq", "256"): 0.5, ("vq", "1024"): 0.2}
+    for (quantizer, size), value in base.items():
+        for seed in range(3):
+            fake_run(root / f"{quantizer}_{size}_{seed}", seed=seed, quantizer=quantizer, codebook_size=size,
+                     results={"codebook/utilization": value + seed / 100, "codebook/perplexity": 10.0, "psnr": 20.0, "rfid": None})
+    return root
+
+
+# -- tables ---------------------------------------------------------------------------------------------
+def test_table_groups_by_the_choices_that_differ_and_averages_seeds(tmp_path):
+    table = build_table(discover(seeded_sweep(tmp_path / "sweep")))
+    assert table.factors == ["quantizer", "codebook_size"]
+    assert [row.key for row in table.rows] == [("ibq", "256"), ("ibq", "1024"), ("vq", "256"), ("vq", "1024")]
+    cell = table.rows[1].cell("codebook/utilization")
+    assert cell.n == 3 and math.isclose(cell.mean, 0.81) and math.isclose(cell.std, 0.01)
+    assert "0.8100 ± 0.0100" in table.terminal()
+    assert table.rows[0].cell("rfid").text(2) == "–"  # reported as null: not averaged as a number
+
+    header, body = table.pivot("codebook_size", "codebook/utilization")
+    assert header == ["quantizer", "codebook_size=256", "codebook_size=1024"]
+    assert body[1] == ["vq", "0.5100 ± 0.0100", "0.2100 ± 0.0100"]
+
+    csv_lines = table.csv().splitlines()
+    assert csv_lines[0].startswith("quantizer,codebook_size,runs,codebook/utilization_mean,codebook/utilization_std,codebook/utilization_n")
+    assert csv_lines[1].startswith("ibq,256,3,0.91")
+    assert table.markdown().splitlines()[1].startswith("| :--- | :--- | ---: |")
+
+
+def test_a_plain_key_that_differs_becomes_a_factor(tmp_path):
+    for lr in (1e-4, 2e-4):
+        run = fake_run(tmp_path / f"lr{lr}", signature=f"lr{lr}", results={"codebook/utilization": lr * 1000})
+        config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        config["optim"]["lr"] = lr
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    table = build_table(discover(tmp_path))
+    assert table.factors == ["optim.lr"]
+
+
+def test_a_job_rerun_elsewhere_counts_once(tmp_path):
+    fake_run(tmp_path / "a", signature="same", results={"codebook/utilization": 0.5})
+    fake_run(tmp_path / "b", signature="same", results={"codebook/utilization": 0.5})
+    assert [len(row.runs) for row in build_table(discover(tmp_path)).rows] == [1]
+
+
+# -- states ---------------------------------------------------------------------------------------------
+def test_states_and_reasons(tmp_path):
+    root = tmp_path / "sweep"
+    fake_run(root / "done", results={"codebook/utilization": 0.5}, quantizer="a")
+    fake_run(root / "no_results", quantizer="b")
+    fake_run(root / "failed", status="failed", error="RuntimeError: out of memory", quantizer="c")
+    fake_run(root / "preempted", status="preempted", quantizer="d")
+    fake_run(root / "killed", status="running", quantizer="e")  # this host, and no such process
+    fake_run(root / "remote", status="running", host="some-other-node", quantizer="f")
+    states = {s.run.name: (s.state, s.reason) for s in load_sweep(root).jobs}
+    assert states["done"] == ("done", "")
+    assert states["no_results"][0] == "failed" and "no results.json" in states["no_results"][1]
+    assert states["failed"] == ("failed", "RuntimeError: out of memory")
+    assert states["preempted"][0] == "preempted"
+    assert states["killed"][0] == "interrupted" and "process is gone" in states["killed"][1]
+    assert states["remote"][0] == "running" and "some-other-node" in states["remote"][1]
+
+
+def test_a_running_job_is_found_by_its_command_line(tmp_path):
+    # the entry point quotes numeric choices in sys.argv after the OS recorded the command line
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "ibq.cli.train", "codebook_size=1024"])
+    try:
+        time.sleep(0.5)
+        record = {"host": HOST, "command": ["/repo/ibq/cli/train.py", 'codebook_size="1024"'],
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        assert run_process_alive(record) is True
+        assert run_process_alive({**record, "command": ["/repo/ibq/cli/train.py", "codebook_size=8192"]}) is False
+        # a process that started after the run recorded its start is not the run's
+        assert run_process_alive({**record, "started": "2000-01-01T00:00:00+0000"}) is False
+        assert run_process_alive({**record, "pid": process.pid}) is True
+    finally:
+        process.kill()
+        process.wait()
+    assert run_process_alive({**record, "pid": process.pid}) is False
+
+
+def test_completed_run_hook_finds_a_finished_signature_elsewhere(tmp_path):
+    done = fake_run(tmp_path / "old" / "run", signature="abc", results={})
+    fake_run(tmp_path / "old" / "unfinished", signature="def", status="running")
+    assert completed_run("abc", [tmp_path]) == done
+    assert completed_run("abc", [tmp_path], exclude=done) is None
+    assert completed_run("def", [tmp_path]) is None
+
+
+# -- one-line errors --------------------------------------------------------------------------------------
+def no_wandb_env(tmp_path: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    return {**env, "HOME": str(tmp_path), "WANDB_SILENT": "true", **extra}
+
+
+def test_unknown_sweep_is_one_line():
+    line = error_line(sweep_cli(["plan", "no_such_sweep"]))
+    assert "unknown sweep 'no_such_sweep'" in line and "codebook_scaling" in line
+    line = error_line(sweep_cli(["plan", "sweep=no_such_sweep"]))
+    assert "sweep=no_such_sweep is not a config" in line
+
+
+def test_directory_without_runs_is_one_line(tmp_path):
+    for command in ("status", "table", "plot", "report"):
+        line = error_line(sweep_cli([command, str(tmp_path)]))
+        assert "holds no runs" in line
+
+
+def test_metric_no_run_reports_is_one_line(tmp_path):
+    root = seeded_sweep(tmp_path / "sweep")
+    line = error_line(sweep_cli(["table", str(root), "--metrics", "codebook/utilization,fid_50k"]))
+    assert "no run reports the metric 'fid_50k'" in line and "codebook/utilization" in line
+    line = error_line(sweep_cli(["plot", str(root), "--metric", "lpips", "--wandb", "disabled"]))
+    assert "no run reports the metric 'lpips'" in line
+
+
+def test_wandb_source_without_credentials_or_network_is_one_line_and_quick(tmp_path):
+    root = seeded_sweep(tmp_path / "sweep")
+    result = sweep_cli(["table", str(root), "--source", "wandb"], env=no_wandb_env(tmp_path))
+    assert "no W&B credentials" in error_line(result)
+    with_key = {"WANDB_API_KEY": "x" * 40}
+    result = sweep_cli(["table", str(root), "--source", "wandb"], env=no_wandb_env(tmp_path, **with_key, WANDB_BASE_URL="http://127.0.0.1:9"))
+    assert "W&B at http://127.0.0.1:9 cannot be reached" in error_line(result)
+    # an address something answers for, but not W&B (sandboxes and proxies accept any connection)
+    started = time.perf_counter()
+    env = no_wandb_env(tmp_path, **with_key, WANDB_BASE_URL="http://10.255.255.1:81")
+    line = error_line(sweep_cli(["table", str(root), "--source", "wandb"], env=env, timeout=60))
+    assert line.startswith("error: --source wandb: W&B at http://10.255.255.1:81 ")
+    assert time.perf_counter() - started < 30
+
+
+# -- a killed job, retried ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_retry_reruns_the_killed_job_alone(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "ibq.cli.train", "-m", "quantizer=ibq,vq", "codebook_size=256", "train.steps=20",
+               "train.log_every=1", "train.checkpoint_every=5", "data.val_crops_per_photo=1", "eval.rfid=false",
+               "logger=none", f"hydra.sweep.dir={sweep_dir}"]
+    env = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    second = None
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill the sweep once the second job has a checkpoint
+        second = next((d for d in sweep_dir.glob("*quantizer=vq*") if (d / "checkpoints" / "last.pt").exists()), None)
+        if second is not None:
+            break
+        time.sleep(0.5)
+    assert second is not None, "the second job never wrote a checkpoint"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    first = next(sweep_dir.glob("*quantizer=ibq*"))
+    first_record = (first / "run.json").read_text()
+    multirun = (sweep_dir / "multirun.yaml").read_text()
+    status = sweep_cli(["status", str(sweep_dir)])
+    assert status.returncode == 0, status.stderr
+    rows = [line.split() for line in status.stdout.splitlines()]
+    states = {row[0]: row[1] for row in rows if len(row) > 1 and row[0].isdigit() and row[1] in STATE_ORDER}
+    assert states == {"0": "done", "1": "interrupted"}, status.stdout
+
+    retry = sweep_cli(["retry", str(sweep_dir)], env=env)
+    assert retry.returncode == 0, retry.stdout[-2000:] + retry.stderr[-3000:]
+    assert "relaunching 1 job(s)" in retry.stdout
+    assert (first / "run.json").read_text() == first_record  # untouched
+    record = json.loads((second / "run.json").read_text())
+    assert record["status"] == "completed" and record["resumes"] and record["resumes"][0]["step"] >= 5
+    assert (second / "results.json").exists()
+    assert (sweep_dir / "multirun.yaml").read_text() == multirun  # the sweep's own record is kept
+    assert json.loads((sweep_dir / "sweep.json").read_text())["plan"]["jobs"][1]["subdir"] == second.name
+    assert "nothing to retry" in sweep_cli(["retry", str(sweep_dir)]).stdout
+
+
+# -- launch skips what completed, tables include it -------------------------------------------------------
+@pytest.mark.slow
+def test_launch_runs_only_signatures_not_completed_anywhere(tiny_sweep, tmp_path):
+    new_dir = tmp_path / "relaunch"
+    overrides = [a for a in TINY_SWEEP if not a.startswith("sweep=")] + ["quantizer=ibq,vq,fsq"]
+    result = sweep_cli(["launch", "codebook_scaling", *overrides, "--runs", str(tiny_sweep), "--dir", str(new_dir)])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "6 jobs: 4 already completed, 2 to run" in result.stdout
+    assert sorted(json.loads(p.read_text())["choices"]["quantizer"] for p in new_dir.glob("*/run.json")) == ["fsq", "fsq"]
+    table = sweep_cli(["table", str(new_dir), "--runs", str(tiny_sweep)])
+    assert table.returncode == 0, table.stderr
+    assert [line.split()[0] for line in table.stdout.splitlines() if line.split()[:1] in (["fsq"], ["ibq"], ["vq"])] == ["fsq"] * 2 + ["ibq"] * 2 + ["vq"] * 2
+
+
+# -- plots and reports --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_plot_is_logged_to_wandb_offline(tiny_sweep, tmp_path):
+    out = tmp_path / "plots"
+    result = sweep_cli(["plot", str(tiny_sweep), "--out", str(out)], env=no_wandb_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "codebook_utilization_vs_codebook_size.png").exists()
+    wandb_run = Path(result.stdout.split("W&B (offline): ")[1].split()[0])
+    assert wandb_run.parent == tiny_sweep / "analysis" / "wandb" and wandb_run.name.startswith("offline-run-")
+    assert list(wandb_run.glob("*.wandb"))
+
+
+@pytest.mark.slow
+def test_report_falls_back_to_local_files_without_wandb(tiny_sweep, tmp_path):
+    out = tmp_path / "report"
+    result = sweep_cli(["report", str(tiny_sweep), "--out", str(out)], env=no_wandb_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "W&B Report not created (no W&B credentials" in result.stdout
+    markdown = (out / "report.md").read_text()
+    assert "| quantizer | codebook_size |" in markdown and "codebook_utilization_vs_codebook_size.png" in markdown
+    assert "utilization by codebook size" in markdown
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and "data:image/png;base64," in page
+
+
+def test_wandb_report_is_built_from_the_table(tmp_path):
+    from ibq.report.report import wandb_report
+
+    table = build_table(discover(seeded_sweep(tmp_path / "sweep")))
+    report = wandb_report("ibq sweep g", "a test", table, group="g", project="ibq", entity="someone")
+    assert report.entity == "someone" and len(report.blocks) == 4
+    assert "| quantizer | codebook_size |" in report.blocks[2].text

@@ -1,0 +1,48 @@
+"""notebooks/analysis.ipynb runs top to bottom on the tiny sweep, in a kernel of this interpreter."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import REPO
+from test_sweeps import tiny_sweep_dir
+
+NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
+KERNEL = "ibq-test-python"
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory) -> Path:
+    return tiny_sweep_dir(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def this_interpreter_kernel(tmp_path, monkeypatch) -> str:
+    """A kernel spec for sys.executable, so the notebook imports the ibq of this environment."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL
+    spec_dir.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": KERNEL, "language": "python"}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    return KERNEL
+
+
+@pytest.mark.slow
+def test_analysis_notebook_runs_on_a_sweep(tiny_sweep, this_interpreter_kernel, monkeypatch):
+    monkeypatch.setenv("IBQ_SWEEP_DIR", str(tiny_sweep))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(notebook, kernel_name=this_interpreter_kernel, timeout=300, resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client.execute()  # raises CellExecutionError on the first failing cell
+
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    text = "\n".join(str(output.get("text", "")) + str(output.get("data", {}).get("text/markdown", "")) for output in outputs)
+    assert f"{tiny_sweep}: 4 jobs, 4 done" in text
+    assert "| quantizer | codebook_size |" in text and "| vq | 1024 |" in text
+    assert any("image/png" in output.get("data", {}) for output in outputs)
+    assert (tiny_sweep / "plots" / "codebook_utilization_vs_codebook_size.png").exists()
