@@ -15,11 +15,25 @@ def position_generator(seed: int, position: int) -> torch.Generator:
 
 
 class PositionSampler(Sampler[int]):
-    def __init__(self, start: int, stop: int):
+    """Positions [start, stop) of the global stream. With world_size > 1, only this rank's share: of
+    each consecutive `batch_size` positions (one global batch), the rank-th block of
+    batch_size / world_size, so the ranks together see exactly the one-process stream."""
+
+    def __init__(self, start: int, stop: int, rank: int = 0, world_size: int = 1, batch_size: int | None = None):
+        if world_size > 1 and (batch_size is None or batch_size % world_size or start % batch_size or stop % batch_size):
+            raise ValueError("with several ranks, batch_size must divide by world_size and start/stop by batch_size")
         self.start, self.stop = start, stop
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
 
     def __iter__(self):
-        return iter(range(self.start, self.stop))
+        if self.world_size == 1:
+            return iter(range(self.start, self.stop))
+        share = self.batch_size // self.world_size
+        return (
+            first + self.rank * share + i
+            for first in range(self.start, self.stop, self.batch_size)
+            for i in range(share)
+        )
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return (self.stop - self.start) // self.world_size

@@ -1,0 +1,101 @@
+"""Preemption and time limits.
+
+The requeue signal (cluster.requeue_signal; Slurm sends it `signal_delay_s` before the time limit, an
+admin or a test sends it to preempt) is only noted when it arrives. At the next step boundary every
+rank learns of it, every rank takes part in a checkpoint, and rank 0 requeues the job through
+submitit: the requeued job runs the same call again and so resumes from the checkpoint in the same run
+directory, under the same W&B run. A signal near the time limit counts against the job's bound on
+timeout requeues (cluster.max_requeues_on_timeout); preemption does not. Outside a submitit job the
+run stops after the checkpoint; the same command resumes it."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+
+import torch
+
+from ibq.engine.distributed import any_rank
+
+log = logging.getLogger(__name__)
+
+# "Try again later": the run stopped cleanly after a checkpoint and resumes when started again.
+INTERRUPTED_EXIT_CODE = 75
+
+
+class StoppedAtCheckpoint(SystemExit):
+    """Leaves the job after its checkpoint without a result: submitit keeps waiting for the requeued
+    run (outside submitit, the same command resumes it)."""
+
+
+class RequeueRefused(RuntimeError):
+    """The job hit its time limit more often than it may be requeued for."""
+
+
+@dataclass(frozen=True)
+class RequeueOutcome:
+    requeued: bool
+    reason: str  # preempted | timeout | interrupted
+    exit_code: int | str | None = None
+    message: str = ""
+
+
+def parse_signal(name: str) -> signal.Signals:
+    name = name.upper()
+    try:
+        return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r}") from None
+
+
+class RequeueSignal:
+    """Context manager that owns the requeue signal while training runs (None: no handler)."""
+
+    def __init__(self, name: str | None):
+        self.signum = parse_signal(name) if name else None
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> "RequeueSignal":
+        if self.signum is not None:
+            self._previous = signal.signal(self.signum, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.signum is not None:
+            signal.signal(self.signum, signal.SIG_DFL if self._previous is None else self._previous)
+
+    def _note(self, signum: int, frame) -> None:
+        # Nothing else here: a handler runs between two bytecodes, possibly inside a collective.
+        self.received = True
+
+    def pending(self, device: torch.device) -> bool:
+        """Whether any rank received the signal (a collective: every rank calls it at each step)."""
+        return any_rank(self.received, device)
+
+    def submitit_handler(self):
+        """submitit's own handler, which ours replaced; None outside a submitit job."""
+        handler = getattr(self._previous, "__self__", None)
+        if handler is None:
+            return None
+        from submitit.core.job_environment import SignalHandler
+
+        return handler if isinstance(handler, SignalHandler) else None
+
+    def requeue(self) -> RequeueOutcome:
+        """On rank 0, after the checkpoint: let submitit resubmit the job's call and requeue it."""
+        handler = self.submitit_handler()
+        if handler is None:
+            return RequeueOutcome(False, "interrupted", INTERRUPTED_EXIT_CODE, "not a submitit job: run the same command again to resume")
+        from submitit.core.utils import UncompletedJobError
+
+        timed_out = handler.has_timed_out()
+        reason = "timeout" if timed_out else "preempted"
+        try:
+            handler.checkpoint_and_try_requeue(self.signum)
+        except SystemExit as exit_:  # submitit requeued the job and asks this process to leave
+            return RequeueOutcome(True, reason, exit_.code)
+        except UncompletedJobError as error:
+            return RequeueOutcome(False, reason, None, str(error))
+        return RequeueOutcome(False, reason, None, "submitit neither requeued the job nor refused to")

@@ -1,0 +1,237 @@
+"""Sweeps, preemption and failures on a real Slurm (the local single-node cluster of `make slurm-up`),
+and the cluster settings refused before anything is submitted. Tests that need Slurm are skipped
+without it, unless IBQ_REQUIRE_SLURM=1 (as in CI), where they fail instead."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, REPO, read_jsonl, train
+
+pytestmark = pytest.mark.slow
+SHORT = ["train.log_every=1", "logger=none", ONE_CROP_PER_PHOTO, "eval.rfid=false"]
+LOSS_KEYS = ("loss/g", "loss/l1", "loss/quantizer", "loss/d", "loss/lecam", "codebook/batch_perplexity")
+CRASH_REPORT_BOUND_S = 120
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    if shutil.which("sbatch") is None:
+        problem = "Slurm is not installed here (make slurm-up)"
+    else:
+        status = subprocess.run(["bash", "scripts/slurm.sh", "status"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        problem = None if status.returncode == 0 else f"the local Slurm is not healthy (make slurm-up): {status.stdout[-500:]}"
+    if problem and os.environ.get("IBQ_REQUIRE_SLURM") == "1":
+        pytest.fail(problem)
+    if problem:
+        pytest.skip(problem)
+
+
+def environment(**extra: str) -> dict:
+    # The jobs inherit it through sbatch: one thread each, on a machine with few cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **extra}
+
+
+def submit(args: list[str], timeout: float = 900, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(IBQ_TRAIN + args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=environment(**extra))
+
+
+def submit_in_background(args: list[str], log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(IBQ_TRAIN + args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=environment())
+
+
+def wait_for_step(sweep: Path, step: int, process: subprocess.Popen, timeout: float = 600) -> Path:
+    """The job's run directory once it has logged `step`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        for metrics in sweep.glob("*/metrics.jsonl"):
+            if any(line.get("step", 0) >= step for line in read_jsonl(metrics)):
+                return metrics.parent
+        time.sleep(0.2)
+    raise AssertionError(f"no job of {sweep} reached step {step}")
+
+
+def job_states(job_id: str, final: int, timeout: float = 60) -> list[str]:
+    """The states of a job's runs (a requeue starts a new one) once `final` of them have ended:
+    accounting lags the job by a second or two."""
+    deadline = time.time() + timeout
+    while True:
+        out = subprocess.run(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True, timeout=60)
+        states = [line.split("|")[1] for line in out.stdout.splitlines() if line]
+        if sum(state not in ("PENDING", "RUNNING", "COMPLETING") for state in states) >= final or time.time() > deadline:
+            return states
+        time.sleep(1)
+
+
+def last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+# -- sweeps ----------------------------------------------------------------------------------------
+def test_sweep_is_one_slurm_array_and_every_job_completes_with_its_record(slurm, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    result = submit(["-m", "cluster=slurm", "quantizer=ibq,vq", "codebook_size=256,1024", "train.steps=2", *SHORT, f"hydra.sweep.dir={sweep}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    job_folders = [p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)]
+    arrays = {name.split("_")[0] for name in job_folders}
+    assert len(arrays) == 1 and len(job_folders) == 4, job_folders
+    assert job_states(arrays.pop(), final=4) == ["COMPLETED"] * 4
+
+    records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/run.json"))]
+    assert len(records) == 4 and len({r["signature"] for r in records}) == 4
+    assert {(r["choices"]["quantizer"], r["choices"]["codebook_size"]) for r in records} == {
+        ("ibq", "256"), ("ibq", "1024"), ("vq", "256"), ("vq", "1024")}
+    for record in records:
+        assert record["status"] == "completed" and record["slurm_job_id"]
+        assert record["distributed"]["launcher"] == "submitit" and record["distributed"]["world_size"] == 1
+    for run_dir in sweep.glob("*/run.json"):
+        assert json.loads((run_dir.parent / "results.json").read_text())["step"] == 2
+        assert [line["step"] for line in read_jsonl(run_dir.parent / "metrics.jsonl")] == [1, 2, 2]
+
+
+# -- preemption and time limits --------------------------------------------------------------------
+def test_preempted_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, tmp_path: Path):
+    steps = ["train.steps=30", "train.checkpoint_every=10"]
+    reference = train(tmp_path / "reference", *steps, "eval.rfid=false")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    sweep = tmp_path / "sweep"
+    process = submit_in_background(["cluster=slurm", *steps, *SHORT, "logger=wandb", f"hydra.sweep.dir={sweep}"], tmp_path / "submit.log")
+    run_dir = wait_for_step(sweep, 5, process)
+    job_id = json.loads((run_dir / "run.json").read_text())["slurm_job_id"]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)  # what submitit's _interrupt sends
+    assert process.wait(timeout=900) == 0, (tmp_path / "submit.log").read_text()[-3000:]
+
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed"
+    [requeue] = record["requeues"]
+    assert (requeue["reason"], requeue["requeued"], requeue["slurm_job_id"]) == ("preempted", True, job_id)
+    assert 5 <= requeue["step"] < 30
+    assert [(r["step"], r["slurm_job_id"]) for r in record["resumes"]] == [(requeue["step"], job_id)]
+    assert record["wandb"]["id"] == record["signature"]  # the requeued job logs to the same W&B run
+    assert job_states(job_id, final=2) == ["REQUEUED", "COMPLETED"]
+
+    expected = read_jsonl(tmp_path / "reference" / "metrics.jsonl")
+    actual = read_jsonl(run_dir / "metrics.jsonl")
+    assert [line["step"] for line in actual] == [line["step"] for line in expected]  # nothing lost, nothing twice
+    for a, b in zip(actual, expected):
+        for key in LOSS_KEYS:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    assert not list(run_dir.rglob(".*.tmp*"))
+
+
+def test_time_limit_requeues_are_bounded(slurm, tmp_path: Path):
+    # With a 5-minute limit every signal counts as the time limit (submitit: past 80% of it or within
+    # 10 minutes of it); with no timeout requeue allowed, the job checkpoints and fails.
+    sweep = tmp_path / "sweep"
+    args = ["cluster=slurm", "cluster.time_min=5", "cluster.max_requeues_on_timeout=0", "train.steps=300", *SHORT, f"hydra.sweep.dir={sweep}"]
+    process = submit_in_background(args, tmp_path / "submit.log")
+    run_dir = wait_for_step(sweep, 3, process)
+    job_id = json.loads((run_dir / "run.json").read_text())["slurm_job_id"]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+    assert process.wait(timeout=300) == 1
+    line = last_line((tmp_path / "submit.log").read_text())
+    assert line.startswith("error: a job of the sweep failed with RequeueRefused: not requeued after the checkpoint at step"), line
+    assert "timed-out too many times" in line
+    record = json.loads((run_dir / "run.json").read_text())
+    [requeue] = record["requeues"]
+    assert (record["status"], requeue["reason"], requeue["requeued"]) == ("failed", "timeout", False)
+    assert f"checkpoint at step {requeue['step']}" in record["error"]
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+
+
+# -- failures --------------------------------------------------------------------------------------
+def test_crashed_job_is_reported_failed_within_bounded_time(slurm, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    process = submit_in_background(["cluster=slurm", "train.steps=500", *SHORT, f"hydra.sweep.dir={sweep}"], tmp_path / "submit.log")
+    run_dir = wait_for_step(sweep, 2, process)
+    job_id = json.loads((run_dir / "run.json").read_text())["slurm_job_id"]
+    pids = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True, timeout=60).stdout.split("\n")[1:]
+    task = next(int(fields[0]) for fields in map(str.split, pids) if len(fields) == 5 and fields[2] == "0")
+    os.kill(task, signal.SIGKILL)  # the training process dies without a word
+    killed = time.time()
+    assert process.wait(timeout=600) == 1
+    reported_after = time.time() - killed
+    line = last_line((tmp_path / "submit.log").read_text())
+    assert line.startswith(f"error: job {job_id} (task 0) ended FAILED without a result; its log: "), line
+    assert Path(line.split("its log: ")[1].split(" ")[0]).is_file()
+    assert reported_after < CRASH_REPORT_BOUND_S, reported_after
+    print(f"crash reported {reported_after:.0f} s after the kill")
+
+
+# -- refused before submission ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["cluster.partition=nope"], "cluster.partition=nope does not exist on this Slurm cluster; partitions: debug"),
+        (["cluster.partition=debug,nope"], "cluster.partition=nope does not exist"),  # any job of the sweep
+        (["cluster.gpus_per_node=16", "cluster.tasks_per_node=16"], "cluster.gpus_per_node=16 is more than cluster=slurm allows (max_gpus_per_node=8"),
+        (["cluster.gpus_per_node=2", "cluster.tasks_per_node=1"], "each rank takes one GPU, so set cluster.tasks_per_node=2"),
+        (["cluster.gpus_per_node=1"], "cluster.gpus_per_node=1, but the nodes of partition debug have at most 0 GPUs"),
+        (["cluster.tasks_per_node=3"], "train.batch_size=8 (the global batch) is not divisible by the world size 3"),
+        (["cluster.tasks_per_node=2", "train.micro_batch_size=3"], "not divisible by train.micro_batch_size=3 x world size 2 = 6"),
+        (["deepspeed=zero3", "+deepspeed.zero_optimization.round_robin_gradients=true"],
+         "deepspeed=zero3 does not support deepspeed.zero_optimization.round_robin_gradients"),
+    ],
+)
+def test_bad_cluster_settings_get_one_line_and_submit_nothing(slurm, tmp_path: Path, overrides: list[str], expected: str):
+    result = submit(["-m", "cluster=slurm", "quantizer=ibq,vq", *overrides, *SHORT, f"hydra.sweep.dir={tmp_path / 'sweep'}"], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and expected in line, line
+    assert not (tmp_path / "sweep").exists()  # holds the submitit folder of anything submitted
+
+
+def test_slurm_without_sbatch_is_one_line(tmp_path: Path):
+    result = submit(["cluster=slurm", *SHORT, f"hydra.sweep.dir={tmp_path / 'sweep'}"], timeout=120, PATH="/nonexistent")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: cluster=slurm needs Slurm's sbatch, which is not on PATH here: submit from a Slurm login node, "
+        "or start the local cluster with `make slurm-up`"
+    )
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_local_parallel_runs_on_one_node_only(tmp_path: Path):
+    result = submit(["cluster=local_parallel", "cluster.nodes=2", *SHORT, f"hydra.sweep.dir={tmp_path / 'sweep'}"], timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: cluster.nodes=2: cluster=local_parallel runs on this machine only (nodes=1)"
+
+
+# -- the glue, without a cluster -------------------------------------------------------------------
+def test_a_failed_job_is_told_in_one_line():
+    from ibq.cli.common import failure_line
+
+    no_result = ("Job 13 (task: 0) with path /s/.submitit/13/13_0_result.pkl\nhas not produced any output (state: FAILED)\n"
+                 "Error stream produced:\n----------------------------------------\nwarning: something\n")
+    assert failure_line(Exception(no_result)) == (
+        "job 13 (task 0) ended FAILED without a result; its log: /s/.submitit/13/13_0_log.err "
+        "(the sweep's other jobs keep running: see sacct or squeue)")
+    told = no_result + "error: /run/checkpoints/last.pt belongs to another configuration\n"
+    assert "job 13 (task 0) failed: /run/checkpoints/last.pt belongs to another configuration;" in failure_line(Exception(told))
+    raised = ("Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call last):\n"
+              "  File x\nRuntimeError: boom\n----------------------\nYou can check full logs with 'job.stderr(0)' and "
+              "'job.stdout(0)'or at paths:\n  - /s/.submitit/7_2/7_2_0_log.err\n  - /s/.submitit/7_2/7_2_0_log.out")
+    assert failure_line(Exception(raised)).startswith("job 7_2 (task 0) raised RuntimeError: boom; its log: /s/.submitit/7_2/7_2_0_log.err")
+
+
+def test_only_swept_placement_keys_multiply_the_checked_jobs():
+    from ibq.cli.common import placement_variants
+
+    argv = ["-m", "quantizer=ibq,vq", 'codebook_size="256","1024"', "cluster=slurm", "cluster.tasks_per_node=1,2", "seed=0"]
+    assert placement_variants(argv) == [
+        ["quantizer=ibq", 'codebook_size="256"', "cluster=slurm", "seed=0", "cluster.tasks_per_node=1"],
+        ["quantizer=ibq", 'codebook_size="256"', "cluster=slurm", "seed=0", "cluster.tasks_per_node=2"],
+    ]
