@@ -108,15 +108,17 @@ def test_sweep_runs_each_job_in_its_own_directory_grouped_in_wandb(tmp_path: Pat
     result = run_cli(args, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
-    assert [p.name for p in runs] == [
-        "codebook_size=1024,quantizer=ibq", "codebook_size=1024,quantizer=vq",
-        "codebook_size=256,quantizer=ibq", "codebook_size=256,quantizer=vq",
-    ]
+    assert len(runs) == 4
     records = [json.loads((p / "run.json").read_text()) for p in runs]
     assert {r["wandb"]["group"] for r in records} == {"sweep"}
     assert len({r["wandb"]["dir"] for r in records}) == 4
     assert all(Path(r["wandb"]["dir"]).is_dir() for r in records)
     assert len({r["signature"] for r in records}) == 4
+    jobs = {(r["choices"]["quantizer"], r["choices"]["codebook_size"]) for r in records}
+    assert jobs == {("ibq", "256"), ("ibq", "1024"), ("vq", "256"), ("vq", "1024")}
+    for run, record in zip(runs, records):  # each job in the directory named after its overrides
+        assert f"quantizer={record['choices']['quantizer']}" in run.name
+        assert f"codebook_size={record['choices']['codebook_size']}" in run.name
 
 
 def test_online_wandb_without_network_falls_back_to_offline(tmp_path: Path):
