@@ -16,7 +16,8 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for average, live in zip(self.shadow.parameters(), model.parameters()):
-            average.lerp_(live.detach().to(average.dtype), 1.0 - self.decay)
+        averages = list(self.shadow.parameters())
+        lives = [p.detach().to(a.dtype) for a, p in zip(averages, model.parameters())]
+        torch._foreach_lerp_(averages, lives, 1.0 - self.decay)  # one fused call instead of one per tensor
         for average, live in zip(self.shadow.buffers(), model.buffers()):
             average.copy_(live)
