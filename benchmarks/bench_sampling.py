@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from ibq.generation import sample
 from ibq.models.transformer import Transformer
 
-AR_SCALES = Path(__file__).resolve().parents[1] / "conf" / "ar_scale"
+AR_SCALES = Path(__file__).resolve().parents[1] / "conf" / "model_scale"
 CPU_MAX_PARAMETERS = 400e6  # beyond B, CPU runs take minutes
 
 

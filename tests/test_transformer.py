@@ -9,7 +9,7 @@ from ibq.engine.ar_schedule import ScheduleValues, apply_schedule, var_schedule
 from ibq.errors import UserError
 from ibq.models.transformer import Transformer, apply_rope, ffn_hidden_size, next_token_loss, rope_table
 
-AR_SCALES = Path(__file__).resolve().parents[1] / "conf" / "ar_scale"
+AR_SCALES = Path(__file__).resolve().parents[1] / "conf" / "model_scale"
 PAPER_PARAMETERS = {"B": 343.0e6, "L": 649.6e6, "XL": 1.076e9, "XXL": 2.063e9}
 
 
