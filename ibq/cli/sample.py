@@ -1,0 +1,112 @@
+"""`ibq-sample`: class-conditional samples of a trained ibq-train-ar run, as a PNG grid and the ADM evaluator's
+.npz, handed to ibq-eval for gFID (and IS) against the run's training images."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from ibq.cli.common import CONF_DIR, entry_point, guarded, save_hydra_files
+from ibq.cli.eval import check_settings, evaluate_generation
+from ibq.engine.build import resolve_device, resolve_precision
+from ibq.engine.train_ar import ARRun, load_ar_run, sample_images, save_grid
+from ibq.errors import check_positive_int
+from ibq.generation.sampling import check_labels, check_sampling_args
+from ibq.metrics.adm import to_adm_array
+from ibq.runs.record import write_json
+
+
+def sampling_settings(cfg: DictConfig, run: ARRun) -> dict:
+    """The run's sampling settings, with those given on the command line replacing them."""
+    settings = OmegaConf.to_container(run.config.sampling)
+    settings.update({key: value for key, value in OmegaConf.to_container(cfg.sampling).items() if value is not None})
+    check_sampling_args(**settings)
+    return settings
+
+
+def eval_config(cfg: DictConfig, run: ARRun, samples: Path) -> DictConfig:
+    """ibq-eval's settings (conf/eval.yaml) for these samples and this run, with ours on top."""
+    base = OmegaConf.load(CONF_DIR / "eval.yaml")
+    for key in ("defaults", "hydra"):
+        base.pop(key)
+    ours = {node: {k: v for k, v in OmegaConf.to_container(cfg[node]).items() if v is not None} for node in ("metrics", "reference")}
+    ours["metrics"]["is"] = cfg.metrics.inception_weights_path is not None
+    eval_cfg = OmegaConf.merge(base, ours, {"samples": str(samples), "run_dir": str(run.run_dir), "device": cfg.device, "wandb_mode": cfg.wandb_mode})
+    check_settings(eval_cfg)
+    return eval_cfg
+
+
+def write_adm_npz(images_npy: Path, path: Path) -> None:
+    """Wrap a .npy of uint8 N x H x W x 3 as `arr_0` of an uncompressed .npz, streamed (never all in memory)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        archive.write(images_npy, "arr_0.npy")
+    os.replace(tmp, path)
+    images_npy.unlink()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
+@guarded
+def main(cfg: DictConfig, out_dir: Path) -> None:
+    for key in ("samples_per_class", "batch_size"):
+        check_positive_int(key, cfg[key])
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, device)
+    run = load_ar_run(None if OmegaConf.is_missing(cfg, "run_dir") else cfg.run_dir, device)
+    settings = sampling_settings(cfg, run)
+    classes = torch.arange(run.model.num_classes) if cfg.classes is None else torch.tensor(list(cfg.classes), dtype=torch.long)
+    check_labels(classes, run.model.num_classes)
+    labels = classes.repeat_interleave(cfg.samples_per_class)
+    scored = cfg.metrics.fid or cfg.metrics.inception_weights_path is not None
+    samples_path = out_dir / "samples.npz"
+    eval_cfg = eval_config(cfg, run, samples_path) if scored else None
+
+    save_hydra_files(cfg, out_dir)
+    side = run.config.data.resolution
+    images_npy = out_dir / ".samples.npy"
+    images = np.lib.format.open_memmap(images_npy, mode="w+", dtype=np.uint8, shape=(len(labels), side, side, 3))
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    for start in tqdm(range(0, len(labels), cfg.batch_size), desc="sample", dynamic_ncols=True):
+        batch = labels[start : start + cfg.batch_size].to(device)
+        images[start : start + len(batch)] = to_adm_array(sample_images(run.model, run.tokenizer_run, batch, settings, generator, dtype))
+    grid = torch.from_numpy(np.array(images[: cfg.grid_samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images.flush()
+    del images
+    write_adm_npz(images_npy, samples_path)
+    save_grid(grid, out_dir / "grid.png", nrow=min(cfg.samples_per_class, 16))
+
+    results = {
+        "run_dir": str(run.run_dir),
+        "run_signature": run.signature,
+        "step": run.step,
+        "sampling": settings,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "samples": len(labels),
+        "classes": classes.tolist(),
+        "samples_per_class": cfg.samples_per_class,
+        "npz": str(samples_path),
+        "grid": str(out_dir / "grid.png"),
+    }
+    print(f"\nibq-sample: {len(labels)} samples of {run.run_dir} (step {run.step}), " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    print(f"  samples (ADM .npz)    {samples_path}")
+    print(f"  grid                  {out_dir / 'grid.png'}")
+    if eval_cfg is not None:
+        print("\n".join(evaluate_generation(eval_cfg, choices={})))
+        scores = json.loads((run.run_dir / "results.json").read_text())  # where ibq-eval records them
+        results.update({key: value for key, value in scores.items() if key.split("/")[0] in ("gfid", "is", "eval")})
+    write_json(out_dir / "results.json", results)
+
+
+cli = entry_point(main, "sample")
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,64 @@
+"""`ibq-tokenize`: token shards from the frozen EMA tokenizer of an ibq-train run, written once for stage II."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ibq.cli.common import CONF_DIR, entry_point, guarded, save_hydra_files
+from ibq.engine.build import build, resolve_device
+from ibq.engine.tokens import MANIFEST, data_identity, load_tokenizer_run, run_name, write_token_shards
+from ibq.errors import check_positive_int
+
+OmegaConf.register_new_resolver("ibq.run_name", run_name, replace=True)
+
+
+def data_config(cfg: DictConfig, tokenizer_config: DictConfig) -> DictConfig:
+    """The tokenizer run's data, or the chosen data at the tokenizer run's resolution unless one is given."""
+    if cfg.get("data") is None:
+        return tokenizer_config.data
+    data = OmegaConf.create(OmegaConf.to_container(cfg.data))
+    if OmegaConf.is_missing(data, "resolution"):
+        data.resolution = tokenizer_config.data.resolution
+    return data
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="tokenize", version_base="1.3")
+@guarded
+def main(cfg: DictConfig, run_dir: Path) -> None:
+    for key in ("batch_size", "shard_size"):
+        check_positive_int(key, cfg[key])
+    if cfg.samples is not None:
+        check_positive_int("samples", cfg.samples)
+    device = resolve_device(cfg.device)
+    tokenizer_run = load_tokenizer_run(cfg.tokenizer_run, device)
+    data = data_config(cfg, tokenizer_run.config)
+    splits = build(data, seed=cfg.seed)
+    samples = cfg.samples or len(splits.train)
+    identity = data_identity(data)
+
+    manifest_path = run_dir / MANIFEST
+    if manifest_path.is_file():
+        written = json.loads(manifest_path.read_text())
+        same_tokenizer = {k: written["tokenizer"][k] for k in ("signature", "step")} == {"signature": tokenizer_run.signature, "step": tokenizer_run.step}
+        if same_tokenizer and (written["data"], written["seed"], written["samples"]) == (identity, cfg.seed, samples):
+            print(f"ibq-tokenize: {run_dir} already holds these {samples} items' tokens; nothing to do")
+            return
+    save_hydra_files(cfg, run_dir)
+    manifest = write_token_shards(
+        tokenizer_run, splits.train, identity, cfg.seed, samples, run_dir, cfg.batch_size, cfg.shard_size, splits.num_workers, device
+    )
+    side = manifest["grid"][0]
+    print(f"\nibq-tokenize: {samples} items -> {side}x{side} tokens each, {len(manifest['shards'])} shard(s), {manifest['num_classes']} classes")
+    print(f"  tokenizer             {tokenizer_run.run_dir} (signature {tokenizer_run.signature}, step {tokenizer_run.step}, {tokenizer_run.codebook_size} codes)")
+    print(f"  tokens                {run_dir}")
+    print(f"  next                  ibq-train-ar tokenizer_run={tokenizer_run.run_dir} tokens={run_dir}")
+
+
+cli = entry_point(main, "tokenize")
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,215 @@
+"""Stage-II tokens: a frozen tokenizer run, and the token shards that `ibq-tokenize` writes once from it.
+
+A tokenizer run directory (from ibq-train) holds checkpoints/last.pt with the run's resolved config and its
+EMA weights; stage II encodes and decodes with those EMA weights, frozen. Token shards hold the tokens and
+classes of the first `samples` items of a training stream (by sample position, as the on-the-fly path reads
+them), in .npy files that are memory-mapped, plus manifest.json, which names the tokenizer run's signature
+and step, its codebook size, the token grid and the dataset. The manifest is written last: a directory
+without one is incomplete."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ibq.data.positions import PositionSampler, position_generator
+from ibq.engine.build import build
+from ibq.engine.checkpoint import load_checkpoint
+from ibq.errors import UserError
+from ibq.runs.record import write_json
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+MANIFEST = "manifest.json"
+
+
+def run_name(path: str | None) -> str:
+    """A run directory's last component, for default output folders (`none` when no run is given)."""
+    return Path(str(path)).name if path else "none"
+
+
+def data_identity(data_config: DictConfig | dict) -> dict:
+    """The data config without the keys that only change loading speed."""
+    if isinstance(data_config, DictConfig):
+        data_config = OmegaConf.to_container(data_config, resolve=True)
+    return {key: value for key, value in data_config.items() if key != "num_workers"}
+
+
+@dataclass
+class TokenizerRun:
+    run_dir: Path
+    tokenizer: torch.nn.Module  # EMA weights, eval mode, frozen
+    signature: str
+    step: int
+    config: DictConfig  # the run's resolved config
+
+    @property
+    def codebook_size(self) -> int:
+        return self.tokenizer.quantizer.codebook_size
+
+    def describe(self) -> dict:
+        return {"signature": self.signature, "step": self.step, "codebook_size": self.codebook_size, "weights": "ema"}
+
+    def grid_side(self, resolution: int) -> int:
+        factor = self.tokenizer.downsample_factor
+        if resolution % factor:
+            raise UserError(
+                f"data.resolution={resolution} is not a multiple of the downsampling factor {factor} of tokenizer_run={self.run_dir}"
+            )
+        return resolution // factor
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> tokens (B, H/f * W/f) int64 in raster order."""
+        return self.tokenizer.encode(images).indices.flatten(1)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Tokens (B, side * side) -> images (B, 3, H, W) clamped to [-1, 1]."""
+        side = int(tokens.shape[1] ** 0.5)
+        return self.tokenizer.decode_indices(tokens.view(-1, side, side)).float().clamp(-1, 1)
+
+
+def load_tokenizer_run(run_dir: str | os.PathLike | None, device: torch.device) -> TokenizerRun:
+    if run_dir is None:
+        raise UserError("tokenizer_run is required: the run directory of an ibq-train run, e.g. tokenizer_run=outputs/train/default")
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise UserError(f"tokenizer_run={run_dir} does not exist: point it at the run directory of an ibq-train run")
+    checkpoint = run_dir / CHECKPOINT
+    if not checkpoint.is_file():
+        raise UserError(f"tokenizer_run={run_dir} has no checkpoint ({CHECKPOINT}): train it with ibq-train first, or pick another run")
+    state = load_checkpoint(checkpoint)
+    if "ema" not in state or "config" not in state:
+        raise UserError(f"tokenizer_run={run_dir} is not a tokenizer run: {checkpoint} holds no EMA tokenizer weights")
+    config = OmegaConf.create(state["config"])
+    tokenizer = build(config.model, quantizer=build(config.quantizer))
+    tokenizer.load_state_dict({key.removeprefix("shadow."): value for key, value in state["ema"].items()})
+    tokenizer = tokenizer.to(device).eval().requires_grad_(False)
+    return TokenizerRun(run_dir, tokenizer, state["signature"], state["step"], config)
+
+
+# -- token shards ------------------------------------------------------------------------------------
+
+
+def token_dtype(codebook_size: int) -> np.dtype:
+    return np.dtype(np.int16) if codebook_size <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as file:
+        np.save(file, array)
+    os.replace(tmp, path)
+
+
+def write_token_shards(
+    tokenizer_run: TokenizerRun,
+    dataset: Dataset,
+    data_config: dict,
+    seed: int,
+    samples: int,
+    output_dir: Path,
+    batch_size: int,
+    shard_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> dict:
+    """Tokenize items [0, samples) of the training stream into shards of shard_size items; returns the manifest."""
+    side = tokenizer_run.grid_side(data_config["resolution"])
+    dtype = token_dtype(tokenizer_run.codebook_size)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest lands
+    for stale in output_dir.glob("*-*.npy"):
+        stale.unlink()
+    shards, highest_label = [], -1
+    for first in range(0, samples, shard_size):
+        count = min(shard_size, samples - first)
+        tokens, labels = np.empty((count, side * side), dtype=dtype), np.empty(count, dtype=np.int32)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=PositionSampler(first, first + count), num_workers=num_workers)
+        filled = 0
+        for images, batch_labels in tqdm(loader, desc=f"tokenize {first + count}/{samples}", dynamic_ncols=True):
+            tokens[filled : filled + len(images)] = tokenizer_run.encode(images.to(device)).cpu().numpy()
+            labels[filled : filled + len(images)] = batch_labels.numpy()
+            filled += len(images)
+        names = {"tokens": f"tokens-{len(shards):05d}.npy", "labels": f"labels-{len(shards):05d}.npy"}
+        save_npy(output_dir / names["tokens"], tokens)
+        save_npy(output_dir / names["labels"], labels)
+        shards.append({**names, "count": count})
+        highest_label = max(highest_label, int(labels.max()))
+
+    manifest = {
+        "tokenizer": {"run_dir": str(tokenizer_run.run_dir), **tokenizer_run.describe()},
+        "grid": [side, side],
+        "data": data_config,
+        "seed": seed,
+        "samples": samples,
+        "num_classes": highest_label + 1,
+        "dtype": dtype.name,
+        "shards": shards,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(output_dir / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    path = Path(directory).expanduser() / MANIFEST
+    if not path.is_file():
+        raise UserError(f"tokens={directory} holds no {MANIFEST}: write token shards with ibq-tokenize (an interrupted one leaves none)")
+    return json.loads(path.read_text())
+
+
+def check_shards(manifest: dict, directory: str, tokenizer_run: TokenizerRun, data_config: dict) -> None:
+    written_by = manifest["tokenizer"]
+    if written_by["signature"] != tokenizer_run.signature or written_by["step"] != tokenizer_run.step:
+        raise UserError(
+            f"tokens={directory} were written by another tokenizer (run {written_by['run_dir']}, signature "
+            f"{written_by['signature']}, step {written_by['step']}), not by tokenizer_run={tokenizer_run.run_dir} "
+            f"(signature {tokenizer_run.signature}, step {tokenizer_run.step}): tokenize again with ibq-tokenize tokenizer_run=..."
+        )
+    if manifest["data"] != data_config:
+        differing = sorted(key for key in set(manifest["data"]) | set(data_config) if manifest["data"].get(key) != data_config.get(key))
+        raise UserError(
+            f"tokens={directory} were written from other data than this run's (differs in data.{', data.'.join(differing)}): "
+            f"pass the data overrides the shards were written with"
+        )
+
+
+class TokenShards(Dataset):
+    """Token shards addressed by training position: the first pass over them in the order they were written
+    (the stream the on-the-fly path reads), every later pass in its own seeded order."""
+
+    def __init__(self, directory: str | os.PathLike, seed: int):
+        self.directory = Path(directory).expanduser()
+        self.manifest = read_manifest(self.directory)
+        self.seed = seed
+        shards = self.manifest["shards"]
+        self.tokens = [np.load(self.directory / shard["tokens"], mmap_mode="r") for shard in shards]
+        self.labels = [np.load(self.directory / shard["labels"], mmap_mode="r") for shard in shards]
+        self.starts = np.cumsum([0] + [shard["count"] for shard in shards])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @lru_cache(maxsize=2)
+    def order(self, epoch: int) -> Tensor:
+        return torch.randperm(len(self), generator=position_generator(self.seed, -1 - epoch))
+
+    def __getitem__(self, position: int) -> tuple[Tensor, int]:
+        epoch, index = divmod(position, len(self))
+        if epoch:
+            index = int(self.order(epoch)[index])
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        offset = index - self.starts[shard]
+        return torch.from_numpy(self.tokens[shard][offset].astype(np.int64)), int(self.labels[shard][offset])

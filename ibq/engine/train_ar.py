@@ -1,0 +1,375 @@
+"""Stage II: train the class-conditional transformer on the tokens of a frozen tokenizer run.
+
+One step, as in the released code: the VAR schedule sets this step's LR and weight decay; the mean next-token
+cross-entropy of the batch (labels dropped to the null class inside the model, for classifier-free guidance)
+is backpropagated, over micro-batches when the batch does not fit at once; the gradient norm is clipped to
+optim.grad_clip; AdamW steps. Tokens come from token shards (ibq-tokenize) or from the frozen tokenizer, batch
+by batch. Everything is built and checked in `__init__`, before anything is written to the run directory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ibq.data.positions import PositionSampler
+from ibq.engine.ar_schedule import apply_schedule, var_schedule
+from ibq.engine.build import build, resolve_device, resolve_precision
+from ibq.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from ibq.engine.distributed import detect_ranks
+from ibq.engine.tokens import CHECKPOINT, TokenizerRun, TokenShards, check_shards, data_identity, load_tokenizer_run, read_manifest
+from ibq.errors import TrainingDiverged, UserError, check_positive_int
+from ibq.generation.sampling import sample
+from ibq.models.transformer import Transformer, next_token_loss
+from ibq.runs.record import MetricsLog, RunRecord, config_differences, result_config, signature, write_json
+from ibq.runs.wandb_mirror import NullMirror, open_mirror
+
+# model_scale also sets the stage-I tokenizer's keys; a stage-II run neither reads them nor is identified by them.
+STAGE_I_KEYS = ("model", "discriminator", "train")
+# Keys that change how a run reports, not what it trains: left out of its signature, so a resume may change them.
+REPORTING_KEYS = ("log_every", "checkpoint_every", "grid_classes")
+
+
+def check_ar_keys(cfg: DictConfig) -> None:
+    if "transformer" not in cfg:
+        raise UserError("this model_scale has no stage-II transformer: choose model_scale=tiny, B, L, XL or XXL")
+    ar = cfg.ar_train
+    for key in ("batch_size", "log_every", "checkpoint_every", "epochs"):
+        check_positive_int(f"ar_train.{key}", ar[key])
+    if ar.steps is not None:
+        check_positive_int("ar_train.steps", ar.steps)
+    if ar.micro_batch_size is not None and (check_positive_int("ar_train.micro_batch_size", ar.micro_batch_size) > ar.batch_size or ar.batch_size % ar.micro_batch_size):
+        raise UserError(f"ar_train.micro_batch_size={ar.micro_batch_size} must divide ar_train.batch_size={ar.batch_size}")
+    if not isinstance(ar.grid_classes, int) or ar.grid_classes < 0:
+        raise UserError(f"ar_train.grid_classes={ar.grid_classes!r} is invalid: it must be an integer >= 0 (0: no sample grid)")
+    if not 0 <= ar.warmup_epochs < ar.epochs:
+        raise UserError(f"ar_train.warmup_epochs={ar.warmup_epochs} is invalid: it must be in [0, ar_train.epochs={ar.epochs})")
+    if not 0 <= ar.final_lr_ratio <= 1:
+        raise UserError(f"ar_train.final_lr_ratio={ar.final_lr_ratio} is invalid: it must be in [0, 1]")
+    for key in ("lr", "grad_clip"):
+        if not isinstance(cfg.optim[key], (int, float)) or cfg.optim[key] <= 0:
+            raise UserError(f"optim.{key}={cfg.optim[key]!r} is invalid: it must be a positive number")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings (dim >= 2); none on norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+@torch.no_grad()
+def sample_images(
+    model: Transformer, tokenizer_run: TokenizerRun, labels: Tensor, sampling: dict, generator: torch.Generator, dtype: torch.dtype
+) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] of the classes `labels`: KV-cached sampling, decoded by the frozen tokenizer."""
+    device = model.head.weight.device
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        tokens = sample(model, labels, generator=generator, **sampling)
+    return tokenizer_run.decode(tokens)
+
+
+def save_grid(images: Tensor, path: Path, nrow: int) -> None:
+    """A PNG of images in [-1, 1]; small images are enlarged (nearest) so the grid can be seen."""
+    images = torch.nn.functional.interpolate(images, scale_factor=max(1, 128 // images.shape[-1]), mode="nearest")
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    torchvision.utils.save_image((images + 1) / 2, tmp, nrow=nrow)
+    tmp.replace(path)
+
+
+@dataclass
+class ARRun:
+    """A trained stage-II run, ready to sample."""
+
+    run_dir: Path
+    model: Transformer
+    config: DictConfig  # the run's own config (stage-I keys left out)
+    step: int
+    signature: str
+    tokenizer_run: TokenizerRun
+
+
+def load_ar_run(run_dir: str | Path | None, device: torch.device) -> ARRun:
+    if run_dir is None:
+        raise UserError("run_dir is required: the run directory of an ibq-train-ar run")
+    run_dir = Path(run_dir).expanduser().resolve()
+    checkpoint = run_dir / CHECKPOINT
+    if not run_dir.is_dir():
+        raise UserError(f"run_dir={run_dir} does not exist: point it at the run directory of an ibq-train-ar run")
+    if not checkpoint.is_file():
+        raise UserError(f"run_dir={run_dir} has no checkpoint ({CHECKPOINT}): train it with ibq-train-ar first")
+    state = load_checkpoint(checkpoint)
+    if "transformer" not in state.get("config", {}):
+        raise UserError(f"run_dir={run_dir} is not a stage-II run ({checkpoint} holds no transformer): use an ibq-train-ar run")
+    config = OmegaConf.create(state["config"])
+    model = build(config.transformer)
+    model.load_state_dict(state["model"])
+    model = model.to(device).eval().requires_grad_(False)
+    tokenizer_run = load_tokenizer_run(config.tokenizer_run, device)
+    if tokenizer_run.describe() != OmegaConf.to_container(config.tokenizer):
+        raise UserError(
+            f"tokenizer_run={tokenizer_run.run_dir} changed since run_dir={run_dir} was trained on it "
+            f"(then {OmegaConf.to_container(config.tokenizer)}, now {tokenizer_run.describe()})"
+        )
+    return ARRun(run_dir, model, config, state["step"], state["signature"], tokenizer_run)
+
+
+class ARTraining:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        check_ar_keys(cfg)
+        world_size = detect_ranks().world_size
+        if world_size > 1:
+            raise UserError(
+                f"ibq-train-ar trains in one process and this job has {world_size} ranks: "
+                f"use cluster.nodes=1 cluster.tasks_per_node=1, without torchrun"
+            )
+        self.run_dir = run_dir
+        ar = cfg.ar_train
+        self.device = resolve_device(ar.device)
+        self.dtype = resolve_precision(ar.precision, self.device)
+        seed_everything(cfg.seed)
+
+        self.tokenizer_run = load_tokenizer_run(cfg.tokenizer_run, self.device)
+        side = self.tokenizer_run.grid_side(cfg.data.resolution)
+        codebook_size = self.tokenizer_run.codebook_size
+        if cfg.transformer.vocab_size != codebook_size:
+            raise UserError(
+                f"transformer.vocab_size={cfg.transformer.vocab_size} differs from the codebook of tokenizer_run="
+                f"{self.tokenizer_run.run_dir} ({codebook_size} codes): set transformer.vocab_size={codebook_size}"
+            )
+        if cfg.transformer.block_size != side * side:
+            raise UserError(
+                f"transformer.block_size={cfg.transformer.block_size}, but the tokenizer turns data.resolution="
+                f"{cfg.data.resolution} px into {side}x{side} = {side * side} tokens: set transformer.block_size={side * side}"
+            )
+
+        self.num_classes = cfg.transformer.num_classes
+        data = data_identity(cfg.data)
+        if cfg.tokens is not None:
+            manifest = read_manifest(cfg.tokens)
+            check_shards(manifest, cfg.tokens, self.tokenizer_run, data)
+            self.train_set, self.num_workers, self.tokenize = TokenShards(cfg.tokens, cfg.seed), 0, False
+            self._check_classes(manifest["num_classes"] - 1, f"tokens={cfg.tokens}")
+        else:
+            splits = build(cfg.data, seed=cfg.seed)
+            self.train_set, self.num_workers, self.tokenize = splits.train, splits.num_workers, True
+
+        self.model = build(cfg.transformer).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.batch_size = ar.batch_size
+        self.micro_batch_size = ar.micro_batch_size or ar.batch_size
+        self.schedule = self._schedule(cfg)
+
+        # The run's own config: absolute paths (a resume from elsewhere is the same run) and what the
+        # tokenizer was when training started.
+        own = OmegaConf.to_container(cfg, resolve=True)
+        for key in STAGE_I_KEYS:
+            own.pop(key, None)
+        own["tokenizer_run"] = str(self.tokenizer_run.run_dir)
+        own["tokens"] = str(Path(cfg.tokens).expanduser().resolve()) if cfg.tokens is not None else None
+        own["tokenizer"] = self.tokenizer_run.describe()
+        self.cfg = OmegaConf.create(own)
+        identity = OmegaConf.create(own)
+        for key in REPORTING_KEYS:
+            identity.ar_train.pop(key)
+        self.identity = identity
+        self.signature = signature(identity)
+
+        self.checkpoint_path = run_dir / CHECKPOINT
+        self.start_step = self._resume() if self.checkpoint_path.exists() else 0
+
+    def _check_classes(self, highest: int, source: str) -> None:
+        if highest >= self.num_classes:
+            raise UserError(
+                f"{source} has class index {highest}, outside the model's classes 0..{self.num_classes - 1}: "
+                f"set transformer.num_classes={highest + 1} or more"
+            )
+
+    def _schedule(self, cfg: DictConfig) -> dict:
+        ar = cfg.ar_train
+        if ar.steps is None:
+            steps_per_epoch = len(self.train_set) // ar.batch_size
+            if steps_per_epoch == 0:
+                raise UserError(f"the training set has {len(self.train_set)} items, fewer than one batch of ar_train.batch_size={ar.batch_size}")
+            total = ar.epochs * steps_per_epoch
+        else:
+            total = ar.steps
+        warmup = round(total * ar.warmup_epochs / ar.epochs)  # the warm-up keeps its share of training
+        if total < 2:
+            raise UserError(f"ar_train.steps={total} is too short: the schedule needs at least 2 steps")
+        schedule = dict(
+            peak_lr=cfg.optim.lr,
+            warmup_steps=min(warmup, total - 2),
+            total_steps=total,
+            final_lr_ratio=ar.final_lr_ratio,
+            weight_decay=cfg.optim.weight_decay,
+            final_weight_decay=ar.final_weight_decay,
+        )
+        var_schedule(0, **schedule)  # checks the lengths
+        return schedule
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule["total_steps"]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _state(self, step: int) -> dict:
+        return {
+            "step": step,
+            "signature": self.signature,
+            "config": OmegaConf.to_container(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def _resume(self) -> int:
+        state = load_checkpoint(self.checkpoint_path)
+        if state["signature"] != self.signature:
+            saved = OmegaConf.create(state["config"])
+            for key in REPORTING_KEYS:
+                saved.ar_train.pop(key, None)
+            changed = config_differences(result_config(saved), result_config(self.identity))
+            raise UserError(
+                f"{self.checkpoint_path} belongs to another configuration (signature {state['signature']}, "
+                f"this run {self.signature}; differs in {'; '.join(changed[:3]) or 'unknown keys'}): "
+                f"use a new run_dir or the original overrides"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        return state["step"]
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self, choices: dict, overrides: list[str], group: str | None) -> dict:
+        (self.run_dir / "media").mkdir(parents=True, exist_ok=True)
+        record = RunRecord(self.run_dir)
+        record.start(self.identity, choices, overrides, kind="generator", resumed_from_step=self.start_step or None)
+        record.update(tokenizer={"run_dir": str(self.tokenizer_run.run_dir), **self.tokenizer_run.describe()}, tokens=self.cfg.tokens)
+        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
+        metrics_log.truncate_after(self.start_step)
+        mirror = open_mirror(self.cfg.logger, self.run_dir, self.signature, OmegaConf.to_container(self.cfg), choices, group)
+        record.update(wandb={"id": mirror.run_id, "url": mirror.url, "dir": mirror.local_dir, "mode": mirror.mode, "group": mirror.group})
+        try:
+            results = self._train(metrics_log, mirror)
+        except TrainingDiverged as error:
+            record.finish("failed", str(error))
+            mirror.finish(exit_code=1)
+            raise
+        except BaseException as error:
+            record.finish("failed", f"{type(error).__name__}: {error}")
+            mirror.finish(exit_code=1)
+            raise
+        record.finish("completed")
+        mirror.summarize(results)
+        mirror.finish()
+        return results
+
+    def _batches(self):
+        """(tokens, labels) on the device, micro-batch by micro-batch, from the resumed step's position on."""
+        loader = DataLoader(
+            self.train_set,
+            batch_size=self.micro_batch_size,
+            sampler=PositionSampler(self.start_step * self.batch_size, self.total_steps * self.batch_size),
+            num_workers=self.num_workers,
+            generator=torch.Generator(),  # the loader's base seed must not draw from the training RNG
+        )
+        for items, labels in loader:
+            if self.tokenize:
+                self._check_classes(int(labels.max()), "the training data")
+                items = self.tokenizer_run.encode(items.to(self.device, non_blocking=True))
+            yield items.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def _train(self, metrics_log: MetricsLog, mirror: NullMirror) -> dict:
+        ar, model, optimizer = self.cfg.ar_train, self.model, self.optimizer
+        steps, accumulation = self.total_steps, self.batch_size // self.micro_batch_size
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        last_good = self.start_step if self.checkpoint_path.exists() else None
+        window = {"data": 0.0, "total": 0.0, "images": 0}
+        batches = self._batches()
+        progress = tqdm(total=steps, initial=self.start_step, desc="train_ar", dynamic_ncols=True)
+        model.train()
+        for step in range(self.start_step + 1, steps + 1):
+            started = time.perf_counter()
+            values = var_schedule(step - 1, **self.schedule)
+            apply_schedule(optimizer, values, self.cfg.optim.decay_all_groups)
+            loss, data_time = torch.zeros((), device=self.device), 0.0
+            for _ in range(accumulation):
+                fetch_started = time.perf_counter()
+                tokens, labels = next(batches)
+                data_time += time.perf_counter() - fetch_started
+                with autocast:
+                    micro_loss = next_token_loss(model(tokens, labels), tokens) / accumulation
+                self.scaler.scale(micro_loss).backward()
+                loss += micro_loss.detach()
+            self._check_finite(step, last_good, loss)
+            self.scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            window["data"] += data_time
+            window["total"] += time.perf_counter() - started
+            window["images"] += self.batch_size
+            progress.update(1)
+            if step % ar.log_every == 0 or step == steps:
+                metrics = {
+                    "loss": loss.item(),
+                    "grad_norm": grad_norm.item(),
+                    "lr": values.lr,
+                    "weight_decay": values.weight_decay,
+                    "throughput/images_per_s": window["images"] / window["total"],
+                    "throughput/tokens_per_s": window["images"] * self.cfg.transformer.block_size / window["total"],
+                    "throughput/data_wait_share": window["data"] / window["total"],
+                }
+                window = {"data": 0.0, "total": 0.0, "images": 0}
+                metrics_log.append(step, metrics)
+                mirror.log(metrics, step)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{values.lr:.2e}")
+            if step % ar.checkpoint_every == 0 or step == steps:
+                save_checkpoint(self.checkpoint_path, self._state(step))
+                last_good = step
+        progress.close()
+
+        results = {
+            "step": steps,
+            "signature": self.signature,
+            "loss": next((line["loss"] for line in reversed(metrics_log.read()) if "loss" in line), None),
+            "parameters": model.parameter_counts()["total"],
+            "checkpoint": str(self.checkpoint_path.relative_to(self.run_dir)),
+            "tokenizer": self.tokenizer_run.describe(),
+        }
+        if ar.grid_classes:
+            results["sample_grid"] = self._sample_grid(steps, mirror)
+        write_json(self.run_dir / "results.json", results)
+        return results
+
+    def _sample_grid(self, step: int, mirror: NullMirror) -> str:
+        """One sample for each of the first grid_classes classes, with the run's sampling settings."""
+        labels = torch.arange(min(self.cfg.ar_train.grid_classes, self.num_classes), device=self.device)
+        generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
+        images = sample_images(self.model, self.tokenizer_run, labels, OmegaConf.to_container(self.cfg.sampling), generator, self.dtype)
+        path = self.run_dir / "media" / f"samples_step{step:07d}.png"
+        save_grid(images.cpu(), path, nrow=len(labels))
+        mirror.log_image("media/samples", path, step)
+        return str(path.relative_to(self.run_dir))
+
+    def _check_finite(self, step: int, last_good: int | None, loss: Tensor) -> None:
+        if not torch.isfinite(loss):
+            kept = f"the last good checkpoint is {self.checkpoint_path} (step {last_good})" if last_good else "no checkpoint was written yet"
+            raise TrainingDiverged(f"non-finite loss at step {step} (loss={loss.item()}): training stopped; {kept}")

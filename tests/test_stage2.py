@@ -1,0 +1,277 @@
+"""Stage II end to end: tokenizer -> token shards -> transformer -> CFG samples -> gFID; resume, W&B, the
+paper scales' sizes, and the bad input a user can give, each refused with one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO, error_line, read_jsonl, run_cli
+from ibq.engine.build import build
+from ibq.engine.tokens import TokenShards, load_tokenizer_run
+from ibq.engine.train_ar import load_ar_run, sample_images
+from ibq.metrics.adm import to_adm_array
+
+IBQ_TRAIN_AR = [sys.executable, "-m", "ibq.cli.train_ar"]
+IBQ_TOKENIZE = [sys.executable, "-m", "ibq.cli.tokenize"]
+IBQ_SAMPLE = [sys.executable, "-m", "ibq.cli.sample"]
+PAPER_PARAMETERS = {"B": 343.0e6, "L": 649.6e6, "XL": 1.076e9, "XXL": 2.063e9}
+# A CPU-sized transformer on a 256-code tokenizer; a few hundred steps learn the photos' token statistics.
+SMALL_AR = ["transformer.vocab_size=256", "transformer.depth=2", "transformer.width=128", "transformer.heads=2",
+            "transformer.ffn_hidden=512", "ar_train.batch_size=16", "ar_train.log_every=25", "logger=none"]
+# Four samples per photo against 144 training crops: few, but enough for the trained/untrained gap.
+FEW_SAMPLES = ["samples_per_class=4", "reference.limit=144"]
+
+
+def compose_config(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+# -- configs and sizes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", ["tiny", *PAPER_PARAMETERS])
+def test_model_scale_serves_both_stages(scale: str):
+    stage_two = compose_config("train_ar", f"model_scale={scale}")
+    assert stage_two.transformer._target_ == "ibq.models.transformer.Transformer"
+    assert stage_two.sampling.cfg_scale >= 1 and stage_two.ar_train.epochs > stage_two.ar_train.warmup_epochs
+    assert OmegaConf.missing_keys(stage_two) == set()
+    stage_one = compose_config("train", f"model_scale={scale}")
+    expected_levels = 3 if scale == "tiny" else 5  # tiny: x4 downsampling; the paper's tokenizer: x16
+    assert len(stage_one.model.encoder.ch_mult) == expected_levels
+    side = stage_one.data.resolution // 2 ** (expected_levels - 1)
+    assert stage_two.transformer.block_size == side * side
+
+
+def test_paper_scales_keep_the_reference_schedule_and_sampling():
+    settings = {scale: compose_config("train_ar", f"model_scale={scale}") for scale in PAPER_PARAMETERS}
+    assert [settings[s].ar_train.epochs for s in PAPER_PARAMETERS] == [300, 350, 400, 450]
+    assert [settings[s].ar_train.warmup_epochs for s in PAPER_PARAMETERS] == [6, 7, 8, 9]
+    assert [settings[s].ar_train.final_lr_ratio for s in PAPER_PARAMETERS] == [0.1, 0.1, 0.01, 0.01]
+    assert [settings[s].ar_train.final_weight_decay for s in PAPER_PARAMETERS] == [0, 0, 0, 0.08]
+    assert [settings[s].sampling.cfg_scale for s in PAPER_PARAMETERS] == [2.25, 2.0, 2.35, 2.85]
+    assert [settings[s].sampling.temperature for s in PAPER_PARAMETERS] == [1.1, 1.0, 1.15, 1.2]
+    for cfg in settings.values():
+        assert cfg.ar_train.batch_size == 768 and cfg.optim.lr == 3e-4 and list(cfg.optim.betas) == [0.9, 0.95]
+        assert cfg.optim.weight_decay == 0.05 and cfg.optim.grad_clip == 1.0 and cfg.transformer.class_dropout == 0.1
+
+
+@pytest.mark.parametrize("scale", PAPER_PARAMETERS)
+def test_dry_run_reports_the_paper_parameter_counts(scale: str, tmp_path: Path):
+    result = run_cli(IBQ_TRAIN_AR + [f"model_scale={scale}", "dry_run=true", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    total = int(re.search(r"total\s+\S+M\s+\(([\d,]+)\)", result.stdout).group(1).replace(",", ""))
+    assert abs(total / PAPER_PARAMETERS[scale] - 1) < 0.01, total
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("make_run_dir", "expected"),
+    [
+        (lambda tmp: tmp / "missing", "does not exist"),
+        (lambda tmp: tmp, "has no checkpoint"),
+    ],
+)
+def test_tokenizer_run_without_a_checkpoint_is_refused(tmp_path: Path, make_run_dir, expected: str):
+    run_dir = make_run_dir(tmp_path)
+    line = error_line(run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={run_dir}", f"hydra.run.dir={tmp_path / 'ar'}"]))
+    assert expected in line and "tokenizer_run=" in line
+    assert not (tmp_path / "ar").exists()
+
+
+# -- the tiny path end to end ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stage2")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(workdir: Path) -> Path:
+    """600 steps: after 300, decoding random tokens still scores a better FID than decoding real crops' tokens,
+    so no generator could beat an untrained one; from about 600 steps on, real tokens decode clearly better."""
+    run_dir = workdir / "tokenizer"
+    result = run_cli([sys.executable, "-m", "ibq.cli.train", "train.steps=600", "logger=none", "eval.rfid=false",
+                      'codebook_size="256"', f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def token_shards(workdir: Path, tokenizer_run: Path) -> Path:
+    tokens = workdir / "tokens"
+    result = run_cli(IBQ_TOKENIZE + [f"tokenizer_run={tokenizer_run}", "samples=2048", "shard_size=1000", f"hydra.run.dir={tokens}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def ar_run(workdir: Path, tokenizer_run: Path, token_shards: Path) -> Path:
+    run_dir = workdir / "ar"
+    result = run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={tokenizer_run}", f"tokens={token_shards}", "ar_train.steps=300",
+                                     "optim.lr=1e-3", *SMALL_AR, f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def untrained_copy(run_dir: Path, destination: Path) -> Path:
+    """The same run with its transformer replaced by a fresh initialisation."""
+    shutil.copytree(run_dir, destination, ignore=shutil.ignore_patterns("samples"))
+    checkpoint = destination / "checkpoints" / "last.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    torch.manual_seed(0)
+    state["model"] = build(OmegaConf.create(state["config"]).transformer).state_dict()
+    torch.save(state, checkpoint)
+    return destination
+
+
+@pytest.mark.slow
+def test_token_shards_hold_the_tokenizers_tokens(tokenizer_run: Path, token_shards: Path):
+    manifest = json.loads((token_shards / "manifest.json").read_text())
+    assert manifest["samples"] == 2048 and manifest["grid"] == [8, 8] and manifest["num_classes"] == 18
+    assert manifest["tokenizer"]["codebook_size"] == 256 and manifest["dtype"] == "int16"
+    assert [shard["count"] for shard in manifest["shards"]] == [1000, 1000, 48]
+    run = load_tokenizer_run(tokenizer_run, torch.device("cpu"))
+    assert manifest["tokenizer"]["signature"] == run.signature == json.loads((tokenizer_run / "run.json").read_text())["signature"]
+
+    # The first pass is the training stream, tokenized (compared over one tokenization batch of 64 items).
+    shards = TokenShards(token_shards, seed=0)
+    photos = build(run.config.data, seed=0).train
+    images, photo_labels = zip(*(photos[position] for position in range(64)))
+    tokens, labels = zip(*(shards[position] for position in range(64)))
+    assert list(labels) == list(photo_labels)
+    assert torch.equal(torch.stack(tokens), run.encode(torch.stack(images)))
+    later = sorted(int(shards[2048 + i][0].sum()) for i in range(2048))
+    assert later == sorted(int(shards[i][0].sum()) for i in range(2048))  # the second pass: a permutation
+
+
+@pytest.mark.slow
+def test_trained_model_samples_score_better_than_an_untrained_models(workdir: Path, ar_run: Path):
+    record = json.loads((ar_run / "run.json").read_text())
+    results = json.loads((ar_run / "results.json").read_text())
+    assert record["status"] == "completed" and record["kind"] == "generator" and record["tokens"]
+    losses = [line["loss"] for line in read_jsonl(ar_run / "metrics.jsonl")]
+    assert losses[-1] < losses[0] - 0.5, losses  # from ln(256) = 5.55
+    assert (ar_run / results["sample_grid"]).is_file()
+
+    cache = f"reference.cache_dir={workdir / 'fid_stats'}"
+    trained = run_cli(IBQ_SAMPLE + [f"run_dir={ar_run}", *FEW_SAMPLES, cache, f"hydra.run.dir={workdir / 'trained'}"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    untrained_run = untrained_copy(ar_run, workdir / "untrained_ar")
+    untrained = run_cli(IBQ_SAMPLE + [f"run_dir={untrained_run}", *FEW_SAMPLES, cache, f"hydra.run.dir={workdir / 'untrained'}"])
+    assert untrained.returncode == 0, untrained.stderr[-3000:]
+
+    scores = {name: json.loads((workdir / name / "results.json").read_text()) for name in ("trained", "untrained")}
+    print(f"gFID trained {scores['trained']['gfid']:.1f}, untrained {scores['untrained']['gfid']:.1f}")
+    assert scores["trained"]["gfid"] < scores["untrained"]["gfid"], scores
+    assert scores["trained"]["gfid/samples"] == 72 and scores["trained"]["gfid/reference_samples"] == 144
+    assert scores["untrained"]["eval/reference_cached"] is True
+    assert scores["trained"]["sampling"] == {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    assert json.loads((ar_run / "results.json").read_text())["gfid"] == scores["trained"]["gfid"]  # recorded in the run
+
+    with np.load(workdir / "trained" / "samples.npz") as npz:
+        samples = npz["arr_0"]
+    assert samples.shape == (72, 32, 32, 3) and samples.dtype == np.uint8
+    assert (workdir / "trained" / "grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_samples_are_deterministic_per_seed(ar_run: Path, tmp_path: Path):
+    result = run_cli(IBQ_SAMPLE + [f"run_dir={ar_run}", "classes=[3,7]", "samples_per_class=2", "seed=5", "metrics.fid=false",
+                                   "sampling.top_p=0.9", f"hydra.run.dir={tmp_path / 'out'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(tmp_path / "out" / "samples.npz") as npz:
+        written = npz["arr_0"]
+    run = load_ar_run(ar_run, torch.device("cpu"))
+    settings = {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 0.9}
+    again = sample_images(run.model, run.tokenizer_run, torch.tensor([3, 3, 7, 7]), settings, torch.Generator().manual_seed(5), torch.float32)
+    assert written.shape == (4, 32, 32, 3) and np.array_equal(written, to_adm_array(again))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["classes=[0,18]"], "class index 18 is outside the model's classes"),
+        (["sampling.cfg_scale=-1"], "sampling.cfg_scale=-1"),
+        (["sampling.top_p=0"], "sampling.top_p=0"),
+        (["sampling.top_p=1.5"], "sampling.top_p=1.5"),
+    ],
+)
+def test_bad_sampling_input_is_refused(ar_run: Path, tmp_path: Path, overrides: list[str], expected: str):
+    line = error_line(run_cli(IBQ_SAMPLE + [f"run_dir={ar_run}", *overrides, f"hydra.run.dir={tmp_path / 'out'}"]))
+    assert expected in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_vocabulary_other_than_the_codebook_is_refused(tokenizer_run: Path, tmp_path: Path):
+    line = error_line(run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={tokenizer_run}", f"hydra.run.dir={tmp_path / 'ar'}"]))
+    assert "transformer.vocab_size=1024 differs from the codebook" in line and "256 codes" in line
+    assert not (tmp_path / "ar").exists()
+
+
+@pytest.mark.slow
+def test_token_shards_of_another_tokenizer_are_refused(tokenizer_run: Path, token_shards: Path, tmp_path: Path):
+    foreign = tmp_path / "foreign_tokens"
+    shutil.copytree(token_shards, foreign)
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest["tokenizer"]["signature"] = "0123456789ab"
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    line = error_line(run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={tokenizer_run}", f"tokens={foreign}", *SMALL_AR,
+                                              f"hydra.run.dir={tmp_path / 'ar'}"]))
+    assert "were written by another tokenizer" in line and "0123456789ab" in line
+    assert not (tmp_path / "ar").exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly_and_logs_to_wandb(tokenizer_run: Path, tmp_path: Path):
+    """Tokens on the fly (no shards) here; the resumed half logs to W&B (offline)."""
+    steps = [f"tokenizer_run={tokenizer_run}", *SMALL_AR, "ar_train.steps=12", "ar_train.checkpoint_every=4",
+             "ar_train.log_every=1", "ar_train.grid_classes=0"]
+    reference = run_cli(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={tmp_path / 'reference'}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "interrupted"
+    process = subprocess.Popen(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={run_dir}"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(checkpoint, weights_only=False)["step"]
+    assert killed_at < 12, "the run finished before it could be killed"
+
+    resumed = run_cli(IBQ_TRAIN_AR + steps + ["logger=wandb", f"hydra.run.dir={run_dir}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert [r["step"] for r in record["resumes"]] == [killed_at] and record["status"] == "completed"
+    assert record["wandb"]["mode"] == "offline" and record["wandb"]["id"] == record["signature"]
+    assert list(Path(record["wandb"]["dir"]).glob("run-*.wandb"))
+
+    expected = read_jsonl(tmp_path / "reference" / "metrics.jsonl")
+    actual = read_jsonl(run_dir / "metrics.jsonl")
+    assert [line["step"] for line in actual] == list(range(1, 13))
+    for a, b in zip(actual, expected):
+        for key in ("loss", "grad_norm", "lr", "weight_decay"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    resumed_state = torch.load(checkpoint, weights_only=False)["model"]
+    reference_state = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for name, value in reference_state.items():
+        torch.testing.assert_close(resumed_state[name], value, rtol=1e-5, atol=1e-6)
