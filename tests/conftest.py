@@ -15,10 +15,14 @@ QUICK = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "logg
 ONE_CROP_PER_PHOTO = "data.val_crops_per_photo=1"
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+    # One thread per process: runs compared step by step must reduce in the same order,
+    # and jobs submitted through sbatch inherit it on a machine with few cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **extra}
+
+
 def run_cli(args: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    # One thread per process: runs compared step by step must reduce in the same order.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=cli_env(), **kwargs)
 
 
 def train(run_dir: Path, *overrides: str, quick: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:

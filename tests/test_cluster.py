@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, REPO, read_jsonl, train
+from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, REPO, cli_env, read_jsonl, train
 
 pytestmark = pytest.mark.slow
 SHORT = ["train.log_every=1", "logger=none", ONE_CROP_PER_PHOTO, "eval.rfid=false"]
@@ -36,18 +36,13 @@ def slurm() -> None:
         pytest.skip(problem)
 
 
-def environment(**extra: str) -> dict:
-    # The jobs inherit it through sbatch: one thread each, on a machine with few cores.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **extra}
-
-
 def submit(args: list[str], timeout: float = 900, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(IBQ_TRAIN + args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=environment(**extra))
+    return subprocess.run(IBQ_TRAIN + args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=cli_env(**extra))
 
 
 def submit_in_background(args: list[str], log: Path) -> subprocess.Popen:
     with log.open("w") as out:
-        return subprocess.Popen(IBQ_TRAIN + args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=environment())
+        return subprocess.Popen(IBQ_TRAIN + args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=cli_env())
 
 
 def wait_for_step(sweep: Path, step: int, process: subprocess.Popen, timeout: float = 600) -> Path:

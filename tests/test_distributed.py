@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ONE_CROP_PER_PHOTO, REPO, error_line, read_jsonl, train
+from conftest import ONE_CROP_PER_PHOTO, REPO, cli_env, error_line, read_jsonl, train
 from ibq.data.positions import PositionSampler
 from ibq.engine.distributed import BatchLayout, check_deepspeed, deepspeed_config, detect_ranks, plan_batches
 from ibq.errors import UserError
@@ -133,9 +133,8 @@ def one_process(tmp_path_factory) -> list[dict]:
 
 def torchrun(run_dir: Path, *overrides: str) -> subprocess.Popen:
     args = TORCHRUN + ["train.log_every=1", "logger=none", ONE_CROP_PER_PHOTO, *MATCHING, *overrides, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     with (run_dir.parent / f"{run_dir.name}.log").open("a") as log:
-        return subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=cli_env())
 
 
 @pytest.mark.slow

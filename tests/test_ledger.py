@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, error_line
+from conftest import REPO, cli_env, error_line
 from ibq.ledger.liveness import run_process_alive
 from ibq.ledger.runs import completed_run, discover
 from ibq.ledger.sweep import STATE_ORDER, load_sweep
@@ -27,7 +27,7 @@ HOST = socket.gethostname()
 
 
 def sweep_cli(args: list[str], env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = env or {**os.environ, "WANDB_SILENT": "true"}
+    env = env or cli_env()
     return subprocess.run(IBQ_SWEEP + args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -193,8 +193,7 @@ def test_retry_reruns_the_killed_job_alone(tmp_path):
     command = [sys.executable, "-m", "ibq.cli.train", "-m", "quantizer=ibq,vq", "codebook_size=256", "train.steps=20",
                "train.log_every=1", "train.checkpoint_every=5", "data.val_crops_per_photo=1", "eval.rfid=false",
                "logger=none", f"hydra.sweep.dir={sweep_dir}"]
-    env = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     second = None
     deadline = time.time() + 600
     while time.time() < deadline:  # kill the sweep once the second job has a checkpoint

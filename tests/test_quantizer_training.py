@@ -59,4 +59,4 @@ def test_a_code_dimension_that_does_not_match_the_encoder_stops_the_job(tmp_path
     result = run_cli([IBQ_TRAIN, "quantizer=lfq", "codebook_size=256", "quantizer.dim=8", *QUICK, f"hydra.run.dir={tmp_path / 'run'}"])
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error: " in line]
-    assert len(errors) == 1 and "quantizer.dim=8 does not match the encoder output" in errors[0], result.stderr[-3000:]
+    assert len(errors) == 1 and "quantizer.dim=8 does not match model.embed_dim=64" in errors[0], result.stderr[-3000:]

@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO, error_line, read_jsonl, run_cli
+from conftest import REPO, cli_env, error_line, read_jsonl, run_cli
 from ibq.engine.build import build
 from ibq.engine.tokens import TokenShards, load_tokenizer_run
 from ibq.engine.train_ar import load_ar_run, sample_images
@@ -248,7 +248,7 @@ def test_killed_run_resumes_exactly_and_logs_to_wandb(tokenizer_run: Path, tmp_p
 
     run_dir = tmp_path / "interrupted"
     process = subprocess.Popen(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={run_dir}"], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
     checkpoint = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
