@@ -13,6 +13,10 @@ IBQ_TRAIN = [sys.executable, "-m", "ibq.cli.train"]
 # Small and fast: a handful of steps, one validation crop per photo, no W&B unless a test asks.
 QUICK = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "logger=none"]
 ONE_CROP_PER_PHOTO = "data.val_crops_per_photo=1"
+IBQ_TRAIN_AR = [sys.executable, "-m", "ibq.cli.train_ar"]
+# A CPU-sized transformer on a 256-code tokenizer; a few hundred steps learn the photos' token statistics.
+SMALL_AR = ["transformer.vocab_size=256", "transformer.depth=2", "transformer.width=128", "transformer.heads=2",
+            "transformer.ffn_hidden=512", "ar_train.batch_size=16", "ar_train.log_every=25", "logger=none"]
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -63,3 +67,17 @@ def image_folder(tmp_path: Path) -> Path:
                 Image.fromarray(np.ascontiguousarray(crop)).save(folder / f"{name}_{i}.png")
     (root / "train" / "cat" / "broken.jpg").write_bytes(b"this is not a jpeg")
     return root
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer_run(tmp_path_factory) -> Path:
+    """A 256-code tokenizer trained for a few steps: enough to give stage II its tokens."""
+    run_dir = tmp_path_factory.mktemp("small_tokenizer") / "run"
+    result = train(run_dir, 'codebook_size="256"', "eval.rfid=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, REPO, cli_env, read_jsonl, train
+from conftest import IBQ_TRAIN, IBQ_TRAIN_AR, ONE_CROP_PER_PHOTO, REPO, SMALL_AR, cli_env, read_jsonl, run_cli, train
 
 pytestmark = pytest.mark.slow
 SHORT = ["train.log_every=1", "logger=none", ONE_CROP_PER_PHOTO, "eval.rfid=false"]
@@ -102,9 +102,8 @@ def test_preempted_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, 
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     sweep = tmp_path / "sweep"
-    # Without W&B: a USR2 sent to the job's step also reaches wandb's service process, which it can kill
-    # (MailboxClosedError in the training process); open in the cluster issue.
-    process = submit_in_background(["cluster=slurm", *steps, *SHORT, "logger=none", f"hydra.sweep.dir={sweep}"], tmp_path / "submit.log")
+    # With W&B: the signal reaches every process of the job step, wandb's service among them.
+    process = submit_in_background(["cluster=slurm", *steps, *SHORT, "logger=wandb", f"hydra.sweep.dir={sweep}"], tmp_path / "submit.log")
     run_dir = wait_for_step(sweep, 5, process)
     job_id = json.loads((run_dir / "run.json").read_text())["slurm_job_id"]
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)  # what submitit's _interrupt sends
@@ -117,6 +116,10 @@ def test_preempted_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, 
     assert 5 <= requeue["step"] < 30
     assert [(r["step"], r["slurm_job_id"]) for r in record["resumes"]] == [(requeue["step"], job_id)]
     assert job_states(job_id, final=2) == ["REQUEUED", "COMPLETED"]
+    # One W&B run, resumed: each process start leaves an offline folder under the run's id.
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and {path.name.rsplit("-", 1)[1] for path in wandb_runs} == {record["signature"]}
+    assert record["wandb"]["id"] == record["signature"]
 
     expected = read_jsonl(tmp_path / "reference" / "metrics.jsonl")
     actual = read_jsonl(run_dir / "metrics.jsonl")
@@ -126,6 +129,39 @@ def test_preempted_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, 
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
     assert not list(run_dir.rglob(".*.tmp*"))
+
+
+def test_preempted_stage_two_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, small_tokenizer_run: Path, tmp_path: Path):
+    steps = [f"tokenizer_run={small_tokenizer_run}", *SMALL_AR, "ar_train.steps=30", "ar_train.checkpoint_every=10",
+             "ar_train.log_every=1", "ar_train.grid_classes=2"]
+    reference = run_cli(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={tmp_path / 'reference'}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    sweep, log = tmp_path / "sweep", tmp_path / "submit.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(IBQ_TRAIN_AR + ["cluster=slurm", *steps, "logger=wandb", f"hydra.sweep.dir={sweep}"],
+                                   cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=cli_env())
+    run_dir = wait_for_step(sweep, 5, process)
+    job_id = json.loads((run_dir / "run.json").read_text())["slurm_job_id"]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+    assert process.wait(timeout=900) == 0, log.read_text()[-3000:]
+
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["kind"] == "generator"
+    [requeue] = record["requeues"]
+    assert (requeue["reason"], requeue["requeued"], requeue["slurm_job_id"]) == ("preempted", True, job_id)
+    assert [(r["step"], r["slurm_job_id"]) for r in record["resumes"]] == [(requeue["step"], job_id)]
+    assert job_states(job_id, final=2) == ["REQUEUED", "COMPLETED"]
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and {path.name.rsplit("-", 1)[1] for path in wandb_runs} == {record["signature"]}
+
+    expected = read_jsonl(tmp_path / "reference" / "metrics.jsonl")
+    actual = read_jsonl(run_dir / "metrics.jsonl")
+    assert [line["step"] for line in actual] == [line["step"] for line in expected] == list(range(1, 31))
+    for a, b in zip(actual, expected):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), a["step"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["step"] == 30 and (run_dir / results["sample_grid"]).is_file()
 
 
 def test_time_limit_requeues_are_bounded(slurm, tmp_path: Path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ONE_CROP_PER_PHOTO, REPO, cli_env, error_line, read_jsonl, train
+from conftest import ONE_CROP_PER_PHOTO, REPO, children, cli_env, error_line, read_jsonl, train
 from ibq.data.positions import PositionSampler
 from ibq.engine.distributed import BatchLayout, check_deepspeed, deepspeed_config, detect_ranks, plan_batches
 from ibq.errors import UserError
@@ -116,11 +116,6 @@ def assert_losses_match(expected: list[dict], actual: list[dict]) -> None:
     for a, b in zip(actual, expected):
         for key in COMPARED:
             assert a[key] == pytest.approx(b[key], rel=TOLERANCE), (a["step"], key, a[key], b[key])
-
-
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
 @pytest.fixture(scope="module")

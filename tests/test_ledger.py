@@ -214,7 +214,7 @@ def test_retry_reruns_the_killed_job_alone(tmp_path):
     states = {row[0]: row[1] for row in rows if len(row) > 1 and row[0].isdigit() and row[1] in STATE_ORDER}
     assert states == {"0": "done", "1": "interrupted"}, status.stdout
 
-    retry = sweep_cli(["retry", str(sweep_dir)], env=env)
+    retry = sweep_cli(["retry", str(sweep_dir)])
     assert retry.returncode == 0, retry.stdout[-2000:] + retry.stderr[-3000:]
     assert "relaunching 1 job(s)" in retry.stdout
     assert (first / "run.json").read_text() == first_record  # untouched

@@ -4,6 +4,7 @@ paper scales' sizes, and the bad input a user can give, each refused with one li
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -18,19 +19,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO, cli_env, error_line, read_jsonl, run_cli
+from conftest import IBQ_TRAIN_AR, REPO, SMALL_AR, children, cli_env, error_line, read_jsonl, run_cli
 from ibq.engine.build import build
 from ibq.engine.tokens import TokenShards, load_tokenizer_run
 from ibq.engine.train_ar import load_ar_run, sample_images
 from ibq.metrics.adm import to_adm_array
 
-IBQ_TRAIN_AR = [sys.executable, "-m", "ibq.cli.train_ar"]
 IBQ_TOKENIZE = [sys.executable, "-m", "ibq.cli.tokenize"]
 IBQ_SAMPLE = [sys.executable, "-m", "ibq.cli.sample"]
 PAPER_PARAMETERS = {"B": 343.0e6, "L": 649.6e6, "XL": 1.076e9, "XXL": 2.063e9}
-# A CPU-sized transformer on a 256-code tokenizer; a few hundred steps learn the photos' token statistics.
-SMALL_AR = ["transformer.vocab_size=256", "transformer.depth=2", "transformer.width=128", "transformer.heads=2",
-            "transformer.ffn_hidden=512", "ar_train.batch_size=16", "ar_train.log_every=25", "logger=none"]
 # Four samples per photo against 144 training crops: few, but enough for the trained/untrained gap.
 FEW_SAMPLES = ["samples_per_class=4", "reference.limit=144"]
 
@@ -275,3 +272,81 @@ def test_killed_run_resumes_exactly_and_logs_to_wandb(tokenizer_run: Path, tmp_p
     reference_state = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=False)["model"]
     for name, value in reference_state.items():
         torch.testing.assert_close(resumed_state[name], value, rtol=1e-5, atol=1e-6)
+
+
+# -- several ranks -----------------------------------------------------------------------------------
+TORCHRUN_AR = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ibq.cli.train_ar"]
+# Dropout off: each rank would draw its own masks. Two ranks of 8 sequences then compute the one-process
+# batch of 16 up to float summation order.
+MATCHING_AR = ["transformer.class_dropout=0", "transformer.embed_dropout=0", "transformer.resid_dropout=0",
+               "transformer.ffn_dropout=0", "ar_train.steps=10", "ar_train.checkpoint_every=5", "ar_train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def one_process_ar(small_tokenizer_run: Path, tmp_path_factory) -> list[dict]:
+    run_dir = tmp_path_factory.mktemp("one_process_ar") / "run"
+    result = run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={small_tokenizer_run}", *SMALL_AR, *MATCHING_AR, "ar_train.grid_classes=0",
+                                     f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepspeed", ["none", "zero2", "zero3"])
+def test_two_ranks_stop_on_the_signal_resume_and_match_one_process(small_tokenizer_run: Path, one_process_ar: list[dict],
+                                                                   tmp_path: Path, deepspeed: str):
+    run_dir = tmp_path / "run"
+    args = TORCHRUN_AR + [f"tokenizer_run={small_tokenizer_run}", *SMALL_AR, *MATCHING_AR, "ar_train.grid_classes=2",
+                          f"deepspeed={deepspeed}", "cluster.requeue_signal=USR2", f"hydra.run.dir={run_dir}"]
+    log = tmp_path / "run.log"
+
+    def launch() -> subprocess.Popen:
+        with log.open("a") as out:
+            return subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=cli_env())
+
+    # First run: the requeue signal reaches one rank only, after step 3.
+    process = launch()
+    deadline = time.time() + 600
+    while process.poll() is None and time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(read_jsonl(run_dir / "metrics.jsonl")) >= 3:
+            break
+        time.sleep(0.2)
+    workers = children(process.pid)
+    assert len(workers) == 2, log.read_text()[-3000:]
+    os.kill(workers[-1], signal.SIGUSR2)
+    assert process.wait(timeout=600) != 0
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted", log.read_text()[-3000:]
+    stopped_at = record["requeues"][0]["step"]
+    assert 3 <= stopped_at < 10
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["step"] == stopped_at and len(checkpoint["rng_by_rank"]) == 2
+    if deepspeed != "none":
+        assert checkpoint["deepspeed"] == {"tag": f"step{stopped_at:07d}", "stage": int(deepspeed[-1]), "world_size": 2}
+
+    # The same command resumes from that checkpoint and finishes; the sample grid comes from the whole weights.
+    assert launch().wait(timeout=600) == 0, log.read_text()[-3000:]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and [r["step"] for r in record["resumes"]] == [stopped_at]
+    assert record["distributed"] == {"world_size": 2, "launcher": "torchrun", "micro_batch_size": 8, "accumulation": 1,
+                                     "deepspeed_stage": None if deepspeed == "none" else int(deepspeed[-1])}
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["step"] == 10 and (run_dir / results["sample_grid"]).is_file()
+    actual = read_jsonl(run_dir / "metrics.jsonl")
+    assert [line["step"] for line in actual] == [line["step"] for line in one_process_ar] == list(range(1, 11))
+    for a, b in zip(actual, one_process_ar):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["cluster=local_parallel", "cluster.tasks_per_node=3"], "ar_train.batch_size=16 (the global batch) is not divisible by the world size 3"),
+        (["deepspeed=zero2", "ar_train.precision=fp16"], "ar_train.precision=fp16 with deepspeed=zero2 is not supported"),
+        (["deepspeed=zero1", "+deepspeed.config.gradient_clipping=2.0"], "deepspeed.config.gradient_clipping is set from ibq's own keys"),
+    ],
+)
+def test_a_layout_the_ranks_cannot_run_is_refused_before_launch(tmp_path: Path, overrides: list[str], expected: str):
+    line = error_line(run_cli(IBQ_TRAIN_AR + ["tokenizer_run=/nowhere", *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}"]))
+    assert expected in line, line
+    assert not (tmp_path / "sweep").exists()

@@ -48,7 +48,9 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 SUBMITIT_LAUNCHERS = ("submitit_slurm", "submitit_local")
 # Swept overrides under these roots can change a job's resources or batch; the others (quantizer,
 # codebook_size, ...) cannot, so the checks compose one job per combination of the former only.
-PLACEMENT_ROOTS = ("cluster", "deepspeed", "train", "model_scale", "experiment", "sweep", "hydra")
+PLACEMENT_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "experiment", "sweep", "hydra")
+# The config node with each training app's batch and precision keys.
+BATCH_SECTIONS = {"train": "train", "train_ar": "ar_train"}
 
 
 def placement_variants(argv: list[str]) -> list[list[str]]:
@@ -126,18 +128,19 @@ def check_cluster(cluster) -> None:
         raise UserError(f"cluster.gpus_per_node={gpus}, but the nodes of {where} have at most {partition_gpus(cluster.partition)} GPUs")
 
 
-def check_placement(cfg) -> None:
-    """The job's cluster, batch layout and DeepSpeed options (only for configs with a cluster group)."""
+def check_placement(cfg, section: str) -> None:
+    """The job's cluster, batch layout (cfg[section]) and DeepSpeed options."""
     cluster = cfg.get("cluster")
-    if cluster is None or "train" not in cfg:
+    if cluster is None or section not in cfg:
         return
     try:
         ranks = world_size(cluster)
         if cluster.launcher in SUBMITIT_LAUNCHERS:
             check_cluster(cluster)
-        plan_batches(OmegaConf.select(cfg, "train.batch_size"), OmegaConf.select(cfg, "train.micro_batch_size"), ranks)
+        batch = cfg[section]
+        plan_batches(batch.batch_size, batch.micro_batch_size, ranks, section=section)
         if "deepspeed" in cfg:
-            check_deepspeed(OmegaConf.to_container(cfg.deepspeed, resolve=True), cfg.train.precision)
+            check_deepspeed(OmegaConf.to_container(cfg.deepspeed, resolve=True), batch.precision, section=section)
     except OmegaConfBaseException as error:
         raise UserError(one_line(str(error))) from None
 
@@ -147,8 +150,10 @@ def prepare_submission(argv: list[str], config_name: str) -> tuple[list[str], bo
     (Hydra only hands -m runs to a launcher) and sets the requeue signal that submitit asks Slurm to send."""
     variants = placement_variants(argv)
     configs = [compose_job(overrides, config_name) for overrides in variants]
+    section = BATCH_SECTIONS.get(config_name)
     for cfg in configs:
-        check_placement(cfg)
+        if section is not None:
+            check_placement(cfg, section)
     cluster = configs[0].get("cluster")
     if cluster is None or cluster.launcher not in SUBMITIT_LAUNCHERS or configs[0].get("dry_run"):
         return argv, False

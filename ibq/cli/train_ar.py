@@ -40,8 +40,11 @@ def main(cfg: DictConfig, run_dir: Path) -> None:
         dry_run(cfg, choices)
         return
     training = ARTraining(cfg, run_dir)  # builds and checks everything; writes nothing
-    save_hydra_files(cfg, run_dir)
+    if training.ranks.is_main:
+        save_hydra_files(cfg, run_dir)
     results = training.run(choices, overrides, group)
+    if not training.ranks.is_main:
+        return
     wandb = RunRecord(run_dir).data.get("wandb") or {}
     print(f"\nibq-train-ar: {training.total_steps} steps done ({', '.join(f'{k}={v}' for k, v in sorted(choices.items()) if v)})")
     lines = [

@@ -10,6 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ibq.engine.distributed import any_rank
+from ibq.errors import TrainingDiverged
+
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,3 +44,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def stop_if_not_finite(step: int, losses: dict[str, torch.Tensor], checkpoint: Path, last_good: int | None, device: torch.device) -> None:
+    """Every rank stops together when a loss is non-finite on any of them."""
+    bad = {name: value.item() for name, value in losses.items() if not torch.isfinite(value)}
+    if any_rank(bool(bad), device):
+        kept = f"the last good checkpoint is {checkpoint} (step {last_good})" if last_good else "no checkpoint was written yet"
+        where = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
+        raise TrainingDiverged(f"non-finite loss at step {step} ({where}): training stopped; {kept}")

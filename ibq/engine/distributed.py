@@ -9,11 +9,15 @@ follow from the world size."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
 import socket
 import subprocess
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -206,20 +210,21 @@ class BatchLayout:
         return self.micro_batch * self.accumulation
 
 
-def plan_batches(global_batch, micro_batch, world_size: int) -> BatchLayout:
-    """global = micro x accumulation x world size. `micro_batch` None: global / world size."""
-    check_positive_int("train.batch_size", global_batch)
+def plan_batches(global_batch, micro_batch, world_size: int, section: str = "train") -> BatchLayout:
+    """global = micro x accumulation x world size. `micro_batch` None: global / world size. `section`
+    names the config node that holds batch_size and micro_batch_size."""
+    check_positive_int(f"{section}.batch_size", global_batch)
     if micro_batch is None:
         if global_batch % world_size:
             raise UserError(
-                f"train.batch_size={global_batch} (the global batch) is not divisible by the world size {world_size}: "
-                f"use a multiple of {world_size}, or set train.micro_batch_size"
+                f"{section}.batch_size={global_batch} (the global batch) is not divisible by the world size {world_size}: "
+                f"use a multiple of {world_size}, or set {section}.micro_batch_size"
             )
         micro_batch = global_batch // world_size
-    check_positive_int("train.micro_batch_size", micro_batch)
+    check_positive_int(f"{section}.micro_batch_size", micro_batch)
     if global_batch % (micro_batch * world_size):
         raise UserError(
-            f"train.batch_size={global_batch} (the global batch) is not divisible by train.micro_batch_size={micro_batch} "
+            f"{section}.batch_size={global_batch} (the global batch) is not divisible by {section}.micro_batch_size={micro_batch} "
             f"x world size {world_size} = {micro_batch * world_size}"
         )
     return BatchLayout(global_batch, micro_batch, global_batch // (micro_batch * world_size), world_size)
@@ -236,11 +241,15 @@ ZERO_3_ONLY = {
     "memory_efficient_linear", "leaf_module",
 }
 # Set from train.* so that one config decides the batch and the precision.
-DEEPSPEED_DERIVED = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "fp16", "bf16", "zero_optimization"}
+DEEPSPEED_DERIVED = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "fp16", "bf16", "zero_optimization",
+    "gradient_clipping",
+}
 
 
-def check_deepspeed(ds: dict, precision: str) -> None:
-    """The deepspeed group's options, before anything is built or submitted."""
+def check_deepspeed(ds: dict, precision: str, section: str = "train") -> None:
+    """The deepspeed group's options, before anything is built or submitted (`section`: the config node
+    with the batch and precision keys)."""
     stage = ds.get("stage")
     if stage is None:
         return
@@ -261,26 +270,81 @@ def check_deepspeed(ds: dict, precision: str) -> None:
     taken = sorted(DEEPSPEED_DERIVED & set(ds.get("config") or {}))
     if taken:
         raise UserError(
-            f"deepspeed.config.{taken[0]} is set from ibq's own keys (train.batch_size, train.micro_batch_size, "
-            f"train.precision, deepspeed.zero_optimization): set it there"
+            f"deepspeed.config.{taken[0]} is set from ibq's own keys ({section}.batch_size, {section}.micro_batch_size, "
+            f"{section}.precision, deepspeed.zero_optimization; gradient clipping: optim.grad_clip in stage II, none in stage I): set it there"
         )
     if precision == "fp16":
         raise UserError(
-            f"train.precision=fp16 with {name} is not supported: DeepSpeed's engines keep fp32 weights here and apply "
-            f"train.precision through autocast, which has no loss scaling under ZeRO; use bf16, or deepspeed=none"
+            f"{section}.precision=fp16 with {name} is not supported: DeepSpeed's engines keep fp32 weights here and apply "
+            f"{section}.precision through autocast, which has no loss scaling under ZeRO; use bf16, or deepspeed=none"
         )
 
 
-def deepspeed_config(ds: dict, layout: BatchLayout) -> dict:
-    """One engine's config. Weights stay fp32 (train.precision applies through torch.autocast, as without
-    DeepSpeed); the optimizer is the client's torch Adam, so the update is the one without DeepSpeed."""
+def deepspeed_config(ds: dict, layout: BatchLayout, gradient_clipping: float = 0.0) -> dict:
+    """One engine's config. Weights stay fp32 (the precision applies through torch.autocast, as without
+    DeepSpeed); the optimizer is the client's torch optimizer, so the update is the one without DeepSpeed.
+    `gradient_clipping` 0: none (DeepSpeed would clip at norm 1.0 unless told otherwise)."""
     return {
         "train_batch_size": layout.global_batch,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.accumulation,
         "zero_optimization": {"stage": ds["stage"], **(ds.get("zero_optimization") or {})},
         "zero_allow_untested_optimizer": True,
-        "gradient_clipping": 0.0,  # DeepSpeed clips at norm 1.0 unless told otherwise; ibq does not clip
+        "gradient_clipping": gradient_clipping,
         "steps_per_print": 2**31 - 1,
         **(ds.get("config") or {}),
     }
+
+
+def deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    """DeepSpeed's engine around `model` and its torch optimizer, in the job's process group."""
+    if next(model.parameters()).device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    import deepspeed
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def gathered(module: torch.nn.Module, zero_stage: int | None):
+    """ZeRO-3 keeps a shard of each parameter per rank: gather them to read the whole module (collective)."""
+    if zero_stage != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def full_state_dict(module: torch.nn.Module, zero_stage: int | None) -> dict:
+    with gathered(module, zero_stage):
+        return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def save_engines(engines: dict, directory: Path, tag: str) -> None:
+    """Every rank writes its shards of each named engine under directory/<name>/<tag>."""
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(directory / name), tag=tag, save_latest=False)
+
+
+def prune_engine_checkpoints(directory: Path, keep: str) -> None:
+    """Rank 0, once the checkpoint that names `keep` is committed: the older shards go."""
+    for stale in directory.glob("*/step*"):
+        if stale.name != keep:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_engines(engines: dict, directory: Path, saved: dict, world_size: int, checkpoint: Path) -> None:
+    """Loads the shards that `saved` (a checkpoint's deepspeed entry) names into each engine."""
+    if saved["world_size"] != world_size:
+        raise UserError(
+            f"{checkpoint} was written by {saved['world_size']} ranks under deepspeed=zero{saved['stage']} and "
+            f"this job has {world_size}: ZeRO's shards load only into as many ranks "
+            f"(cluster.nodes x cluster.tasks_per_node)"
+        )
+    for name, engine in engines.items():
+        path, _ = engine.load_checkpoint(str(directory / name), tag=saved["tag"], load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no {name} checkpoint {saved['tag']} under {directory}")

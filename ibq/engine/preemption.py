@@ -11,11 +11,16 @@ run stops after the checkpoint; the same command resumes it."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 
+from ibq.engine import distributed
 from ibq.engine.distributed import any_rank
 
 log = logging.getLogger(__name__)
@@ -99,3 +104,33 @@ class RequeueSignal:
         except UncompletedJobError as error:
             return RequeueOutcome(False, reason, None, str(error))
         return RequeueOutcome(False, reason, None, "submitit neither requeued the job nor refused to")
+
+
+def leave_for_requeue(step: int, requeue: RequeueSignal, ranks: distributed.Ranks, run_dir: Path, session) -> NoReturn:
+    """Every rank, after the checkpoint at `step`: rank 0 requeues through submitit and records it in
+    run.json (its RunSession's record); then all leave."""
+    record, mirror = session.record, session.mirror
+    if ranks.is_main:
+        mirror.finish()  # first: a requeue makes Slurm end the job step at once, W&B's service with it
+    outcome = distributed.broadcast_object(requeue.requeue() if ranks.is_main else None)
+    stops = outcome.requeued or outcome.reason == "interrupted"  # else: a time limit too many times
+    refusal = f"not requeued after the checkpoint at step {step} of {run_dir}: {outcome.message}"
+    if ranks.is_main:
+        entry = {
+            "step": step,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "reason": outcome.reason,
+            "requeued": outcome.requeued,
+        }
+        record.update(requeues=[*record.data.get("requeues", []), entry])
+        if stops:
+            record.update(status="requeued" if outcome.requeued else "interrupted")
+            log.warning("signal %s: checkpoint at step %d; %s", requeue.signum.name, step,
+                        "job requeued" if outcome.requeued else outcome.message)
+        else:
+            record.finish("failed", refusal)
+    distributed.shutdown()
+    if stops:
+        raise StoppedAtCheckpoint(outcome.exit_code)
+    raise RequeueRefused(refusal)

@@ -4,11 +4,16 @@ One step, as in the released code: the VAR schedule sets this step's LR and weig
 cross-entropy of the batch (labels dropped to the null class inside the model, for classifier-free guidance)
 is backpropagated, over micro-batches when the batch does not fit at once; the gradient norm is clipped to
 optim.grad_clip; AdamW steps. Tokens come from token shards (ibq-tokenize) or from the frozen tokenizer, batch
-by batch. Everything is built and checked in `__init__`, before anything is written to the run directory."""
+by batch. Everything is built and checked in `__init__`, before anything is written to the run directory.
+
+Several ranks work as in stage I: rank r takes the r-th block of each global batch; the model is wrapped in
+DDP, or in a DeepSpeed engine (deepspeed=zeroN) that clips and checkpoints its shards itself; every rank
+checkpoints, only rank 0 writes the run's records; the requeue signal stops all ranks at a step boundary."""
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,23 +21,23 @@ import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ibq.data.positions import PositionSampler
+from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
-from ibq.engine.build import build, resolve_device, resolve_precision
-from ibq.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
-from ibq.engine.distributed import detect_ranks
+from ibq.engine.build import build, resolve_precision
+from ibq.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, stop_if_not_finite
+from ibq.engine.preemption import RequeueSignal, leave_for_requeue
+from ibq.engine.session import RunSession
 from ibq.engine.tokens import CHECKPOINT, TokenizerRun, TokenShards, check_shards, data_identity, load_tokenizer_run, read_manifest
-from ibq.errors import TrainingDiverged, UserError, check_positive_int
+from ibq.errors import UserError, check_positive_int
 from ibq.generation.sampling import sample
 from ibq.models.transformer import Transformer, next_token_loss
-from ibq.runs.record import MetricsLog, RunRecord, config_differences, result_config, signature, write_json
-from ibq.runs.wandb_mirror import NullMirror, open_mirror
+from ibq.runs.record import STAGE_I_KEYS, config_differences, result_config, signature, without_keys, write_json
 
-# model_scale also sets the stage-I tokenizer's keys; a stage-II run neither reads them nor is identified by them.
-STAGE_I_KEYS = ("model", "discriminator", "train")
 # Keys that change how a run reports, not what it trains: left out of its signature, so a resume may change them.
 REPORTING_KEYS = ("log_every", "checkpoint_every", "grid_classes")
 
@@ -45,8 +50,6 @@ def check_ar_keys(cfg: DictConfig) -> None:
         check_positive_int(f"ar_train.{key}", ar[key])
     if ar.steps is not None:
         check_positive_int("ar_train.steps", ar.steps)
-    if ar.micro_batch_size is not None and (check_positive_int("ar_train.micro_batch_size", ar.micro_batch_size) > ar.batch_size or ar.batch_size % ar.micro_batch_size):
-        raise UserError(f"ar_train.micro_batch_size={ar.micro_batch_size} must divide ar_train.batch_size={ar.batch_size}")
     if not isinstance(ar.grid_classes, int) or ar.grid_classes < 0:
         raise UserError(f"ar_train.grid_classes={ar.grid_classes!r} is invalid: it must be an integer >= 0 (0: no sample grid)")
     if not 0 <= ar.warmup_epochs < ar.epochs:
@@ -126,15 +129,14 @@ def load_ar_run(run_dir: str | Path | None, device: torch.device) -> ARRun:
 class ARTraining:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         check_ar_keys(cfg)
-        world_size = detect_ranks().world_size
-        if world_size > 1:
-            raise UserError(
-                f"ibq-train-ar trains in one process and this job has {world_size} ranks: "
-                f"use cluster.nodes=1 cluster.tasks_per_node=1, without torchrun"
-            )
-        self.run_dir = run_dir
         ar = cfg.ar_train
-        self.device = resolve_device(ar.device)
+        self.run_dir = run_dir
+        self.ranks = distributed.detect_ranks()
+        self.layout = distributed.plan_batches(ar.batch_size, ar.micro_batch_size, self.ranks.world_size, section="ar_train")
+        self.deepspeed_options = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+        distributed.check_deepspeed(self.deepspeed_options, ar.precision, section="ar_train")
+        self.zero_stage = self.deepspeed_options.get("stage")
+        self.device = distributed.device_for(self.ranks, ar.device)
         self.dtype = resolve_precision(ar.precision, self.device)
         seed_everything(cfg.seed)
 
@@ -164,19 +166,16 @@ class ARTraining:
             self.train_set, self.num_workers, self.tokenize = splits.train, splits.num_workers, True
 
         self.model = build(cfg.transformer).to(self.device)
+        self.parameter_count = self.model.parameter_counts()["total"]
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.batch_size = ar.batch_size
-        self.micro_batch_size = ar.micro_batch_size or ar.batch_size
         self.schedule = self._schedule(cfg)
 
-        # The run's own config: absolute paths (a resume from elsewhere is the same run) and what the
-        # tokenizer was when training started.
-        own = OmegaConf.to_container(cfg, resolve=True)
-        for key in STAGE_I_KEYS:
-            own.pop(key, None)
+        # The run's own config: no stage-I keys, absolute paths (a resume from elsewhere is the same
+        # run), and what the tokenizer was when training started.
+        own = OmegaConf.to_container(without_keys(cfg, STAGE_I_KEYS))
         own["tokenizer_run"] = str(self.tokenizer_run.run_dir)
         own["tokens"] = str(Path(cfg.tokens).expanduser().resolve()) if cfg.tokens is not None else None
         own["tokenizer"] = self.tokenizer_run.describe()
@@ -188,7 +187,19 @@ class ARTraining:
         self.signature = signature(identity)
 
         self.checkpoint_path = run_dir / CHECKPOINT
+        self.deepspeed_dir = self.checkpoint_path.parent / "deepspeed"
+        distributed.init_process_group(self.ranks, self.device, always=self.zero_stage is not None)
+        self.trainee = self._wrap()  # what the step calls: the model, its DDP wrapper, or its DeepSpeed engine
         self.start_step = self._resume() if self.checkpoint_path.exists() else 0
+        self.session = RunSession(run_dir, self.ranks)
+
+    def _wrap(self):
+        if self.zero_stage is not None:
+            config = distributed.deepspeed_config(self.deepspeed_options, self.layout, gradient_clipping=self.cfg.optim.grad_clip)
+            return distributed.deepspeed_engine(self.model, self.optimizer, config)
+        if self.ranks.world_size == 1:
+            return self.model
+        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _check_classes(self, highest: int, source: str) -> None:
         if highest >= self.num_classes:
@@ -225,16 +236,31 @@ class ARTraining:
         return self.schedule["total_steps"]
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _state(self, step: int) -> dict:
-        return {
+    def _save(self, step: int) -> None:
+        """All ranks: DeepSpeed's engine writes its shards; then rank 0 commits last.pt, which holds the
+        full weights (what ibq-sample reads) and names the shards."""
+        tag = f"step{step:07d}" if self.zero_stage is not None else None
+        if tag is not None:
+            distributed.save_engines({"transformer": self.trainee}, self.deepspeed_dir, tag)
+        rngs = distributed.gather_objects(rng_state())
+        state = {
             "step": step,
             "signature": self.signature,
             "config": OmegaConf.to_container(self.cfg),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
+            "model": distributed.full_state_dict(self.model, self.zero_stage),
+            "rng": rngs[0],
         }
+        if len(rngs) > 1:
+            state["rng_by_rank"] = rngs
+        if tag is None:
+            state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict())
+        else:
+            state["deepspeed"] = {"tag": tag, "stage": self.zero_stage, "world_size": self.ranks.world_size}
+        if self.ranks.is_main:
+            save_checkpoint(self.checkpoint_path, state)
+            if tag is not None:
+                distributed.prune_engine_checkpoints(self.deepspeed_dir, keep=tag)
+        distributed.barrier()
 
     def _resume(self) -> int:
         state = load_checkpoint(self.checkpoint_path)
@@ -248,43 +274,47 @@ class ARTraining:
                 f"this run {self.signature}; differs in {'; '.join(changed[:3]) or 'unknown keys'}): "
                 f"use a new run_dir or the original overrides"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        if self.zero_stage is None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        else:
+            engines = {"transformer": self.trainee}
+            distributed.load_engines(engines, self.deepspeed_dir, state["deepspeed"], self.ranks.world_size, self.checkpoint_path)
+        by_rank = state.get("rng_by_rank")
+        set_rng_state(by_rank[self.ranks.rank] if by_rank and len(by_rank) == self.ranks.world_size else state["rng"])
         return state["step"]
 
     # -- the run -------------------------------------------------------------------------------
     def run(self, choices: dict, overrides: list[str], group: str | None) -> dict:
-        (self.run_dir / "media").mkdir(parents=True, exist_ok=True)
-        record = RunRecord(self.run_dir)
-        record.start(self.identity, choices, overrides, kind="generator", resumed_from_step=self.start_step or None)
-        record.update(tokenizer={"run_dir": str(self.tokenizer_run.run_dir), **self.tokenizer_run.describe()}, tokens=self.cfg.tokens)
-        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
-        metrics_log.truncate_after(self.start_step)
-        mirror = open_mirror(self.cfg.logger, self.run_dir, self.signature, OmegaConf.to_container(self.cfg), choices, group)
-        record.update(wandb={"id": mirror.run_id, "url": mirror.url, "dir": mirror.local_dir, "mode": mirror.mode, "group": mirror.group})
-        try:
-            results = self._train(metrics_log, mirror)
-        except TrainingDiverged as error:
-            record.finish("failed", str(error))
-            mirror.finish(exit_code=1)
-            raise
-        except BaseException as error:
-            record.finish("failed", f"{type(error).__name__}: {error}")
-            mirror.finish(exit_code=1)
-            raise
-        record.finish("completed")
-        mirror.summarize(results)
-        mirror.finish()
+        self.session.open(
+            self.identity, choices, overrides, "generator", self.start_step, self.signature, group,
+            tokenizer={"run_dir": str(self.tokenizer_run.run_dir), **self.tokenizer_run.describe()},
+            tokens=self.cfg.tokens,
+            distributed={
+                "world_size": self.ranks.world_size,
+                "launcher": self.ranks.launcher,
+                "micro_batch_size": self.layout.micro_batch,
+                "accumulation": self.layout.accumulation,
+                "deepspeed_stage": self.zero_stage,
+            },
+        )
+        with self.session.failures_recorded():
+            results = self._train()
+        self.session.completed(results)
+        distributed.shutdown()
         return results
 
     def _batches(self):
-        """(tokens, labels) on the device, micro-batch by micro-batch, from the resumed step's position on."""
+        """This rank's (tokens, labels) on the device, micro-batch by micro-batch, from the resumed step on."""
+        layout = self.layout
         loader = DataLoader(
             self.train_set,
-            batch_size=self.micro_batch_size,
-            sampler=PositionSampler(self.start_step * self.batch_size, self.total_steps * self.batch_size),
+            batch_size=layout.micro_batch,
+            sampler=PositionSampler(
+                self.start_step * layout.global_batch, self.total_steps * layout.global_batch,
+                self.ranks.rank, self.ranks.world_size, layout.global_batch,
+            ),
             num_workers=self.num_workers,
             generator=torch.Generator(),  # the loader's base seed must not draw from the training RNG
         )
@@ -294,82 +324,102 @@ class ARTraining:
                 items = self.tokenizer_run.encode(items.to(self.device, non_blocking=True))
             yield items.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
-    def _train(self, metrics_log: MetricsLog, mirror: NullMirror) -> dict:
-        ar, model, optimizer = self.cfg.ar_train, self.model, self.optimizer
-        steps, accumulation = self.total_steps, self.batch_size // self.micro_batch_size
-        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+    def _train(self) -> dict:
+        cfg, device, layout, main = self.cfg, self.device, self.layout, self.ranks.is_main
+        steps = self.total_steps
+        autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         last_good = self.start_step if self.checkpoint_path.exists() else None
         window = {"data": 0.0, "total": 0.0, "images": 0}
         batches = self._batches()
-        progress = tqdm(total=steps, initial=self.start_step, desc="train_ar", dynamic_ncols=True)
-        model.train()
-        for step in range(self.start_step + 1, steps + 1):
-            started = time.perf_counter()
-            values = var_schedule(step - 1, **self.schedule)
-            apply_schedule(optimizer, values, self.cfg.optim.decay_all_groups)
-            loss, data_time = torch.zeros((), device=self.device), 0.0
-            for _ in range(accumulation):
-                fetch_started = time.perf_counter()
-                tokens, labels = next(batches)
-                data_time += time.perf_counter() - fetch_started
-                with autocast:
-                    micro_loss = next_token_loss(model(tokens, labels), tokens) / accumulation
-                self.scaler.scale(micro_loss).backward()
-                loss += micro_loss.detach()
-            self._check_finite(step, last_good, loss)
-            self.scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
-            self.scaler.step(optimizer)
-            self.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+        progress = tqdm(total=steps, initial=self.start_step, desc="train_ar", dynamic_ncols=True, disable=not main)
+        self.model.train()
+        with progress, RequeueSignal(cfg.cluster.get("requeue_signal")) as requeue:
+            for step in range(self.start_step + 1, steps + 1):
+                started = time.perf_counter()
+                values = var_schedule(step - 1, **self.schedule)
+                apply_schedule(self.optimizer, values, cfg.optim.decay_all_groups)
+                loss, grad_norm, data_time = self._step(step, batches, autocast, last_good)
+                window["data"] += data_time
+                window["total"] += time.perf_counter() - started
+                window["images"] += layout.global_batch
+                progress.update(1)
 
-            window["data"] += data_time
-            window["total"] += time.perf_counter() - started
-            window["images"] += self.batch_size
-            progress.update(1)
-            if step % ar.log_every == 0 or step == steps:
-                metrics = {
-                    "loss": loss.item(),
-                    "grad_norm": grad_norm.item(),
-                    "lr": values.lr,
-                    "weight_decay": values.weight_decay,
-                    "throughput/images_per_s": window["images"] / window["total"],
-                    "throughput/tokens_per_s": window["images"] * self.cfg.transformer.block_size / window["total"],
-                    "throughput/data_wait_share": window["data"] / window["total"],
-                }
-                window = {"data": 0.0, "total": 0.0, "images": 0}
-                metrics_log.append(step, metrics)
-                mirror.log(metrics, step)
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{values.lr:.2e}")
-            if step % ar.checkpoint_every == 0 or step == steps:
-                save_checkpoint(self.checkpoint_path, self._state(step))
-                last_good = step
-        progress.close()
+                if step % cfg.ar_train.log_every == 0 or step == steps:
+                    metrics = distributed.mean_over_ranks({"loss": loss, "throughput/data_wait_share": window["data"] / window["total"]}, device)
+                    metrics.update({
+                        "grad_norm": grad_norm,
+                        "lr": values.lr,
+                        "weight_decay": values.weight_decay,
+                        "throughput/images_per_s": window["images"] / window["total"],
+                        "throughput/tokens_per_s": window["images"] * cfg.transformer.block_size / window["total"],
+                    })
+                    window = {"data": 0.0, "total": 0.0, "images": 0}
+                    self.session.log(step, metrics)
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{values.lr:.2e}")
+                saved = step % cfg.ar_train.checkpoint_every == 0 or step == steps
+                if saved:
+                    self._save(step)
+                    last_good = step
+                if step < steps and requeue.pending(device):
+                    if not saved:
+                        self._save(step)
+                    leave_for_requeue(step, requeue, self.ranks, self.run_dir, self.session)
 
+        if not main:
+            return {}
         results = {
             "step": steps,
             "signature": self.signature,
-            "loss": next((line["loss"] for line in reversed(metrics_log.read()) if "loss" in line), None),
-            "parameters": model.parameter_counts()["total"],
+            "loss": next((line["loss"] for line in reversed(self.session.logged()) if "loss" in line), None),
+            "parameters": self.parameter_count,
             "checkpoint": str(self.checkpoint_path.relative_to(self.run_dir)),
             "tokenizer": self.tokenizer_run.describe(),
         }
-        if ar.grid_classes:
-            results["sample_grid"] = self._sample_grid(steps, mirror)
+        if cfg.ar_train.grid_classes:
+            results["sample_grid"] = self._sample_grid(steps)
         write_json(self.run_dir / "results.json", results)
         return results
 
-    def _sample_grid(self, step: int, mirror: NullMirror) -> str:
-        """One sample for each of the first grid_classes classes, with the run's sampling settings."""
+    def _step(self, step: int, batches, autocast, last_good: int | None) -> tuple[float, float, float]:
+        """One optimizer step over this rank's micro-batches: (mean loss, gradient norm, seconds waiting for data)."""
+        trainee, accumulation = self.trainee, self.layout.accumulation
+        loss, data_time = torch.zeros((), device=self.device), 0.0
+        for index in range(accumulation):
+            fetch_started = time.perf_counter()
+            tokens, labels = next(batches)
+            data_time += time.perf_counter() - fetch_started
+            # DDP reduces gradients at the last micro-batch only; DeepSpeed's engine does so itself.
+            sync = trainee.no_sync() if isinstance(trainee, DistributedDataParallel) and index < accumulation - 1 else nullcontext()
+            with sync:
+                with autocast:
+                    micro_loss = next_token_loss(trainee(tokens, labels), tokens)
+                stop_if_not_finite(step, {"loss": micro_loss}, self.checkpoint_path, last_good, self.device)
+                if self.zero_stage is not None:
+                    trainee.backward(micro_loss)  # scales by 1/accumulation; step() updates at the last micro-batch
+                    trainee.step()
+                else:
+                    self.scaler.scale(micro_loss / accumulation).backward()
+            loss += micro_loss.detach() / accumulation
+        if self.zero_stage is not None:
+            grad_norm = trainee.get_global_grad_norm()  # clipped to optim.grad_clip inside the engine
+            return loss.item(), float(grad_norm) if grad_norm is not None else float("nan"), data_time
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item(), grad_norm.item(), data_time
+
+    def _sample_grid(self, step: int) -> str:
+        """Rank 0: one sample for each of the first grid_classes classes, with the run's sampling settings."""
+        model = self.model
+        if self.zero_stage == 3:  # this rank holds a shard of each weight; last.pt has them whole
+            model = build(self.cfg.transformer).to(self.device)
+            model.load_state_dict(load_checkpoint(self.checkpoint_path)["model"])
         labels = torch.arange(min(self.cfg.ar_train.grid_classes, self.num_classes), device=self.device)
         generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
-        images = sample_images(self.model, self.tokenizer_run, labels, OmegaConf.to_container(self.cfg.sampling), generator, self.dtype)
+        images = sample_images(model.eval(), self.tokenizer_run, labels, OmegaConf.to_container(self.cfg.sampling), generator, self.dtype)
         path = self.run_dir / "media" / f"samples_step{step:07d}.png"
         save_grid(images.cpu(), path, nrow=len(labels))
-        mirror.log_image("media/samples", path, step)
+        self.session.mirror.log_image("media/samples", path, step)
         return str(path.relative_to(self.run_dir))
-
-    def _check_finite(self, step: int, last_good: int | None, loss: Tensor) -> None:
-        if not torch.isfinite(loss):
-            kept = f"the last good checkpoint is {self.checkpoint_path} (step {last_good})" if last_good else "no checkpoint was written yet"
-            raise TrainingDiverged(f"non-finite loss at step {step} (loss={loss.item()}): training stopped; {kept}")

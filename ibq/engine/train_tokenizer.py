@@ -14,15 +14,12 @@ metrics.jsonl, results.json and W&B."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torchvision
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
@@ -32,17 +29,17 @@ from tqdm import tqdm
 from ibq.data.positions import PositionSampler
 from ibq.engine import distributed
 from ibq.engine.build import build, resolve_precision
-from ibq.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from ibq.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, stop_if_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
-from ibq.engine.preemption import RequeueRefused, RequeueSignal, StoppedAtCheckpoint
-from ibq.errors import TrainingDiverged, UserError, check_positive_int
+from ibq.engine.preemption import RequeueSignal, leave_for_requeue
+from ibq.engine.session import RunSession
+from ibq.errors import UserError, check_positive_int
 from ibq.losses import LeCAM, hinge_d_loss, non_saturating_g_loss
 from ibq.metrics.codebook import CodebookHistogram
 from ibq.metrics.fid import load_fid_network
 from ibq.metrics.lpips import try_load_lpips
-from ibq.runs.record import MetricsLog, RunRecord, config_differences, result_config, signature, write_json
-from ibq.runs.wandb_mirror import NullMirror, WandbMirror
+from ibq.runs.record import STAGE_II_KEYS, config_differences, result_config, signature, without_keys, write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +55,10 @@ def check_training_keys(cfg: DictConfig) -> None:
 
 class TokenizerTraining:
     def __init__(self, cfg: DictConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
         check_training_keys(cfg)
+        # model_scale also gives stage II's keys: they neither change this run nor identify it.
+        cfg = without_keys(cfg, STAGE_II_KEYS)
+        self.cfg, self.run_dir = cfg, run_dir
         self.ranks = distributed.detect_ranks()
         self.layout = distributed.plan_batches(cfg.train.batch_size, cfg.train.micro_batch_size, self.ranks.world_size)
         self.deepspeed_options = OmegaConf.to_container(cfg.deepspeed, resolve=True)
@@ -97,9 +96,7 @@ class TokenizerTraining:
         # What the steps call: the bare modules, DDP wrappers, or DeepSpeed engines.
         self.generator, self.critic = self._wrap()
         self.start_step = self._resume() if self.checkpoint_path.exists() else 0
-        self.record: RunRecord | None = None
-        self.metrics_log: MetricsLog | None = None
-        self.mirror = NullMirror()
+        self.session = RunSession(run_dir, self.ranks)
 
     def _wrap(self):
         if self.zero_stage is not None:
@@ -113,17 +110,12 @@ class TokenizerTraining:
         )
 
     def _deepspeed_engines(self):
-        if self.device.type == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
-        import deepspeed
-        from deepspeed.utils import logger as deepspeed_logger
-
-        deepspeed_logger.setLevel(logging.WARNING)
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
         config = distributed.deepspeed_config(self.deepspeed_options, self.layout)
-        generator, *_ = deepspeed.initialize(model=self.tokenizer, optimizer=self.opt_g, config=config)
-        critic, *_ = deepspeed.initialize(model=self.discriminator, optimizer=self.opt_d, config=config)
+        generator = distributed.deepspeed_engine(self.tokenizer, self.opt_g, config)
+        critic = distributed.deepspeed_engine(self.discriminator, self.opt_d, config)
         if self.zero_stage == 3:
+            import deepspeed
+
             # ZeRO-3 gathers a module's weights around its own forward and backward, found through the
             # tensors it returns. The quantizer reads its codebook outside the embedding's forward and
             # returns a dataclass, which ZeRO-3 cannot look into: the tokenizer, which returns plain
@@ -132,19 +124,7 @@ class TokenizerTraining:
                 deepspeed.zero.register_external_parameter(self.tokenizer, parameter)
         return generator, critic
 
-    def _gathered(self, module: torch.nn.Module):
-        """ZeRO-3 keeps a shard of each parameter per rank: gather them to read the whole module."""
-        if self.zero_stage != 3:
-            return nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
     # -- checkpoints ---------------------------------------------------------------------------
-    def _full_state_dict(self, module: torch.nn.Module) -> dict:
-        with self._gathered(module):
-            return {key: value.detach().clone() for key, value in module.state_dict().items()}
-
     def _state(self, step: int, tag: str | None) -> dict:
         """The checkpoint's own file (collective: ZeRO-3 gathers, RNG states of every rank)."""
         rngs = distributed.gather_objects(rng_state())
@@ -153,9 +133,9 @@ class TokenizerTraining:
             "signature": self.signature,
             "config": result_config(self.cfg),
             # Full weights even under DeepSpeed, so that evaluation and stage II read this file alone.
-            "tokenizer": self._full_state_dict(self.tokenizer),
+            "tokenizer": distributed.full_state_dict(self.tokenizer, self.zero_stage),
             "ema": self.ema.state_dict(),
-            "discriminator": self._full_state_dict(self.discriminator),
+            "discriminator": distributed.full_state_dict(self.discriminator, self.zero_stage),
             "lecam": self.lecam.state_dict(),
             "sched_g": self.sched_g.state_dict(),
             "sched_d": self.sched_d.state_dict(),
@@ -175,16 +155,16 @@ class TokenizerTraining:
         tag = None
         if self.zero_stage is not None:
             tag = f"step{step:07d}"
-            for engine, name in ((self.generator, "generator"), (self.critic, "discriminator")):
-                engine.save_checkpoint(str(self.deepspeed_dir / name), tag=tag, save_latest=False)
+            distributed.save_engines(self._engines(), self.deepspeed_dir, tag)
         state = self._state(step, tag)
         if self.ranks.is_main:
             save_checkpoint(self.checkpoint_path, state)
             if tag is not None:
-                for stale in self.deepspeed_dir.glob("*/step*"):
-                    if stale.name != tag:
-                        shutil.rmtree(stale, ignore_errors=True)
+                distributed.prune_engine_checkpoints(self.deepspeed_dir, keep=tag)
         distributed.barrier()
+
+    def _engines(self) -> dict:
+        return {"generator": self.generator, "discriminator": self.critic}
 
     def _resume(self) -> int:
         state = load_checkpoint(self.checkpoint_path)
@@ -202,17 +182,7 @@ class TokenizerTraining:
             self.opt_d.load_state_dict(state["opt_d"])
             self.scaler.load_state_dict(state["scaler"])
         else:
-            saved = state["deepspeed"]
-            if saved["world_size"] != self.ranks.world_size:
-                raise UserError(
-                    f"{self.checkpoint_path} was written by {saved['world_size']} ranks under deepspeed=zero{saved['stage']} and "
-                    f"this job has {self.ranks.world_size}: ZeRO's shards load only into as many ranks "
-                    f"(cluster.nodes x cluster.tasks_per_node)"
-                )
-            for engine, name in ((self.generator, "generator"), (self.critic, "discriminator")):
-                path, _ = engine.load_checkpoint(str(self.deepspeed_dir / name), tag=saved["tag"], load_lr_scheduler_states=False)
-                if path is None:
-                    raise RuntimeError(f"DeepSpeed found no {name} checkpoint {saved['tag']} under {self.deepspeed_dir}")
+            distributed.load_engines(self._engines(), self.deepspeed_dir, state["deepspeed"], self.ranks.world_size, self.checkpoint_path)
         self.ema.load_state_dict(state["ema"])
         self.lecam.load_state_dict(state["lecam"])
         self.sched_g.load_state_dict(state["sched_g"])
@@ -223,68 +193,21 @@ class TokenizerTraining:
 
     # -- the run -------------------------------------------------------------------------------
     def run(self, choices: dict, overrides: list[str], group: str | None) -> dict:
-        cfg = self.cfg
-        if self.ranks.is_main:
-            (self.run_dir / "media").mkdir(parents=True, exist_ok=True)
-            self.record = RunRecord(self.run_dir)
-            self.record.start(cfg, choices, overrides, kind="tokenizer", resumed_from_step=self.start_step or None)
-            self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
-            self.metrics_log.truncate_after(self.start_step)
-            self.mirror = self._mirror(choices, group)
-            mirror = self.mirror
-            self.record.update(
-                wandb={"id": mirror.run_id, "url": mirror.url, "dir": mirror.local_dir, "mode": mirror.mode, "group": mirror.group},
-                distributed={
-                    "world_size": self.ranks.world_size,
-                    "launcher": self.ranks.launcher,
-                    "micro_batch_size": self.layout.micro_batch,
-                    "accumulation": self.layout.accumulation,
-                    "deepspeed_stage": self.zero_stage,
-                },
-            )
-        try:
+        self.session.open(
+            self.cfg, choices, overrides, "tokenizer", self.start_step, self.signature, group,
+            distributed={
+                "world_size": self.ranks.world_size,
+                "launcher": self.ranks.launcher,
+                "micro_batch_size": self.layout.micro_batch,
+                "accumulation": self.layout.accumulation,
+                "deepspeed_stage": self.zero_stage,
+            },
+        )
+        with self.session.failures_recorded():
             results = self._train()
-        except (StoppedAtCheckpoint, RequeueRefused):
-            raise  # recorded where it happened
-        except TrainingDiverged as error:
-            self._failed(str(error))
-            raise
-        except BaseException as error:
-            self._failed(f"{type(error).__name__}: {error}")
-            raise
-        if self.ranks.is_main:
-            self.record.finish("completed")
-            self.mirror.summarize(results)
-            self.mirror.finish()
+        self.session.completed(results)
         distributed.shutdown()
         return results
-
-    def _failed(self, message: str) -> None:
-        if self.ranks.is_main:
-            self.record.finish("failed", message)
-            self.mirror.finish(exit_code=1)
-
-    def _mirror(self, choices: dict, group: str | None):
-        logger = self.cfg.logger
-        if logger.kind == "none":
-            return NullMirror()
-        return WandbMirror(
-            run_dir=self.run_dir,
-            run_id=self.signature,
-            config={**OmegaConf.to_container(self.cfg, resolve=True), "choices": choices},
-            project=logger.project,
-            entity=logger.entity,
-            group=logger.group or group,
-            tags=list(logger.tags or []) + [f"{k}:{v}" for k, v in sorted(choices.items()) if v is not None],
-            name=logger.name or self.run_dir.name,
-            mode=logger.mode,
-            base_url=logger.base_url,
-        )
-
-    def _log(self, step: int, metrics: dict) -> None:
-        if self.ranks.is_main:
-            self.metrics_log.append(step, metrics)
-            self.mirror.log(metrics, step)
 
     def _train(self) -> dict:
         cfg, device, layout, main = self.cfg, self.device, self.layout, self.ranks.is_main
@@ -334,7 +257,7 @@ class TokenizerTraining:
                         "throughput/data_wait_share": window["data"] / window["total"],
                     })
                     window = {"data": 0.0, "total": 0.0, "images": 0}
-                    self._log(step, metrics)
+                    self.session.log(step, metrics)
                     progress.set_postfix(loss=f"{metrics['loss/g']:.3f}", use=f"{metrics.get('codebook/batch_utilization', 0):.2f}")
 
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != steps:
@@ -346,11 +269,11 @@ class TokenizerTraining:
                 if step < steps and requeue.pending(device):
                     if not saved:
                         self._save(step)
-                    self._leave_for_requeue(step, requeue)
+                    leave_for_requeue(step, requeue, self.ranks, self.run_dir, self.session)
         if self.start_step == steps and steps > 0 and main:
             log.info("run already trained to %d steps: evaluating its checkpoint", steps)
         # A run resumed after its final evaluation was logged evaluates again without a second line.
-        logged = main and any(line["step"] == steps and "loss/g" not in line for line in self.metrics_log.read())
+        logged = any(line["step"] == steps and "loss/g" not in line for line in self.session.logged())
         results = self._evaluate(evaluator, codebook_size, steps, append=not logged)
         if main:
             results.update(
@@ -393,7 +316,7 @@ class TokenizerTraining:
                     d_lecam = self.lecam(real_logits, fake_logits)
                     d_loss = d_hinge + cfg.loss.lecam_weight * d_lecam
                 if gan_on:
-                    self._check_finite(step, last_good, {"loss/d": d_loss})
+                    stop_if_not_finite(step, {"loss/d": d_loss}, self.checkpoint_path, last_good, self.device)
                     self._backward(d_loss, self.critic)
             sums["loss/d"] += d_loss.item()
             sums["loss/d_hinge"] += d_hinge.item()
@@ -422,7 +345,7 @@ class TokenizerTraining:
                         + cfg.loss.generator_adv_weight * g_adv
                         + cfg.loss.quantizer_weight * quantized.loss
                     )
-                self._check_finite(step, last_good, {"loss/g": g_loss, "loss/quantizer": quantized.loss})
+                stop_if_not_finite(step, {"loss/g": g_loss, "loss/quantizer": quantized.loss}, self.checkpoint_path, last_good, self.device)
                 self._backward(g_loss, self.generator)
             for name, value in (("loss/g", g_loss), ("loss/l1", l1), ("loss/perceptual", perceptual),
                                 ("loss/g_adv", g_adv), ("loss/quantizer", quantized.loss)):
@@ -434,7 +357,7 @@ class TokenizerTraining:
             self.scaler.update()
         self.sched_g.step()
         self.sched_d.step()
-        with self._gathered(self.tokenizer):
+        with distributed.gathered(self.tokenizer, self.zero_stage):
             self.ema.update(self.tokenizer)
         return {name: total / accumulation for name, total in sums.items()}
 
@@ -451,32 +374,6 @@ class TokenizerTraining:
         else:
             self.scaler.scale(loss / self.layout.accumulation).backward()
 
-    def _leave_for_requeue(self, step: int, requeue: RequeueSignal) -> None:
-        """After the checkpoint at `step`: requeue through submitit (rank 0), record it, and leave."""
-        outcome = distributed.broadcast_object(requeue.requeue() if self.ranks.is_main else None)
-        stops = outcome.requeued or outcome.reason == "interrupted"  # else: a time limit too many times
-        refusal = f"not requeued after the checkpoint at step {step} of {self.run_dir}: {outcome.message}"
-        if self.ranks.is_main:
-            entry = {
-                "step": step,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                "reason": outcome.reason,
-                "requeued": outcome.requeued,
-            }
-            self.record.update(requeues=[*self.record.data.get("requeues", []), entry])
-            if stops:
-                self.record.update(status="requeued" if outcome.requeued else "interrupted")
-                self.mirror.finish()
-                log.warning("signal %s: checkpoint at step %d; %s", requeue.signum.name, step,
-                            "job requeued" if outcome.requeued else outcome.message)
-            else:
-                self._failed(refusal)
-        distributed.shutdown()
-        if stops:
-            raise StoppedAtCheckpoint(outcome.exit_code)
-        raise RequeueRefused(refusal)
-
     def _evaluate(self, evaluator, codebook_size: int, step: int, append: bool = True) -> dict:
         if not self.ranks.is_main:
             # Rank 0's evaluator sums its codebook histogram over the ranks: the others add an empty one.
@@ -490,14 +387,6 @@ class TokenizerTraining:
         torchvision.utils.save_image((grid + 1) / 2, tmp, nrow=len(grid) // 2)
         tmp.replace(grid_path)
         if append:
-            self._log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
-            self.mirror.log_image("media/reconstructions", grid_path, step)
+            self.session.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+            self.session.mirror.log_image("media/reconstructions", grid_path, step)
         return {**metrics, "reconstruction_grid": str(grid_path.relative_to(self.run_dir))}
-
-    def _check_finite(self, step: int, last_good: int | None, losses: dict) -> None:
-        """Every rank stops together when a loss is non-finite on any of them."""
-        bad = {name: value.item() for name, value in losses.items() if not torch.isfinite(value)}
-        if distributed.any_rank(bool(bad), self.device):
-            kept = f"the last good checkpoint is {self.checkpoint_path} (step {last_good})" if last_good else "no checkpoint was written yet"
-            where = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
-            raise TrainingDiverged(f"non-finite loss at step {step} ({where}): training stopped; {kept}")

@@ -5,7 +5,6 @@ Nearest code by squared L2. `legacy=True` reproduces taming-transformers' Vector
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -97,7 +97,12 @@ class WandbMirror(NullMirror):
             self.run.summary[key] = value
 
     def finish(self, exit_code: int = 0) -> None:
-        self.run.finish(exit_code=exit_code)
+        # metrics.jsonl holds every metric: a W&B service that died (a signal to the whole job step)
+        # costs the mirror its last lines, never the run.
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as error:
+            log.warning("W&B run %s did not finish cleanly (%s: %s); metrics.jsonl has every metric", self.run_id, type(error).__name__, error)
 
 
 def open_mirror(logger_cfg, run_dir: Path, run_id: str, config: dict, choices: dict, group: str | None) -> NullMirror:
