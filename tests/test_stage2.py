@@ -62,8 +62,8 @@ def test_paper_scales_keep_the_reference_schedule_and_sampling():
     assert [settings[s].sampling.cfg_scale for s in PAPER_PARAMETERS] == [2.25, 2.0, 2.35, 2.85]
     assert [settings[s].sampling.temperature for s in PAPER_PARAMETERS] == [1.1, 1.0, 1.15, 1.2]
     for cfg in settings.values():
-        assert cfg.ar_train.batch_size == 768 and cfg.optim.lr == 3e-4 and list(cfg.optim.betas) == [0.9, 0.95]
-        assert cfg.optim.weight_decay == 0.05 and cfg.optim.grad_clip == 1.0 and cfg.transformer.class_dropout == 0.1
+        assert cfg.ar_train.batch_size == 768 and cfg.ar_optim.lr == 3e-4 and list(cfg.ar_optim.betas) == [0.9, 0.95]
+        assert cfg.ar_optim.weight_decay == 0.05 and cfg.ar_optim.grad_clip == 1.0 and cfg.transformer.class_dropout == 0.1
 
 
 @pytest.mark.parametrize("scale", PAPER_PARAMETERS)
@@ -120,7 +120,7 @@ def token_shards(workdir: Path, tokenizer_run: Path) -> Path:
 def ar_run(workdir: Path, tokenizer_run: Path, token_shards: Path) -> Path:
     run_dir = workdir / "ar"
     result = run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={tokenizer_run}", f"tokens={token_shards}", "ar_train.steps=300",
-                                     "optim.lr=1e-3", *SMALL_AR, f"hydra.run.dir={run_dir}"])
+                                     "ar_optim.lr=1e-3", *SMALL_AR, f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 

@@ -271,7 +271,7 @@ def check_deepspeed(ds: dict, precision: str, section: str = "train") -> None:
     if taken:
         raise UserError(
             f"deepspeed.config.{taken[0]} is set from ibq's own keys ({section}.batch_size, {section}.micro_batch_size, "
-            f"{section}.precision, deepspeed.zero_optimization; gradient clipping: optim.grad_clip in stage II, none in stage I): set it there"
+            f"{section}.precision, deepspeed.zero_optimization; gradient clipping: ar_optim.grad_clip in stage II, none in stage I): set it there"
         )
     if precision == "fp16":
         raise UserError(

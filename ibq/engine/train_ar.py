@@ -3,7 +3,7 @@
 One step, as in the released code: the VAR schedule sets this step's LR and weight decay; the mean next-token
 cross-entropy of the batch (labels dropped to the null class inside the model, for classifier-free guidance)
 is backpropagated, over micro-batches when the batch does not fit at once; the gradient norm is clipped to
-optim.grad_clip; AdamW steps. Tokens come from token shards (ibq-tokenize) or from the frozen tokenizer, batch
+ar_optim.grad_clip; AdamW steps. Tokens come from token shards (ibq-tokenize) or from the frozen tokenizer, batch
 by batch. Everything is built and checked in `__init__`, before anything is written to the run directory.
 
 Several ranks work as in stage I: rank r takes the r-th block of each global batch; the model is wrapped in
@@ -57,8 +57,8 @@ def check_ar_keys(cfg: DictConfig) -> None:
     if not 0 <= ar.final_lr_ratio <= 1:
         raise UserError(f"ar_train.final_lr_ratio={ar.final_lr_ratio} is invalid: it must be in [0, 1]")
     for key in ("lr", "grad_clip"):
-        if not isinstance(cfg.optim[key], (int, float)) or cfg.optim[key] <= 0:
-            raise UserError(f"optim.{key}={cfg.optim[key]!r} is invalid: it must be a positive number")
+        if not isinstance(cfg.ar_optim[key], (int, float)) or cfg.ar_optim[key] <= 0:
+            raise UserError(f"ar_optim.{key}={cfg.ar_optim[key]!r} is invalid: it must be a positive number")
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -168,7 +168,7 @@ class ARTraining:
         self.model = build(cfg.transformer).to(self.device)
         self.parameter_count = self.model.parameter_counts()["total"]
         self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
+            parameter_groups(self.model, cfg.ar_optim.weight_decay), lr=cfg.ar_optim.lr, betas=tuple(cfg.ar_optim.betas)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.schedule = self._schedule(cfg)
@@ -195,7 +195,7 @@ class ARTraining:
 
     def _wrap(self):
         if self.zero_stage is not None:
-            config = distributed.deepspeed_config(self.deepspeed_options, self.layout, gradient_clipping=self.cfg.optim.grad_clip)
+            config = distributed.deepspeed_config(self.deepspeed_options, self.layout, gradient_clipping=self.cfg.ar_optim.grad_clip)
             return distributed.deepspeed_engine(self.model, self.optimizer, config)
         if self.ranks.world_size == 1:
             return self.model
@@ -221,11 +221,11 @@ class ARTraining:
         if total < 2:
             raise UserError(f"ar_train.steps={total} is too short: the schedule needs at least 2 steps")
         schedule = dict(
-            peak_lr=cfg.optim.lr,
+            peak_lr=cfg.ar_optim.lr,
             warmup_steps=min(warmup, total - 2),
             total_steps=total,
             final_lr_ratio=ar.final_lr_ratio,
-            weight_decay=cfg.optim.weight_decay,
+            weight_decay=cfg.ar_optim.weight_decay,
             final_weight_decay=ar.final_weight_decay,
         )
         var_schedule(0, **schedule)  # checks the lengths
@@ -337,7 +337,7 @@ class ARTraining:
             for step in range(self.start_step + 1, steps + 1):
                 started = time.perf_counter()
                 values = var_schedule(step - 1, **self.schedule)
-                apply_schedule(self.optimizer, values, cfg.optim.decay_all_groups)
+                apply_schedule(self.optimizer, values, cfg.ar_optim.decay_all_groups)
                 loss, grad_norm, data_time = self._step(step, batches, autocast, last_good)
                 window["data"] += data_time
                 window["total"] += time.perf_counter() - started
@@ -401,10 +401,10 @@ class ARTraining:
                     self.scaler.scale(micro_loss / accumulation).backward()
             loss += micro_loss.detach() / accumulation
         if self.zero_stage is not None:
-            grad_norm = trainee.get_global_grad_norm()  # clipped to optim.grad_clip inside the engine
+            grad_norm = trainee.get_global_grad_norm()  # clipped to ar_optim.grad_clip inside the engine
             return loss.item(), float(grad_norm) if grad_norm is not None else float("nan"), data_time
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.ar_optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 # Keys that change where or how a run is reported, not what it computes.
 NON_RESULT_KEYS = ("run_dir", "logger", "cluster", "dry_run", "train.log_every", "train.checkpoint_every", "data.num_workers", "eval.every")
 # Top-level keys of each stage: model_scale sets both, and a run of one stage leaves the other's out.
-STAGE_I_KEYS = ("model", "quantizer", "discriminator", "loss", "train", "eval")
+STAGE_I_KEYS = ("model", "quantizer", "discriminator", "loss", "optim", "train", "eval")
 STAGE_II_KEYS = ("transformer", "sampling", "ar_train")
 PACKAGES = ("torch", "torchvision", "hydra-core", "wandb", "submitit", "deepspeed", "scipy", "scikit-image", "lpips", "ibq")
 
