@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
 from ibq.engine.build import build
+from ibq.engine.distributed import plan_batches
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir() and not d.is_symlink())
@@ -69,6 +70,13 @@ def test_paper_tokenizer_has_the_papers_parameter_count():
     assert counts["decoder"] / 1e6 == pytest.approx(59.90, abs=0.01)
     assert sum(p.numel() for p in discriminator.parameters()) / 1e6 == pytest.approx(2.77, abs=0.01)
     assert tokenizer.downsample_factor == 16
+
+
+@pytest.mark.parametrize(("world_size", "accumulation"), [(1, 64), (16, 4), (64, 1)])
+def test_paper_tokenizer_keeps_the_global_batch_on_any_number_of_ranks(world_size: int, accumulation: int):
+    cfg = compose_train("model_scale=paper")
+    layout = plan_batches(cfg.train.batch_size, cfg.train.micro_batch_size, world_size)
+    assert (layout.global_batch, layout.micro_batch, layout.accumulation) == (256, 4, accumulation)
 
 
 def test_codebook_size_plain_key_sets_any_size():
