@@ -168,7 +168,7 @@ class ARTraining:
         self.model = build(cfg.transformer).to(self.device)
         self.parameter_count = self.model.parameter_counts()["total"]
         self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, cfg.ar_optim.weight_decay), lr=cfg.ar_optim.lr, betas=tuple(cfg.ar_optim.betas)
+            parameter_groups(self.model, cfg.ar_optim.weight_decay), lr=cfg.ar_optim.lr, betas=tuple(cfg.ar_optim.betas), fused=True
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.schedule = self._schedule(cfg)
