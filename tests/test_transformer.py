@@ -94,7 +94,9 @@ def test_label_dropout_only_in_training():
 def test_2d_rope_depends_on_row_and_column_offsets_only():
     head_dim, side = 8, 4
     table = rope_table(side * side + 1, head_dim)[1:]  # grid positions, after the class token
-    torch.testing.assert_close(rope_table(side * side, head_dim)[0], torch.tensor([[1.0, 0.0]]).repeat(head_dim // 2, 1))
+    # The class token: zeroed as in the reference, or left unrotated on request.
+    assert not rope_table(side * side, head_dim)[0].any()
+    torch.testing.assert_close(rope_table(side * side, head_dim, class_token="identity")[0], torch.tensor([[1.0, 0.0]]).repeat(head_dim // 2, 1))
     q, k = torch.randn(head_dim), torch.randn(head_dim)
 
     def score(query_cell, key_cell):

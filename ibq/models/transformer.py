@@ -23,11 +23,17 @@ def ffn_hidden_size(width: int, multiple_of: int = 256) -> int:
     return multiple_of * math.ceil(int(2 * 4 * width / 3) / multiple_of)
 
 
-def rope_table(block_size: int, head_dim: int, base: float = 10000.0) -> Tensor:
+CLASS_TOKEN_ROPE = ("zero", "identity")
+
+
+def rope_table(block_size: int, head_dim: int, base: float = 10000.0, class_token: str = "zero") -> Tensor:
     """(block_size, head_dim // 2, 2) cos/sin per sequence position and rotated pair.
 
-    The class token (position 0) gets angle 0, i.e. no rotation, so its query and key stay content-based
-    (the reference zeroes them instead)."""
+    The class token (position 0): "zero" gives it an all-zero cos/sin row, so its query and key are zero,
+    as in the reference (LlamaGen's table, which released checkpoints were trained with); "identity"
+    leaves them unrotated, hence content-based."""
+    if class_token not in CLASS_TOKEN_ROPE:
+        raise UserError(f"transformer.class_token_rope={class_token!r} is invalid; valid: {', '.join(CLASS_TOKEN_ROPE)}")
     side = math.isqrt(block_size)
     quarter = head_dim // 4  # rotated pairs per axis
     freqs = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
@@ -35,7 +41,10 @@ def rope_table(block_size: int, head_dim: int, base: float = 10000.0) -> Tensor:
     rows, cols = (grid // side).double(), (grid % side).double()
     angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)
     angles = torch.cat([angles.new_zeros(1, 2 * quarter), angles[: block_size - 1]])
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    if class_token == "zero":
+        table[0] = 0.0
+    return table
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
@@ -140,6 +149,7 @@ class Transformer(nn.Module):
         ffn_dropout: float = 0.1,
         norm_eps: float = 1e-5,
         rope_base: float = 10000.0,
+        class_token_rope: str = "zero",
     ):
         super().__init__()
         if width % heads or (width // heads) % 4:
@@ -160,7 +170,7 @@ class Transformer(nn.Module):
         self.head_norm = nn.RMSNorm(width, eps=norm_eps)
         self.head_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.head = nn.Linear(width, vocab_size, bias=False)
-        self.register_buffer("rope", rope_table(block_size, self.head_dim, rope_base), persistent=False)
+        self.register_buffer("rope", rope_table(block_size, self.head_dim, rope_base, class_token_rope), persistent=False)
         self.decode_state: DecodeState | None = None
         self._init_weights(alng)
 
