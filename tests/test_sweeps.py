@@ -83,7 +83,7 @@ def test_ar_presets_carry_the_paper_schedule_and_sampling(row):
     assert (t.depth, t.width, t.heads, t.alng, t.vocab_size, t.num_classes, t.block_size) == (depth, width, heads, alng, 16384, 1000, 256)
     a = cfg.ar_train
     assert (a.epochs, a.warmup_epochs, a.final_lr_ratio, a.final_weight_decay, a.batch_size) == (epochs, warmup, final_lr, final_wd, 768)
-    assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.weight_decay, cfg.optim.grad_clip) == (3e-4, [0.9, 0.95], 0.05, 1.0)
+    assert (cfg.ar_optim.lr, list(cfg.ar_optim.betas), cfg.ar_optim.weight_decay, cfg.ar_optim.grad_clip) == (3e-4, [0.9, 0.95], 0.05, 1.0)
     assert (cfg.sampling.cfg_scale, cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p) == (cfg_scale, temperature, 0, 1.0)
     assert cfg.data._target_ == "ibq.data.build_image_folder" and cfg.data.resolution == 256
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from ibq.cli.overrides import available, check_group_choices, first_of_each_sweep, one_line, quote_numeric_choices
 from ibq.errors import UserError
 from ibq.ledger.cost import Estimate, estimate
-from ibq.runs.record import signature
+from ibq.runs.record import STAGE_II_KEYS, signature, without_keys
 
 # hydra.sweep.subdir uses this resolver; the training entry point registers the same one (ibq.cli.common),
 # which is not imported here because it pulls in torch and would double the time a plan takes.
@@ -88,6 +88,10 @@ class Plan:
 
 def sweep_names() -> list[str]:
     return available(SWEEPS_DIR)
+
+
+# Keys a tokenizer run leaves out of its signature (model_scale also sets stage II's), as in TokenizerTraining.
+UNSIGNED_KEYS = {"train": STAGE_II_KEYS}
 
 
 def has_default(config_name: str, group: str) -> bool:
@@ -154,7 +158,7 @@ def expand(arguments: list[str], config_name: str = "train", sweeper_params: dic
             selects_config = [o.is_hydra_override() or loader.repository.group_exists(o.key_or_group) for o in overrides]
             groups = tuple(job_hydra_args) + tuple(line for line, chosen in zip(lines, selects_config) if chosen)
             if groups not in bases:
-                bases[groups] = Base(composed(config_name, list(groups)))
+                bases[groups] = Base(composed(config_name, list(groups)), UNSIGNED_KEYS.get(config_name, ()))
             plain = [o for o, chosen in zip(overrides, selects_config) if not chosen]
             plan.jobs.append(bases[groups].job(index, lines, overrides, plain))
     return plan
@@ -180,7 +184,8 @@ class Base:
     The task config and the small parts of the hydra node that jobs need are split off once:
     copying the whole hydra node for every job would cost more than the composition itself."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, unsigned_keys: tuple[str, ...] = ()):
+        self.unsigned_keys = unsigned_keys
         self.task = copy.deepcopy(cfg)
         with read_write(self.task), open_dict(self.task):
             del self.task["hydra"]
@@ -211,5 +216,6 @@ class Base:
         naming.hydra.job.num = index
         subdir = str(naming.hydra.sweep.subdir)
         job_estimate = estimate(self.with_hydra, task, self.choices.get("model_scale"))
-        return Job(index, list(lines), signature(task), subdir, dict(self.choices), job_estimate)
+        signed = without_keys(task, self.unsigned_keys) if self.unsigned_keys else task
+        return Job(index, list(lines), signature(signed), subdir, dict(self.choices), job_estimate)
 
