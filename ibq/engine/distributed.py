@@ -210,6 +210,17 @@ class BatchLayout:
         return self.micro_batch * self.accumulation
 
 
+def job_layout(ranks: Ranks, layout: BatchLayout, zero_stage: int | None) -> dict:
+    """How the job's ranks share the work, as run.json records it."""
+    return {
+        "world_size": ranks.world_size,
+        "launcher": ranks.launcher,
+        "micro_batch_size": layout.micro_batch,
+        "accumulation": layout.accumulation,
+        "deepspeed_stage": zero_stage,
+    }
+
+
 def plan_batches(global_batch, micro_batch, world_size: int, section: str = "train") -> BatchLayout:
     """global = micro x accumulation x world size. `micro_batch` None: global / world size. `section`
     names the config node that holds batch_size and micro_batch_size."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from ibq.engine.distributed import Ranks
+from ibq.engine.distributed import Ranks, shutdown
 from ibq.engine.preemption import RequeueRefused, StoppedAtCheckpoint
 from ibq.errors import TrainingDiverged
 from ibq.runs.record import MetricsLog, RunRecord
@@ -57,6 +58,14 @@ class RunSession:
         if self.is_main:
             self.record.finish("failed", message)
             self.mirror.finish(exit_code=1)
+
+    def run(self, train: Callable[[], dict]) -> dict:
+        """Runs `train` on every rank; its results complete the records, an exception fails them."""
+        with self.failures_recorded():
+            results = train()
+        self.completed(results)
+        shutdown()
+        return results
 
     @contextmanager
     def failures_recorded(self):

@@ -291,19 +291,9 @@ class ARTraining:
             self.identity, choices, overrides, "generator", self.start_step, self.signature, group,
             tokenizer={"run_dir": str(self.tokenizer_run.run_dir), **self.tokenizer_run.describe()},
             tokens=self.cfg.tokens,
-            distributed={
-                "world_size": self.ranks.world_size,
-                "launcher": self.ranks.launcher,
-                "micro_batch_size": self.layout.micro_batch,
-                "accumulation": self.layout.accumulation,
-                "deepspeed_stage": self.zero_stage,
-            },
+            distributed=distributed.job_layout(self.ranks, self.layout, self.zero_stage),
         )
-        with self.session.failures_recorded():
-            results = self._train()
-        self.session.completed(results)
-        distributed.shutdown()
-        return results
+        return self.session.run(self._train)
 
     def _batches(self):
         """This rank's (tokens, labels) on the device, micro-batch by micro-batch, from the resumed step on."""

@@ -196,19 +196,9 @@ class TokenizerTraining:
     def run(self, choices: dict, overrides: list[str], group: str | None) -> dict:
         self.session.open(
             self.cfg, choices, overrides, "tokenizer", self.start_step, self.signature, group,
-            distributed={
-                "world_size": self.ranks.world_size,
-                "launcher": self.ranks.launcher,
-                "micro_batch_size": self.layout.micro_batch,
-                "accumulation": self.layout.accumulation,
-                "deepspeed_stage": self.zero_stage,
-            },
+            distributed=distributed.job_layout(self.ranks, self.layout, self.zero_stage),
         )
-        with self.session.failures_recorded():
-            results = self._train()
-        self.session.completed(results)
-        distributed.shutdown()
-        return results
+        return self.session.run(self._train)
 
     def _train(self) -> dict:
         cfg, device, layout, main = self.cfg, self.device, self.layout, self.ranks.is_main
