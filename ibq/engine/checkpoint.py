@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ibq.engine.distributed import any_rank
-from ibq.errors import TrainingDiverged
+from ibq.engine.distributed import any_rank, gather_objects
+from ibq.errors import TrainingDiverged, UserError
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -53,3 +53,23 @@ def stop_if_not_finite(step: int, losses: dict[str, torch.Tensor], checkpoint: P
         kept = f"the last good checkpoint is {checkpoint} (step {last_good})" if last_good else "no checkpoint was written yet"
         where = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
         raise TrainingDiverged(f"non-finite loss at step {step} ({where}): training stopped; {kept}")
+
+
+def rng_entries() -> dict[str, Any]:
+    """A checkpoint's RNG entries (collective): rank 0's state, and every rank's when there are several."""
+    rngs = gather_objects(rng_state())
+    return {"rng": rngs[0], "rng_by_rank": rngs} if len(rngs) > 1 else {"rng": rngs[0]}
+
+
+def restore_rng(state: dict[str, Any], rank: int, world_size: int) -> None:
+    """This rank's RNG state from a checkpoint (rank 0's when the job has another number of ranks)."""
+    by_rank = state.get("rng_by_rank")
+    set_rng_state(by_rank[rank] if by_rank and len(by_rank) == world_size else state["rng"])
+
+
+def foreign_checkpoint(path: Path, saved_signature: str, signature: str, changed: list[str]) -> UserError:
+    """The error for a run directory whose checkpoint another configuration wrote."""
+    return UserError(
+        f"{path} belongs to another configuration (signature {saved_signature}, this run {signature}; "
+        f"differs in {'; '.join(changed[:3]) or 'unknown keys'}): use a new run_dir or the original overrides"
+    )

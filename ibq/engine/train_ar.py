@@ -29,7 +29,7 @@ from ibq.data.positions import PositionSampler
 from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.engine.build import build, resolve_precision
-from ibq.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, stop_if_not_finite
+from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite
 from ibq.engine.preemption import RequeueSignal, leave_for_requeue
 from ibq.engine.session import RunSession
 from ibq.engine.tokens import CHECKPOINT, TokenizerRun, TokenShards, check_shards, data_identity, load_tokenizer_run, read_manifest
@@ -242,16 +242,13 @@ class ARTraining:
         tag = f"step{step:07d}" if self.zero_stage is not None else None
         if tag is not None:
             distributed.save_engines({"transformer": self.trainee}, self.deepspeed_dir, tag)
-        rngs = distributed.gather_objects(rng_state())
         state = {
             "step": step,
             "signature": self.signature,
             "config": OmegaConf.to_container(self.cfg),
             "model": distributed.full_state_dict(self.model, self.zero_stage),
-            "rng": rngs[0],
+            **rng_entries(),
         }
-        if len(rngs) > 1:
-            state["rng_by_rank"] = rngs
         if tag is None:
             state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict())
         else:
@@ -269,11 +266,7 @@ class ARTraining:
             for key in REPORTING_KEYS:
                 saved.ar_train.pop(key, None)
             changed = config_differences(result_config(saved), result_config(self.identity))
-            raise UserError(
-                f"{self.checkpoint_path} belongs to another configuration (signature {state['signature']}, "
-                f"this run {self.signature}; differs in {'; '.join(changed[:3]) or 'unknown keys'}): "
-                f"use a new run_dir or the original overrides"
-            )
+            raise foreign_checkpoint(self.checkpoint_path, state["signature"], self.signature, changed)
         if self.zero_stage is None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -281,8 +274,7 @@ class ARTraining:
         else:
             engines = {"transformer": self.trainee}
             distributed.load_engines(engines, self.deepspeed_dir, state["deepspeed"], self.ranks.world_size, self.checkpoint_path)
-        by_rank = state.get("rng_by_rank")
-        set_rng_state(by_rank[self.ranks.rank] if by_rank and len(by_rank) == self.ranks.world_size else state["rng"])
+        restore_rng(state, self.ranks.rank, self.ranks.world_size)
         return state["step"]
 
     # -- the run -------------------------------------------------------------------------------

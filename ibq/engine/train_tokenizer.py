@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ibq.data.positions import PositionSampler
 from ibq.engine import distributed
 from ibq.engine.build import build, resolve_precision
-from ibq.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, stop_if_not_finite
+from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
 from ibq.engine.preemption import RequeueSignal, leave_for_requeue
@@ -128,7 +128,6 @@ class TokenizerTraining:
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self, step: int, tag: str | None) -> dict:
         """The checkpoint's own file (collective: ZeRO-3 gathers, RNG states of every rank)."""
-        rngs = distributed.gather_objects(rng_state())
         state = {
             "step": step,
             "signature": self.signature,
@@ -140,10 +139,8 @@ class TokenizerTraining:
             "lecam": self.lecam.state_dict(),
             "sched_g": self.sched_g.state_dict(),
             "sched_d": self.sched_d.state_dict(),
-            "rng": rngs[0],
+            **rng_entries(),
         }
-        if len(rngs) > 1:
-            state["rng_by_rank"] = rngs
         if tag is None:
             state.update(opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(), scaler=self.scaler.state_dict())
         else:
@@ -171,11 +168,7 @@ class TokenizerTraining:
         state = load_checkpoint(self.checkpoint_path)
         if state["signature"] != self.signature:
             changed = config_differences(state["config"], result_config(self.cfg))
-            raise UserError(
-                f"{self.checkpoint_path} belongs to another configuration (signature {state['signature']}, "
-                f"this run {self.signature}; differs in {'; '.join(changed[:3]) or 'unknown keys'}): "
-                f"use a new run_dir or the original overrides"
-            )
+            raise foreign_checkpoint(self.checkpoint_path, state["signature"], self.signature, changed)
         if self.zero_stage is None:
             self.tokenizer.load_state_dict(state["tokenizer"])
             self.discriminator.load_state_dict(state["discriminator"])
@@ -188,8 +181,7 @@ class TokenizerTraining:
         self.lecam.load_state_dict(state["lecam"])
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
-        by_rank = state.get("rng_by_rank")
-        set_rng_state(by_rank[self.ranks.rank] if by_rank and len(by_rank) == self.ranks.world_size else state["rng"])
+        restore_rng(state, self.ranks.rank, self.ranks.world_size)
         return state["step"]
 
     # -- the run -------------------------------------------------------------------------------
