@@ -37,8 +37,10 @@ def test_primary_config_composes_with_defaults():
 @pytest.mark.parametrize(("group", "choice"), group_files())
 def test_every_group_file_composes_and_instantiates(group: str, choice: str, image_folder: Path):
     overrides = [f'{group}="{choice}"' if choice.isdigit() else f"{group}={choice}"]
-    if group == "data" and choice == "image_folder":
+    if group == "data" and choice in ("image_folder", "imagenet_val"):
         overrides.append(f"data.root={image_folder}")
+    if group == "data" and choice == "coco_val":  # one class folder is a flat folder of images, as val2017 is
+        overrides += [f"data.root={image_folder / 'val'}", "data.split=cat"]
     if group == "codebook_size" and int(choice) > 16384:
         overrides.append("model_scale=tiny")  # the codebook alone: 262144 x 64 floats, fine on CPU
     cfg = compose_train(*overrides)

@@ -251,6 +251,13 @@ def check_resolution(path: Path, merged: DictConfig, trained_resolution: int) ->
         )
 
 
+def check_data_set(data: DictConfig) -> None:
+    """A ??? key of a chosen data node that the run's node could not fill (data=coco_val without data.root=)."""
+    missing = sorted(OmegaConf.missing_keys(data))
+    if missing:
+        raise UserError(f"{missing[0]} is not set: add {missing[0]}=<value> to the command line")
+
+
 # ------------------------------------------------------------------------------------------------------ results
 
 
@@ -292,6 +299,12 @@ def wandb_run_id(run_dir: Path, checkpoint: dict | None) -> str | None:
     return recorded or (checkpoint or {}).get("signature")
 
 
+def named_metrics(name: str, metrics: dict) -> dict:
+    """The metrics also under <name>/ (coco/rfid, coco/images), so that the numbers of one run on several named
+    sets are all kept; the unprefixed keys hold the latest evaluation's."""
+    return {f"{name}/{key.removeprefix('eval/')}": value for key, value in metrics.items()}
+
+
 def fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "unavailable"
@@ -311,6 +324,7 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> list[str]:
     check_checkpoint_fits(checkpoint_path, state, merged, trained_config)
     trained_resolution = trained_config["data"]["resolution"]
     check_resolution(checkpoint_path, merged, trained_resolution)
+    check_data_set(merged.data)
     device = eval_device(cfg.device)
     networks = Networks(cfg.metrics, device, generation=False)
 
@@ -365,6 +379,8 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> list[str]:
         "eval/unavailable": networks.unavailable,
         "eval/time": now(),
     }
+    if data.name:
+        results.update(named_metrics(data.name, metrics))
     if run_dir is not None:
         wandb_dir = publish(run_dir, step, results, train_cfg, wandb_run_id(run_dir, checkpoint), cfg.wandb_mode)
         destination = run_dir / "results.json"
@@ -418,6 +434,7 @@ def reference_stats(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None
     if cfg.reference.stats:
         return load_reference_npz(cfg.reference.stats, FID_FEATURE_DIM), None
     data_cfg = reference_data_config(cfg, choices, train_cfg, samples)
+    check_data_set(data_cfg)
     data_config = OmegaConf.to_container(data_cfg, resolve=True)
     if tuple(samples.resolution) != (data_config["resolution"],) * 2:
         log.warning("samples are %sx%s but the reference set is at %s px", *samples.resolution, data_config["resolution"])
@@ -428,6 +445,8 @@ def reference_stats(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None
     def compute():
         data = build(data_cfg, seed=seed)
         images = data.val if split == "val" else data.train
+        if images is None:
+            raise UserError(f"reference.split={split}: {dataset_name(data_config)} has no such split; valid: val")
         if limit is not None:
             images = Subset(images, range(min(limit, len(images))))
         loader = DataLoader(images, batch_size=batch_size, num_workers=data.num_workers)

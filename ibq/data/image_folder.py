@@ -22,30 +22,45 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-def scan_split(root: Path, split: str) -> tuple[list[tuple[Path, int]], list[str], int]:
-    """[(file, class index)], class names, and the number of unreadable files skipped."""
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly inside `folder`, sorted by name."""
+    return sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def header_parses(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.size  # the header must parse
+    except (UnidentifiedImageError, OSError):
+        return False
+    return True
+
+
+def readable_samples(candidates: list[tuple[Path, int]], root: Path, split: str, layout: str) -> list[tuple[Path, int]]:
+    """The (file, label) candidates whose image header parses. Unreadable files are skipped and counted in one
+    warning; none left is an error that names the expected `layout`."""
+    samples = [(path, label) for path, label in candidates if header_parses(path)]
+    corrupt = len(candidates) - len(samples)
+    if corrupt:
+        log.warning("skipped %d unreadable image file(s) under %s", corrupt, root / split)
+    if not samples:
+        what = f"{corrupt} file(s), all unreadable" if corrupt else "no images"
+        raise UserError(f"data.root={root}: '{split}' holds {what} (expected {layout})")
+    return samples
+
+
+def class_folder_images(split_dir: Path) -> list[tuple[Path, int]]:
+    """(file, class index) of the images in the class folders of `split_dir`, classes sorted by name."""
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    return [(path, label) for label, name in enumerate(classes) for path in image_files(split_dir / name)]
+
+
+def scan_split(root: Path, split: str) -> list[tuple[Path, int]]:
+    """[(file, class index)] of the readable images of `root/split`, classes in sorted order."""
     split_dir = root / split
     if not split_dir.is_dir():
         raise UserError(f"data.root={root} has no '{split}' folder: expected {root}/{split}/<class>/<image>")
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-    samples, corrupt = [], 0
-    for label, name in enumerate(classes):
-        for path in sorted((split_dir / name).iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as image:
-                    image.size  # the header must parse
-            except (UnidentifiedImageError, OSError):
-                corrupt += 1
-                continue
-            samples.append((path, label))
-    if corrupt:
-        log.warning("skipped %d unreadable image file(s) under %s", corrupt, split_dir)
-    if not samples:
-        what = f"{corrupt} file(s), all unreadable" if corrupt else "no images"
-        raise UserError(f"data.root={root}: '{split}' holds {what} (expected {split}/<class>/<image>.jpg|png)")
-    return samples, classes, corrupt
+    return readable_samples(class_folder_images(split_dir), root, split, f"{split}/<class>/<image>.jpg|png")
 
 
 def load_resized(path: Path, resolution: int) -> Tensor | None:
@@ -117,8 +132,8 @@ def build_image_folder(
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise UserError(f"data.root={root} does not exist: point it at a folder with train/<class>/ and val/<class>/")
-    train_samples, _, _ = scan_split(root_path, train_split)
-    val_samples, _, _ = scan_split(root_path, val_split)
+    train_samples = scan_split(root_path, train_split)
+    val_samples = scan_split(root_path, val_split)
     if val_limit is not None:
         val_samples = val_samples[:val_limit]
     return DataSplits(FolderTrain(train_samples, resolution, seed), FolderVal(val_samples, resolution), num_workers)

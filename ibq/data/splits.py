@@ -7,8 +7,11 @@ from torch.utils.data import Dataset
 
 @dataclass
 class DataSplits:
-    """A training set addressed by sample position, a fixed validation set, and how to load them."""
+    """A training set addressed by sample position (None for a set that is only evaluated on), a fixed
+    validation set, and how to load them. `name`, when set, is the prefix ibq-eval also reports the set's
+    metrics under (coco/rfid), so that one run keeps its numbers on several sets."""
 
-    train: Dataset
+    train: Dataset | None
     val: Dataset
     num_workers: int = 0
+    name: str | None = None

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # What happens between a dataset's [-1, 1] float images and the FID network; the network's own resize and
 # scaling are part of its file, hence of its sha1.
 PREPROCESSING = "[-1,1] float -> uint8 with rounding -> network"
+# Data config keys that do not change the images: loading speed, and the name ibq-eval reports a set's metrics under.
+NOT_IN_KEY = ("num_workers", "name")
 
 
 def dataset_name(data_config: dict) -> str:
@@ -38,7 +40,7 @@ def dataset_name(data_config: dict) -> str:
 
 @dataclass(frozen=True)
 class ReferenceKey:
-    dataset: dict[str, Any]  # the data config, without keys that only affect loading speed
+    dataset: dict[str, Any]  # the data config, without NOT_IN_KEY
     split: str
     resolution: int
     limit: int | None
@@ -58,7 +60,7 @@ class ReferenceKey:
 
 
 def reference_key(data_config: dict, split: str, limit: int | None, seed: int, network_sha1: str) -> ReferenceKey:
-    dataset = {k: v for k, v in data_config.items() if k != "num_workers"}
+    dataset = {k: v for k, v in data_config.items() if k not in NOT_IN_KEY}
     return ReferenceKey(dataset, split, int(dataset["resolution"]), limit, seed, network_sha1)
 
 

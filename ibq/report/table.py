@@ -36,12 +36,24 @@ LAUNCH_CHOICES = {"sweep", "logger", "cluster"}
 FACTOR_ORDER = ("quantizer", "codebook_size", "model_scale", "data", "experiment")
 
 
+def column_format(metric: str) -> tuple[str, int]:
+    """(label, decimals). A metric that ibq-eval recorded under a set's name (coco/rfid) is formatted as the
+    metric itself, its label led by the name (coco rFID)."""
+    if metric in METRICS:
+        return METRICS[metric]
+    dataset, _, base = metric.partition("/")
+    if base in METRICS:
+        base_label, digits = METRICS[base]
+        return f"{dataset} {base_label}", digits
+    return metric, 4
+
+
 def label(metric: str) -> str:
-    return METRICS.get(metric, (metric, 4))[0]
+    return column_format(metric)[0]
 
 
 def decimals(metric: str) -> int:
-    return METRICS.get(metric, (metric, 4))[1]
+    return column_format(metric)[1]
 
 
 def sort_key(value) -> tuple:
