@@ -9,6 +9,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became non-finite; training stops and keeps its last good checkpoint."""
 
 
+def unset_key(key: str) -> UserError:
+    """The error for a ??? key of the config that the command line left unset."""
+    return UserError(f"{key} is not set: add {key}=<value> to the command line")
+
+
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise UserError(f"{name}={value!r} is invalid: it must be a positive integer")

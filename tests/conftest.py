@@ -69,6 +69,16 @@ def image_folder(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def photo_shards(tmp_path_factory) -> Path:
+    """The embedded photos packed by ibq-data pack: 18 samples in 5 shards."""
+    from ibq.data.pack import pack
+
+    output = tmp_path_factory.mktemp("photo_shards") / "photos"
+    pack("photos", output, samples_per_shard=4)
+    return output
+
+
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []

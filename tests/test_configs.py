@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
+from ibq.data.shards import ShardStream
 from ibq.engine.build import build
 from ibq.engine.distributed import plan_batches
 
@@ -35,12 +36,18 @@ def test_primary_config_composes_with_defaults():
 
 
 @pytest.mark.parametrize(("group", "choice"), group_files())
-def test_every_group_file_composes_and_instantiates(group: str, choice: str, image_folder: Path):
+def test_every_group_file_composes_and_instantiates(group: str, choice: str, image_folder: Path, photo_shards: Path, tmp_path: Path):
     overrides = [f'{group}="{choice}"' if choice.isdigit() else f"{group}={choice}"]
     if group == "data" and choice in ("image_folder", "imagenet_val"):
         overrides.append(f"data.root={image_folder}")
     if group == "data" and choice == "coco_val":  # one class folder is a flat folder of images, as val2017 is
         overrides += [f"data.root={image_folder / 'val'}", "data.split=cat"]
+    if group == "data" and choice == "shards":
+        overrides.append(f"data.sources.main.urls={photo_shards}")
+    if group == "data" and choice == "pretrain_mix":  # every source the same packed photos
+        for source in (CONF / "data" / "source").glob("*.yaml"):
+            (tmp_path / source.stem).symlink_to(photo_shards)
+        overrides += [f"data.root={tmp_path}", f"data.val.root={image_folder}"]
     if group == "codebook_size" and int(choice) > 16384:
         overrides.append("model_scale=tiny")  # the codebook alone: 262144 x 64 floats, fine on CPU
     cfg = compose_train(*overrides)
@@ -55,6 +62,9 @@ def test_every_group_file_composes_and_instantiates(group: str, choice: str, ima
         image, label = splits.val[0]
         assert image.shape == (3, cfg.data.resolution, cfg.data.resolution)
         assert isinstance(label, int)
+        if isinstance(splits.train, ShardStream):
+            images, labels = next(splits.train.batches(2, rank=0, world_size=1, state=None))
+            assert images.shape == (2, 3, cfg.data.resolution, cfg.data.resolution) and labels.shape == (2,)
     elif group == "logger":
         assert cfg.logger.kind in ("wandb", "none")
     elif group == "cluster":

@@ -127,9 +127,23 @@ def one_process(tmp_path_factory) -> list[dict]:
 
 
 def torchrun(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    args = TORCHRUN + ["train.log_every=1", "logger=none", ONE_CROP_PER_PHOTO, *MATCHING, *overrides, f"hydra.run.dir={run_dir}"]
+    photos = [] if any(o.startswith("data=") for o in overrides) else [ONE_CROP_PER_PHOTO]
+    args = TORCHRUN + ["train.log_every=1", "logger=none", *photos, *MATCHING, *overrides, f"hydra.run.dir={run_dir}"]
     with (run_dir.parent / f"{run_dir.name}.log").open("a") as log:
         return subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=cli_env())
+
+
+def interrupt_one_rank(process: subprocess.Popen, run_dir: Path, after_lines: int = 3) -> None:
+    """Sends the requeue signal to one of the two ranks once `after_lines` steps are logged."""
+    deadline = time.time() + 600
+    while process.poll() is None and time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(read_jsonl(run_dir / "metrics.jsonl")) >= after_lines:
+            break
+        time.sleep(0.2)
+    workers = children(process.pid)
+    assert len(workers) == 2, (run_dir.parent / f"{run_dir.name}.log").read_text()[-3000:]
+    os.kill(workers[-1], signal.SIGUSR2)
+    assert process.wait(timeout=600) != 0
 
 
 @pytest.mark.slow
@@ -138,16 +152,7 @@ def test_two_ranks_checkpoint_resume_and_match_one_process(tmp_path: Path, one_p
     run_dir = tmp_path / "run"
     overrides = [f"deepspeed={deepspeed}", "cluster.requeue_signal=USR2"]
     # First run: the requeue signal reaches one rank only, after step 3.
-    process = torchrun(run_dir, *overrides)
-    deadline = time.time() + 600
-    while process.poll() is None and time.time() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and len(read_jsonl(run_dir / "metrics.jsonl")) >= 3:
-            break
-        time.sleep(0.2)
-    workers = children(process.pid)
-    assert len(workers) == 2, (run_dir.parent / "run.log").read_text()[-3000:]
-    os.kill(workers[-1], signal.SIGUSR2)
-    assert process.wait(timeout=600) != 0
+    interrupt_one_rank(torchrun(run_dir, *overrides), run_dir)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "interrupted", (run_dir.parent / "run.log").read_text()[-3000:]
     stopped_at = record["requeues"][0]["step"]
@@ -171,3 +176,20 @@ def test_two_ranks_checkpoint_resume_and_match_one_process(tmp_path: Path, one_p
     if deepspeed == "zero2":  # ZeRO's shards load only into as many ranks as wrote them
         line = error_line(train(run_dir, "train.log_every=1", *MATCHING, f"deepspeed={deepspeed}"))
         assert "was written by 2 ranks under deepspeed=zero2 and this job has 1" in line
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_their_own_shards_and_resume_mid_epoch(tmp_path: Path, photo_shards: Path):
+    """The photos in 5 shards, 2 ranks x 1 loader worker: each rank reads its own shards; interrupted
+    and resumed, the run's losses and stream position equal an uninterrupted 2-rank run's."""
+    overrides = ["data=shards", f"data.sources.main.urls={photo_shards}", "data.num_workers=1", "data.val.limit=4",
+                 "cluster.requeue_signal=USR2"]
+    assert torchrun(tmp_path / "reference", *overrides).wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    run_dir = tmp_path / "run"
+    interrupt_one_rank(torchrun(run_dir, *overrides), run_dir)
+    assert torchrun(run_dir, *overrides).wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert json.loads((run_dir / "run.json").read_text())["resumes"]
+    assert_losses_match(read_jsonl(tmp_path / "reference" / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl"))
+    final = [torch.load(d / "checkpoints" / "last.pt", weights_only=False)["data_stream"] for d in (tmp_path / "reference", run_dir)]
+    assert final[0] == final[1]
+    assert final[0]["slots"] == 2 and sorted(final[0]["cursors"]) == [0, 1] and final[0]["taken"] == 10

@@ -25,6 +25,7 @@ TOKENIZER_ROWS = [(1024, 330, [250, 300]), (8192, 280, [250]), (16384, 330, [250
 # from the facts sheet 3.2
 AR_ROWS = [("B", 16, 1024, 16, 1e-3, 300, 6, 0.1, 0.0, 2.25, 1.1), ("L", 20, 1280, 20, 1e-3, 350, 7, 0.1, 0.0, 2.0, 1.0),
            ("XL", 24, 1536, 24, 1e-4, 400, 8, 0.01, 0.0, 2.35, 1.15), ("XXL", 30, 1920, 30, 1e-5, 450, 9, 0.01, 0.08, 2.85, 1.2)]
+PRETRAIN_SIZES = (16384, 262144)  # facts sheet 2.5
 STAGE_TWO = (CONF_DIR / "train_ar.yaml").exists()
 # A few steps per job, one validation crop per photo, no rFID, no W&B: seconds per job on a CPU.
 TINY_SWEEP = ["sweep=codebook_scaling", "model_scale=tiny", "codebook_size=256,1024", "train.steps=3",
@@ -54,7 +55,7 @@ def tiny_sweep(tmp_path_factory) -> Path:
 
 # -- experiments ---------------------------------------------------------------------------------------
 def test_every_experiment_file_is_a_tested_row():
-    rows = {f"ibq_{k}" for k, *_ in TOKENIZER_ROWS} | {f"ar_{row[0]}" for row in AR_ROWS}
+    rows = {f"ibq_{k}" for k, *_ in TOKENIZER_ROWS} | {f"ar_{row[0]}" for row in AR_ROWS} | {f"pretrain_{k}" for k in PRETRAIN_SIZES}
     assert {p.stem for p in (REPO / "experiments").glob("*.yaml")} == rows
 
 
@@ -72,6 +73,19 @@ def test_tokenizer_presets_carry_the_paper_schedule(k, epochs, drops):
     # the paper's tokenizer on ImageNet
     assert cfg.data._target_ == "ibq.data.build_image_folder" and cfg.data.resolution == 256
     assert list(cfg.model.encoder.ch_mult) == [1, 1, 2, 2, 4] and cfg.model.embed_dim == 256
+
+
+@pytest.mark.parametrize("k", PRETRAIN_SIZES)
+def test_pretrain_presets_stream_the_mix_with_the_seeds_schedule(k):
+    cfg = composed(f"experiment=pretrain_{k}", "data.root=/data/pretrain", "data.val.root=/imagenet")
+    assert cfg.quantizer._target_ == "ibq.quantizers.IBQ" and cfg.quantizer.codebook_size == k
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.micro_batch_size) == (1_500_000, 256, 8)
+    assert (cfg.optim.lr, list(cfg.optim.lr_drop_steps), cfg.eval.every, cfg.train.precision) == (1e-4, [], 5005, "bf16")
+    assert list(cfg.model.encoder.ch_mult) == [1, 1, 2, 2, 4] and cfg.data.resolution == 256
+    assert cfg.data._target_ == "ibq.data.build_shards" and cfg.data.crop == "center"
+    assert sorted(cfg.data.sources) == ["capfusion", "cc12m", "cc3m", "journeydb", "laion_aesthetics_12m",
+                                        "laion_aesthetics_v2", "laion_coco", "laion_hd"]
+    assert cfg.data.sources.cc3m.urls == "/data/pretrain/cc3m" and cfg.data.val.root == "/imagenet"
 
 
 @pytest.mark.skipif(not STAGE_TWO, reason="stage II (conf/train_ar.yaml) is not in this tree")

@@ -17,11 +17,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
 from ibq.cli.overrides import check_group_choices, one_line, override_args, parse, quote_numeric_choices
 from ibq.engine.distributed import check_deepspeed, detect_ranks, plan_batches
-from ibq.errors import TrainingDiverged, UserError, check_positive_int
+from ibq.errors import TrainingDiverged, UserError, check_positive_int, unset_key
+from ibq.runs.record import group_choices
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 log = logging.getLogger("ibq")
@@ -219,6 +220,12 @@ def entry_point(hydra_main, config_name: str):
     return cli
 
 
+def missing_value(error: OmegaConfBaseException) -> str:
+    """The line for a ??? key that the command line left unset (directly or through an interpolation)."""
+    named = re.search(r"Missing mandatory value: ([\w.\[\]]+)", str(error))
+    return str(unset_key(named.group(1) if named else error.full_key))
+
+
 def guarded(task):
     """Runs a Hydra task; a user error or divergence exits non-zero with one line. Hydra creates the
     run directory before the task starts: when the task leaves it empty (a rejected config, a dry
@@ -231,6 +238,8 @@ def guarded(task):
             task(cfg, run_dir)
         except (UserError, TrainingDiverged, FileNotFoundError) as error:
             fail(str(error), 3 if isinstance(error, TrainingDiverged) else 2)
+        except (MissingMandatoryValue, InterpolationToMissingValueError) as error:
+            fail(missing_value(error))
         finally:
             if detect_ranks().is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()
@@ -241,7 +250,7 @@ def guarded(task):
 def hydra_context() -> tuple[dict, list[str], str | None]:
     """Config-group choices, the job's overrides, and the sweep directory's name in multirun mode."""
     hydra = HydraConfig.get()
-    choices = {k: v for k, v in hydra.runtime.choices.items() if not k.startswith("hydra/")}
+    choices = group_choices(hydra.runtime.choices)
     group = Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else None
     return choices, list(hydra.overrides.task), group
 

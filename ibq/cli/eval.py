@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader, Subset
 from ibq.cli.common import CONF_DIR, entry_point, fail
 from ibq.engine.build import build, resolve_device
 from ibq.engine.evaluate import GenerationEvaluator, ReconstructionEvaluator, TorchFidelityNetwork, real_feature_stats
-from ibq.errors import UserError, check_positive_int
+from ibq.errors import UserError, check_positive_int, unset_key
 from ibq.metrics.adm import AdmSamples
 from ibq.metrics.fid import FID_FEATURE_DIM, load_fid_network
 from ibq.metrics.lpips import BACKBONE_FILES, load_lpips
 from ibq.metrics.reference import ReferenceCache, ReferenceStats, dataset_name, load_reference_npz, reference_key
-from ibq.runs.record import MetricsLog, config_differences, write_json
+from ibq.runs.record import MetricsLog, config_differences, group_choices, write_json
 from ibq.runs.wandb_mirror import WandbMirror
 
 log = logging.getLogger("ibq.eval")
@@ -255,7 +255,7 @@ def check_data_set(data: DictConfig) -> None:
     """A ??? key of a chosen data node that the run's node could not fill (data=coco_val without data.root=)."""
     missing = sorted(OmegaConf.missing_keys(data))
     if missing:
-        raise UserError(f"{missing[0]} is not set: add {missing[0]}=<value> to the command line")
+        raise unset_key(missing[0])
 
 
 # ------------------------------------------------------------------------------------------------------ results
@@ -539,7 +539,7 @@ def evaluate(cfg: DictConfig, choices: dict) -> list[str]:
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hydra_config = HydraConfig.get()
-    choices = {k: v for k, v in hydra_config.runtime.choices.items() if not k.startswith("hydra/")}
+    choices = group_choices(hydra_config.runtime.choices)
     output_dir = Path(hydra_config.runtime.output_dir)
     try:
         lines = evaluate(cfg, choices)

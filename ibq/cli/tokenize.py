@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ibq.cli.common import CONF_DIR, entry_point, guarded, save_hydra_files
+from ibq.data.batches import indexed_train
 from ibq.engine.build import build, resolve_device
 from ibq.engine.tokens import MANIFEST, data_identity, load_tokenizer_run, run_name, write_token_shards
 from ibq.errors import check_positive_int
@@ -37,7 +38,8 @@ def main(cfg: DictConfig, run_dir: Path) -> None:
     tokenizer_run = load_tokenizer_run(cfg.tokenizer_run, device)
     data = data_config(cfg, tokenizer_run.config)
     splits = build(data, seed=cfg.seed)
-    samples = cfg.samples or len(splits.train)
+    train_set = indexed_train(splits, data, "ibq-tokenize")
+    samples = cfg.samples or len(train_set)
     identity = data_identity(data)
 
     manifest_path = run_dir / MANIFEST
@@ -49,7 +51,7 @@ def main(cfg: DictConfig, run_dir: Path) -> None:
             return
     save_hydra_files(cfg, run_dir)
     manifest = write_token_shards(
-        tokenizer_run, splits.train, identity, cfg.seed, samples, run_dir, cfg.batch_size, cfg.shard_size, splits.num_workers, device
+        tokenizer_run, train_set, identity, cfg.seed, samples, run_dir, cfg.batch_size, cfg.shard_size, splits.num_workers, device
     )
     side = manifest["grid"][0]
     print(f"\nibq-tokenize: {samples} items -> {side}x{side} tokens each, {len(manifest['shards'])} shard(s), {manifest['num_classes']} classes")

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
-from ibq.data.positions import position_generator
+from ibq.data.positions import position_generator, random_crop
 from ibq.data.splits import DataSplits
 from ibq.errors import UserError
 
@@ -99,10 +99,7 @@ class FolderTrain(Dataset):
                 break
         else:
             raise UserError(f"no image under {path.parent.parent} could be decoded")
-        generator = position_generator(self.seed, position)
-        top = int(torch.randint(image.shape[-2] - self.resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(image.shape[-1] - self.resolution + 1, (1,), generator=generator))
-        return image[:, top : top + self.resolution, left : left + self.resolution].contiguous(), label
+        return random_crop(image, self.resolution, position_generator(self.seed, position)).contiguous(), label
 
 
 class FolderVal(Dataset):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ibq.data.positions import position_generator
+from ibq.data.positions import position_generator, random_crop
 from ibq.data.splits import DataSplits
 from ibq.errors import UserError
 
@@ -94,11 +94,7 @@ class PhotoCrops(Dataset):
     def __getitem__(self, position: int) -> tuple[Tensor, int]:
         generator = position_generator(self.seed, position)
         choice = int(torch.randint(len(self.regions), (1,), generator=generator))
-        region = self.regions[choice]
-        top = int(torch.randint(region.shape[-2] - self.resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(region.shape[-1] - self.resolution + 1, (1,), generator=generator))
-        crop = region[:, top : top + self.resolution, left : left + self.resolution]
-        return crop.contiguous(), self.labels[choice]
+        return random_crop(self.regions[choice], self.resolution, generator).contiguous(), self.labels[choice]
 
 
 class TensorImages(Dataset):

@@ -37,3 +37,10 @@ class PositionSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.stop - self.start) // self.world_size
+
+
+def random_crop(image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A size x size crop at a position drawn from `generator`."""
+    top = int(torch.randint(image.shape[-2] - size + 1, (1,), generator=generator))
+    left = int(torch.randint(image.shape[-1] - size + 1, (1,), generator=generator))
+    return image[..., top : top + size, left : left + size]

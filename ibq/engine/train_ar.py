@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ibq.data.batches import indexed_train
 from ibq.data.positions import PositionSampler
 from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
@@ -163,7 +164,7 @@ class ARTraining:
             self._check_classes(manifest["num_classes"] - 1, f"tokens={cfg.tokens}")
         else:
             splits = build(cfg.data, seed=cfg.seed)
-            self.train_set, self.num_workers, self.tokenize = splits.train, splits.num_workers, True
+            self.train_set, self.num_workers, self.tokenize = indexed_train(splits, cfg.data, "ibq-train-ar"), splits.num_workers, True
 
         self.model = build(cfg.transformer).to(self.device)
         self.parameter_count = self.model.parameter_counts()["total"]

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ibq.data.positions import PositionSampler
+from ibq.data.batches import trainable, training_batches
+from ibq.data.shards import merge_states
 from ibq.engine import distributed
 from ibq.engine.build import build, resolve_precision
 from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite
@@ -70,6 +71,7 @@ class TokenizerTraining:
         seed_everything(cfg.seed)
 
         self.data = build(cfg.data, seed=cfg.seed)
+        trainable(self.data, cfg.data)
         self.tokenizer = build(cfg.model, quantizer=build(cfg.quantizer)).to(self.device)
         factor = self.tokenizer.downsample_factor
         if cfg.data.resolution % factor:
@@ -96,6 +98,7 @@ class TokenizerTraining:
         distributed.init_process_group(self.ranks, self.device, always=self.zero_stage is not None)
         # What the steps call: the bare modules, DDP wrappers, or DeepSpeed engines.
         self.generator, self.critic = self._wrap()
+        self.stream_state = None  # a shard stream's cursors, from the checkpoint
         self.start_step = self._resume() if self.checkpoint_path.exists() else 0
         self.session = RunSession(run_dir, self.ranks)
 
@@ -141,6 +144,9 @@ class TokenizerTraining:
             "sched_d": self.sched_d.state_dict(),
             **rng_entries(),
         }
+        stream_state = self.batches.state()
+        if stream_state is not None:
+            state["data_stream"] = merge_states(distributed.gather_objects(stream_state))
         if tag is None:
             state.update(opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(), scaler=self.scaler.state_dict())
         else:
@@ -182,6 +188,7 @@ class TokenizerTraining:
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
         restore_rng(state, self.ranks.rank, self.ranks.world_size)
+        self.stream_state = state.get("data_stream")
         return state["step"]
 
     # -- the run -------------------------------------------------------------------------------
@@ -195,15 +202,9 @@ class TokenizerTraining:
     def _train(self) -> dict:
         cfg, device, layout, main = self.cfg, self.device, self.layout, self.ranks.is_main
         steps = cfg.train.steps
-        loader = DataLoader(
-            self.data.train,
-            batch_size=layout.micro_batch,
-            sampler=PositionSampler(
-                self.start_step * layout.global_batch, steps * layout.global_batch,
-                self.ranks.rank, self.ranks.world_size, layout.global_batch,
-            ),
-            num_workers=self.data.num_workers,
-            drop_last=True,
+        self.batches = training_batches(
+            self.data, layout.micro_batch, layout.global_batch, self.start_step, steps,
+            self.ranks.rank, self.ranks.world_size, self.stream_state,
         )
         evaluator = None
         if main:  # rank 0 evaluates alone (see _evaluate)
@@ -220,11 +221,10 @@ class TokenizerTraining:
         window = {"data": 0.0, "total": 0.0, "images": 0}
 
         progress = tqdm(total=steps, initial=self.start_step, desc="train", dynamic_ncols=True, disable=not main)
-        batches = iter(loader)
         with progress, RequeueSignal(cfg.cluster.get("requeue_signal")) as requeue:
             for step in range(self.start_step + 1, steps + 1):
                 started = time.perf_counter()
-                micro_batches = [next(batches)[0].to(device, non_blocking=True) for _ in range(layout.accumulation)]
+                micro_batches = [next(self.batches)[0].to(device, non_blocking=True) for _ in range(layout.accumulation)]
                 data_time = time.perf_counter() - started
                 metrics = self._step(step, micro_batches, last_good, autocast)
                 window["data"] += data_time

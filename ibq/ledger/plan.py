@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from ibq.cli.overrides import available, check_group_choices, first_of_each_sweep, one_line, quote_numeric_choices
 from ibq.errors import UserError
 from ibq.ledger.cost import Estimate, estimate
-from ibq.runs.record import STAGE_II_KEYS, signature, without_keys
+from ibq.runs.record import STAGE_II_KEYS, group_choices, signature, without_keys
 
 # hydra.sweep.subdir uses this resolver; the training entry point registers the same one (ibq.cli.common),
 # which is not imported here because it pulls in torch and would double the time a plan takes.
@@ -195,7 +195,7 @@ class Base:
             {"hydra": {"job": OmegaConf.to_container(cfg.hydra.job, resolve=False),
                        "sweep": {"subdir": OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]}}}
         )
-        self.choices = {k: str(v) for k, v in cfg.hydra.runtime.choices.items() if v is not None and not k.startswith("hydra/")}
+        self.choices = {k: str(v) for k, v in group_choices(cfg.hydra.runtime.choices).items() if v is not None}
         self.with_hydra = cfg
 
     def job(self, index: int, lines: list[str], overrides: list, plain: list) -> Job:

@@ -25,6 +25,12 @@ STAGE_II_KEYS = ("transformer", "sampling", "ar_train")
 PACKAGES = ("torch", "torchvision", "hydra-core", "wandb", "submitit", "deepspeed", "scipy", "scikit-image", "lpips", "ibq")
 
 
+def group_choices(choices) -> dict:
+    """The config-group choices of a run: neither Hydra's own nor those nested in another group's
+    config (data/source@data.sources.cc3m), which the outer choice already names."""
+    return {key: value for key, value in choices.items() if "/" not in key}
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

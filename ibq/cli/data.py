@@ -1,0 +1,51 @@
+"""`ibq-data`: shard sets for streaming training.
+
+  ibq-data pack /data/imagenet/train shards/imagenet --samples-per-shard 1000   an image folder
+  ibq-data pack photos shards/photos --samples-per-shard 4                       the embedded photos
+  ibq-data inspect shards/imagenet [--show 5] [--verify]                         counts and a few samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ibq.cli.common import fail
+from ibq.errors import UserError
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="ibq-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = main.add_subparsers(dest="command", required=True)
+    pack = commands.add_parser("pack", help="write an image folder (or 'photos') as tar shards with a manifest")
+    pack.add_argument("source", help="an image folder (class subfolders become .cls labels) or 'photos'")
+    pack.add_argument("output", type=Path, help="a new folder for the shards and manifest.json")
+    pack.add_argument("--samples-per-shard", type=int, default=1000)
+    pack.add_argument("--prefix", default="shard", help="shard file names: <prefix>-000000.tar, ...")
+    inspect = commands.add_parser("inspect", help="count a shard set's samples and show a few")
+    inspect.add_argument("shards", help="a folder, a brace pattern or URL(s) of .tar shards")
+    inspect.add_argument("--show", type=int, default=3, help="samples to describe")
+    inspect.add_argument("--verify", action="store_true", help="check the shards' sha256 against the manifest")
+    return main
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ibq.data.pack import inspect_shards, pack
+
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "pack":
+            manifest = pack(args.source, args.output, args.samples_per_shard, args.prefix)
+            skipped = f", {len(manifest['skipped_files'])} unreadable file(s) skipped" if manifest["skipped_files"] else ""
+            print(f"ibq-data: {manifest['samples']} samples in {manifest['shard_count']} shard(s) -> {args.output}{skipped}")
+            print(f"  train on them:  ibq-train data=shards data.sources.main.urls={args.output}")
+        else:
+            print("\n".join(inspect_shards(args.shards, args.show, args.verify)))
+    except UserError as error:
+        fail(str(error))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Writing and reading shard sets: an image folder (or the embedded photos) into webdataset tar shards
+with a manifest, and a summary of any shard set.
+
+A sample is `<key>.<image extension>` (the file's own bytes, not re-encoded), `<key>.cls` (the class
+index, when the folder has class subfolders), `<key>.txt` (a caption from a `<image stem>.txt` file
+beside the image) and `<key>.json` (the image's path in the source). The shard set is written to a
+temporary folder that becomes the output only when complete, so a failed pack leaves nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from ibq.data.image_folder import IMAGE_SUFFIXES
+from ibq.data.shards import MANIFEST, SHARD_ERRORS, StreamError, image_of, list_shards, read_shard
+from ibq.errors import UserError, check_positive_int
+
+FORMAT = "ibq-shards/1"
+
+
+@dataclass(frozen=True)
+class PackItem:
+    key: str
+    extension: str
+    payload: bytes
+    label: int | None
+    caption: str | None
+    path: str
+
+
+def folder_items(root: Path) -> tuple[list[Path], list[str]]:
+    """Image files under `root` (sorted) and the class names: the first-level subfolders, if any."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    return files, classes
+
+
+def readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.size  # the header must parse
+        return True
+    except (UnidentifiedImageError, OSError):
+        return False
+
+
+def folder_source(root: Path) -> tuple[Iterator[PackItem], int, list[str], Counter]:
+    """The items of an image folder, how many, its classes, and the files skipped as unreadable."""
+    files, classes = folder_items(root)
+    if not files:
+        raise UserError(f"{root} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}): give a folder of images")
+    skipped: Counter = Counter()
+
+    def items() -> Iterator[PackItem]:
+        for index, path in enumerate(files):
+            if not readable(path):
+                skipped[str(path)] += 1
+                continue
+            relative = path.relative_to(root)
+            extension = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+            caption_file = path.with_suffix(".txt")
+            yield PackItem(
+                key=f"{index:09d}",
+                extension=extension,
+                payload=path.read_bytes(),
+                label=classes.index(relative.parts[0]) if len(relative.parts) > 1 else None,
+                caption=caption_file.read_text(errors="replace").strip() if caption_file.is_file() else None,
+                path=str(relative),
+            )
+
+    return items(), len(files), classes, skipped
+
+
+def photos_source() -> tuple[Iterator[PackItem], int, list[str], Counter]:
+    """scikit-image's bundled photos, PNG-encoded, one class each."""
+    from ibq.data.photos import PHOTOS, load_photo
+
+    def items() -> Iterator[PackItem]:
+        for index, name in enumerate(PHOTOS):
+            buffer = io.BytesIO()
+            Image.fromarray(load_photo(name)).save(buffer, format="PNG")
+            yield PackItem(f"{index:09d}", "png", buffer.getvalue(), index, name.replace("_", " "), f"skimage.data.{name}")
+
+    return items(), len(PHOTOS), list(PHOTOS), Counter()
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pack(source: str, output: Path, samples_per_shard: int = 1000, prefix: str = "shard") -> dict:
+    """Write `source` (an image folder, or "photos") as shards into the new folder `output`; returns
+    the manifest."""
+    from webdataset import TarWriter
+
+    check_positive_int("--samples-per-shard", samples_per_shard)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"{output} already exists and is not empty: give a new output folder")
+    if source == "photos":
+        items, total, classes, skipped = photos_source()
+    else:
+        root = Path(source).expanduser()
+        if not root.is_dir():
+            raise UserError(f"{source} is neither a folder nor 'photos' (the embedded photos)")
+        items, total, classes, skipped = folder_source(root)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        shards: list[dict] = []
+        writer, count = None, 0
+        for item in tqdm(items, total=total, desc="pack", unit="img", dynamic_ncols=True):
+            if writer is None or count == samples_per_shard:
+                if writer is not None:
+                    writer.close()
+                shards.append({"name": f"{prefix}-{len(shards):06d}.tar", "samples": 0})
+                # A fixed integer time: the same images give byte-identical shards, and no pax header
+                # (which a float time brings) precedes each file for readers to parse.
+                writer, count = TarWriter(str(staging / shards[-1]["name"]), encoder=False, mtime=0), 0
+            sample = {"__key__": item.key, item.extension: item.payload, "json": json.dumps({"path": item.path}).encode()}
+            if item.label is not None:
+                sample["cls"] = str(item.label).encode()
+            if item.caption is not None:
+                sample["txt"] = item.caption.encode()
+            writer.write(sample)
+            count += 1
+            shards[-1]["samples"] += 1
+        if writer is not None:
+            writer.close()
+        if not shards:
+            raise UserError(f"{source}: all {total} image files are unreadable; nothing to pack")
+        for shard in shards:
+            path = staging / shard["name"]
+            shard.update(bytes=path.stat().st_size, sha256=sha256(path))
+        manifest = {
+            "format": FORMAT,
+            "source": source,
+            "samples": sum(shard["samples"] for shard in shards),
+            "shard_count": len(shards),
+            "shards": shards,
+            "classes": classes,
+            "skipped_files": sorted(skipped),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if output.exists():
+            output.rmdir()  # empty, checked above
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def inspect_shards(spec: str, show: int = 3, verify: bool = False) -> list[str]:
+    """A shard set's counts (read from every shard) and its first `show` samples, as printable lines."""
+    urls = list_shards("shards", spec)
+    manifest_path = Path(spec).expanduser() / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    samples, extensions, unreadable, shown = 0, Counter(), [], []
+    for url in tqdm(urls, desc="inspect", unit="shard", dynamic_ncols=True):
+        try:
+            for sample in read_shard(url):
+                samples += 1
+                extensions.update(key for key in sample if not key.startswith("__"))
+                if len(shown) < show:
+                    shown.append(describe(sample))
+        except SHARD_ERRORS as error:
+            unreadable.append(f"{url} ({str(error).split(' @ ')[0]})")
+    lines = [f"{spec}: {len(urls)} shard(s), {samples} sample(s); files per sample: "
+             + ", ".join(f".{ext} {count}" for ext, count in sorted(extensions.items()))]
+    if manifest is not None:
+        agrees = manifest["samples"] == samples and manifest["shard_count"] == len(urls)
+        lines.append(f"  manifest: {manifest['samples']} sample(s) in {manifest['shard_count']} shard(s) "
+                     f"({'agrees' if agrees else 'DIFFERS from the shards'}), source {manifest['source']}")
+        if verify:
+            bad = [entry["name"] for entry in manifest["shards"] if sha256(manifest_path.parent / entry["name"]) != entry["sha256"]]
+            lines.append(f"  checksums: {'all ' + str(len(manifest['shards'])) + ' match' if not bad else 'MISMATCH in ' + ', '.join(bad)}")
+    if unreadable:
+        lines.append(f"  unreadable: {len(unreadable)} shard(s): " + "; ".join(unreadable))
+    lines += [f"  {line}" for line in shown]
+    return lines
+
+
+def describe(sample: dict) -> str:
+    try:
+        with Image.open(io.BytesIO(image_of(sample))) as image:
+            size = f"{image.width}x{image.height} {image.mode}"
+    except StreamError:
+        size = "no image"
+    except (UnidentifiedImageError, OSError):
+        size = "undecodable image"
+    label = f" class {sample['cls'].decode()}" if "cls" in sample else ""
+    caption = f" \"{sample['txt'].decode(errors='replace')[:60]}\"" if "txt" in sample else ""
+    return f"{sample['__key__']}: {size}{label}{caption}"
