@@ -129,6 +129,12 @@ def save(state: dict) -> bytes:
     return buffer.getvalue()
 
 
+def test_urls_are_read_through_webdatasets_openers(shard_set: Path):
+    urls = [f"pipe:cat {path}" for path in sorted(shard_set.glob("*.tar"))]
+    keys = take_keys(stream({"main": {"urls": urls, "weight": 1.0}}, shard_set).batches(5, 0, 1, None), 8)
+    assert len(set(keys)) == IMAGES and all(key.startswith("pipe:cat ") for key in keys)
+
+
 def test_the_next_epoch_is_reshuffled(shard_set: Path):
     batches = stream(shard_set).batches(5, rank=0, world_size=1, state=None)
     epochs = take_keys(batches, 8), take_keys(batches, 8)
@@ -195,7 +201,9 @@ def corrupted_copy(shard_set: Path, copy: Path, damaged: int) -> Path:
 def test_truncated_shards_are_skipped_and_counted_until_their_share_is_too_high(shard_set: Path, tmp_path: Path, caplog):
     damaged = corrupted_copy(shard_set, tmp_path / "one", damaged=1)
     with caplog.at_level(logging.WARNING):
-        keys = take_keys(stream(damaged, shard_set, num_workers=0, max_corrupt_share=0.2).batches(5, 0, 1, None), 7)
+        batches = stream(damaged, shard_set, num_workers=0, max_corrupt_share=0.2).batches(5, 0, 1, None)
+        keys = take_keys(batches, 7)
+    assert batches.counters() == {"data/skipped_samples": 0, "data/unreadable_shards": 1}
     assert f"skipped the rest of unreadable shard {damaged / 'shard-000000.tar'}" in caplog.text
     assert "1 of this worker's 8 shards this epoch" in caplog.text
     assert len(set(keys)) == len(keys) == 35  # what the truncated shard held before the cut, then the other 7
@@ -204,6 +212,22 @@ def test_truncated_shards_are_skipped_and_counted_until_their_share_is_too_high(
     with pytest.raises(UserError, match=r"data.sources.main: 2 of a loader worker's 8 shards are unreadable "
                                          r"\(last: .*shard-00000[01].tar: .*\), more than data.max_corrupt_share=0.2"):
         take_keys(stream(two_damaged, shard_set, num_workers=0, max_corrupt_share=0.2).batches(5, 0, 1, None), 16)
+
+
+def test_an_image_that_does_not_decode_is_skipped_and_counted(shard_set: Path, tmp_path: Path):
+    from webdataset import TarWriter
+
+    (tmp_path / "set").mkdir()
+    writer = TarWriter(str(tmp_path / "set" / "mixed.tar"), encoder=False)
+    good = (shard_set / "shard-000000.tar", "000000000")
+    with tarfile.open(good[0]) as tar:
+        png = tar.extractfile(f"{good[1]}.png").read()
+    for key, payload in (("a", png), ("broken", b"not a png"), ("b", png)):
+        writer.write({"__key__": key, "png": payload})
+    writer.close()
+    batches = stream(tmp_path / "set", shard_set, num_workers=0, shuffle_buffer=1, shuffle_shards=1).batches(2, 0, 1, None)
+    assert [key.rsplit("#", 1)[1] for key in take_keys(batches, 1)] == ["a", "b"]
+    assert batches.counters() == {"data/skipped_samples": 1, "data/unreadable_shards": 0}
 
 
 def test_a_sample_without_an_image_is_refused(shard_set: Path, tmp_path: Path):
@@ -253,7 +277,10 @@ def test_tokenizer_trains_from_shards_and_a_killed_run_resumes_mid_epoch(shard_s
 
 
 @pytest.mark.slow
-def test_evaluation_sets_and_shard_streams_are_refused_where_they_cannot_serve(shard_set: Path, tmp_path: Path):
+def test_evaluation_sets_and_shard_streams_are_refused_where_they_cannot_serve(shard_set: Path, tmp_path: Path, image_folder: Path):
+    result = train(tmp_path / "run", "data=coco_val", f"data.root={image_folder / 'val'}", "data.split=cat")
+    assert error_line(result) == ("error: data: ibq.data.eval_sets.build_coco_val is an evaluation set without training "
+                                  "images: train on data=photos, image_folder, shards or pretrain_mix, and evaluate on it with ibq-eval")
     result = train(tmp_path / "run", "data=shards", "data.sources.main.urls=/nowhere")
     assert error_line(result).startswith("error: data.sources.main.urls='/nowhere' matches no shard (/nowhere does not exist)")
     result = train(tmp_path / "run", "data=shards")

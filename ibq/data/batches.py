@@ -28,6 +28,9 @@ class PositionBatches:
     def state(self) -> None:
         return None  # the step is the position
 
+    def counters(self) -> dict[str, int]:
+        return {}  # files are checked when the dataset is built
+
 
 def training_batches(data: DataSplits, micro_batch: int, global_batch: int, start_step: int, steps: int,
                      rank: int, world_size: int, stream_state: dict | None):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -63,13 +64,14 @@ def scan_split(root: Path, split: str) -> list[tuple[Path, int]]:
     return readable_samples(class_folder_images(split_dir), root, split, f"{split}/<class>/<image>.jpg|png")
 
 
-def load_resized(path: Path, resolution: int) -> Tensor | None:
-    """Shorter side to `resolution`, as float in [-1, 1]; None when the file cannot be decoded."""
+def load_resized(file: Path | BinaryIO, resolution: int, name: str | None = None) -> Tensor | None:
+    """Shorter side to `resolution`, as float in [-1, 1]; None (and a warning naming `name`, else the
+    file) when it cannot be decoded."""
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             image = image.convert("RGB")
     except (UnidentifiedImageError, OSError):
-        log.warning("skipping unreadable image %s", path)
+        log.warning("skipping unreadable image %s", name or file)
         return None
     tensor = TF.pil_to_tensor(image).float() / 127.5 - 1.0
     return TF.resize(tensor, resolution, antialias=True).clamp(-1, 1)

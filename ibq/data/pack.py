@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ibq.data.image_folder import IMAGE_SUFFIXES
-from ibq.data.shards import MANIFEST, SHARD_ERRORS, StreamError, image_of, list_shards, read_shard
+from ibq.data.shards import MANIFEST, SHARD_ERRORS, StreamError, image_of, list_shards, read_shard, shard_error_text
 from ibq.errors import UserError, check_positive_int
 
 FORMAT = "ibq-shards/1"
@@ -181,7 +181,7 @@ def inspect_shards(spec: str, show: int = 3, verify: bool = False) -> list[str]:
                 if len(shown) < show:
                     shown.append(describe(sample))
         except SHARD_ERRORS as error:
-            unreadable.append(f"{url} ({str(error).split(' @ ')[0]})")
+            unreadable.append(f"{url} ({shard_error_text(error)})")
     lines = [f"{spec}: {len(urls)} shard(s), {samples} sample(s); files per sample: "
              + ", ".join(f".{ext} {count}" for ext, count in sorted(extensions.items()))]
     if manifest is not None:

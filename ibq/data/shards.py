@@ -53,6 +53,10 @@ class StreamError(Exception):
     """A fatal problem found by a loader worker: sent to the training process as one line."""
 
 
+def shard_error_text(error: Exception) -> str:
+    return str(error).split(" @ ")[0]  # webdataset appends the stream's repr after " @ "
+
+
 def mixed_hash(*values: int) -> int:
     """A 64-bit hash of non-negative integers, equal in every process (unlike hash())."""
     return int.from_bytes(hashlib.blake2b(struct.pack(f"<{len(values)}Q", *values), digest_size=8).digest(), "little")
@@ -201,6 +205,7 @@ class SourceSlot:
     def __init__(self, source: ShardSource, index: int, slot: int, slots: int, settings: StreamSettings, cursor: dict | None):
         self.source, self.index, self.slot, self.slots, self.settings = source, index, slot, slots, settings
         self.cursor = dict(cursor or start_cursor())
+        self.unreadable = 0  # shards found unreadable by this reader
 
     def epoch_shards(self, epoch: int) -> list[str]:
         order = list(self.source.urls)
@@ -219,13 +224,14 @@ class SourceSlot:
                 def on_corrupt(url: str, error: Exception) -> None:
                     nonlocal corrupt_in_group
                     corrupt_in_group += 1
+                    self.unreadable += 1
                     corrupt = cursor["corrupt"] + corrupt_in_group
                     log.warning("skipped the rest of unreadable shard %s (%s): %d of this worker's %d shards this epoch",
-                                url, str(error).split(" @ ")[0], corrupt, len(shards))
+                                url, shard_error_text(error), corrupt, len(shards))
                     if corrupt > settings.max_corrupt_share * len(shards):
                         raise StreamError(
                             f"data.sources.{self.source.name}: {corrupt} of a loader worker's {len(shards)} shards are unreadable "
-                            f"(last: {url}: {str(error).split(' @ ')[0]}), more than data.max_corrupt_share="
+                            f"(last: {url}: {shard_error_text(error)}), more than data.max_corrupt_share="
                             f"{settings.max_corrupt_share}: repair or remove them, or raise data.max_corrupt_share"
                         )
 
@@ -254,8 +260,9 @@ class MixSlot:
     def __init__(self, sources: list[ShardSource], slot: int, slots: int, settings: StreamSettings, cursor: dict | None):
         cursor = cursor or {"drawn": 0, "sources": [None] * len(sources)}
         self.slot, self.seed, self.drawn = slot, settings.seed, cursor["drawn"]
-        self.slots = [iter(SourceSlot(source, index, slot, slots, settings, saved))
-                      for index, (source, saved) in enumerate(zip(sources, cursor["sources"]))]
+        self.readers = [SourceSlot(source, index, slot, slots, settings, saved)
+                        for index, (source, saved) in enumerate(zip(sources, cursor["sources"]))]
+        self.slots = [iter(reader) for reader in self.readers]
         self.cursors = list(cursor["sources"])
         total = sum(source.weight for source in sources)
         self.bounds = [sum(source.weight for source in sources[: i + 1]) / total for i in range(len(sources))]
@@ -269,6 +276,9 @@ class MixSlot:
             self.drawn += 1
             yield sample, index, {"drawn": self.drawn, "sources": list(self.cursors)}
 
+    def unreadable(self) -> int:
+        return sum(reader.unreadable for reader in self.readers)
+
 
 def image_of(sample: dict[str, Any]) -> bytes:
     for extension in IMAGE_EXTENSIONS:
@@ -276,18 +286,22 @@ def image_of(sample: dict[str, Any]) -> bytes:
             return sample[extension]
     held = ", ".join(f".{key}" for key in sample if not key.startswith("__")) or "nothing"
     raise StreamError(
-        f"sample {sample['__key__']!r} of shard {sample['__url__']} has no image (it holds {held}); "
+        f"sample {sample_name(sample)} has no image (it holds {held}); "
         f"a sample needs one of {', '.join('.' + e for e in IMAGE_EXTENSIONS)}"
     )
 
 
-def decode(sample: dict[str, Any], settings: StreamSettings, epoch: int, crop: str) -> tuple[Tensor, int, str] | None:
+def sample_name(sample: dict[str, Any]) -> str:
+    return f"{sample['__key__']!r} of shard {sample['__url__']}"
+
+
+def decode(sample: dict[str, Any], settings: StreamSettings, epoch: int) -> tuple[Tensor, int, str] | None:
     """The seed's preprocessing: shorter side to the resolution, then a random (seeded by the sample's
     key and the epoch) or centre crop; pixels in [-1, 1]. None when the image does not decode."""
-    image = load_resized(io.BytesIO(image_of(sample)), settings.resolution)
+    image = load_resized(io.BytesIO(image_of(sample)), settings.resolution, sample_name(sample))
     if image is None:
         return None
-    if crop == "random":
+    if settings.crop == "random":
         key = zlib.crc32(f"{sample['__url__']}/{sample['__key__']}".encode())
         image = random_crop(image, settings.resolution, position_generator(settings.seed, mixed_hash(key, epoch)))
     else:
@@ -309,20 +323,21 @@ class ShardBatches(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         slot = self.rank * self.workers + (worker + self.rotation) % self.workers
-        images, labels, keys, captions, skipped = [], [], [], [], 0
+        images, labels, keys, captions, skipped, unreadable = [], [], [], [], 0, 0
         try:
-            for sample, source, cursor in MixSlot(self.sources, slot, self.slots, self.settings, self.cursors.get(slot)):
-                decoded = decode(sample, self.settings, cursor["sources"][source]["epoch"], self.settings.crop)
-                if decoded is None:
+            mix = MixSlot(self.sources, slot, self.slots, self.settings, self.cursors.get(slot))
+            for sample, source, cursor in mix:
+                decoded = decode(sample, self.settings, cursor["sources"][source]["epoch"])
+                if decoded is None:  # load_resized said which
                     skipped += 1
-                    log.warning("skipped sample %r of shard %s: its image does not decode", sample["__key__"], sample["__url__"])
                     continue
                 images.append(decoded[0]), labels.append(decoded[1]), captions.append(decoded[2])
                 keys.append(f"{sample['__url__']}#{sample['__key__']}")
                 if len(images) == self.micro_batch:
                     yield {"images": torch.stack(images), "labels": torch.tensor(labels), "keys": keys,
-                           "captions": captions, "slot": slot, "cursor": cursor, "skipped": skipped}
-                    images, labels, keys, captions, skipped = [], [], [], [], 0
+                           "captions": captions, "slot": slot, "cursor": cursor,
+                           "skipped_samples": skipped, "unreadable_shards": mix.unreadable() - unreadable}
+                    images, labels, keys, captions, skipped, unreadable = [], [], [], [], 0, mix.unreadable()
         except StreamError as error:
             yield {"error": str(error)}
 
@@ -340,7 +355,7 @@ class ShardStream:
         if len(fewest.urls) < world_size:
             raise UserError(
                 f"data.sources.{fewest.name} has {len(fewest.urls)} shard(s), fewer than the {world_size} ranks: "
-                f"each rank needs shards of its own (ibq-data pack --shard-size makes more, smaller ones)"
+                f"each rank needs shards of its own (ibq-data pack --samples-per-shard N makes more, smaller ones)"
             )
         workers = max(self.num_workers, 1)
         if len(fewest.urls) < world_size * workers:
@@ -370,9 +385,10 @@ class StreamBatches:
             )
         own = range(rank * slots_per_rank, (rank + 1) * slots_per_rank)
         self.slots, self.taken = slots, state["taken"]
+        self.problems = {"data/skipped_samples": 0, "data/unreadable_shards": 0}  # since this job started
         self.cursors = {slot: cursor for slot, cursor in state["cursors"].items() if slot in own}
         dataset = ShardBatches(stream.sources, stream.settings, micro_batch, rank, slots_per_rank, slots,
-                               self.taken % slots_per_rank, self.cursors)
+                               self.taken % slots_per_rank, dict(self.cursors))
         self.loader = iter(DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False))
 
     def __iter__(self):
@@ -388,10 +404,16 @@ class StreamBatches:
             raise UserError(batch["error"])
         self.cursors[batch["slot"]] = batch["cursor"]
         self.taken += 1
+        self.problems["data/skipped_samples"] += batch["skipped_samples"]
+        self.problems["data/unreadable_shards"] += batch["unreadable_shards"]
         return batch
 
     def state(self) -> dict:
         return {"slots": self.slots, "taken": self.taken, "cursors": dict(self.cursors)}
+
+    def counters(self) -> dict[str, int]:
+        """Samples skipped as undecodable and shards found unreadable by this rank since the job started."""
+        return dict(self.problems)
 
 
 def merge_states(states: list[dict]) -> dict:
@@ -419,7 +441,7 @@ class ShardImages(Dataset):
                     if len(self.samples) == limit:
                         return
             except SHARD_ERRORS as error:
-                log.warning("skipped the rest of unreadable shard %s (%s)", url, str(error).split(" @ ")[0])
+                log.warning("skipped the rest of unreadable shard %s (%s)", url, shard_error_text(error))
             except StreamError as error:
                 raise UserError(f"{key}: {error}") from None
         if not self.samples:
@@ -430,7 +452,7 @@ class ShardImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         sample = self.samples[index]
-        image = load_resized(io.BytesIO(image_of(sample)), self.resolution)
+        image = load_resized(io.BytesIO(image_of(sample)), self.resolution, sample_name(sample))
         if image is None:  # keep the set fixed: a failing image is black, and logged
             image = torch.full((3, self.resolution, self.resolution), -1.0)
         return TF.center_crop(image, self.resolution).contiguous(), int(sample["cls"]) if "cls" in sample else -1

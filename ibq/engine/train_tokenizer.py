@@ -233,7 +233,9 @@ class TokenizerTraining:
                 progress.update(1)
 
                 if step % cfg.train.log_every == 0 or step == steps:
-                    metrics = distributed.mean_over_ranks(metrics, device)
+                    counters = self.batches.counters()
+                    metrics = distributed.mean_over_ranks({**metrics, **counters}, device)
+                    metrics.update({key: round(metrics[key] * self.ranks.world_size) for key in counters})  # sums over ranks
                     metrics.update({
                         "lr": self.sched_g.get_last_lr()[0],
                         "throughput/images_per_s": window["images"] / window["total"],
