@@ -86,6 +86,15 @@ def test_pack_writes_shards_and_a_manifest_that_inspect_agrees_with(shard_set: P
     assert lines[3].endswith('class 0 "a cat, crop 0"')
 
 
+def test_pack_ends_shards_at_a_size(photo_folder: Path, tmp_path: Path):
+    sizes = [path.stat().st_size for path in sorted(photo_folder.glob("*/*.png"))]
+    limit = 3 * max(sizes)
+    manifest = pack(str(photo_folder), tmp_path / "by_size", samples_per_shard=1000, max_shard_bytes=limit)
+    assert manifest["shard_count"] > 1 and sum(shard["samples"] for shard in manifest["shards"]) == IMAGES
+    assert all(shard["bytes"] <= limit + 10240 for shard in manifest["shards"])  # + tar's closing record
+    assert all(shard["samples"] >= 2 for shard in manifest["shards"][:-1])  # 3 of the largest would pass the limit
+
+
 def test_pack_refuses_an_existing_output_and_leaves_nothing_on_failure(shard_set: Path, tmp_path: Path):
     before = sorted(p.name for p in shard_set.iterdir())
     result = run_cli(IBQ_DATA + ["pack", "photos", str(shard_set)])

@@ -1,6 +1,7 @@
 """`ibq-data`: shard sets for streaming training.
 
   ibq-data pack /data/imagenet/train shards/imagenet --samples-per-shard 1000   an image folder
+  ibq-data pack /data/laion-subset shards/laion --max-shard-mb 512               shards of at most ~512 MB
   ibq-data pack photos shards/photos --samples-per-shard 4                       the embedded photos
   ibq-data inspect shards/imagenet [--show 5] [--verify]                         counts and a few samples
 """
@@ -22,6 +23,7 @@ def parser() -> argparse.ArgumentParser:
     pack.add_argument("source", help="an image folder (class subfolders become .cls labels) or 'photos'")
     pack.add_argument("output", type=Path, help="a new folder for the shards and manifest.json")
     pack.add_argument("--samples-per-shard", type=int, default=1000)
+    pack.add_argument("--max-shard-mb", type=float, default=0, help="also end a shard before it passes this size (0: no limit)")
     pack.add_argument("--prefix", default="shard", help="shard file names: <prefix>-000000.tar, ...")
     inspect = commands.add_parser("inspect", help="count a shard set's samples and show a few")
     inspect.add_argument("shards", help="a folder, a brace pattern or URL(s) of .tar shards")
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         if args.command == "pack":
-            manifest = pack(args.source, args.output, args.samples_per_shard, args.prefix)
+            manifest = pack(args.source, args.output, args.samples_per_shard, int(args.max_shard_mb * 2**20), args.prefix)
             skipped = f", {len(manifest['skipped_files'])} unreadable file(s) skipped" if manifest["skipped_files"] else ""
             print(f"ibq-data: {manifest['samples']} samples in {manifest['shard_count']} shard(s) -> {args.output}{skipped}")
             print(f"  train on them:  ibq-train data=shards data.sources.main.urls={args.output}")

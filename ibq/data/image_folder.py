@@ -17,7 +17,7 @@ from torchvision.transforms import functional as TF
 
 from ibq.data.positions import position_generator, random_crop
 from ibq.data.splits import DataSplits
-from ibq.errors import UserError
+from ibq.errors import UserError, check_positive_int
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
@@ -128,11 +128,11 @@ def build_image_folder(
     val_limit: int | None = None,
     num_workers: int = 4,
 ) -> DataSplits:
+    if val_limit is not None:  # checked before the folders are scanned
+        check_positive_int("data.val_limit", val_limit)
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise UserError(f"data.root={root} does not exist: point it at a folder with train/<class>/ and val/<class>/")
     train_samples = scan_split(root_path, train_split)
-    val_samples = scan_split(root_path, val_split)
-    if val_limit is not None:
-        val_samples = val_samples[:val_limit]
+    val_samples = scan_split(root_path, val_split)[:val_limit]
     return DataSplits(FolderTrain(train_samples, resolution, seed), FolderVal(val_samples, resolution), num_workers)

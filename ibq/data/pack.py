@@ -95,6 +95,11 @@ def photos_source() -> tuple[Iterator[PackItem], int, list[str], Counter]:
     return items(), len(PHOTOS), list(PHOTOS), Counter()
 
 
+def tar_bytes(payload: bytes) -> int:
+    """What a file adds to a tar: a 512-byte header and its content padded to 512 bytes."""
+    return 512 + -(-len(payload) // 512) * 512
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
@@ -103,12 +108,16 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pack(source: str, output: Path, samples_per_shard: int = 1000, prefix: str = "shard") -> dict:
+def pack(source: str, output: Path, samples_per_shard: int = 1000, max_shard_bytes: int = 0, prefix: str = "shard") -> dict:
     """Write `source` (an image folder, or "photos") as shards into the new folder `output`; returns
-    the manifest."""
+    the manifest. A shard ends after `samples_per_shard` samples or before it passes `max_shard_bytes`
+    (0: no limit; tar's closing blocks and record padding, under 10 KiB, come on top), whichever comes
+    first; a larger single sample gets a shard alone."""
     from webdataset import TarWriter
 
     check_positive_int("--samples-per-shard", samples_per_shard)
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 0:
+        raise UserError(f"--max-shard-mb={max_shard_bytes / 2**20:g} is invalid: a size in MB >= 0 (0: no limit)")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"{output} already exists and is not empty: give a new output folder")
     if source == "photos":
@@ -123,21 +132,23 @@ def pack(source: str, output: Path, samples_per_shard: int = 1000, prefix: str =
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         shards: list[dict] = []
-        writer, count = None, 0
+        writer, count, written = None, 0, 0
         for item in tqdm(items, total=total, desc="pack", unit="img", dynamic_ncols=True):
-            if writer is None or count == samples_per_shard:
+            full = count == samples_per_shard or (max_shard_bytes and count and written + tar_bytes(item.payload) > max_shard_bytes)
+            if writer is None or full:
                 if writer is not None:
                     writer.close()
                 shards.append({"name": f"{prefix}-{len(shards):06d}.tar", "samples": 0})
                 # A fixed integer time: the same images give byte-identical shards, and no pax header
                 # (which a float time brings) precedes each file for readers to parse.
-                writer, count = TarWriter(str(staging / shards[-1]["name"]), encoder=False, mtime=0), 0
+                writer, count, written = TarWriter(str(staging / shards[-1]["name"]), encoder=False, mtime=0), 0, 0
             sample = {"__key__": item.key, item.extension: item.payload, "json": json.dumps({"path": item.path}).encode()}
             if item.label is not None:
                 sample["cls"] = str(item.label).encode()
             if item.caption is not None:
                 sample["txt"] = item.caption.encode()
             writer.write(sample)
+            written += sum(tar_bytes(value) for key, value in sample.items() if key != "__key__")
             count += 1
             shards[-1]["samples"] += 1
         if writer is not None:
