@@ -26,12 +26,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from ibq.cli.overrides import available, check_group_choices, first_of_each_sweep, one_line, quote_numeric_choices
 from ibq.errors import UserError
 from ibq.ledger.cost import Estimate, estimate
-from ibq.runs.record import STAGE_II_KEYS, group_choices, signature, without_keys
+from ibq.runs.record import STAGE_II_KEYS, group_choices, run_dirname, signature, without_keys
 
 # hydra.sweep.subdir uses this resolver; the training entry point registers the same one (ibq.cli.common),
 # which is not imported here because it pulls in torch and would double the time a plan takes.
 if not OmegaConf.has_resolver("ibq.dirname"):
-    OmegaConf.register_new_resolver("ibq.dirname", lambda overrides: overrides.replace('"', "") or "default")
+    OmegaConf.register_new_resolver("ibq.dirname", run_dirname)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SWEEPS_DIR = CONF_DIR / "sweep"

@@ -25,6 +25,12 @@ STAGE_II_KEYS = ("transformer", "sampling", "ar_train")
 PACKAGES = ("torch", "torchvision", "hydra-core", "wandb", "submitit", "deepspeed", "scipy", "scikit-image", "lpips", "ibq")
 
 
+def run_dirname(overrides: str) -> str:
+    """A run's directory name from its overrides (Hydra's override_dirname): path separators in values
+    (data.root=/data/imagenet) would nest directories, so they become '_'."""
+    return overrides.replace('"', "").replace("/", "_") or "default"
+
+
 def group_choices(choices) -> dict:
     """The config-group choices of a run: neither Hydra's own nor those nested in another group's
     config (data/source@data.sources.cc3m), which the outer choice already names."""
