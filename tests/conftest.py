@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,21 @@ def train(run_dir: Path, *overrides: str, quick: bool = True, timeout: float = 6
     quick_args = QUICK + ([] if any(o.startswith("data=") for o in overrides) else [ONE_CROP_PER_PHOTO])
     args = IBQ_TRAIN + (quick_args if quick else []) + list(overrides) + [f"hydra.run.dir={run_dir}"]
     return run_cli(args, timeout=timeout)
+
+
+def kill_at_first_checkpoint(args: list[str], run_dir: Path) -> int:
+    """Runs the CLI `args` and kills it (SIGKILL, no warning) as soon as `run_dir` holds a checkpoint;
+    returns the checkpoint's step."""
+    import torch
+
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return torch.load(checkpoint, weights_only=False)["step"]
 
 
 def read_jsonl(path: Path) -> list[dict]:

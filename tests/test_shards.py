@@ -5,11 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import signal
-import subprocess
 import sys
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from omegaconf import OmegaConf
 from skimage import data as skdata
 
-from omegaconf import OmegaConf
-
-from conftest import IBQ_TRAIN, QUICK, REPO, cli_env, error_line, read_jsonl, run_cli, train
+from conftest import IBQ_TRAIN, QUICK, error_line, kill_at_first_checkpoint, read_jsonl, run_cli, train
 from ibq.data.batches import indexed_train
 from ibq.data.pack import inspect_shards, pack
 from ibq.data.shards import build_shards, list_shards
@@ -262,15 +258,7 @@ def test_tokenizer_trains_from_shards_and_a_killed_run_resumes_mid_epoch(shard_s
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run_dir = tmp_path / "interrupted"
-    process = subprocess.Popen(IBQ_TRAIN + QUICK + settings + [f"hydra.run.dir={run_dir}"], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
-    checkpoint = run_dir / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = torch.load(checkpoint, weights_only=False)["step"]
+    killed_at = kill_at_first_checkpoint(IBQ_TRAIN + QUICK + settings + [f"hydra.run.dir={run_dir}"], run_dir)
     assert killed_at < 5, "the run finished its first epoch before it could be killed"
     resumed = train(run_dir, *settings)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import IBQ_TRAIN_AR, REPO, SMALL_AR, children, cli_env, error_line, read_jsonl, run_cli
+from conftest import IBQ_TRAIN_AR, REPO, SMALL_AR, children, cli_env, error_line, kill_at_first_checkpoint, read_jsonl, run_cli
 from ibq.engine.build import build
 from ibq.engine.tokens import TokenShards, load_tokenizer_run
 from ibq.engine.train_ar import load_ar_run, sample_images
@@ -244,15 +244,7 @@ def test_killed_run_resumes_exactly_and_logs_to_wandb(tokenizer_run: Path, tmp_p
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run_dir = tmp_path / "interrupted"
-    process = subprocess.Popen(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={run_dir}"], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
-    checkpoint = run_dir / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = torch.load(checkpoint, weights_only=False)["step"]
+    killed_at = kill_at_first_checkpoint(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={run_dir}"], run_dir)
     assert killed_at < 12, "the run finished before it could be killed"
 
     resumed = run_cli(IBQ_TRAIN_AR + steps + ["logger=wandb", f"hydra.run.dir={run_dir}"])
@@ -268,7 +260,7 @@ def test_killed_run_resumes_exactly_and_logs_to_wandb(tokenizer_run: Path, tmp_p
     for a, b in zip(actual, expected):
         for key in ("loss", "grad_norm", "lr", "weight_decay"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
-    resumed_state = torch.load(checkpoint, weights_only=False)["model"]
+    resumed_state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
     reference_state = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=False)["model"]
     for name, value in reference_state.items():
         torch.testing.assert_close(resumed_state[name], value, rtol=1e-5, atol=1e-6)

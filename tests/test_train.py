@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import IBQ_TRAIN, cli_env, ONE_CROP_PER_PHOTO, QUICK, REPO, error_line, read_jsonl, run_cli, train
+from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, QUICK, error_line, kill_at_first_checkpoint, read_jsonl, run_cli, train
 
 pytestmark = pytest.mark.slow
 LOSS_KEYS = ("loss/g", "loss/l1", "loss/quantizer", "loss/d", "loss/lecam", "codebook/batch_perplexity")
@@ -54,14 +51,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path: Path):
 
     run_dir = tmp_path / "interrupted"
     args = IBQ_TRAIN + QUICK + [ONE_CROP_PER_PHOTO] + steps + [f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
-    checkpoint = run_dir / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = torch.load(checkpoint, weights_only=False)["step"]
+    killed_at = kill_at_first_checkpoint(args, run_dir)
     assert killed_at < 10, "the run finished before it could be killed"
 
     resumed = train(run_dir, *steps)
