@@ -17,6 +17,13 @@ class QuantizerOutput:
     loss: Tensor  # scalar: the quantizer's whole weighted loss
     stats: dict[str, float] = field(default_factory=dict)  # per-batch figures for logging
 
+    @classmethod
+    def from_tokens(cls, z_q: Tensor, indices: Tensor, loss: Tensor, stats: dict[str, float], z_shape: torch.Size) -> QuantizerOutput:
+        """From per-token results in raster order ((B*H*W, D) codes, (B*H*W,) indices), shaped back like
+        the encoder output `z_shape`."""
+        b, _, h, w = z_shape
+        return cls(to_map(z_q, z_shape), indices.reshape(b, h, w), loss, stats)
+
 
 class Quantizer(nn.Module):
     """Shared entry: checks the input and quantizes in fp32, since code selection compares

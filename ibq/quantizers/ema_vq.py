@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ibq.errors import UserError
-from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_map, to_tokens
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_tokens
 from ibq.quantizers.chunked import nearest_code
 
 
@@ -73,11 +73,8 @@ class EMAVQ(Quantizer):
         stats = {"loss/commitment": commitment.item(), **batch_usage_stats(indices, self.codebook_size)}
         if self.training:
             stats.update(self._update(tokens.detach(), indices))
-        return QuantizerOutput(
-            z_q=to_map(tokens + (quantized - tokens).detach(), z.shape),
-            indices=indices.reshape(z.shape[0], z.shape[2], z.shape[3]),
-            loss=self.commitment_weight * commitment,
-            stats=stats,
+        return QuantizerOutput.from_tokens(
+            tokens + (quantized - tokens).detach(), indices, self.commitment_weight * commitment, stats, z.shape
         )
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ibq.errors import UserError
-from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_map, to_tokens
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_tokens
 
 # Default levels per codebook size. The FSQ paper's (Table 1) target about 2^8..2^16 codes; their
 # exact sizes are 240, 1000, 4375, 15360 and 64000. Comparisons at equal K need exact powers of two,
@@ -106,11 +106,8 @@ class FSQ(Quantizer):
         rounded = bounded + (torch.round(bounded) - bounded).detach()
         codes = rounded / self.half_width
         indices = self.codes_to_indices(codes.detach())
-        return QuantizerOutput(
-            z_q=to_map(self.project_out(codes), z.shape),
-            indices=indices.reshape(z.shape[0], z.shape[2], z.shape[3]),
-            loss=z.new_zeros(()),
-            stats=batch_usage_stats(indices, self.codebook_size),
+        return QuantizerOutput.from_tokens(
+            self.project_out(codes), indices, z.new_zeros(()), batch_usage_stats(indices, self.codebook_size), z.shape
         )
 
     def decode_indices(self, indices: Tensor) -> Tensor:

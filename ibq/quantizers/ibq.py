@@ -17,14 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ibq.errors import UserError
-from ibq.quantizers.base import (
-    Quantizer,
-    QuantizerOutput,
-    batch_usage_stats,
-    check_positive_int,
-    to_map,
-    to_tokens,
-)
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_tokens
 from ibq.quantizers.chunked import ENTROPY_EPS, chunked_ibq
 
 
@@ -113,12 +106,7 @@ class IBQ(Quantizer):
             "entropy/codebook": codebook_entropy.item(),
             **batch_usage_stats(indices, self.codebook_size),
         }
-        return QuantizerOutput(
-            z_q=to_map(z_q, z.shape),
-            indices=indices.reshape(z.shape[0], z.shape[2], z.shape[3]),
-            loss=loss,
-            stats=stats,
-        )
+        return QuantizerOutput.from_tokens(z_q, indices, loss, stats, z.shape)
 
     def decode_indices(self, indices: Tensor) -> Tensor:
         """(B, H, W) int64 -> z_q (B, D, H, W)."""

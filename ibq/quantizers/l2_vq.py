@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_map, to_tokens
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_tokens
 from ibq.quantizers.chunked import nearest_code
 
 
@@ -43,11 +43,8 @@ class L2VQ(Quantizer):
             "loss/commitment": commitment.item(),
             **batch_usage_stats(indices, self.codebook_size),
         }
-        return QuantizerOutput(
-            z_q=to_map(self.project_out(latents + (quantized - latents).detach()), z.shape),
-            indices=indices.reshape(z.shape[0], z.shape[2], z.shape[3]),
-            loss=codebook_term + self.beta * commitment,
-            stats=stats,
+        return QuantizerOutput.from_tokens(
+            self.project_out(latents + (quantized - latents).detach()), indices, codebook_term + self.beta * commitment, stats, z.shape
         )
 
     def decode_indices(self, indices: Tensor) -> Tensor:

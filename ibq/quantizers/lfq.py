@@ -27,14 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ibq.errors import UserError
-from ibq.quantizers.base import (
-    Quantizer,
-    QuantizerOutput,
-    batch_usage_stats,
-    check_positive_int,
-    to_map,
-    to_tokens,
-)
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_tokens
 from ibq.quantizers.chunked import ENTROPY_EPS, EXP_FLOOR
 
 # Tokens per block of the codebook-entropy computation: block * 2^d stays near 2^22 floats (16 MiB).
@@ -167,12 +160,7 @@ class LFQ(Quantizer):
             "entropy/codebook": codebook_entropy.item(),
             **batch_usage_stats(indices, self.codebook_size),
         }
-        return QuantizerOutput(
-            z_q=to_map(self.project_out(quantized), z.shape),
-            indices=indices.reshape(z.shape[0], z.shape[2], z.shape[3]),
-            loss=loss,
-            stats=stats,
-        )
+        return QuantizerOutput.from_tokens(self.project_out(quantized), indices, loss, stats, z.shape)
 
     def decode_indices(self, indices: Tensor) -> Tensor:
         return self.project_out(self.indices_to_codes(indices)).permute(0, 3, 1, 2)

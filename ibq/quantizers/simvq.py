@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_map, to_tokens
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_tokens
 from ibq.quantizers.chunked import nearest_code
 
 
@@ -40,11 +40,8 @@ class SimVQ(Quantizer):
             "loss/commitment": commitment.item(),
             **batch_usage_stats(indices, self.codebook_size),
         }
-        return QuantizerOutput(
-            z_q=to_map(tokens + (quantized - tokens).detach(), z.shape),
-            indices=indices.reshape(z.shape[0], z.shape[2], z.shape[3]),
-            loss=codebook_term + self.beta * commitment,
-            stats=stats,
+        return QuantizerOutput.from_tokens(
+            tokens + (quantized - tokens).detach(), indices, codebook_term + self.beta * commitment, stats, z.shape
         )
 
     def decode_indices(self, indices: Tensor) -> Tensor:

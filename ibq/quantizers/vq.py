@@ -8,14 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ibq.quantizers.base import (
-    Quantizer,
-    QuantizerOutput,
-    batch_usage_stats,
-    check_positive_int,
-    to_map,
-    to_tokens,
-)
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_tokens
 
 
 class VQ(Quantizer):
@@ -49,12 +42,7 @@ class VQ(Quantizer):
             "loss/commitment": commitment.item(),
             **batch_usage_stats(indices, self.codebook_size),
         }
-        return QuantizerOutput(
-            z_q=to_map(z_q, z.shape),
-            indices=indices.reshape(z.shape[0], z.shape[2], z.shape[3]),
-            loss=loss,
-            stats=stats,
-        )
+        return QuantizerOutput.from_tokens(z_q, indices, loss, stats, z.shape)
 
     def decode_indices(self, indices: Tensor) -> Tensor:
         return self.codebook(indices).permute(0, 3, 1, 2)
