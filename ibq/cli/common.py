@@ -22,7 +22,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from ibq.cli.overrides import check_group_choices, one_line, override_args, parse, quote_numeric_choices
 from ibq.engine.distributed import check_deepspeed, detect_ranks, plan_batches
 from ibq.errors import TrainingDiverged, UserError, check_positive_int, unset_key
-from ibq.runs.record import group_choices, run_dirname
+from ibq.runs.record import RunRecord, group_choices, run_dirname
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 log = logging.getLogger("ibq")
@@ -253,6 +253,34 @@ def hydra_context() -> tuple[dict, list[str], str | None]:
     choices = group_choices(hydra.runtime.choices)
     group = Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else None
     return choices, list(hydra.overrides.task), group
+
+
+def choices_text(choices: dict) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(choices.items()) if value is not None)
+
+
+def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_lines) -> None:
+    """What both training apps do: a dry run reports sizes; otherwise build and check everything
+    (nothing written yet), keep Hydra's files, train, and let rank 0 print the summary."""
+    choices, overrides, group = hydra_context()
+    if cfg.dry_run:
+        print("choices: " + choices_text(choices))
+        dry_run(cfg)
+        return
+    training = training_class(cfg, run_dir)
+    if training.ranks.is_main:
+        save_hydra_files(cfg, run_dir)
+    results = training.run(choices, overrides, group)
+    if not training.ranks.is_main:
+        return
+    lines = summary_lines(training, results, run_dir)
+    wandb = RunRecord(run_dir).data.get("wandb") or {}
+    if wandb.get("dir"):
+        upload = f"  (upload: wandb sync {wandb['dir']})" if wandb["mode"] == "offline" else ""
+        lines.append(f"W&B ({wandb['mode']})         {wandb['dir']}{upload}")
+    print(f"\n{app}: {training.total_steps} steps done ({choices_text(choices)})")
+    for line in lines:
+        print("  " + line)
 
 
 def save_hydra_files(cfg, run_dir: Path) -> None:

@@ -8,30 +8,28 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from ibq.cli.common import CONF_DIR, entry_point, guarded, hydra_context, save_hydra_files
+from ibq.cli.common import CONF_DIR, entry_point, guarded, run_training
 from ibq.engine.build import build
-from ibq.runs.record import RunRecord
 
 
-def dry_run(cfg: DictConfig, choices: dict) -> None:
+def dry_run(cfg: DictConfig) -> None:
     """Build the models on the meta device (no memory, no data) and report their sizes."""
     with torch.device("meta"):
         tokenizer = build(cfg.model, quantizer=build(cfg.quantizer))
         discriminator = build(cfg.discriminator)
     counts = tokenizer.parameter_counts()
     counts["discriminator"] = sum(p.numel() for p in discriminator.parameters())
-    print("choices: " + ", ".join(f"{k}={v}" for k, v in sorted(choices.items()) if v is not None))
     print(f"codebook: {cfg.quantizer.codebook_size} codes x {cfg.quantizer.dim} dims; downsampling x{tokenizer.downsample_factor}")
     for name, count in counts.items():
         print(f"  {name:<16} {count / 1e6:10.2f}M  ({count:,})")
 
 
-def summary_lines(results: dict, run_dir: Path, wandb_dir: str | None, wandb_mode: str) -> list[str]:
+def summary_lines(training, results: dict, run_dir: Path) -> list[str]:
     def fmt(key: str, digits: int) -> str:
         value = results.get(key)
         return "unavailable" if value is None else f"{value:.{digits}f}"
 
-    lines = [
+    return [
         f"codebook/utilization  {fmt('codebook/utilization', 4)}  ({results['codebook/tokens']} tokens; "
         f"a uniform code assignment would reach {results['codebook/utilization_bound']:.4f})",
         f"codebook/perplexity   {fmt('codebook/perplexity', 1)}",
@@ -44,9 +42,6 @@ def summary_lines(results: dict, run_dir: Path, wandb_dir: str | None, wandb_mod
         f"results               {run_dir / 'results.json'}",
         f"reconstructions       {run_dir / results['reconstruction_grid']}",
     ]
-    if wandb_dir:
-        lines.append(f"W&B ({wandb_mode})         {wandb_dir}" + (f"  (upload: wandb sync {wandb_dir})" if wandb_mode == "offline" else ""))
-    return lines
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
@@ -54,20 +49,7 @@ def summary_lines(results: dict, run_dir: Path, wandb_dir: str | None, wandb_mod
 def main(cfg: DictConfig, run_dir: Path) -> None:
     from ibq.engine.train_tokenizer import TokenizerTraining
 
-    choices, overrides, group = hydra_context()
-    if cfg.dry_run:
-        dry_run(cfg, choices)
-        return
-    training = TokenizerTraining(cfg, run_dir)  # builds and checks everything; writes nothing
-    if training.ranks.is_main:
-        save_hydra_files(cfg, run_dir)
-    results = training.run(choices, overrides, group)
-    if not training.ranks.is_main:
-        return
-    wandb = RunRecord(run_dir).data.get("wandb") or {}
-    print(f"\nibq-train: {cfg.train.steps} steps done ({', '.join(f'{k}={v}' for k, v in sorted(choices.items()) if v)})")
-    for line in summary_lines(results, run_dir, wandb.get("dir"), wandb.get("mode")):
-        print("  " + line)
+    run_training(cfg, run_dir, "ibq-train", TokenizerTraining, dry_run, summary_lines)
 
 
 cli = entry_point(main, "train")

@@ -128,6 +128,10 @@ class TokenizerTraining:
                 deepspeed.zero.register_external_parameter(self.tokenizer, parameter)
         return generator, critic
 
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.steps
+
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self, step: int, tag: str | None) -> dict:
         """The checkpoint's own file (collective: ZeRO-3 gathers, RNG states of every rank)."""
