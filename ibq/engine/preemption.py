@@ -15,7 +15,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -106,7 +105,22 @@ class RequeueSignal:
         return RequeueOutcome(False, reason, None, "submitit neither requeued the job nor refused to")
 
 
-def leave_for_requeue(step: int, requeue: RequeueSignal, ranks: distributed.Ranks, run_dir: Path, session) -> NoReturn:
+def checkpoint_or_leave(step: int, steps: int, checkpoint_every: int, save, requeue: RequeueSignal,
+                        device: torch.device, ranks: distributed.Ranks, session) -> bool:
+    """The end of a training step on every rank: the periodic (and the final) checkpoint; on a pending
+    requeue signal, a checkpoint at this step unless one was just written, then the exit for requeue.
+    Returns whether `save(step)` wrote a checkpoint."""
+    saved = step % checkpoint_every == 0 or step == steps
+    if saved:
+        save(step)
+    if step < steps and requeue.pending(device):
+        if not saved:
+            save(step)
+        leave_for_requeue(step, requeue, ranks, session)
+    return saved
+
+
+def leave_for_requeue(step: int, requeue: RequeueSignal, ranks: distributed.Ranks, session) -> NoReturn:
     """Every rank, after the checkpoint at `step`: rank 0 requeues through submitit and records it in
     run.json (its RunSession's record); then all leave."""
     record, mirror = session.record, session.mirror
@@ -114,7 +128,7 @@ def leave_for_requeue(step: int, requeue: RequeueSignal, ranks: distributed.Rank
         mirror.finish()  # first: a requeue makes Slurm end the job step at once, W&B's service with it
     outcome = distributed.broadcast_object(requeue.requeue() if ranks.is_main else None)
     stops = outcome.requeued or outcome.reason == "interrupted"  # else: a time limit too many times
-    refusal = f"not requeued after the checkpoint at step {step} of {run_dir}: {outcome.message}"
+    refusal = f"not requeued after the checkpoint at step {step} of {session.run_dir}: {outcome.message}"
     if ranks.is_main:
         entry = {
             "step": step,

@@ -31,7 +31,7 @@ from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.engine.build import build, resolve_precision
 from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite
-from ibq.engine.preemption import RequeueSignal, leave_for_requeue
+from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.session import RunSession
 from ibq.engine.tokens import CHECKPOINT, TokenizerRun, TokenShards, check_shards, data_identity, load_tokenizer_run, read_manifest
 from ibq.errors import UserError, check_positive_int
@@ -339,14 +339,8 @@ class ARTraining:
                     window = {"data": 0.0, "total": 0.0, "images": 0}
                     self.session.log(step, metrics)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{values.lr:.2e}")
-                saved = step % cfg.ar_train.checkpoint_every == 0 or step == steps
-                if saved:
-                    self._save(step)
+                if checkpoint_or_leave(step, steps, cfg.ar_train.checkpoint_every, self._save, requeue, device, self.ranks, self.session):
                     last_good = step
-                if step < steps and requeue.pending(device):
-                    if not saved:
-                        self._save(step)
-                    leave_for_requeue(step, requeue, self.ranks, self.run_dir, self.session)
 
         if not main:
             return {}

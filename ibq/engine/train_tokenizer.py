@@ -33,7 +33,7 @@ from ibq.engine.build import build, resolve_precision
 from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
-from ibq.engine.preemption import RequeueSignal, leave_for_requeue
+from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.session import RunSession
 from ibq.errors import UserError, check_positive_int
 from ibq.losses import LeCAM, hinge_d_loss, non_saturating_g_loss
@@ -251,14 +251,8 @@ class TokenizerTraining:
 
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != steps:
                     self._evaluate(evaluator, codebook_size, step)
-                saved = step % cfg.train.checkpoint_every == 0 or step == steps
-                if saved:
-                    self._save(step)
+                if checkpoint_or_leave(step, steps, cfg.train.checkpoint_every, self._save, requeue, device, self.ranks, self.session):
                     last_good = step
-                if step < steps and requeue.pending(device):
-                    if not saved:
-                        self._save(step)
-                    leave_for_requeue(step, requeue, self.ranks, self.run_dir, self.session)
         if self.start_step == steps and steps > 0 and main:
             log.info("run already trained to %d steps: evaluating its checkpoint", steps)
         # A run resumed after its final evaluation was logged evaluates again without a second line.
