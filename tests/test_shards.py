@@ -194,6 +194,12 @@ def test_a_pattern_that_matches_nothing_is_refused(tmp_path: Path):
         list_shards("data.sources.main.urls", pattern)
 
 
+def test_a_manifest_that_is_not_one_is_refused(tmp_path: Path):
+    (tmp_path / "manifest.json").write_text('{"samples": 3}')
+    with pytest.raises(UserError, match=r"data.sources.main.urls: .*manifest.json is not a shard manifest written by ibq-data pack"):
+        list_shards("data.sources.main.urls", str(tmp_path))
+
+
 def corrupted_copy(shard_set: Path, copy: Path, damaged: int) -> Path:
     """The shard set with its first `damaged` shards cut off in the middle of a file."""
     copy.mkdir()

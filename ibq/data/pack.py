@@ -22,8 +22,8 @@ from typing import Iterator
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ibq.data.image_folder import IMAGE_SUFFIXES
-from ibq.data.shards import MANIFEST, SHARD_ERRORS, StreamError, image_of, list_shards, read_shard, shard_error_text
+from ibq.data.image_folder import IMAGE_SUFFIXES, header_parses
+from ibq.data.shards import MANIFEST, SHARD_ERRORS, StreamError, image_of, list_shards, read_manifest, read_shard, shard_error_text
 from ibq.errors import UserError, check_positive_int
 
 FORMAT = "ibq-shards/1"
@@ -46,26 +46,17 @@ def folder_items(root: Path) -> tuple[list[Path], list[str]]:
     return files, classes
 
 
-def readable(path: Path) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.size  # the header must parse
-        return True
-    except (UnidentifiedImageError, OSError):
-        return False
-
-
-def folder_source(root: Path) -> tuple[Iterator[PackItem], int, list[str], Counter]:
+def folder_source(root: Path) -> tuple[Iterator[PackItem], int, list[str], list[str]]:
     """The items of an image folder, how many, its classes, and the files skipped as unreadable."""
     files, classes = folder_items(root)
     if not files:
         raise UserError(f"{root} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}): give a folder of images")
-    skipped: Counter = Counter()
+    skipped: list[str] = []  # filled while the items are read
 
     def items() -> Iterator[PackItem]:
         for index, path in enumerate(files):
-            if not readable(path):
-                skipped[str(path)] += 1
+            if not header_parses(path):
+                skipped.append(str(path))
                 continue
             relative = path.relative_to(root)
             extension = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
@@ -82,7 +73,7 @@ def folder_source(root: Path) -> tuple[Iterator[PackItem], int, list[str], Count
     return items(), len(files), classes, skipped
 
 
-def photos_source() -> tuple[Iterator[PackItem], int, list[str], Counter]:
+def photos_source() -> tuple[Iterator[PackItem], int, list[str], list[str]]:
     """scikit-image's bundled photos, PNG-encoded, one class each."""
     from ibq.data.photos import PHOTOS, load_photo
 
@@ -92,7 +83,7 @@ def photos_source() -> tuple[Iterator[PackItem], int, list[str], Counter]:
             Image.fromarray(load_photo(name)).save(buffer, format="PNG")
             yield PackItem(f"{index:09d}", "png", buffer.getvalue(), index, name.replace("_", " "), f"skimage.data.{name}")
 
-    return items(), len(PHOTOS), list(PHOTOS), Counter()
+    return items(), len(PHOTOS), list(PHOTOS), []
 
 
 def tar_bytes(payload: bytes) -> int:
@@ -165,7 +156,7 @@ def pack(source: str, output: Path, samples_per_shard: int = 1000, max_shard_byt
             "shard_count": len(shards),
             "shards": shards,
             "classes": classes,
-            "skipped_files": sorted(skipped),
+            "skipped_files": skipped,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -182,7 +173,7 @@ def inspect_shards(spec: str, show: int = 3, verify: bool = False) -> list[str]:
     """A shard set's counts (read from every shard) and its first `show` samples, as printable lines."""
     urls = list_shards("shards", spec)
     manifest_path = Path(spec).expanduser() / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = read_manifest("shards", manifest_path) if manifest_path.is_file() else None
     samples, extensions, unreadable, shown = 0, Counter(), [], []
     for url in tqdm(urls, desc="inspect", unit="shard", dynamic_ncols=True):
         try:

@@ -69,12 +69,19 @@ def is_local(url: str) -> bool:
     return re.match(r"^[a-z][a-z0-9+.-]*:", url) is None or url.startswith("file:")
 
 
-def manifest_shards(key: str, manifest: Path) -> list[str]:
+def read_manifest(key: str, manifest: Path) -> dict:
+    """A manifest written by ibq-data pack, checked for the entries the readers use."""
     try:
-        entries = json.loads(manifest.read_text())["shards"]
-        return [str(manifest.parent / entry["name"]) for entry in entries]
+        content = json.loads(manifest.read_text())
+        if not isinstance(content["samples"], int) or not all("name" in entry for entry in content["shards"]):
+            raise ValueError("no sample count or a shard without a name")
+        return content
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"{key}: {manifest} is not a shard manifest written by ibq-data pack ({error})") from None
+
+
+def manifest_shards(key: str, manifest: Path) -> list[str]:
+    return [str(manifest.parent / entry["name"]) for entry in read_manifest(key, manifest)["shards"]]
 
 
 def list_shards(key: str, spec: str | list[str]) -> list[str]:
@@ -481,7 +488,7 @@ def manifest_samples(name: str, spec) -> int:
     if not isinstance(spec, str) or not manifest.is_file():
         raise UserError(f"data.sources.{name}.weight=samples needs a folder written by ibq-data pack (its manifest counts "
                         f"the samples), and {spec} has no {MANIFEST}: give the weight as a number")
-    return int(json.loads(manifest.read_text())["samples"])
+    return int(read_manifest(f"data.sources.{name}.urls", manifest)["samples"])
 
 
 def shard_sources(sources: dict) -> list[ShardSource]:
