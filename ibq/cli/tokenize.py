@@ -10,8 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ibq.cli.common import CONF_DIR, entry_point, guarded, save_hydra_files
 from ibq.data.batches import indexed_train
+from ibq.data.splits import data_identity
 from ibq.engine.build import build, resolve_device
-from ibq.engine.tokens import MANIFEST, data_identity, load_tokenizer_run, run_name, write_token_shards
+from ibq.engine.tokens import MANIFEST, load_tokenizer_run, run_name, write_token_shards
 from ibq.errors import check_positive_int
 
 OmegaConf.register_new_resolver("ibq.run_name", run_name, replace=True)

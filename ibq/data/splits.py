@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 if TYPE_CHECKING:  # shards.py builds DataSplits itself
@@ -20,3 +21,14 @@ class DataSplits:
     val: Dataset
     num_workers: int = 0
     name: str | None = None
+
+
+# Data config keys that do not change the images: loading speed, and the name ibq-eval reports a set's metrics under.
+NOT_IDENTITY = ("num_workers", "name")
+
+
+def data_identity(data_config: DictConfig | dict) -> dict:
+    """The data config without NOT_IDENTITY: what identifies the images (token shards, cached statistics)."""
+    if isinstance(data_config, DictConfig):
+        data_config = OmegaConf.to_container(data_config, resolve=True)
+    return {key: value for key, value in data_config.items() if key not in NOT_IDENTITY}

@@ -38,13 +38,6 @@ def run_name(path: str | None) -> str:
     return Path(str(path)).name if path else "none"
 
 
-def data_identity(data_config: DictConfig | dict) -> dict:
-    """The data config without the keys that only change loading speed."""
-    if isinstance(data_config, DictConfig):
-        data_config = OmegaConf.to_container(data_config, resolve=True)
-    return {key: value for key, value in data_config.items() if key != "num_workers"}
-
-
 @dataclass
 class TokenizerRun:
     run_dir: Path

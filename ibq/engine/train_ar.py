@@ -27,13 +27,14 @@ from tqdm import tqdm
 
 from ibq.data.batches import indexed_train
 from ibq.data.positions import PositionSampler
+from ibq.data.splits import data_identity
 from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.engine.build import build, resolve_precision
 from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.session import RunSession
-from ibq.engine.tokens import CHECKPOINT, TokenizerRun, TokenShards, check_shards, data_identity, load_tokenizer_run, read_manifest
+from ibq.engine.tokens import CHECKPOINT, TokenizerRun, TokenShards, check_shards, load_tokenizer_run, read_manifest
 from ibq.errors import UserError, check_positive_int
 from ibq.generation.sampling import sample
 from ibq.models.transformer import Transformer, next_token_loss

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ibq.data.splits import data_identity
 from ibq.errors import UserError
 from ibq.metrics.fid import FeatureStats
 
@@ -28,8 +29,6 @@ log = logging.getLogger(__name__)
 # What happens between a dataset's [-1, 1] float images and the FID network; the network's own resize and
 # scaling are part of its file, hence of its sha1.
 PREPROCESSING = "[-1,1] float -> uint8 with rounding -> network"
-# Data config keys that do not change the images: loading speed, and the name ibq-eval reports a set's metrics under.
-NOT_IN_KEY = ("num_workers", "name")
 
 
 def dataset_name(data_config: dict) -> str:
@@ -40,7 +39,7 @@ def dataset_name(data_config: dict) -> str:
 
 @dataclass(frozen=True)
 class ReferenceKey:
-    dataset: dict[str, Any]  # the data config, without NOT_IN_KEY
+    dataset: dict[str, Any]  # the data config's identity (ibq.data.splits.data_identity)
     split: str
     resolution: int
     limit: int | None
@@ -60,7 +59,7 @@ class ReferenceKey:
 
 
 def reference_key(data_config: dict, split: str, limit: int | None, seed: int, network_sha1: str) -> ReferenceKey:
-    dataset = {k: v for k, v in data_config.items() if k not in NOT_IN_KEY}
+    dataset = data_identity(data_config)
     return ReferenceKey(dataset, split, int(dataset["resolution"]), limit, seed, network_sha1)
 
 
