@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
 from ibq.data.shards import ShardStream
-from ibq.engine.build import build
+from ibq.config import build
 from ibq.engine.distributed import plan_batches
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO, error_line, read_jsonl, run_cli, train
 from ibq.cli import eval as eval_app
-from ibq.cli.overrides import quote_numeric_choices
-from ibq.engine.build import build
+from ibq.config import quote_numeric_choices
+from ibq.config import build
 from ibq.engine.evaluate import GenerationEvaluator
 from ibq.errors import UserError
 from ibq.metrics.adm import AdmSamples, save_adm_npz, to_adm_array

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import IBQ_TRAIN_AR, REPO, SMALL_AR, children, cli_env, error_line, kill_at_first_checkpoint, read_jsonl, run_cli
-from ibq.engine.build import build
+from ibq.config import build
 from ibq.engine.tokens import TokenShards, load_tokenizer_run
 from ibq.engine.train_ar import load_ar_run, sample_images
 from ibq.metrics.adm import to_adm_array

@@ -19,12 +19,11 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
-from ibq.cli.overrides import check_group_choices, one_line, override_args, parse, quote_numeric_choices
+from ibq.config import CONF_DIR, check_group_choices, one_line, override_args, parse, quote_numeric_choices
 from ibq.engine.distributed import check_deepspeed, detect_ranks, plan_batches
 from ibq.errors import TrainingDiverged, UserError, check_positive_int, unset_key
 from ibq.runs.record import RunRecord, group_choices, run_dirname
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 log = logging.getLogger("ibq")
 
 OmegaConf.register_new_resolver("ibq.dirname", run_dirname, replace=True)

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from ibq.cli.common import CONF_DIR, entry_point, fail
-from ibq.engine.build import build, resolve_device
+from ibq.config import build
+from ibq.engine.build import resolve_device
 from ibq.engine.evaluate import GenerationEvaluator, ReconstructionEvaluator, TorchFidelityNetwork, real_feature_stats
 from ibq.errors import UserError, check_positive_int, unset_key
 from ibq.metrics.adm import AdmSamples

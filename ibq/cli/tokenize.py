@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from ibq.cli.common import CONF_DIR, entry_point, guarded, save_hydra_files
 from ibq.data.batches import indexed_train
 from ibq.data.splits import data_identity
-from ibq.engine.build import build, resolve_device
+from ibq.config import build
+from ibq.engine.build import resolve_device
 from ibq.engine.tokens import MANIFEST, load_tokenizer_run, run_name, write_token_shards
 from ibq.errors import check_positive_int
 

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from ibq.cli.common import CONF_DIR, entry_point, guarded, run_training
-from ibq.engine.build import build
+from ibq.config import build
 
 
 def dry_run(cfg: DictConfig) -> None:

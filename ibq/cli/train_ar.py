@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ibq.cli.common import CONF_DIR, entry_point, guarded, run_training
-from ibq.engine.build import build
+from ibq.config import build
 from ibq.engine.tokens import run_name
 from ibq.errors import UserError
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision.transforms import functional as TF
 
+from ibq.config import build
 from ibq.data.image_folder import load_resized
 from ibq.data.positions import position_generator, random_crop
 from ibq.data.splits import DataSplits
@@ -524,8 +525,6 @@ def build_shards(
 ) -> DataSplits:
     """A ShardStream for training and, from the `val` data config, the validation set. `root` is only
     read by the sources' urls (${data.root}/<source>)."""
-    from ibq.engine.build import build
-
     check_stream_settings(crop, shuffle_shards, shuffle_buffer, max_corrupt_share)
     if isinstance(sources, DictConfig):
         sources = OmegaConf.to_container(sources, resolve=True)

@@ -1,27 +1,12 @@
-"""Instantiating configured objects, with the user's mistakes surfaced as one-line errors."""
+"""The device and precision a training runs with, from its config."""
 
 from __future__ import annotations
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 from ibq.errors import UserError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def build(node: DictConfig, **kwargs):
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as error:
-        cause = error.__cause__
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
 
 
 def resolve_device(name: str) -> torch.device:

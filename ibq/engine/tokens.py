@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ibq.data.positions import PositionSampler, position_generator
-from ibq.engine.build import build
+from ibq.config import build
 from ibq.engine.checkpoint import load_checkpoint
 from ibq.errors import UserError
 from ibq.runs.record import write_json

@@ -30,7 +30,8 @@ from ibq.data.positions import PositionSampler
 from ibq.data.splits import data_identity
 from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
-from ibq.engine.build import build, resolve_precision
+from ibq.config import build
+from ibq.engine.build import resolve_precision
 from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.session import RunSession

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from ibq.data.batches import trainable, training_batches
 from ibq.data.shards import merge_states
 from ibq.engine import distributed
-from ibq.engine.build import build, resolve_precision
+from ibq.config import build
+from ibq.engine.build import resolve_precision
 from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator

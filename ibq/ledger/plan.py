@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
@@ -23,7 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ibq.cli.overrides import available, check_group_choices, first_of_each_sweep, one_line, quote_numeric_choices
+from ibq.config import CONF_DIR, SWEEPS_DIR, available, check_group_choices, first_of_each_sweep, one_line, quote_numeric_choices
 from ibq.errors import UserError
 from ibq.ledger.cost import Estimate, estimate
 from ibq.runs.record import STAGE_II_KEYS, group_choices, run_dirname, signature, without_keys
@@ -33,8 +32,6 @@ from ibq.runs.record import STAGE_II_KEYS, group_choices, run_dirname, signature
 if not OmegaConf.has_resolver("ibq.dirname"):
     OmegaConf.register_new_resolver("ibq.dirname", run_dirname)
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-SWEEPS_DIR = CONF_DIR / "sweep"
 # Hydra overrides that say how this invocation runs, not what a job computes or where it lands.
 INVOCATION_KEYS = ("hydra.mode", "hydra.sweep.dir")
 

@@ -1,13 +1,50 @@
-"""Checks of command-line overrides that Hydra would otherwise report as a multi-line trace."""
+"""Configuration helpers shared by every layer: where the config folders are, instantiating a config
+node, the checks of command-line overrides, and Hydra's multi-line errors condensed to one line.
+
+A leaf module: it imports nothing of ibq but the errors, so cli, ledger and data all use it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
+from hydra.errors import HydraException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from ibq.errors import UserError
+
+
+def find_conf_dir() -> Path:
+    """The primary config folder: inside the installed package (a wheel carries conf/, experiments/ and
+    sweeps/ as ibq/conf), else the checkout's top-level conf/."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
+
+
+CONF_DIR = find_conf_dir()
+SWEEPS_DIR = CONF_DIR / "sweep"
+
+
+def build(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, re-raising a UserError from inside the constructed object as itself."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def one_line(message: str) -> str:
+    """Hydra's multi-line composition errors, condensed to the lines that name the problem."""
+    noise = ("full_key:", "object_type", "Set the environment variable", "reference_type")
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)]
+    return "; ".join(lines)
+
 
 # Hydra flags that take the next argument as their value.
 VALUE_FLAGS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p", "--info", "-i"}
@@ -34,7 +71,7 @@ def parse(arg: str):
     try:
         return OverridesParser.create().parse_override(arg)
     except HydraException as error:
-        raise UserError(f"cannot parse the override {arg!r}: {error}") from None
+        raise UserError(f"cannot parse the override {arg!r}: {one_line(str(error))}") from None
 
 
 def group_choices(argv: list[str], conf_dir: Path):
@@ -68,13 +105,6 @@ def first_of_each_sweep(args: list[str]) -> list[str]:
             arg = f"{arg.split('=', 1)[0]}={first}"
         single.append(arg)
     return single
-
-
-def one_line(message: str) -> str:
-    """Hydra's multi-line composition errors, condensed to the lines that name the problem."""
-    noise = ("full_key:", "object_type", "Set the environment variable", "reference_type")
-    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)]
-    return "; ".join(lines)
 
 
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:
