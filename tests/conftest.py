@@ -21,6 +21,24 @@ SMALL_AR = ["transformer.vocab_size=256", "transformer.depth=2", "transformer.wi
             "transformer.ffn_hidden=512", "ar_train.batch_size=16", "ar_train.log_every=25", "logger=none"]
 
 
+# The apps that build a model: a test that starts one belongs to the slow tier (`make test-fast` skips it).
+MODEL_APPS = {"ibq.cli.train", "ibq.cli.train_ar", "ibq.cli.eval", "ibq.cli.tokenize", "ibq.cli.sample",
+              "ibq-train", "ibq-train-ar", "ibq-eval", "ibq-tokenize", "ibq-sample"}
+_running: dict[str, pytest.Item] = {}
+
+
+def pytest_runtest_protocol(item: pytest.Item, nextitem) -> None:
+    _running["item"] = item
+
+
+def require_slow_mark(args: list[str]) -> None:
+    """Fails a test outside the slow tier that starts a model app, so that the fast tier stays fast."""
+    item = _running.get("item")
+    app = next((Path(str(arg)).name for arg in args if str(arg) in MODEL_APPS or Path(str(arg)).name in MODEL_APPS), None)
+    if app and item is not None and item.get_closest_marker("slow") is None:
+        pytest.fail(f"{item.nodeid} starts {app}: mark it @pytest.mark.slow", pytrace=False)
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     # One thread per process: runs compared step by step must reduce in the same order,
     # and jobs submitted through sbatch inherit it on a machine with few cores.
@@ -28,6 +46,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(args: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    require_slow_mark(args)
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=cli_env(), **kwargs)
 
 
@@ -42,6 +61,7 @@ def kill_at_first_checkpoint(args: list[str], run_dir: Path) -> int:
     returns the checkpoint's step."""
     import torch
 
+    require_slow_mark(args)
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
     checkpoint = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 300

@@ -93,12 +93,14 @@ def test_deepspeed_config_takes_the_batch_from_the_layout_and_does_not_clip():
     check_deepspeed({"stage": None}, "fp16")  # without DeepSpeed, fp16 is the GradScaler's business
 
 
+@pytest.mark.slow
 def test_bad_batch_layout_is_one_line_before_anything_runs(tmp_path: Path):
     line = error_line(train(tmp_path / "run", "train.batch_size=8", "train.micro_batch_size=3"))
     assert "train.batch_size=8 (the global batch) is not divisible by train.micro_batch_size=3 x world size 1" in line
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path):
     """One process, 4 micro-batches of 2 images: the generator losses of the batch of 8."""
     full = train(tmp_path / "full", *MATCHING, "train.steps=4")

@@ -36,6 +36,7 @@ def test_training_runs_with_each_quantizer(tmp_path, name, overrides):
     assert results["codebook/dead"] < 256
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
     [

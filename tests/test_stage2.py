@@ -66,6 +66,7 @@ def test_paper_scales_keep_the_reference_schedule_and_sampling():
         assert cfg.ar_optim.weight_decay == 0.05 and cfg.ar_optim.grad_clip == 1.0 and cfg.transformer.class_dropout == 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", PAPER_PARAMETERS)
 def test_dry_run_reports_the_paper_parameter_counts(scale: str, tmp_path: Path):
     result = run_cli(IBQ_TRAIN_AR + [f"model_scale={scale}", "dry_run=true", f"hydra.run.dir={tmp_path / 'run'}"])
@@ -75,6 +76,7 @@ def test_dry_run_reports_the_paper_parameter_counts(scale: str, tmp_path: Path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("make_run_dir", "expected"),
     [
@@ -330,6 +332,7 @@ def test_two_ranks_stop_on_the_signal_resume_and_match_one_process(small_tokeniz
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [

@@ -4,10 +4,7 @@ tiny codebook-scaling sweep read back by `ibq-sweep table` and `plot`."""
 from __future__ import annotations
 
 import json
-import os
-import resource
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -157,26 +154,18 @@ def test_plan_signatures_equal_a_full_composition():
         assert signature(without_keys(cfg, STAGE_II_KEYS)) == job.signature, job.overrides  # as TokenizerTraining signs
 
 
-def test_plan_of_64_jobs_answers_quickly_and_marks_completed_ones(tmp_path):
+def test_plan_of_64_jobs_marks_completed_ones(tmp_path):
     plan = expand(["sweep=codebook_scaling", "model_scale=tiny", "seed=0,1,2,3,4,5,6,7"])
     done = tmp_path / "runs" / "one"
     done.mkdir(parents=True)
     (done / "run.json").write_text(json.dumps({"signature": plan.jobs[9].signature, "status": "completed"}))
     (done / "results.json").write_text("{}")
 
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
     result = run_cli(IBQ_SWEEP + ["plan", "codebook_scaling", "model_scale=tiny", "seed=0,1,2,3,4,5,6,7", "--runs", str(tmp_path / "runs")])
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     assert result.returncode == 0, result.stderr
     assert "64 jobs: 1 already completed, 63 to run" in result.stdout
     done_lines = [line for line in result.stdout.splitlines() if " done " in line]
     assert len(done_lines) == 1 and plan.jobs[9].signature in done_lines[0] and str(done) in done_lines[0]
-    # 5 s on an idle machine; a machine busy with other work stretches wall time, not CPU time
-    busy = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
-    assert cpu <= 5.0 and wall <= 5.0 * busy, (cpu, wall, busy)
 
 
 # -- a real sweep --------------------------------------------------------------------------------------
