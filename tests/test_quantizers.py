@@ -65,7 +65,11 @@ def test_output_honours_the_contract(name):
     assert out.indices.shape == (2, 3, 5) and out.indices.dtype == torch.int64
     assert 0 <= int(out.indices.min()) and int(out.indices.max()) < quantizer.codebook_size
     assert out.loss.shape == () and torch.isfinite(out.loss)
-    assert out.stats and all(isinstance(value, float) and math.isfinite(value) for value in out.stats.values())
+    # detached 0-d device tensors: the engine reads them on the host only at log steps
+    assert out.stats and all(
+        isinstance(value, torch.Tensor) and value.shape == () and not value.requires_grad and math.isfinite(value)
+        for value in out.stats.values()
+    )
 
 
 @pytest.mark.parametrize("name", QUANTIZERS)
@@ -185,8 +189,8 @@ def test_lfq_entropy_terms_equal_the_softmax_over_all_codes(scale):
     codebook_entropy = -(average * torch.log(average + 1e-5)).sum()
     (0.6 * sample_entropy - 1.3 * codebook_entropy).backward()
 
-    assert out.stats["entropy/sample"] == pytest.approx(sample_entropy.item(), rel=1e-4, abs=1e-6)
-    assert out.stats["entropy/codebook"] == pytest.approx(codebook_entropy.item(), rel=1e-4, abs=1e-6)
+    assert float(out.stats["entropy/sample"]) == pytest.approx(sample_entropy.item(), rel=1e-4, abs=1e-6)
+    assert float(out.stats["entropy/codebook"]) == pytest.approx(codebook_entropy.item(), rel=1e-4, abs=1e-6)
     torch.testing.assert_close(z.grad.double(), z_ref.grad, rtol=1e-3, atol=1e-5 * float(z_ref.grad.abs().max()))
 
 
@@ -274,7 +278,7 @@ def test_ema_vq_dead_code_restart_lowers_the_dead_count_on_a_skewed_input():
         for step in range(30):
             out = quantizer(skewed_batch(step))
         dead = int((quantizer.cluster_size < 0.5 * tokens_per_batch / K).sum())
-        outcomes[threshold] = (dead, out.stats["codebook/batch_utilization"])
+        outcomes[threshold] = (dead, float(out.stats["codebook/batch_utilization"]))
     (dead_without, used_without), (dead_with, used_with) = outcomes[0.0], outcomes[0.5]
     assert dead_with < dead_without
     assert used_with > used_without

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from pathlib import Path
@@ -50,9 +51,43 @@ def stop_if_not_finite(step: int, losses: dict[str, torch.Tensor], checkpoint: P
     """Every rank stops together when a loss is non-finite on any of them."""
     bad = {name: value.item() for name, value in losses.items() if not torch.isfinite(value)}
     if any_rank(bool(bad), device):
-        kept = f"the last good checkpoint is {checkpoint} (step {last_good})" if last_good else "no checkpoint was written yet"
-        where = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
-        raise TrainingDiverged(f"non-finite loss at step {step} ({where}): training stopped; {kept}")
+        raise _diverged(step, bad, checkpoint, last_good)
+
+
+def _diverged(step: int, bad: dict[str, float], checkpoint: Path, last_good: int | None) -> TrainingDiverged:
+    kept = f"the last good checkpoint is {checkpoint} (step {last_good})" if last_good else "no checkpoint was written yet"
+    where = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
+    return TrainingDiverged(f"non-finite loss at step {step} ({where}): training stopped; {kept}")
+
+
+class DivergenceWatch:
+    """`stop_if_not_finite` without waiting for the device at every step: `observe` keeps, on the
+    device, the first step whose losses were non-finite and those losses; `check` reads them on the
+    host (and agrees across ranks) only when called: at log steps and before every checkpoint, so no
+    checkpoint ever holds weights updated from a non-finite loss."""
+
+    def __init__(self, checkpoint: Path, last_good: int | None, device: torch.device):
+        self.checkpoint, self.last_good, self.device = checkpoint, last_good, device
+        self.first_step = torch.zeros((), dtype=torch.long, device=device)  # 0: every loss finite so far
+        self.losses: dict[str, torch.Tensor] = {}
+
+    def observe(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([value.detach().double() for value in losses.values()])
+        first_bad = (self.first_step == 0) & ~torch.isfinite(values).all()
+        self.first_step = torch.where(first_bad, step, self.first_step)
+        for name, value in zip(losses, values):
+            self.losses[name] = torch.where(first_bad, value, self.losses.get(name, value.new_zeros(())))
+
+    def check(self, step: int) -> None:
+        """At `step`, every rank stops together when any of them saw a non-finite loss since the start."""
+        first_step = int(self.first_step)
+        if any_rank(first_step > 0, self.device):
+            bad = {name: value for name, value in zip(self.losses, torch.stack(list(self.losses.values())).tolist())
+                   if not math.isfinite(value)}
+            raise _diverged(first_step or step, bad, self.checkpoint, self.last_good)
+
+    def saved(self, step: int) -> None:
+        self.last_good = step
 
 
 def rng_entries() -> dict[str, Any]:

@@ -159,15 +159,18 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Averages scalars over ranks (every rank must pass the same keys)."""
-    if not active() or not values:
-        return values
+def mean_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Averages scalars (numbers or 0-d device tensors) over ranks, in one all-reduce and one read on
+    the host (every rank must pass the same keys)."""
+    if not values:
+        return {}
     keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    tensor /= dist.get_world_size()
-    return dict(zip(keys, tensor.tolist()))
+    tensor = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in keys])
+    if active():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    means = dict(zip(keys, tensor.tolist()))
+    return {key: means[key] for key in values}
 
 
 def average_buffers_(module: torch.nn.Module) -> None:

@@ -31,7 +31,7 @@ from ibq.data.shards import merge_states
 from ibq.engine import distributed
 from ibq.config import build
 from ibq.engine.build import resolve_precision
-from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite
+from ibq.engine.checkpoint import DivergenceWatch, foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
@@ -101,6 +101,7 @@ class TokenizerTraining:
         self.generator, self.critic = self._wrap()
         self.stream_state = None  # a shard stream's cursors, from the checkpoint
         self.start_step = self._resume() if self.checkpoint_path.exists() else 0
+        self.divergence = DivergenceWatch(self.checkpoint_path, self.start_step or None, self.device)
         self.session = RunSession(run_dir, self.ranks)
 
     def _wrap(self):
@@ -161,6 +162,7 @@ class TokenizerTraining:
     def _save(self, step: int) -> None:
         """All ranks: DeepSpeed's engines write their shards; then rank 0 commits last.pt, which names
         them, so a job killed mid-save resumes from the previous complete checkpoint."""
+        self.divergence.check(step)  # never a checkpoint of weights updated from a non-finite loss
         tag = None
         if self.zero_stage is not None:
             tag = f"step{step:07d}"
@@ -222,7 +224,6 @@ class TokenizerTraining:
             )
         autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         codebook_size = self.tokenizer.quantizer.codebook_size
-        last_good = self.start_step if self.checkpoint_path.exists() else None
         window = {"data": 0.0, "total": 0.0, "images": 0}
 
         progress = tqdm(total=steps, initial=self.start_step, desc="train", dynamic_ncols=True, disable=not main)
@@ -231,13 +232,15 @@ class TokenizerTraining:
                 started = time.perf_counter()
                 micro_batches = [next(self.batches)[0].to(device, non_blocking=True) for _ in range(layout.accumulation)]
                 data_time = time.perf_counter() - started
-                metrics = self._step(step, micro_batches, last_good, autocast)
+                metrics = self._step(step, micro_batches, autocast)
                 window["data"] += data_time
                 window["total"] += time.perf_counter() - started
                 window["images"] += layout.global_batch
                 progress.update(1)
 
                 if step % cfg.train.log_every == 0 or step == steps:
+                    # The step's figures are device tensors until here: the only host reads between logs.
+                    self.divergence.check(step)
                     counters = self.batches.counters()
                     metrics = distributed.mean_over_ranks({**metrics, **counters}, device)
                     metrics.update({key: round(metrics[key] * self.ranks.world_size) for key in counters})  # sums over ranks
@@ -253,7 +256,7 @@ class TokenizerTraining:
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != steps:
                     self._evaluate(evaluator, codebook_size, step)
                 if checkpoint_or_leave(step, steps, cfg.train.checkpoint_every, self._save, requeue, device, self.ranks, self.session):
-                    last_good = step
+                    self.divergence.saved(step)
         if self.start_step == steps and steps > 0 and main:
             log.info("run already trained to %d steps: evaluating its checkpoint", steps)
         # A run resumed after its final evaluation was logged evaluates again without a second line.
@@ -270,14 +273,15 @@ class TokenizerTraining:
             write_json(self.run_dir / "results.json", results)
         return results
 
-    def _step(self, step: int, micro_batches: list[torch.Tensor], last_good: int | None, autocast) -> dict[str, float]:
-        """One optimizer step of each network over this rank's micro-batches; returns their mean losses."""
+    def _step(self, step: int, micro_batches: list[torch.Tensor], autocast) -> dict[str, torch.Tensor]:
+        """One optimizer step of each network over this rank's micro-batches; returns their mean losses
+        and quantizer statistics as device tensors: nothing here waits for the device."""
         cfg = self.cfg
         accumulation = len(micro_batches)
         gan_on = step > cfg.loss.disc_start
         self.tokenizer.train()
         self.discriminator.train()
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, torch.Tensor] = defaultdict(float)
 
         # Discriminator step, on detached reconstructions. With one micro-batch the reconstruction
         # (and its graph) is kept for the generator step; with several, the generator step
@@ -300,11 +304,10 @@ class TokenizerTraining:
                     d_lecam = self.lecam(real_logits, fake_logits)
                     d_loss = d_hinge + cfg.loss.lecam_weight * d_lecam
                 if gan_on:
-                    stop_if_not_finite(step, {"loss/d": d_loss}, self.checkpoint_path, last_good, self.device)
+                    self.divergence.observe(step, {"loss/d": d_loss})
                     self._backward(d_loss, self.critic)
-            sums["loss/d"] += d_loss.item()
-            sums["loss/d_hinge"] += d_hinge.item()
-            sums["loss/lecam"] += d_lecam.item()
+            for name, value in (("loss/d", d_loss), ("loss/d_hinge", d_hinge), ("loss/lecam", d_lecam)):
+                sums[name] += value.detach().float()
         if gan_on and self.zero_stage is None:
             self.scaler.step(self.opt_d)
         # Each rank moved LeCAM's averages with its own logits; their mean is the one-process update.
@@ -329,11 +332,11 @@ class TokenizerTraining:
                         + cfg.loss.generator_adv_weight * g_adv
                         + cfg.loss.quantizer_weight * quantized.loss
                     )
-                stop_if_not_finite(step, {"loss/g": g_loss, "loss/quantizer": quantized.loss}, self.checkpoint_path, last_good, self.device)
+                self.divergence.observe(step, {"loss/g": g_loss, "loss/quantizer": quantized.loss})
                 self._backward(g_loss, self.generator)
             for name, value in (("loss/g", g_loss), ("loss/l1", l1), ("loss/perceptual", perceptual),
                                 ("loss/g_adv", g_adv), ("loss/quantizer", quantized.loss)):
-                sums[name] += value.item()
+                sums[name] += value.detach().float()
             for name, value in quantized.stats.items():
                 sums[name] += value
         if self.zero_stage is None:

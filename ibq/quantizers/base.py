@@ -15,10 +15,11 @@ class QuantizerOutput:
     z_q: Tensor  # (B, D, H, W): what the decoder receives
     indices: Tensor  # (B, H, W) int64
     loss: Tensor  # scalar: the quantizer's whole weighted loss
-    stats: dict[str, float] = field(default_factory=dict)  # per-batch figures for logging
+    # per-batch figures for logging: detached 0-d tensors, read on the host only at log steps
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_tokens(cls, z_q: Tensor, indices: Tensor, loss: Tensor, stats: dict[str, float], z_shape: torch.Size) -> QuantizerOutput:
+    def from_tokens(cls, z_q: Tensor, indices: Tensor, loss: Tensor, stats: dict[str, Tensor], z_shape: torch.Size) -> QuantizerOutput:
         """From per-token results in raster order ((B*H*W, D) codes, (B*H*W,) indices), shaped back like
         the encoder output `z_shape`."""
         b, _, h, w = z_shape
@@ -61,12 +62,15 @@ def to_map(tokens: Tensor, like_shape: torch.Size) -> Tensor:
     return tokens.reshape(b, h, w, d).permute(0, 3, 1, 2)
 
 
-def batch_usage_stats(indices: Tensor, codebook_size: int) -> dict[str, float]:
-    """Usage within one batch; the exact whole-set figures come from ibq.metrics.codebook."""
-    counts = torch.bincount(indices.flatten(), minlength=codebook_size).double()
+def batch_usage_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
+    """Usage within one batch; the exact whole-set figures come from ibq.metrics.codebook.
+    Nothing here waits for the device: a scatter-add, not bincount (whose CUDA kernel reads the
+    largest index on the host), and xlogy, not boolean indexing."""
+    flat = indices.flatten()
+    counts = flat.new_zeros(codebook_size).scatter_add_(0, flat, torch.ones_like(flat)).double()
     probs = counts / counts.sum()
-    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    entropy = -torch.special.xlogy(probs, probs).sum()
     return {
-        "codebook/batch_utilization": (counts > 0).double().mean().item(),
-        "codebook/batch_perplexity": entropy.exp().item(),
+        "codebook/batch_utilization": (counts > 0).double().mean(),
+        "codebook/batch_perplexity": entropy.exp(),
     }

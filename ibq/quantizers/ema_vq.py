@@ -70,7 +70,7 @@ class EMAVQ(Quantizer):
         indices = nearest_code(tokens, self.codebook)
         quantized = self.codebook[indices]
         commitment = F.mse_loss(tokens, quantized)
-        stats = {"loss/commitment": commitment.item(), **batch_usage_stats(indices, self.codebook_size)}
+        stats = {"loss/commitment": commitment.detach(), **batch_usage_stats(indices, self.codebook_size)}
         if self.training:
             stats.update(self._update(tokens.detach(), indices))
         return QuantizerOutput.from_tokens(
@@ -78,7 +78,7 @@ class EMAVQ(Quantizer):
         )
 
     @torch.no_grad()
-    def _update(self, tokens: Tensor, indices: Tensor) -> dict[str, float]:
+    def _update(self, tokens: Tensor, indices: Tensor) -> dict[str, Tensor]:
         counts = torch.bincount(indices, minlength=self.codebook_size).to(tokens.dtype)
         sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, tokens)
         tokens_per_batch = torch.tensor(float(len(tokens)), device=tokens.device)
@@ -92,7 +92,7 @@ class EMAVQ(Quantizer):
         self.codebook.copy_(self.embed_sum / smoothed[:, None])
 
         dead = self.dead_codes(int(tokens_per_batch))
-        dead_count = int(dead.sum())
+        dead_count = int(dead.sum())  # a restart draws this many replacements: the host needs the count
         if self.dead_code_threshold > 0 and dead_count:
             replacements = tokens[torch.randint(len(tokens), (dead_count,), device=tokens.device)]
             if _distributed():
@@ -101,7 +101,7 @@ class EMAVQ(Quantizer):
             self.codebook[dead] = replacements
             self.embed_sum[dead] = replacements * share
             self.cluster_size[dead] = share
-        return {"codebook/ema_dead": float(dead_count)}
+        return {"codebook/ema_dead": dead.sum().double()}
 
     def decode_indices(self, indices: Tensor) -> Tensor:
         return F.embedding(indices, self.codebook).permute(0, 3, 1, 2)

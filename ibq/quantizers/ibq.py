@@ -98,12 +98,12 @@ class IBQ(Quantizer):
             + self.entropy_weight * entropy
         )
         stats = {
-            "loss/double_quant": double_quant.item(),
-            "loss/commitment": commitment.item(),
-            "loss/codebook": codebook_term.item(),
-            "loss/entropy": entropy.item(),
-            "entropy/sample": sample_entropy.item(),
-            "entropy/codebook": codebook_entropy.item(),
+            "loss/double_quant": double_quant.detach(),
+            "loss/commitment": commitment.detach(),
+            "loss/codebook": codebook_term.detach(),
+            "loss/entropy": entropy.detach(),
+            "entropy/sample": sample_entropy.detach(),
+            "entropy/codebook": codebook_entropy.detach(),
             **batch_usage_stats(indices, self.codebook_size),
         }
         return QuantizerOutput.from_tokens(z_q, indices, loss, stats, z.shape)

@@ -39,8 +39,8 @@ class L2VQ(Quantizer):
         codebook_term = F.mse_loss(quantized, latents.detach())
         commitment = F.mse_loss(quantized.detach(), latents)
         stats = {
-            "loss/codebook": codebook_term.item(),
-            "loss/commitment": commitment.item(),
+            "loss/codebook": codebook_term.detach(),
+            "loss/commitment": commitment.detach(),
             **batch_usage_stats(indices, self.codebook_size),
         }
         return QuantizerOutput.from_tokens(

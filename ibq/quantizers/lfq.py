@@ -154,10 +154,10 @@ class LFQ(Quantizer):
 
         quantized = latents + (codes - latents).detach()
         stats = {
-            "loss/commitment": commitment.item(),
-            "loss/entropy": entropy.item(),
-            "entropy/sample": sample_entropy.item(),
-            "entropy/codebook": codebook_entropy.item(),
+            "loss/commitment": commitment.detach(),
+            "loss/entropy": entropy.detach(),
+            "entropy/sample": sample_entropy.detach(),
+            "entropy/codebook": codebook_entropy.detach(),
             **batch_usage_stats(indices, self.codebook_size),
         }
         return QuantizerOutput.from_tokens(self.project_out(quantized), indices, loss, stats, z.shape)

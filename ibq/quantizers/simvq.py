@@ -36,8 +36,8 @@ class SimVQ(Quantizer):
         codebook_term = F.mse_loss(quantized, tokens.detach())
         commitment = F.mse_loss(quantized.detach(), tokens)
         stats = {
-            "loss/codebook": codebook_term.item(),
-            "loss/commitment": commitment.item(),
+            "loss/codebook": codebook_term.detach(),
+            "loss/commitment": commitment.detach(),
             **batch_usage_stats(indices, self.codebook_size),
         }
         return QuantizerOutput.from_tokens(

@@ -38,8 +38,8 @@ class VQ(Quantizer):
             loss = codebook_term + self.beta * commitment
         z_q = tokens + (z_hard - tokens).detach()
         stats = {
-            "loss/codebook": codebook_term.item(),
-            "loss/commitment": commitment.item(),
+            "loss/codebook": codebook_term.detach(),
+            "loss/commitment": commitment.detach(),
             **batch_usage_stats(indices, self.codebook_size),
         }
         return QuantizerOutput.from_tokens(z_q, indices, loss, stats, z.shape)
