@@ -269,6 +269,6 @@ def test_wandb_report_is_built_from_the_table(tmp_path):
     from ibq.report.report import wandb_report
 
     table = build_table(discover(seeded_sweep(tmp_path / "sweep")))
-    report = wandb_report("ibq sweep g", "a test", table, group="g", project="ibq", entity="someone")
+    report = wandb_report("ibq sweep g", "a test", table, group="g", project="ibq", entity="someone", curves=["loss/g"])
     assert report.entity == "someone" and len(report.blocks) == 4
     assert "| quantizer | codebook_size |" in report.blocks[2].text

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, QUICK, error_line, kill_at_first_checkpoint, read_jsonl, run_cli, train
+from ibq.runs.record import sweep_group
 
 pytestmark = pytest.mark.slow
 LOSS_KEYS = ("loss/g", "loss/l1", "loss/quantizer", "loss/d", "loss/lecam", "codebook/batch_perplexity")
@@ -100,7 +101,7 @@ def test_sweep_runs_each_job_in_its_own_directory_grouped_in_wandb(tmp_path: Pat
     runs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
     assert len(runs) == 4
     records = [json.loads((p / "run.json").read_text()) for p in runs]
-    assert {r["wandb"]["group"] for r in records} == {"sweep"}
+    assert {r["wandb"]["group"] for r in records} == {sweep_group(sweep_dir)}  # "sweep-<hash of its path>"
     assert len({r["wandb"]["dir"] for r in records}) == 4
     assert all(Path(r["wandb"]["dir"]).is_dir() for r in records)
     assert len({r["signature"] for r in records}) == 4

@@ -22,7 +22,8 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from ibq.config import CONF_DIR, check_group_choices, one_line, override_args, parse, quote_numeric_choices
 from ibq.engine.distributed import check_deepspeed, detect_ranks, plan_batches
 from ibq.errors import TrainingDiverged, UserError, check_positive_int, unset_key
-from ibq.runs.record import RunRecord, group_choices, run_dirname
+from ibq.runs.record import RunRecord, group_choices, run_dirname, sweep_group
+from ibq.runs.wandb_mirror import offline_folders
 
 log = logging.getLogger("ibq")
 
@@ -247,10 +248,10 @@ def guarded(task):
 
 
 def hydra_context() -> tuple[dict, list[str], str | None]:
-    """Config-group choices, the job's overrides, and the sweep directory's name in multirun mode."""
+    """Config-group choices, the job's overrides, and the sweep's W&B group in multirun mode."""
     hydra = HydraConfig.get()
     choices = group_choices(hydra.runtime.choices)
-    group = Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else None
+    group = sweep_group(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None
     return choices, list(hydra.overrides.task), group
 
 
@@ -275,7 +276,8 @@ def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_
     lines = summary_lines(training, results, run_dir)
     wandb = RunRecord(run_dir).data.get("wandb") or {}
     if wandb.get("dir"):
-        upload = f"  (upload: wandb sync {wandb['dir']})" if wandb["mode"] == "offline" else ""
+        folders = offline_folders(run_dir, wandb.get("id")) if wandb["mode"] == "offline" else []
+        upload = f"  (upload: wandb sync {' '.join(map(str, folders))})" if folders else ""
         lines.append(f"W&B ({wandb['mode']})         {wandb['dir']}{upload}")
     print(f"\n{app}: {training.total_steps} steps done ({choices_text(choices)})")
     for line in lines:

@@ -281,9 +281,11 @@ def publish(run_dir: Path, step: int, results: dict, train_cfg: DictConfig | Non
     logger = train_cfg.get("logger") if train_cfg is not None else None
     if logger is None or logger.get("kind") != "wandb" or wandb_mode == "disabled" or run_id is None:
         return None
+    record = run_dir / "run.json"
+    trained_in = (json.loads(record.read_text()).get("wandb") or {}).get("group") if record.is_file() else None
     mirror = WandbMirror(
         run_dir=run_dir, run_id=run_id, config={"evaluation": scalars(results)}, project=logger.project,
-        entity=logger.entity, group=logger.group, name=logger.name or run_dir.name, mode=wandb_mode,
+        entity=logger.entity, group=logger.group or trained_in, name=logger.name or run_dir.name, mode=wandb_mode,
         base_url=logger.base_url,
     )
     mirror.summarize(scalars(results))

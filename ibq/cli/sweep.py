@@ -4,7 +4,8 @@
   ibq-sweep launch codebook_scaling model_scale=tiny   run the jobs that have not completed anywhere yet
   ibq-sweep status outputs/multirun/<time>             done / running / failed / preempted / interrupted per job
   ibq-sweep table  outputs/multirun/<time>             metrics by quantizer x codebook size, mean ± std over seeds
-  ibq-sweep plot   outputs/multirun/<time>             utilization (and rFID) vs codebook size, PNG + W&B
+  ibq-sweep plot   outputs/multirun/<time>             utilization (and rFID) vs codebook size, loss curves, PNG + W&B
+  ibq-sweep diff   RUN_DIR RUN_DIR                     config keys that differ, then the metrics side by side
   ibq-sweep retry  outputs/multirun/<time>             relaunch the failed / preempted / interrupted / missing jobs
   ibq-sweep report outputs/multirun/<time>             W&B Report when online, else report.md + report.html
 """
@@ -20,7 +21,8 @@ from ibq.errors import UserError
 
 DEFAULT_RUNS = Path("outputs")
 ENTRY_SCRIPTS = {"train": "ibq-train", "train_ar": "ibq-train-ar"}  # primary config -> console script
-PLOT_METRICS = ("codebook/utilization", "rfid")
+PLOT_METRICS = ("codebook/utilization", "rfid")  # final values against the x factor
+CURVE_METRICS = ("loss/g", "codebook/utilization")  # over the steps, where runs logged them at two steps or more
 
 
 def fail(message: str, code: int = 2):
@@ -223,15 +225,15 @@ def cmd_table(args) -> int:
 
     runs, sweep, group = compared_runs(args)
     table = build_table(runs, metric_list(args.metrics))
-    if args.columns:
-        parts = []
-        for metric in table.metrics:
-            header, body = table.pivot(args.columns, metric)
-            render = render_markdown if args.format == "markdown" else render_terminal
-            parts.append(f"{metric}\n{render(header, body, numeric_from=len(table.factors) - 1)}")
-        text = "\n\n".join(parts) if args.format != "csv" else table.csv()
+    if args.columns and args.format == "csv":
+        text = table.pivot_csv(args.columns)
+    elif args.columns and args.format == "latex":
+        text = "\n\n".join(f"% {metric}\n{table.pivot_latex(args.columns, metric)}" for metric in table.metrics)
+    elif args.columns:
+        render = render_markdown if args.format == "markdown" else render_terminal
+        text = "\n\n".join(f"{metric}\n{render(*table.pivot(args.columns, metric), numeric_from=len(table.factors) - 1)}" for metric in table.metrics)
     else:
-        text = {"terminal": table.terminal, "markdown": table.markdown, "csv": table.csv}[args.format]()
+        text = {"terminal": table.terminal, "markdown": table.markdown, "csv": table.csv, "latex": table.latex}[args.format]()
     if args.output:
         Path(args.output).write_text(text if text.endswith("\n") else text + "\n")
         print(f"wrote {args.output}")
@@ -262,16 +264,35 @@ def wandb_project(runs) -> str:
     return "ibq"
 
 
-def make_plots(table, metrics: list[str], x: str | None, out: Path) -> list[Path]:
+def make_plots(table, metrics: list[str] | None, x: str | None, out: Path, usage: bool = False) -> list[Path]:
+    """Final values against `x` for the metrics runs report in results.json, curves over the steps for those
+    they logged in metrics.jsonl (both where both), and with `usage` the sorted code usage. `metrics` None:
+    the defaults, each drawn where some run has it; a metric asked for must be somewhere."""
+    from ibq.report.curves import curve_series, logged_metrics, save_curve, save_usage_plot
     from ibq.report.plot import default_x, save_plot
+    from ibq.report.table import number
 
-    x = x or default_x(table)
+    on_disk = all(run.path is not None for row in table.rows for run in row.runs)
+    logged = logged_metrics(table) if on_disk else set()
     paths = []
-    for metric in metrics:
-        if not any(row.cell(metric).values for row in table.rows):
+    for metric in metrics or dict.fromkeys(PLOT_METRICS + CURVE_METRICS):
+        final = (bool(metrics) or metric in PLOT_METRICS) and any(row.cell(metric).values for row in table.rows)
+        curve = (bool(metrics) or metric in CURVE_METRICS) and metric in logged and bool(curve_series(table, metric))
+        if final and table.factors:
+            paths.append(save_plot(table, metric, x or default_x(table), out))
+        if curve:
+            paths.append(save_curve(table, metric, out))
+        if not (final or curve):
+            if metrics:
+                reported = sorted({k for row in table.rows for r in row.runs for k, v in (r.results or {}).items() if number(v) is not None}
+                                  - {"step"} | logged)
+                raise UserError(f"no run reports the metric {metric!r} in results.json or (at two steps or more) in metrics.jsonl; "
+                                f"reported: {', '.join(reported)}")
             print(f"{metric}: no run reports it; no plot")
-            continue
-        paths.append(save_plot(table, metric, x, out))
+    if usage:
+        if not on_disk:
+            raise UserError("--usage reads the run directories: leave out --source wandb")
+        paths.append(save_usage_plot(table, out))
     return paths
 
 
@@ -280,8 +301,8 @@ def cmd_plot(args) -> int:
     from ibq.report.wandb_log import log_analysis
 
     runs, sweep, group = compared_runs(args)
-    table = build_table(runs, args.metric)  # checks that some run reports each metric asked for
-    paths = make_plots(table, table.metrics if args.metric else list(PLOT_METRICS), args.x, output_dir(sweep, group, "plots", args.out))
+    table = build_table(runs)
+    paths = make_plots(table, args.metric, args.x, output_dir(sweep, group, "plots", args.out), usage=args.usage)
     for path in paths:
         print(f"wrote {path}")
     where = log_analysis(table, paths, group, args.project or wandb_project(runs), args.entity, output_dir(sweep, group, "analysis"), args.wandb)
@@ -292,13 +313,15 @@ def cmd_plot(args) -> int:
 
 def cmd_report(args) -> int:
     from ibq.ledger.wandb_source import online_problem
+    from ibq.report.curves import has_usage, logged_metrics
     from ibq.report.report import sections, wandb_report, write_local
     from ibq.report.table import build_table
 
     runs, sweep, group = compared_runs(args)
     table = build_table(runs)
     out = output_dir(sweep, group, "report", args.out)
-    plots = make_plots(table, list(PLOT_METRICS), None, out / "plots") if table.factors else []
+    on_disk = sweep is not None
+    plots = make_plots(table, None, None, out / "plots", usage=on_disk and has_usage(table))
     title = f"ibq sweep {group}"
     lines = [f"W&B group: {group}", f"factors: {', '.join(table.factors) or 'none'}"]
     problems = []
@@ -316,13 +339,58 @@ def cmd_report(args) -> int:
         print(f"W&B Report not created ({problem}); the local report above has the same content")
         return 0
     try:
-        report = wandb_report(title, "; ".join(lines), table, group, args.project or wandb_project(runs), args.entity)
+        curves = [m for m in CURVE_METRICS if not on_disk or m in logged_metrics(table)]
+        report = wandb_report(title, "; ".join(lines), table, group, args.project or wandb_project(runs), args.entity, curves)
         report.save()
     except Exception as error:  # the Reports API (public preview) raises many types
         print(f"W&B Report not created ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
               "the local report above has the same content")
         return 0
     print(f"W&B Report: {report.url}")
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from ibq.ledger.runs import load_run
+    from ibq.report.table import decimals, label, number
+
+    runs = []
+    for directory in (args.run_a, args.run_b):
+        run = load_run(Path(directory)) if Path(directory).is_dir() else None
+        if run is None:
+            raise UserError(f"{directory}: not a run directory (no readable run.json); give two folders that ibq-train or ibq-train-ar wrote")
+        runs.append(run)
+    a, b = runs
+    for name, run in (("A", a), ("B", b)):
+        git = run.record.get("git") or {}
+        commit = f"git {str(git.get('sha'))[:10]}{' (dirty)' if git.get('dirty') else ''}" if git.get("sha") else "git unknown"
+        print(f"{name}: {run.location}  ({run.status}, signature {run.signature}, {commit})")
+    body = [[f"{k} (choice)", a.choices.get(k, "<absent>"), b.choices.get(k, "<absent>")]
+            for k in sorted(set(a.choices) | set(b.choices)) if a.choices.get(k) != b.choices.get(k)]
+    keys = sorted(k for k in set(a.config) | set(b.config) if a.config.get(k, "<absent>") != b.config.get(k, "<absent>"))
+    body += [[k, str(a.config.get(k, "<absent>")), str(b.config.get(k, "<absent>"))] for k in keys]
+    if body:
+        print(f"\n{len(body)} config key(s) differ:")
+        print_table(["key", "A", "B"], body)
+    else:
+        print("\nthe configs are the same")
+    results_a, results_b = a.results or {}, b.results or {}
+    metrics = sorted(k for k in set(results_a) | set(results_b) if number(results_a.get(k)) is not None or number(results_b.get(k)) is not None)
+    if not metrics:
+        print("\nneither run has results.json")
+        return 0
+
+    def shown_value(value, digits: int) -> str:
+        return "–" if number(value) is None else str(value) if isinstance(value, int) else f"{value:.{digits}f}"
+
+    body = []
+    for metric in metrics:
+        va, vb = results_a.get(metric), results_b.get(metric)
+        digits = 0 if isinstance(va, int) and isinstance(vb, int) else decimals(metric)
+        delta = f"{number(vb) - number(va):+.{digits}f}" if number(va) is not None and number(vb) is not None else ""
+        body.append([label(metric), shown_value(va, digits), shown_value(vb, digits), delta])
+    print("\nmetrics (results.json):")
+    print_table(["metric", "A", "B", "B - A"], body, numeric={1, 2, 3})
     return 0
 
 
@@ -355,17 +423,26 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("table", help="metrics by config-group choices, mean ± std over seeds")
     source_options(sp)
-    sp.add_argument("--metrics", help="comma-separated results keys (default: utilization, bound, perplexity, rFID, PSNR, SSIM, LPIPS)")
+    sp.add_argument("--metrics", help="comma-separated results keys (default: those of utilization, bound, perplexity, rFID, PSNR, SSIM, "
+                                      "LPIPS that some run reports)")
     sp.add_argument("--columns", metavar="FACTOR", help="one table per metric with the values of FACTOR as columns (e.g. codebook_size)")
-    sp.add_argument("--format", choices=("terminal", "markdown", "csv"), default="terminal", help="csv: one line per group with <metric>_mean/_std/_n")
+    sp.add_argument("--format", choices=("terminal", "markdown", "csv", "latex"), default="terminal",
+                    help="csv: one line per group with <metric>_mean/_std/_n; latex: a booktabs tabular, the best value per column in bold")
     sp.add_argument("--output", help="write to this file instead of the terminal")
 
     sp = sub.add_parser("plot", help="PNG plots of a metric against a factor, also logged to W&B")
     source_options(sp)
-    sp.add_argument("--metric", action="append", help="results key to plot (repeatable; default: codebook/utilization and rfid)")
+    sp.add_argument("--metric", action="append", help="key to plot (repeatable): its final value from results.json against --x, its curve "
+                                                      "over the steps from metrics.jsonl (e.g. loss/g); default: utilization and rFID, and the "
+                                                      "loss/g and utilization curves where logged")
+    sp.add_argument("--usage", action="store_true", help="also overlay the sorted code usage of every run's last evaluation (log-log)")
     sp.add_argument("--x", help="factor on the x axis (default: codebook_size)")
     sp.add_argument("--out", help="folder for the PNGs (default: <sweep dir>/plots)")
     sp.add_argument("--wandb", choices=("offline", "online", "disabled"), default="offline", help="log the plots as a W&B analysis run in the sweep's group")
+
+    sp = sub.add_parser("diff", help="two runs: the config keys that differ, then their metrics side by side")
+    sp.add_argument("run_a", metavar="RUN_DIR")
+    sp.add_argument("run_b", metavar="RUN_DIR")
 
     sp = sub.add_parser("retry", help="relaunch failed, preempted, interrupted and never-started jobs")
     sp.add_argument("sweep_dir")
@@ -379,7 +456,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"plan": cmd_plan, "launch": cmd_launch, "status": cmd_status, "table": cmd_table, "plot": cmd_plot, "retry": cmd_retry, "report": cmd_report}
+COMMANDS = {"plan": cmd_plan, "launch": cmd_launch, "status": cmd_status, "table": cmd_table, "plot": cmd_plot, "retry": cmd_retry, "report": cmd_report, "diff": cmd_diff}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,7 @@ class ReconstructionEvaluator:
     grid_images: int = 8
     lpips_models: dict[str, nn.Module] = field(default_factory=dict)  # reported as lpips/<name>
     real_stats: FeatureStats | None = field(default=None, init=False)  # computed once (or set from a cache), reused
+    code_counts: Tensor | None = field(default=None, init=False)  # the last call's tokens per code (K,), on the host
 
     @torch.no_grad()
     def __call__(self, tokenizer: nn.Module, codebook_size: int, desc: str = "eval") -> tuple[dict, Tensor]:
@@ -70,6 +71,7 @@ class ReconstructionEvaluator:
                 n = min(self.grid_images, len(images))
                 grid = torch.cat([images[:n], reconstructions[:n]]).cpu()
         histogram.all_reduce()
+        self.code_counts = histogram.counts.cpu()
         self.real_stats = real_stats
         metrics = {
             **histogram.summary(),

@@ -33,7 +33,8 @@ class RunSession:
         self.record.start(cfg, choices, overrides, kind=kind, resumed_from_step=start_step or None)
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
         self.metrics_log.truncate_after(start_step)
-        self.mirror = open_mirror(cfg.logger, self.run_dir, run_id, OmegaConf.to_container(cfg, resolve=True), choices, group)
+        self.mirror = open_mirror(cfg.logger, self.run_dir, run_id, OmegaConf.to_container(cfg, resolve=True), choices, overrides,
+                                  self.record.data["git"], group)
         mirror = self.mirror
         self.record.update(
             wandb={"id": mirror.run_id, "url": mirror.url, "dir": mirror.local_dir, "mode": mirror.mode, "group": mirror.group},

@@ -42,6 +42,7 @@ from ibq.metrics.codebook import CodebookHistogram
 from ibq.metrics.fid import load_fid_network
 from ibq.metrics.lpips import try_load_lpips
 from ibq.runs.record import STAGE_II_KEYS, config_differences, result_config, signature, without_keys, write_json
+from ibq.runs.usage import save_usage
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +374,9 @@ class TokenizerTraining:
         grid = torch.nn.functional.interpolate(grid, scale_factor=max(1, 128 // grid.shape[-1]), mode="nearest")
         torchvision.utils.save_image((grid + 1) / 2, tmp, nrow=len(grid) // 2)
         tmp.replace(grid_path)
+        save_usage(self.run_dir, step, evaluator.code_counts.numpy())
         if append:
             self.session.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
             self.session.mirror.log_image("media/reconstructions", grid_path, step)
+            self.session.mirror.log_code_usage(evaluator.code_counts.numpy(), step)
         return {**metrics, "reconstruction_grid": str(grid_path.relative_to(self.run_dir))}

@@ -19,7 +19,7 @@ from ibq.errors import UserError
 from ibq.ledger.liveness import run_process_alive
 from ibq.ledger.plan import Job, Plan, expand
 from ibq.ledger.runs import Run, completed_runs, discover, load_run, read_json
-from ibq.runs.record import write_json
+from ibq.runs.record import sweep_group, write_json
 
 LEDGER_FILE = "sweep.json"
 RETRYABLE = ("failed", "preempted", "interrupted", "missing")
@@ -55,13 +55,13 @@ class Sweep:
 
     @property
     def group(self) -> str:
-        """The W&B group of its runs: the sweep directory's name, unless the runs recorded another."""
+        """The W&B group of its runs: as the runs recorded it, else as a job of this directory would name it."""
         for status in self.jobs:
             if status.run is not None and not status.elsewhere:
                 group = (status.run.record.get("wandb") or {}).get("group")
                 if group:
                     return group
-        return self.directory.name
+        return sweep_group(self.directory)
 
     def counts(self) -> dict[str, int]:
         counts = {state: 0 for state in STATE_ORDER}

@@ -1,6 +1,7 @@
-"""A metric against one factor (e.g. utilization vs codebook size), one line per value of the other
-factors (e.g. per quantizer), error bars = std over seeds. Figures are drawn without pyplot (no global
-state, any backend) and saved as PNG."""
+"""A metric against one factor (e.g. utilization vs codebook size), one series per value of the other
+factors (e.g. per quantizer), error bars = std over seeds: lines over a numeric factor (codebook sizes on
+a log2 axis), grouped points over a categorical one. Figures are drawn without pyplot (no global state,
+any backend) and saved as PNG."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ibq.errors import UserError
-from ibq.report.table import Table, label, sort_key
+from ibq.report.table import Table, axis_label, label, natural_key, sort_key
 
 BOUND = "codebook/utilization_bound"
 
@@ -49,7 +50,13 @@ def series(table: Table, metric: str, x: str) -> dict[str, list[tuple[str, float
             continue
         name = ", ".join(f"{table.factors[i]}={row.key[i]}" for i in others) or label(metric)
         lines[name].append((row.key[at], cell.mean, cell.std))
-    return {name: sorted(points, key=lambda p: sort_key(p[0])) for name, points in sorted(lines.items())}
+    return {name: sorted(points, key=lambda p: sort_key(p[0])) for name, points in sorted(lines.items(), key=lambda kv: natural_key(kv[0]))}
+
+
+def new_figure() -> tuple[Figure, object]:
+    figure = Figure(figsize=(6.4, 4.2), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
 
 
 def metric_figure(table: Table, metric: str, x: str) -> Figure:
@@ -60,36 +67,44 @@ def metric_figure(table: Table, metric: str, x: str) -> Figure:
         raise UserError(f"no run reports the metric {metric!r}")
     all_x = sorted({p[0] for points in lines.values() for p in points}, key=sort_key)
     positions = numeric(all_x)
-    log_scale = positions is not None and min(positions) > 0 and max(positions) / min(positions) >= 8
-    where = dict(zip(all_x, positions)) if positions is not None else {v: i for i, v in enumerate(all_x)}
+    categorical = positions is None
+    log_scale = not categorical and min(positions) > 0 and (x.endswith("codebook_size") or max(positions) / min(positions) >= 8)
+    where = {v: i for i, v in enumerate(all_x)} if categorical else dict(zip(all_x, positions))
 
-    figure = Figure(figsize=(6.4, 4.2), dpi=120, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for name, points in lines.items():
-        xs = [where[p[0]] for p in points]
+    figure, axes = new_figure()
+    for index, (name, points) in enumerate(lines.items()):
+        # categories: points side by side within each category, not joined by lines
+        shift = 0.6 * (index / max(len(lines) - 1, 1) - 0.5) if categorical and len(lines) > 1 else 0.0
+        xs = [where[p[0]] + shift for p in points]
         errors = [p[2] or 0.0 for p in points]
-        axes.errorbar(xs, [p[1] for p in points], yerr=errors if any(errors) else None, marker="o", capsize=3, label=name)
+        axes.errorbar(xs, [p[1] for p in points], yerr=errors if any(errors) else None, marker="o", capsize=3, label=name,
+                      linestyle="none" if categorical else "-")
     if metric == "codebook/utilization":
         bound = series(table, BOUND, x)
         if bound:
             best = max(bound.values(), key=len)
-            axes.plot([where[p[0]] for p in best], [p[1] for p in best], "k--", lw=1, label="uniform-assignment bound (tokens seen)")
+            axes.plot([where[p[0]] for p in best], [p[1] for p in best], "k--" if not categorical else "k_", lw=1, markersize=20,
+                      label="uniform-assignment bound (tokens seen)")
         axes.set_ylim(0, 1.05)
     if log_scale:
         axes.set_xscale("log", base=2)
     axes.set_xticks(list(where.values()), labels=all_x)
     axes.minorticks_off()
-    axes.set_xlabel(x)
-    axes.set_ylabel(label(metric))
+    if categorical:
+        axes.set_xlim(-0.6, len(all_x) - 0.4)
+    axes.set_xlabel(x + (" (log2 scale)" if log_scale else ""))
+    axes.set_ylabel(axis_label(metric))
     axes.set_title(f"{label(metric)} vs {x}" + ("  (mean ± std over seeds)" if any(len(r.runs) > 1 for r in table.rows) else ""))
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     return figure
 
 
-def save_plot(table: Table, metric: str, x: str, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / plot_name(metric, x)
-    metric_figure(table, metric, x).savefig(path)
+def save_figure(figure: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
     return path
+
+
+def save_plot(table: Table, metric: str, x: str, out_dir: Path) -> Path:
+    return save_figure(metric_figure(table, metric, x), out_dir / plot_name(metric, x))

@@ -9,9 +9,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ibq.report.table import Table, label, render_markdown
+from ibq.report.table import Table, axis_label, label, render_markdown
 
 PIVOT_METRICS = ("codebook/utilization", "rfid")
+QUANTIZER = "choices.quantizer"  # the quantizer choice in a run's W&B config (runs log their choices)
+MEDIA_KEY = "media/reconstructions"
 
 
 @dataclass
@@ -98,15 +100,20 @@ def write_local(title: str, parts: list[Section], out_dir: Path) -> tuple[Path, 
     return md_path, html_path
 
 
-def wandb_report(title: str, description: str, table: Table, group: str, project: str, entity: str | None):
-    """The W&B Report object (not saved): the table as Markdown, and panels over the group's runs."""
+def wandb_report(title: str, description: str, table: Table, group: str, project: str, entity: str | None, curves: list[str]):
+    """The W&B Report object (not saved): the table as Markdown, then panels over the group's runs, grouped
+    by quantizer: each final metric some run has against the codebook size (log axis), `curves` over the
+    steps (mean with a std band per quantizer), and the reconstruction grids."""
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
 
-    runset = wr.Runset(entity=entity or "", project=project, name=group, filters=[expr.Metric("Group") == group])
-    x = wr.Config("quantizer.codebook_size")
-    panels = [wr.ScatterPlot(title=f"{label(m)} vs codebook size", x=x, y=wr.SummaryMetric(m), log_x=True) for m in PIVOT_METRICS if m in table.metrics]
-    panels.append(wr.BarPlot(title="utilization per run", metrics=[wr.SummaryMetric("codebook/utilization")], orientation="v"))
+    runset = wr.Runset(entity=entity or "", project=project, name=group, filters=[expr.Metric("Group") == group], groupby=[f"config.{QUANTIZER}"])
+    size = wr.Config("quantizer.codebook_size")
+    finals = [m for m in PIVOT_METRICS if m in table.metrics]
+    panels = [wr.ScatterPlot(title=f"{label(m)} vs codebook size", x=size, y=wr.SummaryMetric(m), log_x=True) for m in finals]
+    panels += [wr.LinePlot(title=f"{label(m)} during training", x="Step", y=[m], groupby=wr.Config(QUANTIZER), groupby_aggfunc="mean",
+                           groupby_rangefunc="stddev", title_y=axis_label(m)) for m in curves]
+    panels.append(wr.MediaBrowser(title="reconstructions (top: validation images, bottom: reconstructions)", media_keys=[MEDIA_KEY], num_columns=2))
     blocks = [wr.H1(text=title), wr.P(text=description), wr.MarkdownBlock(text=table.markdown()), wr.PanelGrid(runsets=[runset], panels=panels)]
     options = {"entity": entity} if entity else {}
     return wr.Report(project=project, title=title[:128], description=description, blocks=blocks, **options)

@@ -11,41 +11,43 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ibq.errors import UserError
 from ibq.ledger.runs import Run
-from ibq.runs.record import NON_RESULT_KEYS
+from ibq.runs.record import LAUNCH_CHOICES, NON_RESULT_KEYS
 
-# results.json key -> (column label, decimals)
+# results.json key -> (column label, decimals, direction: 1 higher is better, -1 lower is better, 0 neither)
 METRICS = {
-    "codebook/utilization": ("utilization", 4),
-    "codebook/utilization_bound": ("util. bound", 4),
-    "codebook/perplexity": ("perplexity", 1),
-    "rfid": ("rFID", 2),
-    "psnr": ("PSNR", 2),
-    "ssim": ("SSIM", 4),
-    "lpips": ("LPIPS", 4),
+    "codebook/utilization": ("utilization", 4, 1),
+    "codebook/utilization_bound": ("util. bound", 4, 0),
+    "codebook/perplexity": ("perplexity", 1, 1),
+    "rfid": ("rFID", 2, -1),
+    "psnr": ("PSNR", 2, 1),
+    "ssim": ("SSIM", 4, 1),
+    "lpips": ("LPIPS", 4, -1),
+    "gfid": ("gFID", 2, -1),
+    "is": ("IS", 1, 1),
 }
-DEFAULT_METRICS = list(METRICS)
+DEFAULT_METRICS = ["codebook/utilization", "codebook/utilization_bound", "codebook/perplexity", "rfid", "psnr", "ssim", "lpips"]
+UNITS = {"psnr": "dB", "throughput/images_per_s": "images/s", "throughput/data_wait_share": "share of step time"}
 AVERAGED = "seed"
-# choices that say where or how a run was launched or logged, not what it computed
-LAUNCH_CHOICES = {"sweep", "logger", "cluster"}
 FACTOR_ORDER = ("quantizer", "codebook_size", "model_scale", "data", "experiment")
 
 
-def column_format(metric: str) -> tuple[str, int]:
-    """(label, decimals). A metric that ibq-eval recorded under a set's name (coco/rfid) is formatted as the
-    metric itself, its label led by the name (coco rFID)."""
+def column_format(metric: str) -> tuple[str, int, int]:
+    """(label, decimals, direction). A metric that ibq-eval recorded under a set's name (coco/rfid) is formatted
+    as the metric itself, its label led by the name (coco rFID)."""
     if metric in METRICS:
         return METRICS[metric]
     dataset, _, base = metric.partition("/")
     if base in METRICS:
-        base_label, digits = METRICS[base]
-        return f"{dataset} {base_label}", digits
-    return metric, 4
+        base_label, digits, direction = METRICS[base]
+        return f"{dataset} {base_label}", digits, direction
+    return metric, 4, 0
 
 
 def label(metric: str) -> str:
@@ -54,6 +56,24 @@ def label(metric: str) -> str:
 
 def decimals(metric: str) -> int:
     return column_format(metric)[1]
+
+
+def direction(metric: str) -> int:
+    return column_format(metric)[2]
+
+
+def unit(metric: str) -> str | None:
+    return UNITS.get(metric) or UNITS.get(metric.partition("/")[2])
+
+
+def axis_label(metric: str) -> str:
+    """The metric's label with its unit, for plots: PSNR (dB)."""
+    return f"{label(metric)} ({unit(metric)})" if unit(metric) else label(metric)
+
+
+def natural_key(text: str) -> list:
+    """Numbers inside text in numeric order: 'codebook_size=256' before 'codebook_size=1024'."""
+    return [(0, float(part), "") if part.isdigit() else (1, 0.0, part) for part in re.split(r"(\d+)", str(text)) if part]
 
 
 def sort_key(value) -> tuple:
@@ -76,7 +96,7 @@ def ignored_key(key: str) -> bool:
 
 def factors_of(runs: list[Run]) -> list[str]:
     """A key missing from some runs (a run older than a config group or key) only counts where present."""
-    choice_keys = {k for run in runs for k in run.choices} - LAUNCH_CHOICES
+    choice_keys = {k for run in runs for k in run.choices} - set(LAUNCH_CHOICES)
     varying = [k for k in choice_keys if len({run.choices[k] for run in runs if k in run.choices}) > 1]
     varying.sort(key=lambda k: (FACTOR_ORDER.index(k) if k in FACTOR_ORDER else len(FACTOR_ORDER), k))
     same_choices = defaultdict(list)
@@ -157,19 +177,88 @@ class Table:
             writer.writerow(list(row.key) + [len(row.runs)] + [v for c in cells for v in (fmt_csv(c.mean), fmt_csv(c.std), c.n)])
         return out.getvalue()
 
-    def pivot(self, column: str, metric: str) -> tuple[list[str], list[list[str]]]:
-        """`metric` with the values of the factor `column` as columns and the other factors as rows."""
+    def pivot_cells(self, column: str, metric: str) -> tuple[list[str], list[str], list[tuple[tuple, dict[str, Cell]]]]:
+        """(row factors, values of `column`, [(row key, {column value: cell})]) for `metric`."""
         if column not in self.factors:
             raise UserError(f"--columns {column}: not a factor of these runs; factors: {', '.join(self.factors) or 'none (all runs alike)'}")
         at = self.factors.index(column)
-        row_factors = [f for f in self.factors if f != column]
         columns = sorted({row.key[at] for row in self.rows}, key=sort_key)
-        grid: dict[tuple, dict[str, str]] = defaultdict(dict)
+        grid: dict[tuple, dict[str, Cell]] = defaultdict(dict)
         for row in self.rows:
-            grid[row.key[:at] + row.key[at + 1 :]][row.key[at]] = row.cell(metric).text(decimals(metric))
+            grid[row.key[:at] + row.key[at + 1 :]][row.key[at]] = row.cell(metric)
+        ordered = sorted(grid.items(), key=lambda kv: [sort_key(v) for v in kv[0]])
+        return [f for f in self.factors if f != column], columns, ordered
+
+    def pivot(self, column: str, metric: str) -> tuple[list[str], list[list[str]]]:
+        """`metric` with the values of the factor `column` as columns and the other factors as rows."""
+        row_factors, columns, grid = self.pivot_cells(column, metric)
         header = (row_factors or [""]) + [f"{column}={c}" for c in columns]
-        body = [list(key or ("all",)) + [cells.get(c, "") for c in columns] for key, cells in sorted(grid.items(), key=lambda kv: [sort_key(v) for v in kv[0]])]
+        empty = Cell([])
+        body = [list(key or ("all",)) + [cells.get(c, empty).text(decimals(metric)) for c in columns] for key, cells in grid]
         return header, body
+
+    def pivot_csv(self, column: str) -> str:
+        """Every metric pivoted on `column`: one line per metric and row, <value>_mean/_std/_n per column value."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        for index, metric in enumerate(self.metrics):
+            row_factors, columns, grid = self.pivot_cells(column, metric)
+            if index == 0:
+                writer.writerow(["metric"] + row_factors + [f"{column}={c}_{s}" for c in columns for s in ("mean", "std", "n")])
+            for key, cells in grid:
+                values = [cells.get(c, Cell([])) for c in columns]
+                writer.writerow([metric, *key] + [v for cell in values for v in (fmt_csv(cell.mean), fmt_csv(cell.std), cell.n)])
+        return out.getvalue()
+
+    def latex(self) -> str:
+        """A booktabs tabular: mean ± std per metric, the best value of each column in bold."""
+        keys = [list(row.key) + [str(len(row.runs))] for row in self.rows]
+        cells = [[row.cell(m) for m in self.metrics] for row in self.rows]
+        return render_latex(self.factors + ["runs"], [label(m) for m in self.metrics], keys, cells, self.metrics, text_columns=len(self.factors))
+
+    def pivot_latex(self, column: str, metric: str) -> str:
+        row_factors, columns, grid = self.pivot_cells(column, metric)
+        cells = [[row.get(c, Cell([])) for c in columns] for _, row in grid]
+        return render_latex(row_factors or [""], [f"{column}={c}" for c in columns], [list(key or ("all",)) for key, _ in grid],
+                            cells, [metric] * len(columns), text_columns=max(1, len(row_factors)))
+
+
+LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+
+
+def latex_text(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(c, c) for c in str(text))
+
+
+def latex_cell(cell: Cell, digits: int, best: bool) -> str:
+    if not cell.values:
+        return "--"
+    value = f"{cell.mean:.{digits}f}" + (f" \\pm {cell.std:.{digits}f}" if cell.std is not None else "")
+    return f"$\\mathbf{{{value}}}$" if best else f"${value}$"
+
+
+def render_latex(key_header: list[str], metric_header: list[str], keys: list[list[str]], cells: list[list[Cell]],
+                 metrics: list[str], text_columns: int) -> str:
+    """A booktabs `tabular` (needs \\usepackage{booktabs}): key columns, then one column of mean ± std per
+    metric; in each metric column the best mean is bold, higher or lower by the metric's direction (none for
+    a metric without one, such as the utilization bound, or where all values are alike). Arrows in the header say which way is better."""
+    arrows = {1: " $\\uparrow$", -1: " $\\downarrow$", 0: ""}
+    best = []
+    for j, metric in enumerate(metrics):
+        means = [row[j].mean for row in cells if row[j].mean is not None]
+        # none when the values are all alike: bold then says nothing
+        best.append(max(direction(metric) * m for m in means) if len(set(means)) > 1 and direction(metric) else None)
+    spec = "l" * text_columns + "r" * (len(key_header) - text_columns + len(metric_header))
+    header = [latex_text(h) for h in key_header] + [latex_text(h) + arrows[direction(m)] for h, m in zip(metric_header, metrics)]
+    lines = [f"\\begin{{tabular}}{{{spec}}}", "\\toprule", " & ".join(header) + " \\\\", "\\midrule"]
+    for key, row in zip(keys, cells):
+        texts = [latex_text(k) for k in key]
+        for j, cell in enumerate(row):
+            is_best = best[j] is not None and cell.mean is not None and direction(metrics[j]) * cell.mean == best[j]
+            texts.append(latex_cell(cell, decimals(metrics[j]), is_best))
+        lines.append(" & ".join(texts) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines)
 
 
 def fmt_csv(value: float | None) -> str:
@@ -177,12 +266,13 @@ def fmt_csv(value: float | None) -> str:
 
 
 def build_table(runs: list[Run], metrics: list[str] | None = None) -> Table:
-    """Completed runs only; `metrics`: None for the defaults, else each must be reported by some run."""
+    """Completed runs only; `metrics`: None for the defaults that some run reports, else each must be reported
+    by some run."""
     done = dedupe([run for run in runs if run.completed])
     if not done:
         raise UserError("no completed run with results.json to compare (see `ibq-sweep status`)")
-    if metrics is None:
-        metrics = DEFAULT_METRICS
+    if metrics is None:  # the defaults that some run reports: no all-empty column
+        metrics = [m for m in DEFAULT_METRICS if any(number(run.results.get(m)) is not None for run in done)]
     else:
         reported = sorted({k for run in done for k, v in run.results.items() if number(v) is not None})
         for metric in metrics:

@@ -22,6 +22,8 @@ NON_RESULT_KEYS = ("run_dir", "logger", "cluster", "dry_run", "train.log_every",
 # Top-level keys of each stage: model_scale sets both, and a run of one stage leaves the other's out.
 STAGE_I_KEYS = ("model", "quantizer", "discriminator", "loss", "optim", "train", "eval")
 STAGE_II_KEYS = ("transformer", "sampling", "ar_train")
+# Config-group choices that say where or how a run was launched or logged, not what it computed.
+LAUNCH_CHOICES = ("sweep", "logger", "cluster")
 PACKAGES = ("torch", "torchvision", "hydra-core", "wandb", "submitit", "deepspeed", "scipy", "scikit-image", "lpips", "ibq")
 
 
@@ -29,6 +31,13 @@ def run_dirname(overrides: str) -> str:
     """A run's directory name from its overrides (Hydra's override_dirname): path separators in values
     (data.root=/data/imagenet) would nest directories, so they become '_'."""
     return overrides.replace('"', "").replace("/", "_") or "default"
+
+
+def sweep_group(sweep_dir: str | os.PathLike) -> str:
+    """The W&B group of a sweep's runs: its folder's name and a hash of its absolute path, so that two
+    sweeps in folders of the same name (…/a/sweep, …/b/sweep) never share a group."""
+    path = Path(sweep_dir).resolve()
+    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:6]}"
 
 
 def group_choices(choices) -> dict:

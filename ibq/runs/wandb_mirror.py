@@ -4,13 +4,18 @@ message and offline. Its run id derives from the run's signature, so a requeued 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ibq.runs.record import LAUNCH_CHOICES
+from ibq.runs.usage import sorted_frequencies
+
 log = logging.getLogger(__name__)
+HISTOGRAM_BINS = 512  # W&B's limit for a histogram
 
 
 def reachable(base_url: str, timeout: float = 3.0) -> bool:
@@ -39,6 +44,9 @@ class NullMirror:
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
         pass
 
+    def log_code_usage(self, counts, step: int) -> None:
+        pass
+
     def summarize(self, results: dict[str, Any]) -> None:
         pass
 
@@ -59,6 +67,7 @@ class WandbMirror(NullMirror):
         name: str | None = None,
         mode: str = "offline",
         base_url: str | None = None,
+        job_type: str = "train",
     ):
         import wandb
 
@@ -70,7 +79,7 @@ class WandbMirror(NullMirror):
             mode = "offline"
         settings = wandb.Settings(base_url=base_url, init_timeout=60, silent=True)
         self.run = wandb.init(
-            project=project, entity=entity, group=group, tags=tags, name=name, config=config, mode=mode,
+            project=project, entity=entity, group=group, tags=tags, name=name, config=config, mode=mode, job_type=job_type,
             dir=str(run_dir), id=run_id, resume="allow", settings=settings,
         )
         self.mode = mode
@@ -92,6 +101,21 @@ class WandbMirror(NullMirror):
 
         self.run.log({key: wandb.Table(columns=columns, data=rows)})
 
+    def log_code_usage(self, counts, step: int) -> None:
+        """The code-count histogram (codes binned by index, at most W&B's 512 bins) and the sorted usage
+        as a log-log line of rank vs frequency over the used codes: the picture of codebook collapse."""
+        import numpy as np
+        import wandb
+
+        counts = np.asarray(counts, dtype=np.int64)
+        edges = np.linspace(0, len(counts), min(len(counts), HISTOGRAM_BINS) + 1).round().astype(np.int64)
+        binned = np.add.reduceat(counts, edges[:-1])
+        frequencies = sorted_frequencies(counts)
+        points = [[math.log10(rank), math.log10(share)] for rank, share in enumerate(frequencies, start=1)]
+        line = wandb.plot.line(wandb.Table(columns=["log10 rank", "log10 frequency"], data=points), "log10 rank", "log10 frequency",
+                               title=f"sorted code usage at step {step} (log-log, {len(frequencies)} of {len(counts)} codes used)")
+        self.run.log({"codebook/usage": wandb.Histogram(np_histogram=(binned, edges)), "codebook/usage_sorted": line}, step=step)
+
     def summarize(self, results: dict[str, Any]) -> None:
         for key, value in results.items():
             self.run.summary[key] = value
@@ -105,19 +129,36 @@ class WandbMirror(NullMirror):
             log.warning("W&B run %s did not finish cleanly (%s: %s); metrics.jsonl has every metric", self.run_id, type(error).__name__, error)
 
 
-def open_mirror(logger_cfg, run_dir: Path, run_id: str, config: dict, choices: dict, group: str | None) -> NullMirror:
-    """The mirror a run's `logger` config asks for; tags carry the config-group choices."""
+def varied_choices(choices: dict, overrides: list[str]) -> dict:
+    """The config-group choices a run's overrides set (on the command line or through its sweep): those that
+    differ from the defaults or vary in the sweep, without the ones that only say where or how it ran."""
+    keys = {override.split("=", 1)[0].lstrip("+~") for override in overrides if "=" in override}
+    return {k: v for k, v in sorted(choices.items()) if k in keys and k not in LAUNCH_CHOICES and v is not None}
+
+
+def offline_folders(run_dir: Path, run_id: str | None) -> list[Path]:
+    """Every offline W&B folder of this run: a resumed run adds one per start, all with the same id."""
+    if run_id is None:
+        return []
+    return sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def open_mirror(logger_cfg, run_dir: Path, run_id: str, config: dict, choices: dict, overrides: list[str], git: dict,
+                group: str | None, job_type: str = "train") -> NullMirror:
+    """The mirror a run's `logger` config asks for. Its config also holds the choices and the git state
+    (for W&B's filters); its tags, the choices that were set rather than left at their defaults."""
     if logger_cfg.kind == "none":
         return NullMirror()
     return WandbMirror(
         run_dir=run_dir,
         run_id=run_id,
-        config={**config, "choices": choices},
+        config={**config, "choices": choices, "git": {"commit": git.get("sha"), "dirty": git.get("dirty")}},
         project=logger_cfg.project,
         entity=logger_cfg.entity,
         group=logger_cfg.group or group,
-        tags=list(logger_cfg.tags or []) + [f"{k}:{v}" for k, v in sorted(choices.items()) if v is not None],
+        tags=list(logger_cfg.tags or []) + [f"{k}:{v}" for k, v in varied_choices(choices, overrides).items()],
         name=logger_cfg.name or run_dir.name,
         mode=logger_cfg.mode,
         base_url=logger_cfg.base_url,
+        job_type=job_type,
     )

@@ -1,0 +1,205 @@
+"""Comparing runs: curves from metrics.jsonl, code-usage histograms (files, W&B, overlay), the W&B
+config/tags/group of a run, LaTeX tables, `ibq-sweep diff`, the W&B Report object, and the plots' axes.
+One 2-job sweep with evaluations at steps 2 and 4 serves every end-to-end test."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import IBQ_TRAIN, error_line, run_cli
+from ibq.ledger.runs import discover
+from ibq.report.table import build_table
+from ibq.runs.record import sweep_group
+from test_ledger import fake_run, seeded_sweep, sweep_cli
+
+EVALUATED_SWEEP = ["quantizer=ibq,vq", "codebook_size=256", "train.steps=4", "train.log_every=1", "train.checkpoint_every=4",
+                   "eval.every=2", "data.val_crops_per_photo=1", "eval.rfid=false", "logger=wandb"]
+
+
+@pytest.fixture(scope="session")
+def evaluated_sweep(tmp_path_factory) -> Path:
+    """ibq and vq at 256 codes, 4 steps, evaluated at steps 2 and 4, W&B offline."""
+    sweep_dir = tmp_path_factory.mktemp("evaluated") / "sweep"
+    result = run_cli(IBQ_TRAIN + ["-m", *EVALUATED_SWEEP, f"hydra.sweep.dir={sweep_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep_dir
+
+
+def run_of(sweep_dir: Path, quantizer: str) -> Path:
+    return next(p.parent for p in sweep_dir.glob(f"*quantizer={quantizer}*/run.json"))
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The records of a run's offline W&B file (LevelDB log format: 32 KiB blocks of chunks with a
+    7-byte header: crc32, length, type; type 1 = a whole record, 2/3/4 = first/middle/last chunk)."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("wandb/offline-run-*/*.wandb")
+    raw, position, chunks, records = path.read_bytes(), 7, b"", []
+    while position + 7 <= len(raw):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[position : position + 7])
+        if kind == 0:
+            break
+        chunks += raw[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+            chunks = b""
+    return records
+
+
+# -- end to end on the 2-job sweep -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_curves_and_code_usage_of_a_sweep(evaluated_sweep, tmp_path):
+    for quantizer in ("ibq", "vq"):
+        usage = sorted(p.name for p in (run_of(evaluated_sweep, quantizer) / "usage").iterdir())
+        assert usage == ["codes_step0000002.npy", "codes_step0000004.npy"]  # one histogram per evaluation
+        counts = np.load(run_of(evaluated_sweep, quantizer) / "usage" / usage[-1])
+        results = json.loads((run_of(evaluated_sweep, quantizer) / "results.json").read_text())
+        assert counts.shape == (256,) and counts.sum() == results["codebook/tokens"]
+        assert (counts > 0).sum() == round(results["codebook/utilization"] * 256)
+
+    out = tmp_path / "plots"
+    result = sweep_cli(["plot", str(evaluated_sweep), "--metric", "loss/g", "--usage", "--wandb", "disabled", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("curve_loss_g.png", "code_usage_sorted.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from ibq.report.curves import curve_series
+
+    series = curve_series(build_table(discover(evaluated_sweep)), "loss/g")
+    assert sorted(series) == ["quantizer=ibq", "quantizer=vq"] and all(steps == [1, 2, 3, 4] for steps, _, _ in series.values())
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_holds_the_usage_histogram_and_the_git_state(evaluated_sweep):
+    records = wandb_records(run_of(evaluated_sweep, "vq"))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    git = json.loads((run_of(evaluated_sweep, "vq") / "run.json").read_text())["git"]
+    assert config["git"] == {"commit": git["sha"], "dirty": git["dirty"]} and len(git["sha"]) == 40
+    assert run.job_type == "train" and run.run_group == sweep_group(evaluated_sweep)
+    assert sorted(run.tags) == ["codebook_size:256", "quantizer:vq"]  # not logger:wandb, cluster:local
+
+    history = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+            history[items["_step"]] = items
+    assert set(history[2]) >= {"codebook/usage/_type", "codebook/usage_sorted_table/_type", "media/reconstructions/_type"}
+    assert history[4]["codebook/usage/_type"] == "histogram" and sum(history[4]["codebook/usage/values"]) == 18 * 64
+
+
+@pytest.mark.slow
+def test_latex_table_and_diff_of_two_runs(evaluated_sweep):
+    result = sweep_cli(["table", str(evaluated_sweep), "--format", "latex"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == r"\begin{tabular}{lrrrrrr}" and lines[1] == r"\toprule" and lines[3] == r"\midrule"
+    assert lines[-2:] == [r"\bottomrule", r"\end{tabular}"]
+    assert lines[2].startswith("quantizer & runs & utilization $\\uparrow$")
+    for row in lines[2:3] + lines[4:-2]:  # header and body: 7 cells each, ended by \\
+        assert row.endswith(r" \\") and row.count(" & ") == 6
+
+    result = sweep_cli(["diff", str(run_of(evaluated_sweep, "ibq")), str(run_of(evaluated_sweep, "vq"))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    config_part, metrics_part = result.stdout.split("config key(s) differ:")[1].split("metrics (results.json):")
+    assert "quantizer (choice)" in config_part and "ibq.quantizers.IBQ" in config_part and "codebook_size" not in config_part
+    assert "utilization" in metrics_part and "B - A" in metrics_part
+
+
+# -- units ----------------------------------------------------------------------------------------------
+def test_latex_bolds_the_best_value_by_each_metrics_direction(tmp_path):
+    root = tmp_path / "sweep"
+    for quantizer, size, rfid in (("ibq", "256", 5.0), ("vq", "256", 9.0), ("ibq", "1024", 4.0), ("vq", "1024", 12.0)):
+        fake_run(root / f"{quantizer}{size}", quantizer=quantizer, codebook_size=size,
+                 results={"codebook/utilization": 0.1 if quantizer == "vq" else 0.9, "rfid": rfid, "psnr": 20.0, "lpips": None})
+    table = build_table(discover(root))
+    assert "LPIPS" not in table.header  # no run has it
+    body = table.latex().splitlines()[4:-2]
+    assert body[0] == r"ibq & 256 & 1 & $\mathbf{0.9000}$ & $5.00$ & $20.00$ \\"  # rFID: lower is better
+    assert body[1] == r"ibq & 1024 & 1 & $\mathbf{0.9000}$ & $\mathbf{4.00}$ & $20.00$ \\"  # PSNR: all alike, none bold
+    per_size = table.pivot_latex("codebook_size", "rfid").splitlines()
+    assert per_size[2] == r"quantizer & codebook\_size=256 $\downarrow$ & codebook\_size=1024 $\downarrow$ \\"
+    assert per_size[4] == r"ibq & $\mathbf{5.00}$ & $\mathbf{4.00}$ \\"
+
+
+def test_columns_are_honoured_in_csv(tmp_path):
+    table = build_table(discover(seeded_sweep(tmp_path / "sweep")))
+    lines = table.pivot_csv("codebook_size").splitlines()
+    assert lines[0] == ("metric,quantizer,codebook_size=256_mean,codebook_size=256_std,codebook_size=256_n,"
+                        "codebook_size=1024_mean,codebook_size=1024_std,codebook_size=1024_n")
+    assert lines[1].startswith("codebook/utilization,ibq,0.91") and lines[1].endswith(",3")
+
+
+def test_wandb_report_groups_by_quantizer_with_curves_and_media(tmp_path):
+    import wandb_workspaces.reports.v2 as wr
+
+    from ibq.report.report import wandb_report
+
+    table = build_table(discover(seeded_sweep(tmp_path / "sweep")))  # no run reports rFID
+    report = wandb_report("ibq sweep g", "a test", table, group="g-1a2b3c", project="ibq", entity="fake-entity", curves=["loss/g"])
+    assert report.entity == "fake-entity"
+    grid = report.blocks[-1]
+    assert grid.runsets[0].groupby == ["config.choices.quantizer"] and grid.runsets[0].name == "g-1a2b3c"
+    kinds = [type(panel).__name__ for panel in grid.panels]
+    assert kinds == ["ScatterPlot", "LinePlot", "MediaBrowser"]  # utilization vs size; no rFID panel
+    scatter, line, media = grid.panels
+    assert scatter.log_x and scatter.y.name == "codebook/utilization"
+    assert line.y == ["loss/g"] and line.groupby.name == "choices.quantizer" and line.groupby_rangefunc == "stddev"
+    assert media.media_keys == ["media/reconstructions"]
+    assert "| quantizer | codebook_size |" in report.blocks[2].text
+
+
+def test_tags_name_only_the_choices_that_were_set_and_sync_lists_every_folder(tmp_path):
+    from ibq.runs.wandb_mirror import offline_folders, varied_choices
+
+    choices = {"quantizer": "vq", "codebook_size": "256", "logger": "wandb", "cluster": "slurm", "data": "photos", "experiment": None}
+    overrides = ["quantizer=vq", 'codebook_size="256"', "cluster=slurm", "train.steps=4", "+experiment=x"]
+    assert varied_choices(choices, overrides) == {"codebook_size": "256", "quantizer": "vq"}
+    for stamp in ("20260101_000000", "20260102_000000"):  # a resumed run: two folders, one id
+        (tmp_path / "wandb" / f"offline-run-{stamp}-abc123").mkdir(parents=True)
+    (tmp_path / "wandb" / "offline-run-20260101_000000-other").mkdir()
+    assert [p.name for p in offline_folders(tmp_path, "abc123")] == ["offline-run-20260101_000000-abc123", "offline-run-20260102_000000-abc123"]
+
+
+def test_two_sweeps_in_folders_of_the_same_name_get_two_groups(tmp_path):
+    first, second = sweep_group(tmp_path / "a" / "sweep"), sweep_group(tmp_path / "b" / "sweep")
+    assert first != second and first.startswith("sweep-") and second.startswith("sweep-")
+    assert sweep_group(tmp_path / "a" / "sweep") == first
+
+
+def test_plot_axes_log2_sizes_categorical_points_natural_order_units(tmp_path):
+    from ibq.report.plot import metric_figure
+
+    root = tmp_path / "sweep"
+    for quantizer in ("ibq", "vq"):
+        for size in ("256", "512", "1024"):
+            fake_run(root / f"{quantizer}{size}", quantizer=quantizer, codebook_size=size, results={"psnr": 20.0 + len(size)})
+    table = build_table(discover(root))
+    axes = metric_figure(table, "psnr", "codebook_size").axes[0]
+    assert axes.get_xscale() == "log" and axes.get_ylabel() == "PSNR (dB)"  # log2 though 1024/256 < 8
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["quantizer=ibq", "quantizer=vq"]
+
+    axes = metric_figure(table, "psnr", "quantizer").axes[0]
+    assert axes.get_xscale() == "linear" and [t.get_text() for t in axes.get_xticklabels()] == ["ibq", "vq"]
+    legend = [t.get_text() for t in axes.get_legend().get_texts()]
+    assert legend == ["codebook_size=256", "codebook_size=512", "codebook_size=1024"]  # natural order
+    assert [c.lines[0].get_linestyle() for c in axes.containers] == ["None"] * 3  # points side by side, not lines
+
+
+def test_diff_of_a_folder_without_a_run_is_one_line(tmp_path):
+    fake_run(tmp_path / "a", results={"psnr": 20.0})
+    line = error_line(run_cli([sys.executable, "-m", "ibq.cli.sweep", "diff", str(tmp_path / "a"), str(tmp_path)]))
+    assert f"{tmp_path}: not a run directory" in line
+
