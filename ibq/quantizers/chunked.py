@@ -50,16 +50,24 @@ def nearest_code(tokens: Tensor, codebook: Tensor, chunk_size: int = 8192) -> Te
     return best_index
 
 
-def _logit_slices(rows: Tensor, codebook: Tensor, chunk_size: int, shift: Tensor | None = None):
-    """(start, stop, rows @ codebook[start:stop].T + shift) for each slice, in one reused buffer.
+def _logit_slices(tokens: Tensor, codebook: Tensor, chunk_size: int, max_logit: Tensor | None = None, gradient: Tensor | None = None):
+    """(start, stop, logits, gradient_dots) for each slice: logits = tokens @ codebook[start:stop].T, minus
+    `max_logit` when given, and gradient_dots = gradient @ codebook[start:stop].T when a gradient is given.
 
-    The shift (a column, e.g. -max_logit) is added by the GEMM itself (addmm's input), not by a pass."""
-    n, k = rows.shape[0], codebook.shape[0]
-    buffer = rows.new_empty(n * min(chunk_size, k))
+    Every pass computes the logits with the same GEMM and subtracts the maximum afterwards, so that the
+    code that holds the maximum gets a shifted logit of exactly 0 in every pass. A GEMM that adds the shift
+    itself (addmm) rounds differently: at |L| ~ 70 that is ~4e-6, which T = 0.01 turns into a 4e-4 error
+    in log q and a biased entropy gradient."""
+    n, k = tokens.shape[0], codebook.shape[0]
+    buffer = tokens.new_empty(n * min(chunk_size, k))
+    gradient_buffer = None if gradient is None else gradient.new_empty(n * min(chunk_size, k))
     for start, stop in codebook_slices(k, chunk_size):
-        out = _rows(buffer, n, stop - start)
         block = codebook[start:stop].t()
-        yield start, stop, (torch.mm(rows, block, out=out) if shift is None else torch.addmm(shift, rows, block, out=out))
+        logits = torch.mm(tokens, block, out=_rows(buffer, n, stop - start))
+        if max_logit is not None:
+            logits.sub_(max_logit[:, None])
+        dots = None if gradient is None else torch.mm(gradient, block, out=_rows(gradient_buffer, n, stop - start))
+        yield start, stop, logits, dots
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -67,12 +75,25 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
+def _log_sharp(shifted: Tensor, log_sharp_sum: Tensor, temperature: float) -> Tensor:
+    """log q = (L - m) / T - log sum exp((L - m) / T), in place of `shifted`: the large logits cancel
+    before the division."""
+    return torch.add(-log_sharp_sum[:, None], shifted, alpha=1 / temperature, out=shifted).clamp_(min=EXP_FLOOR)
+
+
+def _entropy_weights(log_sharp: Tensor, code_weight: Tensor | None, sample_weight: float) -> Tensor:
+    """w_k - g_s log q_nk in place of `log_sharp`: what q_nk multiplies in the entropy terms' dLoss/dL,
+    up to a constant per row (which the softmax Jacobian removes)."""
+    weights = log_sharp.mul_(-sample_weight)
+    return weights if code_weight is None else weights.add_(code_weight)
+
+
 def _argmax_and_sharp_normaliser(tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int):
     """First pass: argmax_k L, m = max_k L and log sum_k exp((L - m) / T), the sum kept online
     (rescaled whenever a later slice raises the maximum)."""
     n = tokens.shape[0]
     ones = tokens.new_ones(min(chunk_size, codebook.shape[0]))
-    for start, stop, logits in _logit_slices(tokens, codebook, chunk_size):
+    for start, stop, logits, _ in _logit_slices(tokens, codebook, chunk_size):
         chunk_max, chunk_index = logits.max(1)
         if start == 0:
             max_logit, indices, sharp_sum = chunk_max, chunk_index, tokens.new_zeros(n)
@@ -93,9 +114,8 @@ def _sharp_statistics(tokens, codebook, temperature, chunk_size, max_logit, log_
     average, token_entropy = tokens.new_empty(k), tokens.new_zeros(n)
     ones = tokens.new_ones(n)
     work_buffer = tokens.new_empty(n * min(chunk_size, k))
-    for start, stop, shifted in _logit_slices(tokens, codebook, chunk_size, shift=-max_logit[:, None]):
-        # log q = (L - m) / T - log sum exp((L - m) / T): the large logits cancel before the division.
-        log_sharp = torch.add(-log_sharp_sum[:, None], shifted, alpha=1 / temperature, out=shifted).clamp_(min=EXP_FLOOR)
+    for start, stop, shifted, _ in _logit_slices(tokens, codebook, chunk_size, max_logit):
+        log_sharp = _log_sharp(shifted, log_sharp_sum, temperature)
         sharp = torch.exp(log_sharp, out=_rows(work_buffer, n, stop - start))
         torch.mv(sharp.t(), ones, out=average[start:stop])
         token_entropy.sub_(_row_dot(sharp, log_sharp))
@@ -111,7 +131,7 @@ class _ChunkedIBQ(torch.autograd.Function):
         sample_entropy = token_entropy.mean()
         codebook_entropy = -(average * (average + ENTROPY_EPS).log()).sum()
         z_q = codebook[indices]
-        ctx.save_for_backward(tokens, codebook, indices, max_logit, log_sharp_sum, token_entropy, average)
+        ctx.save_for_backward(tokens, codebook, indices, max_logit, log_sharp_sum, average)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(indices)
         # z_q (straight-through, gradients through p) and z_hard (selected code only) share a value.
@@ -119,7 +139,7 @@ class _ChunkedIBQ(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z_q, grad_z_hard, _grad_indices, grad_sample_entropy, grad_codebook_entropy):
-        tokens, codebook, indices, max_logit, log_sharp_sum, token_entropy, average = ctx.saved_tensors
+        tokens, codebook, indices, max_logit, log_sharp_sum, average = ctx.saved_tensors
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         n, k = tokens.shape[0], codebook.shape[0]
         sample_weight = 0.0 if grad_sample_entropy is None else float(grad_sample_entropy)
@@ -140,52 +160,49 @@ class _ChunkedIBQ(torch.autograd.Function):
         if codebook_weight != 0.0:
             code_weight = -((average + ENTROPY_EPS).log() + average / (average + ENTROPY_EPS)) * codebook_weight
 
-        # One GEMM per slice gives both L - m (rows of z) and G . e_k (rows of the gradient G).
-        if soft_path:
-            stacked = torch.cat([tokens, grad_z_q])
-            shift = torch.cat([-max_logit, max_logit.new_zeros(n)])[:, None]
-        else:
-            stacked, shift = tokens, -max_logit[:, None]
+        # Each slice gives L - m and, on the straight-through path, G . e_k for the gradient G of z_q.
+        gradient = grad_z_q if soft_path else None
         work_buffer = tokens.new_empty(n * min(chunk_size, k))
 
-        # Pass 1: the centres of both softmax Jacobians, sum_k p_nk G_n.e_k and sum_k q_nk w_k, and the
-        # temperature-1 normaliser, which only the backward pass needs.
-        soft_sum, soft_dot, code_centre = tokens.new_zeros(n), tokens.new_zeros(n), tokens.new_zeros(n)
-        if soft_path or code_weight is not None:
-            ones = tokens.new_ones(min(chunk_size, k))
-            for start, stop, out in _logit_slices(stacked, codebook, chunk_size, shift):
-                shifted, work = out[:n], _rows(work_buffer, n, stop - start)
-                if soft_path:
-                    unnormalised = torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_()
-                    soft_sum.add_(torch.mv(unnormalised, ones[: stop - start]))
-                    soft_dot.add_(_row_dot(unnormalised, out[n:]))
-                if code_weight is not None:
-                    log_sharp = torch.add(-log_sharp_sum[:, None], shifted, alpha=1 / temperature, out=shifted)
-                    sharp = torch.exp(log_sharp.clamp_(min=EXP_FLOOR), out=work)
-                    code_centre.add_(torch.mv(sharp, code_weight[start:stop]))
+        # Pass 1: the centres of both softmax Jacobians, as weighted means under the probabilities this
+        # pass computes: sum_k p_nk G_n.e_k / sum_k p_nk and sum_k q_nk x_nk / sum_k q_nk with
+        # x_nk = w_k - g_s log q_nk. Dividing by the sums as computed, not taking them for 1,
+        # keeps each row of dLoss/dL summing to zero in fp32, and so do the row sums taken with sum()
+        # (pairwise, where mv and bmm accumulate K terms in turn): otherwise the direction all codes share
+        # (|L| ~ 70 where T = 0.01 resolves differences of 0.01) leaks into the gradient.
+        soft_sum, soft_dot = tokens.new_zeros(n), tokens.new_zeros(n)
+        sharp_sum, sharp_dot = tokens.new_zeros(n), tokens.new_zeros(n)
+        for start, stop, shifted, dots in _logit_slices(tokens, codebook, chunk_size, max_logit, gradient):
+            work = _rows(work_buffer, n, stop - start)
+            if soft_path:
+                unnormalised = torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_()
+                soft_sum.add_(unnormalised.sum(1))
+                soft_dot.add_(dots.mul_(unnormalised).sum(1))
+            if entropy_path:
+                log_sharp = _log_sharp(shifted, log_sharp_sum, temperature)
+                sharp = torch.exp(log_sharp, out=work)
+                sharp_sum.add_(sharp.sum(1))
+                code_slice = None if code_weight is None else code_weight[start:stop]
+                sharp_dot.add_(_entropy_weights(log_sharp, code_slice, sample_weight).mul_(sharp).sum(1))
         log_soft_sum, soft_centre = soft_sum.log(), soft_dot / soft_sum
 
         # Pass 2: dLoss/dL of the slice, then its products with the codebook and with the tokens.
-        # Entropy part: q_nk (w_k - wbar_n - g_s (log q_nk + H(q_n))) / (N T).
+        # Entropy part: q_nk (x_nk - centre_n) / (N T).
         scale = 1.0 / (n * temperature)
-        row_term = ((-sample_weight) * token_entropy - code_centre)[:, None] * scale
+        sharp_centre = (sharp_dot / sharp_sum * scale)[:, None]
         code_term = None if code_weight is None else code_weight * scale
         grad_tokens = torch.zeros_like(tokens)
-        for start, stop, out in _logit_slices(stacked, codebook, chunk_size, shift):
-            shifted, work = out[:n], _rows(work_buffer, n, stop - start)
+        for start, stop, shifted, dots in _logit_slices(tokens, codebook, chunk_size, max_logit, gradient):
+            work = _rows(work_buffer, n, stop - start)
             grad_logits = None
             if soft_path:
                 probs = torch.sub(shifted, log_soft_sum[:, None], out=work).clamp_(min=EXP_FLOOR).exp_()
-                grad_logits = out[n:].sub_(soft_centre[:, None]).mul_(probs)
+                grad_logits = dots.sub_(soft_centre[:, None]).mul_(probs)
             if entropy_path:
-                log_sharp = torch.add(-log_sharp_sum[:, None], shifted, alpha=1 / temperature, out=shifted)
-                log_sharp.clamp_(min=EXP_FLOOR)
+                log_sharp = _log_sharp(shifted, log_sharp_sum, temperature)
                 sharp = torch.exp(log_sharp, out=work)
-                if code_term is None:
-                    term = log_sharp.mul_(-sample_weight * scale)
-                else:
-                    term = torch.add(code_term[start:stop], log_sharp, alpha=-sample_weight * scale, out=log_sharp)
-                term.add_(row_term)
+                code_slice = None if code_term is None else code_term[start:stop]
+                term = _entropy_weights(log_sharp, code_slice, sample_weight * scale).sub_(sharp_centre)
                 grad_logits = sharp.mul_(term) if grad_logits is None else grad_logits.addcmul_(sharp, term)
             grad_tokens.addmm_(grad_logits, codebook[start:stop])
             if grad_codebook is not None:
