@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import traceback
+from contextlib import nullcontext
 from functools import lru_cache, wraps
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
+from ibq.cli.callbacks import JobFailed
 from ibq.config import CONF_DIR, check_group_choices, one_line, override_args, parse, quote_numeric_choices
 from ibq.engine.distributed import check_deepspeed, detect_ranks, plan_batches
 from ibq.errors import TrainingDiverged, UserError, check_positive_int, unset_key
+from ibq.runs.lock import RunLock
 from ibq.runs.record import RunRecord, group_choices, run_dirname, sweep_group
 from ibq.runs.wandb_mirror import offline_folders
 
@@ -226,23 +229,46 @@ def missing_value(error: OmegaConfBaseException) -> str:
     return str(unset_key(named.group(1) if named else error.full_key))
 
 
+def error_line(error: Exception) -> tuple[str, int] | None:
+    """The one line and exit code for an error the user can act on; None for anything else (a bug)."""
+    if isinstance(error, TrainingDiverged):
+        return str(error), 3
+    if isinstance(error, (UserError, FileNotFoundError)):
+        return str(error), 2
+    if isinstance(error, (MissingMandatoryValue, InterpolationToMissingValueError)):
+        return missing_value(error), 2
+    return None
+
+
 def guarded(task):
-    """Runs a Hydra task; a user error or divergence exits non-zero with one line. Hydra creates the
-    run directory before the task starts: when the task leaves it empty (a rejected config, a dry
-    run), it is removed again."""
+    """Runs a Hydra task; a user error or divergence exits non-zero with one line, Ctrl-C with one line
+    (exit 130). In a sweep a failed job returns a JobFailed instead, so that the next job starts (a bug
+    also prints its traceback). Hydra creates the run directory before the task starts: when the task
+    leaves it empty (a rejected config, a dry run), it is removed again."""
 
     @wraps(task)
-    def wrapper(cfg) -> None:
+    def wrapper(cfg) -> JobFailed | None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
         try:
             task(cfg, run_dir)
-        except (UserError, TrainingDiverged, FileNotFoundError) as error:
-            fail(str(error), 3 if isinstance(error, TrainingDiverged) else 2)
-        except (MissingMandatoryValue, InterpolationToMissingValueError) as error:
-            fail(missing_value(error))
+        except KeyboardInterrupt:
+            fail("interrupted (Ctrl-C): run the same command again to resume from the last checkpoint", 130)
+        except Exception as error:
+            told = error_line(error)
+            if not in_sweep:
+                if told is None:
+                    raise
+                fail(*told)
+            if told is None:
+                log.exception("the job failed")
+                return JobFailed(f"{type(error).__name__}: {one_line(str(error))}")
+            print(f"error: {told[0]}", file=sys.stderr)
+            return JobFailed(told[0])
         finally:
             if detect_ranks().is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()
+        return None
 
     return wrapper
 
@@ -267,10 +293,12 @@ def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_
         print("choices: " + choices_text(choices))
         dry_run(cfg)
         return
-    training = training_class(cfg, run_dir)
-    if training.ranks.is_main:
-        save_hydra_files(cfg, run_dir)
-    results = training.run(choices, overrides, group)
+    # One writer per run directory: the lock is held from the checks (run.json, the checkpoint) to the end.
+    with RunLock(run_dir) if detect_ranks().is_main else nullcontext():
+        training = training_class(cfg, run_dir)
+        if training.ranks.is_main:
+            save_hydra_files(cfg, run_dir)
+        results = training.run(choices, overrides, group)
     if not training.ranks.is_main:
         return
     lines = summary_lines(training, results, run_dir)

@@ -29,7 +29,7 @@ from ibq.metrics.adm import AdmSamples
 from ibq.metrics.fid import FID_FEATURE_DIM, load_fid_network
 from ibq.metrics.lpips import BACKBONE_FILES, load_lpips
 from ibq.metrics.reference import ReferenceCache, ReferenceStats, dataset_name, load_reference_npz, reference_key
-from ibq.runs.record import MetricsLog, config_differences, group_choices, write_json
+from ibq.runs.record import MetricsLog, config_differences, group_choices, merge_results
 from ibq.runs.wandb_mirror import WandbMirror
 
 log = logging.getLogger("ibq.eval")
@@ -266,16 +266,9 @@ def scalars(results: dict) -> dict:
     return {key: value for key, value in results.items() if isinstance(value, (int, float, str))}
 
 
-def write_results(path: Path, results: dict) -> None:
-    merged = json.loads(path.read_text()) if path.is_file() else {}
-    merged.update(results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, merged)
-
-
 def publish(run_dir: Path, step: int, results: dict, train_cfg: DictConfig | None, run_id: str | None, wandb_mode: str) -> str | None:
     """Merge into results.json, append to metrics.jsonl and mirror to the run's W&B run; returns the W&B dir."""
-    write_results(run_dir / "results.json", results)
+    merge_results(run_dir / "results.json", results)
     MetricsLog(run_dir / "metrics.jsonl").append(step, scalars(results))
 
     logger = train_cfg.get("logger") if train_cfg is not None else None
@@ -389,7 +382,7 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> list[str]:
         destination = run_dir / "results.json"
     else:
         destination = Path(cfg.output).expanduser() if cfg.output else checkpoint_path.with_suffix(".results.json")
-        write_results(destination, results)
+        merge_results(destination, results)
         wandb_dir = None
 
     lines = [
@@ -505,7 +498,7 @@ def evaluate_generation(cfg: DictConfig, choices: dict) -> list[str]:
         destination = results_path
     else:
         destination = Path(cfg.output).expanduser() if cfg.output else samples.path.with_suffix(".results.json")
-        write_results(destination, results)
+        merge_results(destination, results)
         wandb_dir = None
 
     lines = [f"ibq-eval: {samples.path} ({len(samples)} samples, {samples.resolution[0]}x{samples.resolution[1]})"]

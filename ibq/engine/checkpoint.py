@@ -1,4 +1,5 @@
-"""Checkpoints are written to a temporary name and renamed, so a kill never leaves a torn file."""
+"""Checkpoints are written to a temporary name and renamed, so a kill never leaves a torn file, and
+only when every tensor in them is finite, so the checkpoint a diverged run names is one to resume from."""
 
 from __future__ import annotations
 
@@ -13,17 +14,60 @@ import torch
 
 from ibq.engine.distributed import any_rank, gather_objects
 from ibq.errors import TrainingDiverged, UserError
+from ibq.runs.record import atomic_write
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for a file that is not a checkpoint
+        raise UserError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'empty'}): "
+            f"restore it, or move it away to start this run from step 0"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"{path} is not an ibq checkpoint (no step): restore it, or move it away to start this run from step 0")
+    return state
+
+
+def non_finite_tensors(state: Any, name: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested state (weights, EMA, optimizer moments) that hold
+    a NaN or an infinity. One host synchronisation for the whole state: call it at checkpoints only."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+
+    def collect(value: Any, prefix: str) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() or value.is_complex():
+                tensors.append((prefix, value))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                collect(item, f"{prefix}.{key}" if prefix else str(key))
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                collect(item, f"{prefix}.{index}")
+
+    collect(state, name)
+    if not tensors:
+        return []
+    device = tensors[0][1].device
+    finite = torch.stack([tensor.isfinite().all().to(device) for _, tensor in tensors]).tolist()
+    return [name for (name, _), ok in zip(tensors, finite) if not ok]
+
+
+def stop_if_state_not_finite(step: int, state: dict[str, Any], checkpoint: Path, device: torch.device) -> None:
+    """Every rank stops together, before saving, when the state to be checkpointed holds non-finite
+    tensors on any of them: last.pt keeps the previous, finite checkpoint."""
+    bad = non_finite_tensors({key: value for key, value in state.items() if not key.startswith("rng")})
+    if any_rank(bool(bad), device):
+        previous = load_checkpoint(checkpoint)["step"] if checkpoint.exists() else None
+        kept = f"the last good checkpoint is {checkpoint} (step {previous})" if previous is not None else "no checkpoint was written yet"
+        where = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "") if bad else "on another rank"
+        raise TrainingDiverged(f"non-finite values at step {step} in {where}: not checkpointed, training stopped; {kept}")
 
 
 def rng_state() -> dict[str, Any]:

@@ -3,6 +3,8 @@ Only rank 0 writes them; on the other ranks a session records nothing."""
 
 from __future__ import annotations
 
+import errno
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -11,17 +13,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from ibq.engine.distributed import Ranks, shutdown
 from ibq.engine.preemption import RequeueRefused, StoppedAtCheckpoint
-from ibq.errors import TrainingDiverged
+from ibq.errors import TrainingDiverged, UserError
 from ibq.runs.record import MetricsLog, RunRecord
 from ibq.runs.wandb_mirror import NullMirror, open_mirror
 
+log = logging.getLogger(__name__)
+# Errors of the storage the run writes to: no space, over quota, read-only, no permission.
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
 
 class RunSession:
-    def __init__(self, run_dir: Path, ranks: Ranks):
+    def __init__(self, run_dir: Path, ranks: Ranks, signature: str):
+        """Refuses (before anything is written) a run directory whose run.json records another configuration."""
         self.run_dir, self.is_main = run_dir, ranks.is_main
         self.record: RunRecord | None = None
         self.metrics_log: MetricsLog | None = None
         self.mirror = NullMirror()
+        if self.is_main:
+            RunRecord(run_dir).check_configuration(signature)
 
     def open(self, cfg: DictConfig, choices: dict, overrides: list[str], kind: str, start_step: int, run_id: str,
              group: str | None, **fields) -> None:
@@ -31,15 +40,16 @@ class RunSession:
         (self.run_dir / "media").mkdir(parents=True, exist_ok=True)
         self.record = RunRecord(self.run_dir)
         self.record.start(cfg, choices, overrides, kind=kind, resumed_from_step=start_step or None)
-        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
-        self.metrics_log.truncate_after(start_step)
-        self.mirror = open_mirror(cfg.logger, self.run_dir, run_id, OmegaConf.to_container(cfg, resolve=True), choices, overrides,
-                                  self.record.data["git"], group)
-        mirror = self.mirror
-        self.record.update(
-            wandb={"id": mirror.run_id, "url": mirror.url, "dir": mirror.local_dir, "mode": mirror.mode, "group": mirror.group},
-            **fields,
-        )
+        with self.failures_recorded():
+            self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
+            self.metrics_log.truncate_after(start_step)
+            self.mirror = open_mirror(cfg.logger, self.run_dir, run_id, OmegaConf.to_container(cfg, resolve=True), choices, overrides,
+                                      self.record.data["git"], group)
+            mirror = self.mirror
+            self.record.update(
+                wandb={"id": mirror.run_id, "url": mirror.url, "dir": mirror.local_dir, "mode": mirror.mode, "group": mirror.group},
+                **fields,
+            )
 
     def log(self, step: int, metrics: dict) -> None:
         if self.is_main:
@@ -55,10 +65,16 @@ class RunSession:
             self.mirror.summarize(results)
             self.mirror.finish()
 
-    def failed(self, message: str) -> None:
-        if self.is_main:
-            self.record.finish("failed", message)
-            self.mirror.finish(exit_code=1)
+    def ended(self, status: str, message: str) -> None:
+        """A terminal status other than completed. Recording it must not hide why the run ended: a
+        record that cannot be written (the disk that stopped the run is full) is only logged."""
+        if not self.is_main or self.record is None:
+            return
+        try:
+            self.record.finish(status, message)
+        except OSError as error:
+            log.error("could not record status %r in %s: %s", status, self.record.path, error)
+        self.mirror.finish(exit_code=1)
 
     def run(self, train: Callable[[], dict]) -> dict:
         """Runs `train` on every rank; its results complete the records, an exception fails them."""
@@ -70,14 +86,25 @@ class RunSession:
 
     @contextmanager
     def failures_recorded(self):
-        """A run that raises ends as failed in run.json and W&B (a stop for a requeue records itself)."""
+        """A run that raises ends as failed in run.json and W&B, one stopped by Ctrl-C as interrupted
+        (a stop for a requeue records itself). A full disk or a read-only folder is the user's to fix."""
         try:
             yield
         except (StoppedAtCheckpoint, RequeueRefused):
             raise
-        except TrainingDiverged as error:
-            self.failed(str(error))
+        except KeyboardInterrupt:
+            self.ended("interrupted", "interrupted (Ctrl-C): run the same command again to resume from the last checkpoint")
             raise
+        except (TrainingDiverged, UserError) as error:
+            self.ended("failed", str(error))
+            raise
+        except OSError as error:
+            if error.errno not in STORAGE_ERRORS:
+                self.ended("failed", f"{type(error).__name__}: {error}")
+                raise
+            message = f"cannot write to {error.filename or self.run_dir}: {error.strerror}"
+            self.ended("failed", message)
+            raise UserError(message) from None
         except BaseException as error:
-            self.failed(f"{type(error).__name__}: {error}")
+            self.ended("failed", f"{type(error).__name__}: {error}")
             raise

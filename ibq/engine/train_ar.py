@@ -32,14 +32,14 @@ from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.config import build
 from ibq.engine.build import resolve_precision
-from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite
+from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite, stop_if_state_not_finite
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.session import RunSession
 from ibq.engine.tokens import CHECKPOINT, TokenizerRun, TokenShards, check_shards, load_tokenizer_run, read_manifest
 from ibq.errors import UserError, check_positive_int
 from ibq.generation.sampling import sample
 from ibq.models.transformer import Transformer, next_token_loss
-from ibq.runs.record import STAGE_I_KEYS, config_differences, result_config, signature, without_keys, write_json
+from ibq.runs.record import STAGE_I_KEYS, config_differences, merge_results, result_config, signature, without_keys
 
 # Keys that change how a run reports, not what it trains: left out of its signature, so a resume may change them.
 REPORTING_KEYS = ("log_every", "checkpoint_every", "grid_classes")
@@ -194,7 +194,7 @@ class ARTraining:
         distributed.init_process_group(self.ranks, self.device, always=self.zero_stage is not None)
         self.trainee = self._wrap()  # what the step calls: the model, its DDP wrapper, or its DeepSpeed engine
         self.start_step = self._resume() if self.checkpoint_path.exists() else 0
-        self.session = RunSession(run_dir, self.ranks)
+        self.session = RunSession(run_dir, self.ranks, self.signature)
 
     def _wrap(self):
         if self.zero_stage is not None:
@@ -243,8 +243,6 @@ class ARTraining:
         """All ranks: DeepSpeed's engine writes its shards; then rank 0 commits last.pt, which holds the
         full weights (what ibq-sample reads) and names the shards."""
         tag = f"step{step:07d}" if self.zero_stage is not None else None
-        if tag is not None:
-            distributed.save_engines({"transformer": self.trainee}, self.deepspeed_dir, tag)
         state = {
             "step": step,
             "signature": self.signature,
@@ -256,6 +254,9 @@ class ARTraining:
             state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict())
         else:
             state["deepspeed"] = {"tag": tag, "stage": self.zero_stage, "world_size": self.ranks.world_size}
+        stop_if_state_not_finite(step, state, self.checkpoint_path, self.device)
+        if tag is not None:
+            distributed.save_engines({"transformer": self.trainee}, self.deepspeed_dir, tag)
         if self.ranks.is_main:
             save_checkpoint(self.checkpoint_path, state)
             if tag is not None:
@@ -356,7 +357,7 @@ class ARTraining:
         }
         if cfg.ar_train.grid_classes:
             results["sample_grid"] = self._sample_grid(steps)
-        write_json(self.run_dir / "results.json", results)
+        merge_results(self.run_dir / "results.json", results)
         return results
 
     def _step(self, step: int, batches, autocast, last_good: int | None) -> tuple[float, float, float]:

@@ -31,7 +31,7 @@ from ibq.data.shards import merge_states
 from ibq.engine import distributed
 from ibq.config import build
 from ibq.engine.build import resolve_precision
-from ibq.engine.checkpoint import DivergenceWatch, foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything
+from ibq.engine.checkpoint import DivergenceWatch, foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
@@ -41,7 +41,7 @@ from ibq.losses import LeCAM, hinge_d_loss, non_saturating_g_loss
 from ibq.metrics.codebook import CodebookHistogram
 from ibq.metrics.fid import load_fid_network
 from ibq.metrics.lpips import try_load_lpips
-from ibq.runs.record import STAGE_II_KEYS, config_differences, result_config, signature, without_keys, write_json
+from ibq.runs.record import STAGE_II_KEYS, config_differences, merge_results, result_config, signature, without_keys
 from ibq.runs.usage import save_usage
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class TokenizerTraining:
         self.stream_state = None  # a shard stream's cursors, from the checkpoint
         self.start_step = self._resume() if self.checkpoint_path.exists() else 0
         self.divergence = DivergenceWatch(self.checkpoint_path, self.start_step or None, self.device)
-        self.session = RunSession(run_dir, self.ranks)
+        self.session = RunSession(run_dir, self.ranks, self.signature)
 
     def _wrap(self):
         if self.zero_stage is not None:
@@ -164,11 +164,11 @@ class TokenizerTraining:
         """All ranks: DeepSpeed's engines write their shards; then rank 0 commits last.pt, which names
         them, so a job killed mid-save resumes from the previous complete checkpoint."""
         self.divergence.check(step)  # never a checkpoint of weights updated from a non-finite loss
-        tag = None
-        if self.zero_stage is not None:
-            tag = f"step{step:07d}"
-            distributed.save_engines(self._engines(), self.deepspeed_dir, tag)
+        tag = f"step{step:07d}" if self.zero_stage is not None else None
         state = self._state(step, tag)
+        stop_if_state_not_finite(step, state, self.checkpoint_path, self.device)
+        if tag is not None:
+            distributed.save_engines(self._engines(), self.deepspeed_dir, tag)
         if self.ranks.is_main:
             save_checkpoint(self.checkpoint_path, state)
             if tag is not None:
@@ -271,7 +271,7 @@ class TokenizerTraining:
                 checkpoint=str(self.checkpoint_path.relative_to(self.run_dir)),
                 weights="ema",
             )
-            write_json(self.run_dir / "results.json", results)
+            merge_results(self.run_dir / "results.json", results)
         return results
 
     def _step(self, step: int, micro_batches: list[torch.Tensor], autocast) -> dict[str, torch.Tensor]:

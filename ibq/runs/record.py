@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -17,6 +18,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ibq.errors import UserError
+
+log = logging.getLogger(__name__)
 # Keys that change where or how a run is reported, not what it computes.
 NON_RESULT_KEYS = ("run_dir", "logger", "cluster", "dry_run", "train.log_every", "train.checkpoint_every", "data.num_workers", "eval.every")
 # Top-level keys of each stage: model_scale sets both, and a run of one stage leaves the other's out.
@@ -46,14 +50,33 @@ def group_choices(choices) -> dict:
     return {key: value for key, value in choices.items() if "/" not in key}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Calls `write(tmp)` for a temporary name beside `path`, then renames it: readers see the old file
+    or the new one. A failed write (a full disk, a signal) leaves no temporary file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def merge_results(path: Path, results: dict[str, Any]) -> None:
+    """Writes `results` into results.json, replacing the keys it names and keeping the others: what
+    another writer recorded there (ibq-eval's eval/*, coco/*, imagenet/*, lpips/*) survives a re-run."""
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, merged)
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -148,6 +171,16 @@ class RunRecord:
         )
         self.save()
 
+    def check_configuration(self, signature: str) -> None:
+        """Refuses a run directory that records another configuration, with or without a checkpoint."""
+        recorded = self.data.get("signature")
+        if recorded is not None and recorded != signature:
+            overrides = " ".join(self.data.get("overrides") or []) or "none"
+            raise UserError(
+                f"{self.run_dir} holds a run of another configuration (signature {recorded}, overrides: {overrides}; "
+                f"this run {signature}): use a new hydra.run.dir or the original overrides"
+            )
+
     def update(self, **fields: Any) -> None:
         self.data.update(fields)
         self.save()
@@ -160,17 +193,18 @@ class RunRecord:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step."""
+    """metrics.jsonl: one JSON object per logged step. A torn last line (a process killed or a disk
+    filled mid-write) is dropped; a bad line before the last is an error naming the file and line."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step`, so a resumed run neither loses nor repeats a line."""
+        """Drop lines logged after `step` (and a torn tail), so a resumed run neither loses nor repeats a line."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+        kept = [line for line in self.read() if line["step"] <= step]
+        atomic_write_text(self.path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in kept))
 
     def append(self, step: int, metrics: dict[str, Any]) -> None:
         with self.path.open("a") as file:
@@ -179,4 +213,15 @@ class MetricsLog:
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        lines = self.path.read_text().splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise UserError(f"{self.path} line {number} is not JSON ({line[:60]!r}): repair or remove that line") from None
+                log.warning("%s ends in a torn line (%d bytes): dropped", self.path, len(line))
+        return records

@@ -1,31 +1,42 @@
-"""W&B mirror of a run: offline by default; online only when W&B can be reached, otherwise a
-message and offline. Its run id derives from the run's signature, so a requeued job resumes it."""
+"""W&B mirror of a run: offline by default; online only when W&B answers and accepts the run,
+otherwise a message and offline. Its run id derives from the run's signature, so a requeued job resumes it."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from ibq.runs.record import LAUNCH_CHOICES
 from ibq.runs.usage import sorted_frequencies
 
 log = logging.getLogger(__name__)
 HISTOGRAM_BINS = 512  # W&B's limit for a histogram
+ANSWER_TIMEOUT_S = 5.0  # for W&B's server to answer one HTTP request
+INIT_TIMEOUT_S = 60  # for wandb.init online, once the server has answered
 
 
-def reachable(base_url: str, timeout: float = 3.0) -> bool:
-    parsed = urlparse(base_url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+def answers(base_url: str, timeout: float = ANSWER_TIMEOUT_S) -> bool:
+    """Whether W&B's server answers an HTTP request within `timeout` (any status counts): a server that
+    accepts connections and never answers does not."""
     try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
+        urllib.request.urlopen(urllib.request.Request(base_url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # refused, unresolvable, timed out; a malformed URL
         return False
+    return True
+
+
+def offline_reason(error: Exception) -> str:
+    text = " ".join(str(error).split())[:200]
+    if "api_key" in text.lower() or "api key" in text.lower():
+        return "no W&B API key: set WANDB_API_KEY or run `wandb login`"
+    return f"{type(error).__name__}: {text}"
 
 
 class NullMirror:
@@ -74,14 +85,22 @@ class WandbMirror(NullMirror):
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"logger.mode={mode!r} is invalid; valid: offline, online, disabled")
         base_url = base_url or os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-        if mode == "online" and not reachable(base_url):
-            log.warning("W&B at %s cannot be reached: logging offline instead (sync later with `wandb sync`)", base_url)
+        if mode == "online" and not answers(base_url):
+            log.warning("W&B at %s cannot be reached (no answer within %.0f s): logging offline instead (sync later with `wandb sync`)", base_url, ANSWER_TIMEOUT_S)
             mode = "offline"
-        settings = wandb.Settings(base_url=base_url, init_timeout=60, silent=True)
-        self.run = wandb.init(
-            project=project, entity=entity, group=group, tags=tags, name=name, config=config, mode=mode, job_type=job_type,
+        settings = wandb.Settings(base_url=base_url, init_timeout=INIT_TIMEOUT_S, silent=True)
+        arguments = dict(
+            project=project, entity=entity, group=group, tags=tags, name=name, config=config, job_type=job_type,
             dir=str(run_dir), id=run_id, resume="allow", settings=settings,
         )
+        try:
+            self.run = wandb.init(mode=mode, **arguments)
+        except Exception as error:  # wandb raises UsageError, CommError, AuthenticationError, ...
+            if mode != "online":
+                raise
+            log.warning("W&B cannot log online (%s): logging offline instead (sync later with `wandb sync`)", offline_reason(error))
+            mode = "offline"
+            self.run = wandb.init(mode=mode, **arguments)
         self.mode = mode
         self.group = group
         self.run_id = self.run.id

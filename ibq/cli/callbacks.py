@@ -1,0 +1,124 @@
+"""Hydra callbacks of the training apps (`hydra.callbacks` in their primary configs).
+
+RunDirectoryCheck: a run or sweep directory that is a file, or not writable, is one line before Hydra
+creates it. SweepProgress: each job of a sweep says `job k/N` when it starts and ends; a job that fails
+does not stop the others (the task returns a JobFailed instead of raising); at the end one summary lists
+every job, done or failed with its reason, and the command exits 1 when any failed. Each job leaves its
+outcome in `<sweep dir>/.jobs/<k>.json`, so the summary is the same for Slurm jobs, which run elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+JOBS_DIR = ".jobs"
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """What a sweep's job returns instead of raising, so that the sweep goes on."""
+
+    reason: str
+
+
+def unusable_directory(path: Path) -> str | None:
+    """Why `path` cannot be a run directory, or None: it (or a folder above it) is a file, or the
+    nearest existing folder cannot be written to."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def refuse(key: str, path: str, problem: str) -> None:
+    print(f"error: {key}={path} cannot hold the run: {problem}; choose another {key}", file=sys.stderr)
+    sys.exit(2)
+
+
+class RunDirectoryCheck(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problem = unusable_directory(Path(config.hydra.run.dir))
+        if problem:
+            refuse("hydra.run.dir", config.hydra.run.dir, problem)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problem = unusable_directory(Path(config.hydra.sweep.dir))
+        if problem:
+            refuse("hydra.sweep.dir", config.hydra.sweep.dir, problem)
+
+
+def count_jobs(config: DictConfig) -> int | None:
+    """How many jobs Hydra's basic sweeper makes of the sweep files' params and the command line."""
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    lines = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    try:
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(lines), None))
+    except Exception:  # a sweeper of another kind (Optuna): its trials are counted as they come
+        return None
+
+
+def outcome(job_return: JobReturn) -> tuple[str, str]:
+    if job_return.status == JobStatus.FAILED:
+        error = job_return._return_value  # `return_value` would raise it
+        return "failed", f"{type(error).__name__}: {error}"
+    if isinstance(job_return.return_value, JobFailed):
+        return "failed", job_return.return_value.reason
+    return "done", ""
+
+
+class SweepProgress(Callback):
+    def __init__(self) -> None:
+        self.total: int | None = None
+
+    def _label(self, config: DictConfig) -> str:
+        number = config.hydra.job.num + 1
+        return f"job {number}/{self.total}" if self.total else f"job {number}"
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.total = count_jobs(config)
+        jobs = Path(config.hydra.sweep.dir) / JOBS_DIR
+        for stale in jobs.glob("*.json"):  # a relaunch into the same sweep folder starts a new summary
+            stale.unlink()
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        print(f"{self._label(config)}: {' '.join(config.hydra.overrides.task) or '(no overrides)'}", flush=True)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        status, reason = outcome(job_return)
+        print(f"{self._label(config)}: {status}{': ' + reason if reason else ''}", flush=True)
+        record = {"num": config.hydra.job.num, "overrides": list(config.hydra.overrides.task), "status": status, "reason": reason}
+        jobs = Path(config.hydra.sweep.dir) / JOBS_DIR
+        jobs.mkdir(parents=True, exist_ok=True)
+        (jobs / f"{config.hydra.job.num}.json").write_text(json.dumps(record))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        records = sorted((json.loads(path.read_text()) for path in (sweep_dir / JOBS_DIR).glob("*.json")), key=lambda r: r["num"])
+        total = self.total or len(records)
+        failed = [r for r in records if r["status"] != "done"]
+        unreported = total - len(records)
+        counts = f"{len(records) - len(failed)} of {total} jobs done, {len(failed)} failed" + (f", {unreported} without an outcome" if unreported > 0 else "")
+        print(f"\nsweep {sweep_dir}: {counts}", flush=True)
+        for record in failed:
+            print(f"  job {record['num'] + 1}/{total} ({' '.join(record['overrides'])}) failed: {record['reason']}", flush=True)
+        if failed or unreported > 0:
+            sys.exit(1)

@@ -1,0 +1,76 @@
+"""One writer per run directory: an exclusive lock on `<run dir>/.lock`, which names its holder.
+
+The lock is the kernel's (flock), so it dies with its process: the file a killed run leaves behind is
+taken over by the next run without asking anyone to delete it."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ibq.errors import UserError
+
+log = logging.getLogger(__name__)
+LOCK_NAME = ".lock"
+
+
+def describe_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"process {holder['pid']} on {holder['host']} since {holder['since']} ({' '.join(holder['command'])[:120]})"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+class RunLock:
+    """Context manager: holds the run directory's lock, or raises a UserError naming the holder."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = self._acquire()
+        except PermissionError:
+            raise UserError(f"run directory {self.run_dir} is not writable: choose a writable hydra.run.dir") from None
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"run directory {self.run_dir} is not a directory: choose another hydra.run.dir") from None
+        stale = os.read(fd, 4096).decode(errors="replace")
+        if stale:
+            log.info("%s: taking over the lock left by %s, which is no longer running", self.run_dir, describe_holder(stale))
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self.fd = fd
+        return self
+
+    def _acquire(self) -> int:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = describe_holder(os.read(fd, 4096).decode(errors="replace"))
+                os.close(fd)
+                raise UserError(f"run directory {self.run_dir} is in use by {holder}: wait for it to end or choose another hydra.run.dir") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the holder removed the file as we opened it: lock the next one
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None

@@ -1,0 +1,246 @@
+"""The run directory as a safe store: results merged, one writer at a time, a torn metrics tail, another
+configuration's record refused, no temporary file left by a failed write, nothing non-finite checkpointed,
+W&B that hangs or lacks a key, sweeps that keep going, and a terminal status on every exit."""
+
+from __future__ import annotations
+
+import errno
+import http.server
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, QUICK, REPO, cli_env, error_line, read_jsonl, run_cli
+from ibq.cli.callbacks import unusable_directory
+from ibq.engine.checkpoint import load_checkpoint, non_finite_tensors, save_checkpoint, stop_if_state_not_finite
+from ibq.engine.distributed import Ranks
+from ibq.engine.session import RunSession
+from ibq.errors import TrainingDiverged, UserError
+from ibq.runs.lock import RunLock
+from ibq.runs.record import MetricsLog, RunRecord, atomic_write_text, merge_results
+
+
+def test_results_are_merged_not_rewritten(tmp_path: Path):
+    path = tmp_path / "results.json"
+    merge_results(path, {"rfid": 50.0, "psnr": 20.0})
+    merge_results(path, {"rfid": 60.0, "imagenet/rfid": 70.0, "eval/dataset": "imagenet"})
+    merge_results(path, {"rfid": 50.0, "psnr": 21.0})  # the training's final evaluation again
+    assert json.loads(path.read_text()) == {"rfid": 50.0, "psnr": 21.0, "imagenet/rfid": 70.0, "eval/dataset": "imagenet"}
+
+
+def test_lock_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path: Path):
+    with RunLock(tmp_path):
+        with pytest.raises(UserError, match=rf"in use by process \d+ on {socket.gethostname()}"):
+            RunLock(tmp_path).__enter__()
+    assert not (tmp_path / ".lock").exists()
+    # A killed run leaves its lock file, but no lock: the next run takes it over.
+    dead = {"pid": 999999, "host": "elsewhere", "since": "then", "command": ["ibq-train"]}
+    (tmp_path / ".lock").write_text(json.dumps(dead))
+    with RunLock(tmp_path) as lock:
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] != 999999
+        assert lock.fd is not None
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_lock_in_a_path_below_a_file_is_one_line(tmp_path: Path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is not a directory"):
+        RunLock(tmp_path / "file" / "run").__enter__()
+    assert unusable_directory(tmp_path / "file" / "run") == f"{tmp_path / 'file'} is a file, not a directory"
+    assert unusable_directory(tmp_path / "new" / "run") is None
+
+
+def test_torn_metrics_tail_is_dropped_and_repaired(tmp_path: Path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.append(1, {"loss": 1.0})
+    log.append(2, {"loss": 0.5})
+    with log.path.open("a") as file:
+        file.write('{"loss": 0.2, "st')  # a disk that filled mid-line
+    assert [line["step"] for line in log.read()] == [1, 2]
+    log.truncate_after(2)
+    log.append(3, {"loss": 0.1})
+    assert [line["step"] for line in read_jsonl(log.path)] == [1, 2, 3]
+    log.path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(UserError, match="line 2 is not JSON"):
+        log.read()
+
+
+def test_run_directory_of_another_configuration_is_refused_without_a_checkpoint(tmp_path: Path):
+    record = RunRecord(tmp_path)
+    record.update(signature="aaaaaaaaaaaa", overrides=["quantizer=vq"])
+    RunSession(tmp_path, Ranks(0, 0, 1), "aaaaaaaaaaaa")  # the same configuration resumes
+    with pytest.raises(UserError, match=r"another configuration \(signature aaaaaaaaaaaa, overrides: quantizer=vq"):
+        RunSession(tmp_path, Ranks(0, 0, 1), "bbbbbbbbbbbb")
+
+
+def fill_disk(tmp: Path) -> None:
+    Path(tmp).write_bytes(b"x" * 1000)  # part of the file made it to disk
+    raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+
+def test_failed_writes_leave_no_temporary_file(tmp_path: Path, monkeypatch):
+    atomic_write_text(tmp_path / "run.json", "{}")
+    monkeypatch.setattr(Path, "write_text", lambda self, text: fill_disk(self))
+    with pytest.raises(OSError):
+        atomic_write_text(tmp_path / "run.json", '{"status": "failed"}')
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "save", lambda state, tmp: fill_disk(tmp))
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"step": 1})
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "run.json"]
+
+
+def test_full_disk_ends_the_run_failed_with_one_line(tmp_path: Path, monkeypatch):
+    session = RunSession(tmp_path, Ranks(0, 0, 1), "aaaaaaaaaaaa")
+    session.record = RunRecord(tmp_path)
+    session.record.update(status="running")
+    with pytest.raises(UserError, match="cannot write to .*last.pt: No space left on device"):
+        with session.failures_recorded():
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "last.pt"))
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
+    # When run.json cannot be written either, the reason still reaches the user.
+    monkeypatch.setattr(RunRecord, "save", lambda self: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
+    with pytest.raises(UserError, match="Read-only file system"):
+        with session.failures_recorded():
+            raise OSError(errno.EROFS, "Read-only file system", str(tmp_path))
+
+
+def test_ctrl_c_ends_the_run_interrupted(tmp_path: Path):
+    session = RunSession(tmp_path, Ranks(0, 0, 1), "aaaaaaaaaaaa")
+    session.record = RunRecord(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with session.failures_recorded():
+            raise KeyboardInterrupt
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_non_finite_state_is_never_checkpointed(tmp_path: Path):
+    checkpoint = tmp_path / "last.pt"
+    good = {"step": 4, "tokenizer": {"w": torch.ones(3)}, "opt_d": {"state": {0: {"exp_avg": torch.zeros(2)}}}}
+    stop_if_state_not_finite(4, good, checkpoint, torch.device("cpu"))
+    save_checkpoint(checkpoint, good)
+    bad = {
+        "step": 6,
+        "tokenizer": {"w": torch.full((3,), 1e10)},  # large but finite
+        "discriminator": {"conv.weight": torch.tensor([1.0, float("nan")])},
+        "ema": {"shadow.w": torch.tensor([float("inf")])},
+        "opt_g": {"state": {0: {"exp_avg_sq": torch.tensor([float("inf")])}}},
+        "rng": {"torch": torch.zeros(4, dtype=torch.uint8)},
+    }
+    assert non_finite_tensors(bad) == ["discriminator.conv.weight", "ema.shadow.w", "opt_g.state.0.exp_avg_sq"]
+    with pytest.raises(TrainingDiverged, match=rf"non-finite values at step 6 in discriminator.conv.weight.*last good checkpoint is {checkpoint} \(step 4\)"):
+        stop_if_state_not_finite(6, bad, checkpoint, torch.device("cpu"))
+    assert load_checkpoint(checkpoint)["step"] == 4
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint"])
+def test_unreadable_checkpoint_is_one_line(tmp_path: Path, content: bytes):
+    (tmp_path / "last.pt").write_bytes(content)
+    with pytest.raises(UserError, match="cannot be read .*move it away to start this run from step 0"):
+        load_checkpoint(tmp_path / "last.pt")
+
+
+class Silent:
+    """A TCP server that accepts connections and never answers."""
+
+    def __enter__(self) -> str:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        return f"http://127.0.0.1:{self.server.getsockname()[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.close()
+
+
+class Answering(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self.send_response(200)
+        self.end_headers()
+
+    do_GET = do_POST = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+def test_wandb_that_hangs_or_lacks_a_key_falls_back_to_offline(tmp_path: Path, monkeypatch, caplog):
+    from ibq.runs.wandb_mirror import WandbMirror
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with Silent() as url:
+        started = time.monotonic()
+        mirror = WandbMirror(tmp_path / "hang", "run0000hang", {}, "ibq", mode="online", base_url=url)
+        assert time.monotonic() - started < 60  # bounded: the server never answers
+        assert mirror.mode == "offline"
+        mirror.finish()
+    assert "cannot be reached (no answer within" in caplog.text
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        mirror = WandbMirror(tmp_path / "nokey", "run00000key", {}, "ibq", mode="online", base_url=f"http://127.0.0.1:{server.server_port}")
+        assert mirror.mode == "offline"
+        mirror.finish()
+    finally:
+        server.shutdown()
+    assert "no W&B API key: set WANDB_API_KEY or run `wandb login`" in caplog.text
+
+
+@pytest.mark.slow
+def test_run_directory_that_is_a_file_is_one_line(tmp_path: Path):
+    (tmp_path / "run").write_text("not a directory")
+    result = run_cli(IBQ_TRAIN + QUICK + [f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
+    assert "is a file, not a directory" in error_line(result)
+    assert (tmp_path / "run").read_text() == "not a directory"
+
+
+@pytest.mark.slow
+def test_second_writer_is_refused_and_ctrl_c_ends_the_run_interrupted(tmp_path: Path):
+    # A long run holds the directory: a second writer is refused before it writes; Ctrl-C ends it "interrupted".
+    longer = tmp_path / "longer"
+    args = IBQ_TRAIN + QUICK + [ONE_CROP_PER_PHOTO, "train.steps=100000", "eval.rfid=false", f"hydra.run.dir={longer}"]
+    first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        deadline = time.time() + 300
+        while not (longer / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.1)
+        assert (longer / "metrics.jsonl").exists()
+        second = run_cli(args, timeout=300)
+        assert f"is in use by process {first.pid}" in error_line(second)
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 130
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")
+    record = json.loads((longer / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["ended"]
+    assert not (longer / ".lock").exists()
+    steps = [line["step"] for line in read_jsonl(longer / "metrics.jsonl")]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no step twice
+
+
+@pytest.mark.slow
+def test_sweep_goes_on_past_a_failed_job_and_says_which_failed(tmp_path: Path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(IBQ_TRAIN + ["-m", "train.steps=0,2", "train.log_every=1", "logger=none", "eval.rfid=false",
+                                  ONE_CROP_PER_PHOTO, f"hydra.sweep.dir={sweep_dir}"], timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    out = result.stdout
+    assert "job 1/2: train.steps=0" in out and "job 2/2: train.steps=2" in out
+    assert "job 1/2: failed: train.steps=0 is invalid" in out and "job 2/2: done" in out
+    assert "1 of 2 jobs done, 1 failed" in out
+    assert "job 1/2 (train.steps=0 " in out.split("jobs done")[1]
+    records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/run.json")]
+    assert [r["status"] for r in records] == ["completed"]
