@@ -184,7 +184,7 @@ def test_wandb_that_hangs_or_lacks_a_key_falls_back_to_offline(tmp_path: Path, m
         assert time.monotonic() - started < 60  # bounded: the server never answers
         assert mirror.mode == "offline"
         mirror.finish()
-    assert "cannot be reached (no answer within" in caplog.text
+    assert "cannot be reached: logging offline instead (no answer within" in caplog.text
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answering)
     threading.Thread(target=server.serve_forever, daemon=True).start()

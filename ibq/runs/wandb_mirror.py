@@ -86,7 +86,7 @@ class WandbMirror(NullMirror):
             raise ValueError(f"logger.mode={mode!r} is invalid; valid: offline, online, disabled")
         base_url = base_url or os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
         if mode == "online" and not answers(base_url):
-            log.warning("W&B at %s cannot be reached (no answer within %.0f s): logging offline instead (sync later with `wandb sync`)", base_url, ANSWER_TIMEOUT_S)
+            log.warning("W&B at %s cannot be reached: logging offline instead (no answer within %.0f s; sync later with `wandb sync`)", base_url, ANSWER_TIMEOUT_S)
             mode = "offline"
         settings = wandb.Settings(base_url=base_url, init_timeout=INIT_TIMEOUT_S, silent=True)
         arguments = dict(
