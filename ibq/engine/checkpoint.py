@@ -4,7 +4,6 @@ only when every tensor in them is finite, so the checkpoint a diverged run names
 from __future__ import annotations
 
 import math
-import os
 import random
 from pathlib import Path
 from typing import Any
