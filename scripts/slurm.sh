@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Single-node Slurm cluster "ibq" (partition "debug") with slurmdbd accounting,
-# for CI and local tests on a root Debian 12 box without systemd.
+# The CI cluster: a single-node Slurm "ibq" (partition "debug", CPUs only) with slurmdbd accounting,
+# on a root Debian 12 box without systemd, so that the test suite submits, preempts and requeues real
+# Slurm jobs. It is not a template for a GPU cluster: there, submit with cluster=slurm_gpu (README,
+# "Running on a cluster") to the cluster you have.
 #
 #   bash scripts/slurm.sh up      # install if needed, configure, start, wait until healthy
 #   bash scripts/slurm.sh down    # stop all daemons (idempotent)
 #   bash scripts/slurm.sh status  # sinfo + accounting check; exit 0 healthy, 1 otherwise
 #
-# Recipe and pitfalls: /work/shared/reference/CLUSTER_AND_CI_RECIPES.md, section A.
+# Pitfalls it handles: no systemd (daemons started by hand, PID files checked), munge before the
+# daemons, MariaDB before slurmdbd, slurmctld that reports a dead slurmd as idle for SlurmdTimeout.
 set -euo pipefail
 
 CLUSTER=ibq

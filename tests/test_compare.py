@@ -203,3 +203,35 @@ def test_diff_of_a_folder_without_a_run_is_one_line(tmp_path):
     line = error_line(run_cli([sys.executable, "-m", "ibq.cli.sweep", "diff", str(tmp_path / "a"), str(tmp_path)]))
     assert f"{tmp_path}: not a run directory" in line
 
+
+
+# -- cluster presets and cost estimates ------------------------------------------------------------------
+def test_gpu_preset_gives_the_sbatch_lines_of_a_real_cluster():
+    from ibq.ledger.sbatch import sweep_sbatch
+
+    lines = sweep_sbatch(["cluster=slurm_gpu", "cluster.partition=gpu", "cluster.account=proj", "cluster.constraint=h100",
+                          "quantizer=ibq,vq", "hydra.sweep.dir=/sweeps/s"], "train", jobs=2).splitlines()
+    for line in ("--array=0-1%2", "--partition=gpu", "--account=proj", "--constraint=h100", "--exclusive", "--gpus-per-node=8",
+                 "--ntasks-per-node=8", "--cpus-per-task=8", "--mem-per-gpu=64G", "--time=1440", "--signal=USR2@300",
+                 "--output=/sweeps/s/.submitit/%A_%a/%A_%a_0_log.out"):
+        assert f"#SBATCH {line}" in lines
+    assert not any(line.startswith("#SBATCH --mem=") for line in lines)  # memory per GPU instead
+    with pytest.raises(Exception, match="cluster=local does not submit to Slurm"):
+        sweep_sbatch(["quantizer=ibq"], "train", jobs=1)
+
+
+def test_estimates_come_from_measured_throughput_and_do_not_depend_on_the_devices_given(tmp_path):
+    from ibq.ledger.cost import measured_throughput
+    from ibq.ledger.plan import expand
+
+    run = fake_run(tmp_path / "runs" / "a", results={"psnr": 20.0})
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**record, "kind": "tokenizer", "distributed": {"world_size": 2}}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "throughput/images_per_s": r}) + "\n" for s, r in ((1, 90.0), (2, 100.0), (3, 110.0))))
+    measured = measured_throughput([tmp_path / "runs"])
+    assert measured[("tokenizer", "tiny")].device_seconds_per_image == pytest.approx(2 / 100)
+    estimate = expand(["model_scale=tiny", "train.steps=1000", "train.batch_size=8"], measured=measured).jobs[0].estimate
+    assert estimate.device_hours == pytest.approx(1000 * 8 * 0.02 / 3600) and estimate.source.startswith("measured: 50.0 images/s per device")
+
+    local, gpu = (expand(["model_scale=paper", *cluster]).jobs[0].estimate for cluster in ([], ["cluster=slurm_gpu"]))
+    assert local.device_hours == pytest.approx(gpu.device_hours) and (local.devices, gpu.devices) == (64, 8)

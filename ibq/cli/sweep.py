@@ -90,24 +90,30 @@ def show_plan(plan, completed: dict) -> None:
 
 
 def cmd_plan(args) -> int:
+    from ibq.ledger.cost import measured_throughput
     from ibq.ledger.plan import expand
     from ibq.ledger.runs import completed_runs
 
     started = time.perf_counter()
-    plan = expand(plan_arguments(args.items, args.config), config_name=args.config)
+    plan = expand(plan_arguments(args.items, args.config), config_name=args.config, measured=measured_throughput(search_roots(args)))
     completed = {sig: str(path) for sig, path in completed_runs(search_roots(args)).items()}
     show_plan(plan, completed)
     print(f"(planned in {time.perf_counter() - started:.1f} s; completed runs searched in {', '.join(map(str, search_roots(args)))})")
+    if args.sbatch:
+        from ibq.ledger.sbatch import sweep_sbatch
+
+        print(f"the job array's sbatch options (Slurm is not asked):\n{sweep_sbatch(plan_arguments(args.items, args.config), args.config, len(plan.jobs))}")
     return 0
 
 
 def cmd_launch(args) -> int:
+    from ibq.ledger.cost import measured_throughput
     from ibq.ledger.launch import relaunch
     from ibq.ledger.plan import expand
     from ibq.ledger.runs import completed_runs
     from ibq.ledger.sweep import LEDGER_FILE, JobStatus, Sweep
 
-    plan = expand(plan_arguments(args.items, args.config), config_name=args.config)
+    plan = expand(plan_arguments(args.items, args.config), config_name=args.config, measured=measured_throughput(search_roots(args)))
     completed = {sig: str(path) for sig, path in completed_runs(search_roots(args)).items()}
     show_plan(plan, completed)
     directory = Path(args.dir or plan.sweep_dir)
@@ -414,6 +420,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("items", nargs="*", metavar="SWEEP|OVERRIDE", help="a sweep name (sweeps/<name>.yaml) and/or ibq-train overrides")
         sp.add_argument("--config", choices=tuple(ENTRY_SCRIPTS), default="train", help="primary config: train (stage I) or train_ar (stage II)")
         runs_option(sp)
+        if name == "plan":
+            sp.add_argument("--sbatch", action="store_true", help="also print the #SBATCH lines of the Slurm job array (cluster=slurm...)")
         if name == "launch":
             sp.add_argument("--dir", help="sweep directory (default: the config's hydra.sweep.dir)")
             sp.add_argument("--dry-run", action="store_true", help="plan only")

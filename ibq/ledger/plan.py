@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ibq.config import CONF_DIR, SWEEPS_DIR, available, check_group_choices, first_of_each_sweep, one_line, quote_numeric_choices
 from ibq.errors import UserError
-from ibq.ledger.cost import Estimate, estimate
+from ibq.ledger.cost import Estimate, Throughput, estimate
 from ibq.runs.record import STAGE_II_KEYS, group_choices, run_dirname, signature, without_keys
 
 # hydra.sweep.subdir uses this resolver; the training entry point registers the same one (ibq.cli.common),
@@ -118,9 +118,11 @@ def composed(config_name: str, overrides: list[str]) -> DictConfig:
         raise UserError(one_line(str(error))) from None
 
 
-def expand(arguments: list[str], config_name: str = "train", sweeper_params: dict | None = None) -> Plan:
+def expand(arguments: list[str], config_name: str = "train", sweeper_params: dict | None = None,
+           measured: dict[tuple[str, str], Throughput] | None = None) -> Plan:
     """The jobs of `ibq-train -m <arguments>`, arguments as typed. With `sweeper_params`, the arguments
-    and params recorded when a sweep was launched (multirun.yaml), instead of what the sweep files hold now."""
+    and params recorded when a sweep was launched (multirun.yaml), instead of what the sweep files hold now;
+    `measured`: the throughput of completed runs, for the device-hour estimates."""
     if sweeper_params is None:
         check_group_choices(arguments, CONF_DIR)
         arguments = quote_numeric_choices(arguments, CONF_DIR)
@@ -155,7 +157,7 @@ def expand(arguments: list[str], config_name: str = "train", sweeper_params: dic
             selects_config = [o.is_hydra_override() or loader.repository.group_exists(o.key_or_group) for o in overrides]
             groups = tuple(job_hydra_args) + tuple(line for line, chosen in zip(lines, selects_config) if chosen)
             if groups not in bases:
-                bases[groups] = Base(composed(config_name, list(groups)), UNSIGNED_KEYS.get(config_name, ()))
+                bases[groups] = Base(composed(config_name, list(groups)), config_name, measured)
             plain = [o for o, chosen in zip(overrides, selects_config) if not chosen]
             plan.jobs.append(bases[groups].job(index, lines, overrides, plain))
     return plan
@@ -181,8 +183,10 @@ class Base:
     The task config and the small parts of the hydra node that jobs need are split off once:
     copying the whole hydra node for every job would cost more than the composition itself."""
 
-    def __init__(self, cfg: DictConfig, unsigned_keys: tuple[str, ...] = ()):
-        self.unsigned_keys = unsigned_keys
+    def __init__(self, cfg: DictConfig, config_name: str = "train", measured: dict | None = None):
+        self.config_name = config_name
+        self.unsigned_keys = UNSIGNED_KEYS.get(config_name, ())
+        self.measured = measured
         self.task = copy.deepcopy(cfg)
         with read_write(self.task), open_dict(self.task):
             del self.task["hydra"]
@@ -212,7 +216,7 @@ class Base:
         )
         naming.hydra.job.num = index
         subdir = str(naming.hydra.sweep.subdir)
-        job_estimate = estimate(self.with_hydra, task, self.choices.get("model_scale"))
+        job_estimate = estimate(self.with_hydra, task, self.config_name, self.choices.get("model_scale"), self.measured)
         signed = without_keys(task, self.unsigned_keys) if self.unsigned_keys else task
         return Job(index, list(lines), signature(signed), subdir, dict(self.choices), job_estimate)
 
