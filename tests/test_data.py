@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from ibq.data import PositionSampler, build_image_folder, build_photos
+from ibq.data.image_folder import header_parses, load_resized
+from ibq.data.pack import pack
 from ibq.data.photos import PHOTOS, load_photo, scale_shorter_side, split_photos
 from ibq.errors import UserError
 
@@ -86,3 +94,39 @@ def test_image_folder_errors_name_the_root(tmp_path: Path):
         (broken / split / "a" / "x.png").write_bytes(b"garbage")
     with pytest.raises(UserError, match="all unreadable"):
         build_image_folder(str(broken), resolution=64, seed=0)
+
+
+def bomb_png(path: Path, width: int = 15000, height: int = 12200) -> Path:
+    """A PNG whose header declares 183 megapixels, above Pillow's decompression-bomb limit: Image.open
+    refuses it before decoding, so its (empty) pixel data never matters."""
+    def chunk(kind: bytes, content: bytes) -> bytes:
+        return struct.pack(">I", len(content)) + kind + content + struct.pack(">I", zlib.crc32(kind + content))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_skipped_with_a_warning_that_names_it(image_folder: Path, tmp_path: Path, caplog):
+    bomb = bomb_png(image_folder / "train" / "cat" / "huge.png")
+    with caplog.at_level(logging.WARNING):
+        assert not header_parses(bomb)
+        assert load_resized(io.BytesIO(bomb.read_bytes()), 32, name="shard-000003.tar#huge") is None
+        splits = build_image_folder(str(image_folder), resolution=64, seed=0, num_workers=0)
+        manifest = pack(str(image_folder / "train"), tmp_path / "shards", samples_per_shard=4)
+    assert len(splits.train) == 6  # the bomb and the corrupt file are skipped, the photos kept
+    assert manifest["samples"] == 6 and str(bomb) in manifest["skipped_files"]
+    warnings = [record.getMessage() for record in caplog.records if "decompression bomb" in record.getMessage()]
+    assert any(str(bomb) in line for line in warnings) and any("shard-000003.tar#huge" in line for line in warnings), warnings
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path: Path):
+    ramp = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / "grey8.png")
+    with Image.open(tmp_path / "grey16.png") as image:
+        assert image.mode == "I;16"
+    wide, narrow = load_resized(tmp_path / "grey16.png", 48), load_resized(tmp_path / "grey8.png", 48)
+    assert wide.shape == narrow.shape == (3, 48, 64)
+    assert wide.min() == -1 and wide.max() == 1
+    torch.testing.assert_close(wide, narrow, atol=2 / 255, rtol=0)

@@ -225,6 +225,21 @@ def test_truncated_shards_are_skipped_and_counted_until_their_share_is_too_high(
         take_keys(stream(two_damaged, shard_set, num_workers=0, max_corrupt_share=0.2).batches(5, 0, 1, None), 16)
 
 
+def test_a_stalled_pipe_is_killed_after_the_read_timeout_and_counted_as_unreadable(shard_set: Path, caplog):
+    shards = sorted(shard_set.glob("*.tar"))
+    stalled = f"pipe:head -c 3000 {shards[0]} && exec sleep 60"  # some bytes, then nothing
+    urls = [stalled] + [f"pipe:cat {path}" for path in shards[1:]]
+    with caplog.at_level(logging.WARNING):
+        batches = stream({"main": {"urls": urls, "weight": 1.0}}, shard_set, num_workers=0, max_corrupt_share=0.2,
+                         read_timeout_s=0.5).batches(5, 0, 1, None)
+        keys = take_keys(batches, 7)
+    assert batches.counters() == {"data/skipped_samples": 0, "data/unreadable_shards": 1}
+    assert f"skipped the rest of unreadable shard {stalled} (no data for 0.5 s (data.read_timeout_s))" in caplog.text
+    assert len(set(keys)) == 35
+    with pytest.raises(UserError, match=r"data.read_timeout_s=0 is invalid: seconds > 0"):
+        stream(shard_set, read_timeout_s=0)
+
+
 def test_an_image_that_does_not_decode_is_skipped_and_counted(shard_set: Path, tmp_path: Path):
     from webdataset import TarWriter
 

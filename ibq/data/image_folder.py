@@ -1,6 +1,9 @@
 """Image folders in ImageNet layout (`<root>/<split>/<class>/<image>`), with the paper's
 preprocessing: shorter side to the resolution, random crop for training, centre crop for validation,
-no flip, pixels in [-1, 1]. Unreadable files are skipped and counted; only an all-corrupt set is fatal."""
+no flip, pixels in [-1, 1]. Unreadable files are skipped and counted; only an all-corrupt set is fatal.
+An image above Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, ~179 megapixels at twice the
+limit) is skipped like an unreadable one, with a warning that names it. 16-bit grey images are scaled
+to the 8-bit range, not clipped."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
@@ -21,6 +25,9 @@ from ibq.errors import UserError, check_positive_int
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+# Pillow's modes for 16-bit grey (PNG, TIFF; "I" is how older Pillows open 16-bit PNGs): convert("RGB")
+# clips their values at 255, so they are scaled from [0, 65535] instead.
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -32,9 +39,20 @@ def header_parses(path: Path) -> bool:
     try:
         with Image.open(path) as image:
             image.size  # the header must parse
+    except Image.DecompressionBombError as error:
+        log.warning("skipping %s: %s", path, error)
+        return False
     except (UnidentifiedImageError, OSError):
         return False
     return True
+
+
+def pixels(image: Image.Image) -> Tensor:
+    """An image as a float (3, H, W) tensor in [-1, 1]; 16-bit grey scaled, not clipped."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = torch.from_numpy(np.asarray(image).astype(np.float32)).clamp_(0, 65535) / 32767.5 - 1.0
+        return grey.expand(3, -1, -1)
+    return TF.pil_to_tensor(image.convert("RGB")).float() / 127.5 - 1.0
 
 
 def readable_samples(candidates: list[tuple[Path, int]], root: Path, split: str, layout: str) -> list[tuple[Path, int]]:
@@ -69,11 +87,13 @@ def load_resized(file: Path | BinaryIO, resolution: int, name: str | None = None
     file) when it cannot be decoded."""
     try:
         with Image.open(file) as image:
-            image = image.convert("RGB")
+            tensor = pixels(image)
+    except Image.DecompressionBombError as error:
+        log.warning("skipping image %s: %s", name or file, error)
+        return None
     except (UnidentifiedImageError, OSError):
         log.warning("skipping unreadable image %s", name or file)
         return None
-    tensor = TF.pil_to_tensor(image).float() / 127.5 - 1.0
     return TF.resize(tensor, resolution, antialias=True).clamp(-1, 1)
 
 

@@ -20,8 +20,10 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
+import select
 import struct
 import tarfile
 import zlib
@@ -48,6 +50,9 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 CROPS = ("random", "center")
 # What a damaged, truncated or unreadable tar raises while it is read.
 SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+# Seconds a shard read through a command (pipe:, and https:// etc., which webdataset reads through curl)
+# may wait for its next bytes before the shard counts as unreadable (data.read_timeout_s).
+READ_TIMEOUT_S = 120.0
 
 
 class StreamError(Exception):
@@ -138,12 +143,41 @@ class EndCheckingReader:
             raise tarfile.ReadError(f"truncated: {self.size} bytes and no end-of-archive blocks")
 
 
-def read_shard(url: str) -> Iterator[dict[str, Any]]:
+class TimedPipe:
+    """A command's output (webdataset's Pipe) read straight from its file descriptor, each read waiting at
+    most `timeout_s` for data: a stalled download or command is killed and its shard fails with an
+    OSError, which the readers count as unreadable, instead of blocking the loader for ever."""
+
+    def __init__(self, pipe, timeout_s: float):
+        self.pipe, self.timeout_s, self.fd = pipe, timeout_s, pipe.stream.fileno()
+
+    def read(self, size: int = -1) -> bytes:
+        blocks, wanted = [], size if size >= 0 else float("inf")
+        while wanted > 0:
+            if not select.select([self.fd], [], [], self.timeout_s)[0]:
+                self.pipe.ignore_errors = True  # killed here: its exit status says nothing more
+                self.pipe.proc.kill()
+                raise TimeoutError(f"no data for {self.timeout_s:g} s (data.read_timeout_s)")
+            block = os.read(self.fd, int(min(wanted, 1 << 20)))
+            if not block:
+                break
+            blocks.append(block)
+            wanted -= len(block)
+        return b"".join(blocks)
+
+    def close(self) -> None:
+        self.pipe.close()  # waits for the command; a failed one raises with its exit status
+
+
+def read_shard(url: str, timeout_s: float = READ_TIMEOUT_S) -> Iterator[dict[str, Any]]:
     """The raw samples of one shard, in file order: {"__key__", "__url__", extension: bytes, ...}."""
     from webdataset import gopen
+    from webdataset.gopen import Pipe
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     stream = gopen(url)
+    if isinstance(stream, Pipe):
+        stream = TimedPipe(stream, timeout_s)
     try:
         reader = EndCheckingReader(stream)
         samples = group_by_keys({**member, "__url__": url} for member in tar_file_iterator(reader))
@@ -160,10 +194,10 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
         stream.close()
 
 
-def interleaved(urls: list[str], rng: random.Random, buffer_size: int, on_corrupt) -> Iterator[dict[str, Any]]:
+def interleaved(urls: list[str], rng: random.Random, buffer_size: int, on_corrupt, timeout_s: float) -> Iterator[dict[str, Any]]:
     """The samples of a group of shards: drawn from the open shards at random, through a shuffle buffer.
     A shard that fails to read is closed and reported; the samples it gave before stay in the stream."""
-    readers = [(url, read_shard(url)) for url in urls]
+    readers = [(url, read_shard(url, timeout_s)) for url in urls]
     buffer: list[dict[str, Any]] = []
     while readers:
         index = rng.randrange(len(readers))
@@ -200,6 +234,7 @@ class StreamSettings:
     shuffle_shards: int
     shuffle_buffer: int
     max_corrupt_share: float
+    read_timeout_s: float = READ_TIMEOUT_S
 
 
 def start_cursor() -> dict[str, int]:
@@ -245,7 +280,7 @@ class SourceSlot:
 
                 rng = random.Random(mixed_hash(settings.seed, self.index, cursor["epoch"], self.slot, cursor["group"]))
                 taken = 0
-                for sample in interleaved(groups[cursor["group"]], rng, settings.shuffle_buffer, on_corrupt):
+                for sample in interleaved(groups[cursor["group"]], rng, settings.shuffle_buffer, on_corrupt, settings.read_timeout_s):
                     taken += 1
                     read_any = True
                     if taken <= cursor["offset"]:  # replaying the group up to the resumed position
@@ -474,13 +509,15 @@ def build_shard_val(urls: str | list[str], resolution: int, seed: int, limit: in
 # ------------------------------------------------------------------------------------------------------ builder
 
 
-def check_stream_settings(crop: str, shuffle_shards: int, shuffle_buffer: int, max_corrupt_share: float) -> None:
+def check_stream_settings(crop: str, shuffle_shards: int, shuffle_buffer: int, max_corrupt_share: float, read_timeout_s: float) -> None:
     if crop not in CROPS:
         raise UserError(f"data.crop={crop!r} is invalid; valid: {', '.join(CROPS)}")
     check_positive_int("data.shuffle_shards", shuffle_shards)
     check_positive_int("data.shuffle_buffer", shuffle_buffer)
     if not isinstance(max_corrupt_share, (int, float)) or not 0 <= max_corrupt_share < 1:
         raise UserError(f"data.max_corrupt_share={max_corrupt_share!r} is invalid: a share in [0, 1)")
+    if isinstance(read_timeout_s, bool) or not isinstance(read_timeout_s, (int, float)) or not 0 < read_timeout_s < float("inf"):
+        raise UserError(f"data.read_timeout_s={read_timeout_s!r} is invalid: seconds > 0")
 
 
 def manifest_samples(name: str, spec) -> int:
@@ -521,14 +558,15 @@ def build_shards(
     shuffle_shards: int = 4,
     shuffle_buffer: int = 1000,
     max_corrupt_share: float = 0.05,
+    read_timeout_s: float = READ_TIMEOUT_S,
     num_workers: int = 4,
 ) -> DataSplits:
     """A ShardStream for training and, from the `val` data config, the validation set. `root` is only
     read by the sources' urls (${data.root}/<source>)."""
-    check_stream_settings(crop, shuffle_shards, shuffle_buffer, max_corrupt_share)
+    check_stream_settings(crop, shuffle_shards, shuffle_buffer, max_corrupt_share, read_timeout_s)
     if isinstance(sources, DictConfig):
         sources = OmegaConf.to_container(sources, resolve=True)
-    settings = StreamSettings(seed, resolution, crop, shuffle_shards, shuffle_buffer, float(max_corrupt_share))
+    settings = StreamSettings(seed, resolution, crop, shuffle_shards, shuffle_buffer, float(max_corrupt_share), float(read_timeout_s))
     stream = ShardStream(shard_sources(sources), settings, num_workers)
     val_config = OmegaConf.create(OmegaConf.to_container(val, resolve=True) if isinstance(val, DictConfig) else val)
     for key in sorted(OmegaConf.missing_keys(val_config) - {"resolution"}):

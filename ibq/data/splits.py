@@ -24,7 +24,7 @@ class DataSplits:
 
 
 # Data config keys that do not change the images: loading speed, and the name ibq-eval reports a set's metrics under.
-NOT_IDENTITY = ("num_workers", "name")
+NOT_IDENTITY = ("num_workers", "read_timeout_s", "name")
 
 
 def data_identity(data_config: DictConfig | dict) -> dict:
