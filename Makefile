@@ -1,20 +1,23 @@
 # `make demo`: set up and run the main job; `make test`: set up and run the test suite;
 # `make test-fast`: the same without the tests that start a model app or use Slurm (marked slow).
-# Both create .venv when it is missing and install what they need.
+# Both create .venv when it is missing and install what they need, at the versions of constraints.txt:
+# those the whole suite was last green with. `make constraints` runs the suite and, when it passes,
+# writes the versions installed in .venv there.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# pip takes the torch wheels that lie on this machine's disk (a pip constraint keeps it there).
-TORCH := torch==2.14.1 torchvision==0.29.1
+# torch first, at the version constraints.txt pins (and this machine's pip constraint allows).
+TORCH := torch torchvision
+CONSTRAINTS := constraints.txt
 
-.PHONY: demo test test-fast install slurm-up slurm-down slurm-status bench clean
+.PHONY: demo test test-fast install constraints slurm-up slurm-down slurm-status bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) $(TORCH)
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,6 +30,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" --strict-markers
+
+# Only after a green suite: the versions in .venv become the constraints (ibq itself left out).
+constraints: test
+	{ echo "# The versions the whole test suite (make test) last passed with; written by make constraints."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -i '^ibq=='; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 
 slurm-up:
 	bash scripts/slurm.sh up
