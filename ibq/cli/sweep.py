@@ -270,24 +270,25 @@ def wandb_project(runs) -> str:
     return "ibq"
 
 
-def make_plots(table, metrics: list[str] | None, x: str | None, out: Path, usage: bool = False) -> list[Path]:
+def make_plots(table, metrics: list[str] | None, x: str | None, out: Path, usage: bool = False) -> dict[str, Path]:
     """Final values against `x` for the metrics runs report in results.json, curves over the steps for those
     they logged in metrics.jsonl (both where both), and with `usage` the sorted code usage. `metrics` None:
-    the defaults, each drawn where some run has it; a metric asked for must be somewhere."""
+    the defaults, each drawn where some run has it; a metric asked for must be somewhere. Returns
+    heading -> PNG."""
     from ibq.report.curves import curve_series, logged_metrics, save_curve, save_usage_plot
     from ibq.report.plot import default_x, save_plot
-    from ibq.report.table import number
+    from ibq.report.table import label, number
 
     on_disk = all(run.path is not None for row in table.rows for run in row.runs)
     logged = logged_metrics(table) if on_disk else set()
-    paths = []
+    paths = {}
     for metric in metrics or dict.fromkeys(PLOT_METRICS + CURVE_METRICS):
         final = (bool(metrics) or metric in PLOT_METRICS) and any(row.cell(metric).values for row in table.rows)
         curve = (bool(metrics) or metric in CURVE_METRICS) and metric in logged and bool(curve_series(table, metric))
         if final and table.factors:
-            paths.append(save_plot(table, metric, x or default_x(table), out))
+            paths[f"{label(metric)} vs {x or default_x(table)}"] = save_plot(table, metric, x or default_x(table), out)
         if curve:
-            paths.append(save_curve(table, metric, out))
+            paths[f"{label(metric)} during training"] = save_curve(table, metric, out)
         if not (final or curve):
             if metrics:
                 reported = sorted({k for row in table.rows for r in row.runs for k, v in (r.results or {}).items() if number(v) is not None}
@@ -298,7 +299,7 @@ def make_plots(table, metrics: list[str] | None, x: str | None, out: Path, usage
     if usage:
         if not on_disk:
             raise UserError("--usage reads the run directories: leave out --source wandb")
-        paths.append(save_usage_plot(table, out))
+        paths["sorted code usage at the last evaluation"] = save_usage_plot(table, out)
     return paths
 
 
@@ -309,9 +310,9 @@ def cmd_plot(args) -> int:
     runs, sweep, group = compared_runs(args)
     table = build_table(runs)
     paths = make_plots(table, args.metric, args.x, output_dir(sweep, group, "plots", args.out), usage=args.usage)
-    for path in paths:
+    for path in paths.values():
         print(f"wrote {path}")
-    where = log_analysis(table, paths, group, args.project or wandb_project(runs), args.entity, output_dir(sweep, group, "analysis"), args.wandb)
+    where = log_analysis(table, list(paths.values()), group, args.project or wandb_project(runs), args.entity, output_dir(sweep, group, "analysis"), args.wandb)
     if where:
         print(f"W&B ({args.wandb}): {where}")
     return 0

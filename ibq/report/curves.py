@@ -68,7 +68,7 @@ def curve_figure(table: Table, metric: str) -> Figure:
         raise UserError(f"no run logs the metric {metric!r} at two steps or more in its metrics.jsonl")
     figure, axes = new_figure()
     for name, (steps, means, stds) in series.items():
-        (line,) = axes.plot(steps, means, label=name)
+        (line,) = axes.plot(steps, means, label=name, marker="o" if len(steps) <= 20 else None, markersize=3)  # sparse: show the points
         if any(stds):
             lower, upper = np.subtract(means, stds), np.add(means, stds)
             axes.fill_between(steps, lower, upper, color=line.get_color(), alpha=0.2, linewidth=0)

@@ -23,7 +23,8 @@ class Section:
     content: object
 
 
-def sections(title_lines: list[str], table: Table, plots: list[Path], problems: list[str]) -> list[Section]:
+def sections(title_lines: list[str], table: Table, plots: dict[str, Path], problems: list[str]) -> list[Section]:
+    """`plots`: heading -> PNG."""
     parts = [Section("Sweep", "items", title_lines), Section("All metrics (mean ± std over seeds)", "table", (table.header, table.body(), len(table.factors)))]
     if "codebook_size" in table.factors and len(table.factors) > 1:
         for metric in PIVOT_METRICS:
@@ -33,7 +34,7 @@ def sections(title_lines: list[str], table: Table, plots: list[Path], problems: 
     notes = measurement_notes(table)
     if notes:
         parts.append(Section("How the metrics were measured", "items", notes))
-    parts += [Section(path.stem.replace("_", " "), "image", path) for path in plots]
+    parts += [Section(heading, "image", path) for heading, path in plots.items()]
     if problems:
         parts.append(Section("Jobs that did not complete", "items", problems))
     return parts
