@@ -9,6 +9,14 @@ class TrainingDiverged(RuntimeError):
     """The loss became non-finite; training stops and keeps its last good checkpoint."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler stopping the process) outside a submitit job: ends a run like Ctrl-C."""
+
+
+def interruption(interrupt: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted (Ctrl-C)"
+
+
 def unset_key(key: str) -> UserError:
     """The error for a ??? key of the config that the command line left unset."""
     return UserError(f"{key} is not set: add {key}=<value> to the command line")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import http.server
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from ibq.cli.callbacks import unusable_directory
 from ibq.engine.checkpoint import load_checkpoint, non_finite_tensors, save_checkpoint, stop_if_state_not_finite
 from ibq.engine.distributed import Ranks
 from ibq.engine.session import RunSession
-from ibq.errors import TrainingDiverged, UserError
+from ibq.errors import Terminated, TrainingDiverged, UserError
 from ibq.runs.lock import RunLock
 from ibq.runs.record import MetricsLog, RunRecord, atomic_write_text, merge_results
 
@@ -112,13 +113,18 @@ def test_full_disk_ends_the_run_failed_with_one_line(tmp_path: Path, monkeypatch
             raise OSError(errno.EROFS, "Read-only file system", str(tmp_path))
 
 
-def test_ctrl_c_ends_the_run_interrupted(tmp_path: Path):
+def test_ctrl_c_and_sigterm_end_the_run_interrupted(tmp_path: Path):
     session = RunSession(tmp_path, Ranks(0, 0, 1), "aaaaaaaaaaaa")
     session.record = RunRecord(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         with session.failures_recorded():
             raise KeyboardInterrupt
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
+    with pytest.raises(Terminated):
+        session.run(lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5))
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["error"].startswith("terminated (SIGTERM)")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_non_finite_state_is_never_checkpointed(tmp_path: Path):

@@ -23,7 +23,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from ibq.cli.callbacks import JobFailed
 from ibq.config import CONF_DIR, check_group_choices, one_line, override_args, parse, quote_numeric_choices
 from ibq.engine.distributed import check_deepspeed, detect_ranks, plan_batches
-from ibq.errors import TrainingDiverged, UserError, check_positive_int, unset_key
+from ibq.errors import Terminated, TrainingDiverged, UserError, check_positive_int, interruption, unset_key
 from ibq.runs.lock import RunLock
 from ibq.runs.record import RunRecord, group_choices, run_dirname, sweep_group
 from ibq.runs.wandb_mirror import offline_folders
@@ -252,8 +252,9 @@ def guarded(task):
         in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
         try:
             task(cfg, run_dir)
-        except KeyboardInterrupt:
-            fail("interrupted (Ctrl-C): run the same command again to resume from the last checkpoint", 130)
+        except KeyboardInterrupt as interrupt:
+            terminated = isinstance(interrupt, Terminated)
+            fail(f"{interruption(interrupt)}: run the same command again to resume from the last checkpoint", 143 if terminated else 130)
         except Exception as error:
             told = error_line(error)
             if not in_sweep:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -13,13 +15,31 @@ from omegaconf import DictConfig, OmegaConf
 
 from ibq.engine.distributed import Ranks, shutdown
 from ibq.engine.preemption import RequeueRefused, StoppedAtCheckpoint
-from ibq.errors import TrainingDiverged, UserError
+from ibq.errors import Terminated, TrainingDiverged, UserError, interruption
 from ibq.runs.record import MetricsLog, RunRecord
 from ibq.runs.wandb_mirror import NullMirror, open_mirror
 
 log = logging.getLogger(__name__)
 # Errors of the storage the run writes to: no space, over quota, read-only, no permission.
 STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+@contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises Terminated while training runs, so that the run ends `interrupted` rather than
+    `running` forever; only where nobody else handles it (submitit's jobs and other threads keep theirs)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class RunSession:
@@ -78,7 +98,7 @@ class RunSession:
 
     def run(self, train: Callable[[], dict]) -> dict:
         """Runs `train` on every rank; its results complete the records, an exception fails them."""
-        with self.failures_recorded():
+        with self.failures_recorded(), sigterm_interrupts():
             results = train()
         self.completed(results)
         shutdown()
@@ -92,8 +112,8 @@ class RunSession:
             yield
         except (StoppedAtCheckpoint, RequeueRefused):
             raise
-        except KeyboardInterrupt:
-            self.ended("interrupted", "interrupted (Ctrl-C): run the same command again to resume from the last checkpoint")
+        except KeyboardInterrupt as interrupt:
+            self.ended("interrupted", f"{interruption(interrupt)}: run the same command again to resume from the last checkpoint")
             raise
         except (TrainingDiverged, UserError) as error:
             self.ended("failed", str(error))
