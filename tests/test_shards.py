@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import shutil
 import sys
 import tarfile
 from collections import Counter
@@ -76,10 +78,41 @@ def test_pack_writes_shards_and_a_manifest_that_inspect_agrees_with(shard_set: P
     first = (photo_folder / "cat" / "cat_00.png").read_bytes()
     with tarfile.open(shard_set / manifest["shards"][0]["name"]) as tar:
         assert tar.extractfile("000000000.png").read() == first  # the file's own bytes
-    lines = inspect_shards(str(shard_set), show=2, verify=True)
+    lines, problems = inspect_shards(str(shard_set), show=2, verify=True)
+    assert problems == []
     assert lines[0].startswith(f"{shard_set}: 8 shard(s), 40 sample(s)")
     assert "(agrees)" in lines[1] and "all 8 match" in lines[2]
     assert lines[3].endswith('class 0 "a cat, crop 0"')
+
+
+def test_packed_folder_has_the_mode_the_umask_allows(tmp_path: Path):
+    previous = os.umask(0o022)
+    try:
+        pack("photos", tmp_path / "photos", samples_per_shard=10)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "photos").stat().st_mode & 0o777 == 0o755
+    assert {path.stat().st_mode & 0o777 for path in (tmp_path / "photos").iterdir()} == {0o644}
+
+
+def test_inspect_reports_a_lying_manifest_and_a_checksum_mismatch_and_fails(shard_set: Path, tmp_path: Path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_set, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["samples"] += 1
+    manifest["shards"][1]["samples"] += 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    shard = copy / manifest["shards"][2]["name"]
+    content = bytearray(shard.read_bytes())
+    content[2000] ^= 0xFF  # inside the first image: the tar still reads
+    shard.write_bytes(bytes(content))
+    lines, problems = inspect_shards(str(copy), show=0, verify=True)
+    assert problems == [f"the manifest says {IMAGES + 1} sample(s) in 8 shard(s), the shards hold {IMAGES} in 8 "
+                        f"(other counts in {manifest['shards'][1]['name']})", f"sha256 mismatch in {shard.name}"]
+    assert "DIFFERS from the shards" in lines[1] and f"MISMATCH in {shard.name}" in lines[2]
+    result = run_cli(IBQ_DATA + ["inspect", str(copy), "--verify"])
+    assert result.returncode == 1 and "DIFFERS" in result.stdout
+    assert error_line(result) == f"error: {copy}: " + "; ".join(problems)
 
 
 def test_pack_ends_shards_at_a_size(photo_folder: Path, tmp_path: Path):

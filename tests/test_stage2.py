@@ -91,6 +91,14 @@ def test_tokenizer_run_without_a_checkpoint_is_refused(tmp_path: Path, make_run_
     assert not (tmp_path / "ar").exists()
 
 
+@pytest.mark.slow
+def test_refused_tokenize_leaves_no_folder(tmp_path: Path):
+    missing = tmp_path / f"missing-{tmp_path.name}"  # its default output: outputs/tokens/<name>/<overrides>
+    line = error_line(run_cli(IBQ_TOKENIZE + [f"tokenizer_run={missing}"]))
+    assert "does not exist" in line and "tokenizer_run=" in line
+    assert not (REPO / "outputs" / "tokens" / missing.name).exists()
+
+
 # -- the tiny path end to end ------------------------------------------------------------------------
 
 

@@ -240,11 +240,23 @@ def error_line(error: Exception) -> tuple[str, int] | None:
     return None
 
 
+def remove_empty_folders(run_dir: Path) -> None:
+    """`run_dir` if empty, then each empty folder above it down to two levels below the working directory."""
+    cwd, folder = Path.cwd().resolve(), run_dir.resolve()
+    while folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+        if not folder.is_relative_to(cwd) or len(folder.relative_to(cwd).parts) < 2:
+            return
+
+
 def guarded(task):
     """Runs a Hydra task; a user error or divergence exits non-zero with one line, Ctrl-C with one line
     (exit 130). In a sweep a failed job returns a JobFailed instead, so that the next job starts (a bug
     also prints its traceback). Hydra creates the run directory before the task starts: when the task
-    leaves it empty (a rejected config, a dry run), it is removed again."""
+    leaves it empty (a rejected config, a dry run), it is removed again, with the empty folders above it
+    that lie deeper than one level below the working directory (outputs/tokens/<run>/ of a refused
+    ibq-tokenize; outputs/ itself stays)."""
 
     @wraps(task)
     def wrapper(cfg) -> JobFailed | None:
@@ -267,8 +279,8 @@ def guarded(task):
             print(f"error: {told[0]}", file=sys.stderr)
             return JobFailed(told[0])
         finally:
-            if detect_ranks().is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()
+            if detect_ranks().is_main:
+                remove_empty_folders(run_dir)
         return None
 
     return wrapper

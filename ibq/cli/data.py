@@ -4,6 +4,9 @@
   ibq-data pack /data/laion-subset shards/laion --max-shard-mb 512               shards of at most ~512 MB
   ibq-data pack photos shards/photos --samples-per-shard 4                       the embedded photos
   ibq-data inspect shards/imagenet [--show 5] [--verify]                         counts and a few samples
+
+inspect exits 1 when a shard is unreadable, the shards contradict the manifest or (--verify) a checksum
+differs.
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"ibq-data: {manifest['samples']} samples in {manifest['shard_count']} shard(s) -> {args.output}{skipped}")
             print(f"  train on them:  ibq-train data=shards data.sources.main.urls={args.output}")
         else:
-            print("\n".join(inspect_shards(args.shards, args.show, args.verify)))
+            lines, problems = inspect_shards(args.shards, args.show, args.verify)
+            print("\n".join(lines))
+            if problems:
+                fail(f"{args.shards}: " + "; ".join(problems), 1)
     except UserError as error:
         fail(str(error))
     sys.exit(0)

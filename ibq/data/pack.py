@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import secrets
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -120,7 +120,9 @@ def pack(source: str, output: Path, samples_per_shard: int = 1000, max_shard_byt
         items, total, classes, skipped = folder_source(root)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    # mkdir, unlike mkdtemp's 0700, gives the folder the mode the umask allows, as other folders get
+    staging = output.parent / f".{output.name}.{secrets.token_hex(6)}"
+    staging.mkdir()
     try:
         shards: list[dict] = []
         writer, count, written = None, 0, 0
@@ -169,34 +171,45 @@ def pack(source: str, output: Path, samples_per_shard: int = 1000, max_shard_byt
     return manifest
 
 
-def inspect_shards(spec: str, show: int = 3, verify: bool = False) -> list[str]:
-    """A shard set's counts (read from every shard) and its first `show` samples, as printable lines."""
+def inspect_shards(spec: str, show: int = 3, verify: bool = False) -> tuple[list[str], list[str]]:
+    """A shard set's counts (read from every shard) and its first `show` samples, as printable lines, and
+    the problems found: unreadable shards, a manifest that the shards contradict, checksum mismatches."""
     urls = list_shards("shards", spec)
     manifest_path = Path(spec).expanduser() / MANIFEST
     manifest = read_manifest("shards", manifest_path) if manifest_path.is_file() else None
-    samples, extensions, unreadable, shown = 0, Counter(), [], []
+    per_shard, extensions, unreadable, shown = Counter(), Counter(), [], []
     for url in tqdm(urls, desc="inspect", unit="shard", dynamic_ncols=True):
         try:
             for sample in read_shard(url):
-                samples += 1
+                per_shard[url] += 1
                 extensions.update(key for key in sample if not key.startswith("__"))
                 if len(shown) < show:
                     shown.append(describe(sample))
         except SHARD_ERRORS as error:
             unreadable.append(f"{url} ({shard_error_text(error)})")
+    samples = sum(per_shard.values())
     lines = [f"{spec}: {len(urls)} shard(s), {samples} sample(s); files per sample: "
              + ", ".join(f".{ext} {count}" for ext, count in sorted(extensions.items()))]
+    problems = []
     if manifest is not None:
-        agrees = manifest["samples"] == samples and manifest["shard_count"] == len(urls)
+        miscounted = [entry["name"] for entry in manifest["shards"]
+                      if "samples" in entry and per_shard[str(manifest_path.parent / entry["name"])] != entry["samples"]]
+        agrees = manifest["samples"] == samples and manifest["shard_count"] == len(urls) and not miscounted
         lines.append(f"  manifest: {manifest['samples']} sample(s) in {manifest['shard_count']} shard(s) "
                      f"({'agrees' if agrees else 'DIFFERS from the shards'}), source {manifest['source']}")
+        if not agrees:
+            problems.append(f"the manifest says {manifest['samples']} sample(s) in {manifest['shard_count']} shard(s), the shards "
+                            f"hold {samples} in {len(urls)}" + (f" (other counts in {', '.join(miscounted)})" if miscounted else ""))
         if verify:
             bad = [entry["name"] for entry in manifest["shards"] if sha256(manifest_path.parent / entry["name"]) != entry["sha256"]]
             lines.append(f"  checksums: {'all ' + str(len(manifest['shards'])) + ' match' if not bad else 'MISMATCH in ' + ', '.join(bad)}")
+            if bad:
+                problems.append(f"sha256 mismatch in {', '.join(bad)}")
     if unreadable:
         lines.append(f"  unreadable: {len(unreadable)} shard(s): " + "; ".join(unreadable))
+        problems.append(f"{len(unreadable)} unreadable shard(s), first {unreadable[0]}")
     lines += [f"  {line}" for line in shown]
-    return lines
+    return lines, problems
 
 
 def describe(sample: dict) -> str:
