@@ -3,11 +3,12 @@ step in `<run dir>/usage/`, so that collapse (few codes carrying most tokens) ca
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import numpy as np
+
+from ibq.runs.record import atomic_write
 
 USAGE_DIR = "usage"
 FILE_PATTERN = re.compile(r"codes_step(\d+)\.npy$")
@@ -21,9 +22,12 @@ def save_usage(run_dir: Path, step: int, counts: np.ndarray) -> Path:
     """Counts per code (int64, length K), written to a temporary name and renamed."""
     path = usage_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npy")
-    np.save(tmp, np.asarray(counts, dtype=np.int64))
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as file:  # a file object: np.save would add .npy to a name
+            np.save(file, np.asarray(counts, dtype=np.int64))
+
+    atomic_write(path, write)
     return path
 
 
