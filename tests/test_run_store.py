@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, QUICK, REPO, cli_env, error_line, read_jsonl, run_cli
-from ibq.cli.callbacks import unusable_directory
+from ibq.cli.callbacks import count_jobs, unusable_directory
 from ibq.engine.checkpoint import load_checkpoint, non_finite_tensors, save_checkpoint, stop_if_state_not_finite
 from ibq.engine.distributed import Ranks
 from ibq.engine.session import RunSession
@@ -235,6 +235,16 @@ def test_second_writer_is_refused_and_ctrl_c_ends_the_run_interrupted(tmp_path: 
     assert not (longer / ".lock").exists()
     steps = [line["step"] for line in read_jsonl(longer / "metrics.jsonl")]
     assert steps == list(range(1, len(steps) + 1))  # one writer: no step twice
+
+
+def test_sweep_counts_its_jobs_as_the_basic_sweeper_makes_them():
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({"hydra": {
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": {"quantizer": "ibq,vq", "codebook_size": '"1024","8192"'}},
+        "overrides": {"task": ["codebook_size=256,1024,4096", "seed=range(0,3)", "train.steps=3"]},
+    }})
+    assert count_jobs(config) == 2 * 3 * 3  # the command line's codebook_size replaces the sweep file's
 
 
 @pytest.mark.slow

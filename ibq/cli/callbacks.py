@@ -9,18 +9,20 @@ outcome in `<sweep dir>/.jobs/<k>.json`, so the summary is the same for Slurm jo
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from ibq.engine.distributed import detect_ranks
 
 JOBS_DIR = ".jobs"
 
@@ -63,21 +65,27 @@ class RunDirectoryCheck(Callback):
 
 
 def count_jobs(config: DictConfig) -> int | None:
-    """How many jobs Hydra's basic sweeper makes of the sweep files' params and the command line."""
+    """How many jobs the basic sweeper makes of the sweep files' params and the command line: the
+    product of each swept key's number of values (a key on the command line replaces the sweep file's)."""
+    if not str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
+        return None  # another sweeper (Optuna) decides its trials as it goes
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
     lines = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
     try:
-        return sum(len(batch) for batch in BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(lines), None))
-    except Exception:  # a sweeper of another kind (Optuna): its trials are counted as they come
+        values = {override.get_key_element(): len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
+                  for override in OverridesParser.create().parse_overrides(lines)}
+    except Exception:  # a sweep the plain parser cannot expand (glob over a config group)
         return None
+    return math.prod(values.values())
 
 
 def outcome(job_return: JobReturn) -> tuple[str, str]:
-    if job_return.status == JobStatus.FAILED:
-        error = job_return._return_value  # `return_value` would raise it
+    try:
+        value = job_return.return_value  # raises what the task raised
+    except Exception as error:
         return "failed", f"{type(error).__name__}: {error}"
-    if isinstance(job_return.return_value, JobFailed):
-        return "failed", job_return.return_value.reason
+    if isinstance(value, JobFailed):
+        return "failed", value.reason
     return "done", ""
 
 
@@ -96,12 +104,12 @@ class SweepProgress(Callback):
             stale.unlink()
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN:
+        if config.hydra.mode != RunMode.MULTIRUN or not detect_ranks().is_main:
             return
         print(f"{self._label(config)}: {' '.join(config.hydra.overrides.task) or '(no overrides)'}", flush=True)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN:
+        if config.hydra.mode != RunMode.MULTIRUN or not detect_ranks().is_main:  # a job of several ranks tells once
             return
         status, reason = outcome(job_return)
         print(f"{self._label(config)}: {status}{': ' + reason if reason else ''}", flush=True)
