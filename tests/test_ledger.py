@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import REPO, cli_env, error_line
+from ibq.errors import UserError
 from ibq.ledger.liveness import run_process_alive
 from ibq.ledger.runs import completed_run, discover
 from ibq.ledger.sweep import STATE_ORDER, load_sweep
@@ -116,6 +117,19 @@ def test_states_and_reasons(tmp_path):
     assert states["preempted"][0] == "preempted"
     assert states["killed"][0] == "interrupted" and "process is gone" in states["killed"][1]
     assert states["remote"][0] == "running" and "some-other-node" in states["remote"][1]
+
+
+def test_status_names_an_unreadable_run_json(tmp_path):
+    root = tmp_path / "sweep"
+    fake_run(root / "done", results={"codebook/utilization": 0.5})
+    (fake_run(root / "torn", quantizer="vq") / "run.json").write_text('{"signature": "vq-10')
+    sweep = load_sweep(root)
+    assert [s.run.name for s in sweep.jobs] == ["done"]
+    assert sweep.notes == [f"{root / 'torn' / 'run.json'} cannot be read (JSONDecodeError: Unterminated string starting at: "
+                           f"line 1 column 15 (char 14)): its run is not counted"]
+    (root / "done" / "run.json").write_text("[]")
+    with pytest.raises(UserError, match=r"holds no readable run \(2 run.json file\(s\) cannot be read, first .*run.json\)"):
+        load_sweep(root)
 
 
 def test_a_running_job_is_found_by_its_command_line(tmp_path):

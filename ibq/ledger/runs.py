@@ -48,11 +48,17 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def read_json(path: Path) -> dict | None:
+def load_json(path: Path) -> tuple[dict | None, str | None]:
+    """The JSON object in `path`, or None and why not (missing, unreadable, not an object)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return None, f"{type(error).__name__}: {error}"
+    return (content, None) if isinstance(content, dict) else (None, f"a JSON {type(content).__name__}, not an object")
+
+
+def read_json(path: Path) -> dict | None:
+    return load_json(path)[0]
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:

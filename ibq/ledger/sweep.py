@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from ibq.errors import UserError
 from ibq.ledger.liveness import run_process_alive
 from ibq.ledger.plan import Job, Plan, expand
-from ibq.ledger.runs import Run, completed_runs, discover, load_run, read_json
+from ibq.ledger.runs import Run, completed_runs, load_json, load_run, read_json, run_dirs
 from ibq.runs.record import sweep_group, write_json
 
 LEDGER_FILE = "sweep.json"
@@ -140,10 +140,16 @@ def load_sweep(directory: Path, search: list[Path] | None = None) -> Sweep:
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory} is not a directory")
-    runs = discover(directory)
+    found = {path: load_run(path) for path in run_dirs(directory)}
+    runs = [run for run in found.values() if run is not None]
+    unreadable = {path.relative_to(directory).as_posix(): path for path, run in found.items() if run is None}
     plan, reused, notes = read_ledger(directory)
+    notes += [f"{path / 'run.json'} cannot be read ({load_json(path / 'run.json')[1]}): its run is not counted"
+              for path in unreadable.values()]
     if not runs and plan is None:
-        raise UserError(f"{directory} holds no runs (no run.json below it) and no sweep plan (sweep.json or multirun.yaml)")
+        runs_text = (f"no readable run ({len(unreadable)} run.json file(s) cannot be read, first "
+                     f"{next(iter(unreadable.values())) / 'run.json'})") if unreadable else "no runs (no run.json below it)"
+        raise UserError(f"{directory} holds {runs_text} and no sweep plan (sweep.json or multirun.yaml)")
 
     by_dir = {run.path.relative_to(directory).as_posix(): run for run in runs}
     by_signature = {run.signature: run for run in runs if run.signature}
@@ -164,6 +170,8 @@ def load_sweep(directory: Path, search: list[Path] | None = None) -> Sweep:
         if other_run is not None and other_run.completed:
             reused[job.signature] = other
             statuses.append(JobStatus(job, other_run, "done", f"completed in {other}", elsewhere=True))
+        elif job.subdir in unreadable:
+            statuses.append(JobStatus(job, None, "missing", "its run.json cannot be read (see the note)"))
         else:
             statuses.append(JobStatus(job, None, "missing", "not started"))
     for run in runs:
