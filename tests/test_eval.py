@@ -4,6 +4,7 @@ samples in the ADM format, and rejects bad input with one line before writing an
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -408,3 +409,14 @@ def test_reference_npz_with_mu_and_sigma_or_feature_stats(tmp_path: Path):
         load_reference_npz(tmp_path / "adm.npz", dim=2048)
     with pytest.raises(FileNotFoundError, match="missing.npz not found"):
         load_reference_npz(tmp_path / "missing.npz", dim=8)
+
+
+def test_a_missing_lpips_package_is_unavailable_like_a_missing_backbone(monkeypatch, caplog):
+    from ibq.metrics.lpips import try_load_lpips
+
+    monkeypatch.setitem(sys.modules, "lpips", None)  # what `import lpips` meets when the package is absent
+    with caplog.at_level(logging.WARNING):
+        assert try_load_lpips("vgg", None, required=False) is None
+    assert "the lpips package cannot be imported" in caplog.text and "LPIPS is recorded as unavailable" in caplog.text
+    with pytest.raises(FileNotFoundError, match="pip install lpips"):
+        try_load_lpips("vgg", None, required=True)

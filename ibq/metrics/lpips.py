@@ -24,8 +24,12 @@ def resolve_backbone(net: str, backbone_path: str | None) -> Path:
 
 
 def load_lpips(net: str = "vgg", backbone_path: str | None = None) -> nn.Module:
-    """A frozen, eval-mode `lpips.LPIPS`; raises FileNotFoundError (one line) when the backbone is missing."""
-    import lpips
+    """A frozen, eval-mode `lpips.LPIPS`; raises FileNotFoundError (one line) when the backbone or the
+    lpips package is missing, so that both are recorded as unavailable unless LPIPS is required."""
+    try:
+        import lpips
+    except ImportError as error:
+        raise FileNotFoundError(f"the lpips package cannot be imported ({error}; pip install lpips)") from None
 
     path = resolve_backbone(net, backbone_path)
     if not path.is_file():
