@@ -61,9 +61,15 @@ def test_resumed_loader_continues_the_same_stream(photos):
     assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed))
 
 
-def test_crop_larger_than_every_photo_is_refused():
-    with pytest.raises(UserError, match="data.resolution=256 is larger than every photo"):
-        build_photos(["astronaut"], shorter_side=192, resolution=256, val_crops_per_photo=1, seed=0)
+def test_every_photo_gives_training_and_validation_crops_at_the_paper_resolution():
+    """model_scale=paper data=photos: 256-px crops from photos whose configured shorter side is 96."""
+    names = ["astronaut", "coins", "text"]  # square, 303 x 384, 172 x 448: the smallest shipped
+    split = split_photos(names, shorter_side=96, resolution=256, val_crops_per_photo=2)
+    assert [min(region.shape[-2:]) for region in split.train] == [512, 717, 768]  # at least 2 x 256 each
+    assert split.val_crops.shape == (6, 3, 256, 256) and split.val_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    crops = build_photos(names, shorter_side=96, resolution=256, val_crops_per_photo=1, seed=0).train
+    assert {crops[position][1] for position in range(30)} == {0, 1, 2}
+    assert crops[0][0].shape == (3, 256, 256)
 
 
 def test_unknown_photo_is_refused():

@@ -1,11 +1,13 @@
 """The embedded dataset: photos bundled inside scikit-image, so a run needs no download.
 
-Each photo is scaled so its shorter side is `shorter_side`. Its right-most `resolution` columns are
-held out: validation crops come from that strip at fixed positions, training crops from the rest at
-random positions. The class of a crop is the photo it came from."""
+Each photo is scaled so its shorter side is `shorter_side`, or 3 x `resolution` where that is larger.
+Its right-most `resolution` columns are held out: validation crops come from that strip at fixed
+positions, training crops from the rest (at least 2 x `resolution` wide) at random positions, so every
+photo serves both at any resolution. The class of a crop is the photo it came from."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,10 @@ from torch.utils.data import Dataset
 from ibq.data.positions import position_generator, random_crop
 from ibq.data.splits import DataSplits
 from ibq.errors import UserError
+
+log = logging.getLogger(__name__)
+# The smallest shorter side, in resolutions: a validation strip plus a training region twice as wide.
+SIDES_PER_RESOLUTION = 3
 
 PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -57,14 +63,11 @@ class PhotoSplit:
 
 
 def split_photos(names: list[str], shorter_side: int, resolution: int, val_crops_per_photo: int) -> PhotoSplit:
-    photos = [scale_shorter_side(load_photo(name), shorter_side) for name in names]
-    largest = max(p.shape[-1] - resolution for p in photos)
-    if resolution > shorter_side or resolution > largest:
-        raise UserError(
-            f"data.resolution={resolution} is larger than every photo's training region "
-            f"(shorter side {shorter_side}, widest region {largest} px): lower data.resolution "
-            f"or raise data.shorter_side"
-        )
+    side = max(shorter_side, SIDES_PER_RESOLUTION * resolution)
+    if side > shorter_side:
+        log.info("photos scaled to a shorter side of %d px, not data.shorter_side=%d: at data.resolution=%d each needs a "
+                 "validation strip and training crops beside it", side, shorter_side, resolution)
+    photos = [scale_shorter_side(load_photo(name), side) for name in names]
     train, crops, labels = [], [], []
     for label, photo in enumerate(photos):
         height, width = photo.shape[-2:]
@@ -81,8 +84,7 @@ class PhotoCrops(Dataset):
     run sees exactly the crops an uninterrupted one would."""
 
     def __init__(self, regions: list[Tensor], resolution: int, seed: int):
-        self.regions = [r for r in regions if min(r.shape[-2:]) >= resolution]
-        self.labels = [i for i, r in enumerate(regions) if min(r.shape[-2:]) >= resolution]
+        self.regions = regions  # each at least resolution x 2 resolution
         self.resolution = resolution
         self.seed = seed
 
@@ -94,7 +96,7 @@ class PhotoCrops(Dataset):
     def __getitem__(self, position: int) -> tuple[Tensor, int]:
         generator = position_generator(self.seed, position)
         choice = int(torch.randint(len(self.regions), (1,), generator=generator))
-        return random_crop(self.regions[choice], self.resolution, generator).contiguous(), self.labels[choice]
+        return random_crop(self.regions[choice], self.resolution, generator).contiguous(), choice
 
 
 class TensorImages(Dataset):
