@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -63,6 +65,21 @@ def test_guidance_follows_uncond_plus_scale_times_difference(model):
         cond, uncond = model.next_token_logits(labels, tokens), model.next_token_logits(null, tokens)
         tokens = torch.cat([tokens, (uncond + 3.0 * (cond - uncond)).argmax(dim=-1, keepdim=True)], dim=1)
     assert torch.equal(sample(model, LABELS, cfg_scale=3.0, top_k=1), tokens)
+
+
+def test_guidance_below_one_mixes_towards_unconditional_and_says_how_it_differs_from_the_official_sampler(model, caplog):
+    model.eval()
+    labels = torch.tensor(LABELS)
+    null = torch.full_like(labels, model.null_class)
+    tokens = labels.new_zeros(len(labels), 0)
+    for _ in range(model.block_size):
+        cond, uncond = model.next_token_logits(labels, tokens), model.next_token_logits(null, tokens)
+        tokens = torch.cat([tokens, (uncond + 0.375 * (cond - uncond)).argmax(dim=-1, keepdim=True)], dim=1)
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(sample(model, LABELS, cfg_scale=0.375, top_k=1), tokens)
+        sample(model, LABELS, cfg_scale=0.375, top_k=1)
+    notes = [record.getMessage() for record in caplog.records if "official sampler guides only above 1" in record.getMessage()]
+    assert len(notes) == 1 and notes[0].startswith("sampling.cfg_scale=0.375 is applied as uncond + 0.375 * (cond - uncond)")
 
 
 def test_filter_logits():

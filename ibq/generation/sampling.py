@@ -2,12 +2,16 @@
 
 With guidance the batch is doubled to [cond; null class] and each step uses
 `uncond + cfg_scale * (cond - uncond)`; the sampled token is fed to both halves. cfg_scale = 1 is plain
-conditional sampling (no doubling), 0 is unconditional. Draws come from one torch.Generator, so a seed
-fixes the samples, with or without the KV cache."""
+conditional sampling (no doubling), 0 is unconditional, and a scale between them mixes the two. The
+official sampler (LlamaGen's, which IBQ's sample script uses) guides only when cfg_scale > 1 and samples
+plainly conditionally below that; a scale in (0, 1) is therefore applied here with a warning that says
+so. Draws come from one torch.Generator, so a seed fixes the samples, with or without the KV cache."""
 
 from __future__ import annotations
 
+import logging
 import math
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -15,16 +19,27 @@ from torch import Tensor
 from ibq.errors import UserError
 from ibq.models.transformer import Transformer
 
+log = logging.getLogger(__name__)
+
 
 def check_sampling_args(cfg_scale: float, temperature: float, top_k: int, top_p: float) -> None:
     if not math.isfinite(cfg_scale) or cfg_scale < 0:
         raise UserError(f"sampling.cfg_scale={cfg_scale} is invalid: it must be >= 0 (1: no guidance)")
+    if 0 < cfg_scale < 1:
+        note_guidance_below_one(cfg_scale)
     if not math.isfinite(temperature) or temperature <= 0:
         raise UserError(f"sampling.temperature={temperature} is invalid: it must be > 0")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise UserError(f"sampling.top_k={top_k!r} is invalid: it must be an integer >= 0 (0: off)")
     if not 0 < top_p <= 1:
         raise UserError(f"sampling.top_p={top_p} is invalid: it must be in (0, 1] (1: off)")
+
+
+@lru_cache(maxsize=None)  # once per value and process, not once per batch
+def note_guidance_below_one(cfg_scale: float) -> None:
+    log.warning("sampling.cfg_scale=%g is applied as uncond + %g * (cond - uncond), between unconditional (0) and "
+                "conditional (1) sampling; the official sampler guides only above 1 and would sample plainly "
+                "conditionally (as cfg_scale=1 does here)", cfg_scale, cfg_scale)
 
 
 def check_labels(labels: Tensor, num_classes: int) -> None:
