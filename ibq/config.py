@@ -5,14 +5,18 @@ A leaf module: it imports nothing of ibq but the errors, so cli, ledger and data
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, InstantiationException
+from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ibq.errors import UserError
+from ibq.runs.record import run_dirname
 
 
 def find_conf_dir() -> Path:
@@ -24,6 +28,23 @@ def find_conf_dir() -> Path:
 
 CONF_DIR = find_conf_dir()
 SWEEPS_DIR = CONF_DIR / "sweep"
+
+# Resolvers the primary configs use: a run directory's name, and a cluster preset's run mode (its jobs
+# are submitted as a sweep; a dry run, which only builds on the meta device, runs here as -m says).
+OmegaConf.register_new_resolver("ibq.dirname", run_dirname, replace=True)
+OmegaConf.register_new_resolver("ibq.submit_mode", lambda dry_run: None if dry_run else "MULTIRUN", replace=True)
+
+
+def open_node() -> DictConfig:
+    """An empty node that takes new keys: Hydra's struct mode refuses a dict override with new keys
+    (cluster.sbatch={constraint: a100}) in YAML nodes, but keeps this node's flag through merging.
+    Group configs place it under such keys (`- /ibq/open/node@cluster.sbatch`)."""
+    node = OmegaConf.create({})
+    OmegaConf.set_struct(node, False)
+    return node
+
+
+ConfigStore.instance().store(group="ibq/open", name="node", node=open_node())
 
 
 def build(node: DictConfig, **kwargs):
@@ -37,6 +58,12 @@ def build(node: DictConfig, **kwargs):
         if cause is not None:
             raise cause from None
         raise
+
+
+def fail(message: str, code: int = 2):
+    """A user error: one line on stderr, and a non-zero exit."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def one_line(message: str) -> str:
@@ -63,8 +90,7 @@ def override_args(argv: list[str]) -> list[str]:
 
 
 def available(group_dir: Path) -> list[str]:
-    names = [p.stem for p in group_dir.glob("*.yaml")]
-    return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+    return numeric_first(p.stem for p in group_dir.glob("*.yaml"))
 
 
 def parse(arg: str):
@@ -107,22 +133,82 @@ def first_of_each_sweep(args: list[str]) -> list[str]:
     return single
 
 
+def numeric_first(names) -> list[str]:
+    return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+
+
+def choice_error(group: str, choice: str, valid: list[str]) -> UserError:
+    """A `group=choice` that names no config file of the group; numeric groups get a hint."""
+    valid = numeric_first(valid)
+    if group == "codebook_size":
+        if choice.isdigit() and int(choice) > 0:
+            return UserError(
+                f"codebook_size={choice} has no preset (presets: {', '.join(valid)}); "
+                f"any positive size works as the plain key quantizer.codebook_size={choice}"
+            )
+        return UserError(
+            f"codebook_size={choice} is invalid: it must be a positive integer "
+            f"(presets: {', '.join(valid)}; other sizes through quantizer.codebook_size=N)"
+        )
+    return UserError(
+        f"{group}={choice} is not a config in {group}/ of the search path; valid: {', '.join(valid)} "
+        f"(a preset of your own: --config-dir DIR with {group}/{choice}.yaml in DIR)"
+    )
+
+
+def missing_config_line(error: MissingConfigException) -> str:
+    """Hydra's report of a group choice without a config file, as one line."""
+    group, _, choice = (error.missing_cfg_file or "").rpartition("/")
+    if not group or error.options is None:
+        return one_line(str(error))
+    return str(choice_error(group, choice, list(error.options)))
+
+
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:
-    """Every `group=choice` names an existing config file; numeric groups get a hint."""
+    """Every `group=choice` names an existing config file of `conf_dir`."""
     for _, group, choices in group_choices(argv, conf_dir):
-        group_dir = conf_dir / group
-        valid = available(group_dir)
+        valid = available(conf_dir / group)
         for choice in choices:
-            if choice in valid:
-                continue
-            if group == "codebook_size":
-                if choice.isdigit() and int(choice) > 0:
-                    raise UserError(
-                        f"codebook_size={choice} has no preset (presets: {', '.join(valid)}); "
-                        f"any positive size works as the plain key quantizer.codebook_size={choice}"
-                    )
-                raise UserError(
-                    f"codebook_size={choice} is invalid: it must be a positive integer "
-                    f"(presets: {', '.join(valid)}; other sizes through quantizer.codebook_size=N)"
-                )
-            raise UserError(f"{group}={choice} is not a config in {group_dir}; valid: {', '.join(valid)}")
+            if choice not in valid:
+                raise choice_error(group, choice, valid)
+
+
+# ------------------------------------------------------------------------------------------- value checks
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_fraction(value) -> bool:
+    return is_number(value) and 0 <= value < 1
+
+
+# Keys whose values Hydra accepts but no run can use: what each must be, and the test. Keys an app's
+# config lacks are skipped.
+VALUE_RULES = {
+    "seed": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "optim.lr": ("a finite number > 0", lambda v: is_number(v) and math.isfinite(v) and v > 0),
+    "ar_optim.lr": ("a finite number > 0", lambda v: is_number(v) and math.isfinite(v) and v > 0),
+    "optim.betas": ("two numbers in [0, 1), e.g. [0.5,0.9]", lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_fraction, v))),
+    "ar_optim.betas": ("two numbers in [0, 1), e.g. [0.9,0.95]", lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_fraction, v))),
+    "data.num_workers": ("an integer >= 0 (0: load in the training process)", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "train.ema_decay": ("a number in [0, 1)", is_fraction),
+}
+MISSING = object()
+
+
+def check_values(cfg: DictConfig, overrides: list[str]) -> None:
+    """One line for the first value no run can use, and for a codebook size given twice over."""
+    for key, (valid, test) in VALUE_RULES.items():
+        value = OmegaConf.select(cfg, key, default=MISSING, throw_on_missing=False, throw_on_resolution_failure=False)
+        if value is MISSING or value is None or OmegaConf.is_missing(cfg, key):
+            continue
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        if not test(value):
+            raise UserError(f"{key}={value!r} is invalid: it must be {valid}")
+    given = dict(arg.split("=", 1) for arg in overrides if "=" in arg)
+    preset, size = given.get("codebook_size", "").strip("'\""), given.get("quantizer.codebook_size")
+    if preset and size is not None and preset != size:
+        raise UserError(
+            f"codebook_size={preset} and quantizer.codebook_size={size} disagree: give one of them "
+            f"(codebook_size picks a preset, quantizer.codebook_size sets any size)"
+        )

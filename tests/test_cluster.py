@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import IBQ_TRAIN, IBQ_TRAIN_AR, ONE_CROP_PER_PHOTO, REPO, SMALL_AR, cli_env, read_jsonl, run_cli, train
 
@@ -226,14 +227,22 @@ def test_bad_cluster_settings_get_one_line_and_submit_nothing(slurm, tmp_path: P
     assert not (tmp_path / "sweep").exists()  # holds the submitit folder of anything submitted
 
 
-def test_slurm_without_sbatch_is_one_line(tmp_path: Path):
+def test_slurm_without_sbatch_is_one_line_and_inspection_works(tmp_path: Path):
     result = submit(["cluster=slurm", *SHORT, f"hydra.sweep.dir={tmp_path / 'sweep'}"], timeout=120, PATH="/nonexistent")
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: cluster=slurm needs Slurm's sbatch, which is not on PATH here: submit from a Slurm login node, "
-        "or start the local cluster with `make slurm-up`"
+        "or start the local cluster with `make slurm-up` (--cfg, dry_run=true and ibq-sweep plan work without it)"
     )
     assert not (tmp_path / "sweep").exists()
+    # Only submitting needs Slurm: the job's Hydra config and a dry run work on a laptop.
+    shown = submit(["cluster=slurm", "cluster.sbatch={constraint: a100}", "--cfg", "all"], timeout=120, PATH="/nonexistent")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    composed = OmegaConf.create(shown.stdout)
+    assert composed.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert composed.hydra.launcher.additional_parameters == {"constraint": "a100"}  # the dict override, into an open node
+    dry = submit(["cluster=slurm", "dry_run=true", f"hydra.run.dir={tmp_path / 'dry'}"], timeout=120, PATH="/nonexistent")
+    assert dry.returncode == 0 and "generator_total" in dry.stdout, dry.stderr[-2000:]
 
 
 def test_local_parallel_runs_on_one_node_only(tmp_path: Path):
@@ -260,10 +269,11 @@ def test_a_failed_job_is_told_in_one_line():
 
 
 def test_only_swept_placement_keys_multiply_the_checked_jobs():
-    from ibq.cli.common import placement_variants
+    from ibq.cli.checks import checked_variants
 
-    argv = ["-m", "quantizer=ibq,vq", 'codebook_size="256","1024"', "cluster=slurm", "cluster.tasks_per_node=1,2", "seed=0"]
-    assert placement_variants(argv) == [
+    overrides = ["quantizer=ibq,vq", 'codebook_size="256","1024"', "cluster=slurm", "cluster.tasks_per_node=1,2", "seed=0",
+                 "optim.lr=interval(1e-5,1e-3)"]
+    assert checked_variants(overrides) == [
         ["quantizer=ibq", 'codebook_size="256"', "cluster=slurm", "seed=0", "cluster.tasks_per_node=1"],
         ["quantizer=ibq", 'codebook_size="256"', "cluster=slurm", "seed=0", "cluster.tasks_per_node=2"],
     ]

@@ -1,169 +1,32 @@
-"""Shared by the Hydra entry points: config location, one-line errors, run-directory bookkeeping."""
+"""Shared by the Hydra entry points: one-line errors, run-directory bookkeeping."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import re
-import shutil
-import subprocess
 import sys
 import traceback
 from contextlib import nullcontext
-from functools import lru_cache, wraps
+from functools import wraps
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
 from ibq.cli.callbacks import JobFailed
-from ibq.config import CONF_DIR, check_group_choices, one_line, override_args, parse, quote_numeric_choices
-from ibq.engine.distributed import check_deepspeed, detect_ranks, plan_batches
-from ibq.errors import Terminated, TrainingDiverged, UserError, check_positive_int, interruption, unset_key
+from ibq.cli.checks import check_job
+from ibq.config import CONF_DIR, fail, missing_config_line, one_line, quote_numeric_choices
+from ibq.engine.distributed import detect_ranks
+from ibq.errors import Terminated, TrainingDiverged, UserError, interruption, unset_key
 from ibq.runs.lock import RunLock
-from ibq.runs.record import RunRecord, group_choices, run_dirname, sweep_group
+from ibq.runs.record import RunRecord, group_choices, sweep_group
 from ibq.runs.wandb_mirror import offline_folders
 
 log = logging.getLogger("ibq")
-
-OmegaConf.register_new_resolver("ibq.dirname", run_dirname, replace=True)
-
-
-def fail(message: str, code: int = 2):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def compose_job(overrides: list[str], config_name: str):
-    """One job's config, composed up front so that a bad key or value is one line, not Hydra's report."""
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
-            return compose(config_name, overrides=overrides, return_hydra_config=True)
-    except Exception as error:  # Hydra raises several unrelated types for bad overrides
-        raise UserError(one_line(str(error))) from None
-
-
-# -- where the jobs run: checked for every job of a sweep before anything is submitted -----------------
-MULTIRUN_FLAGS = ("-m", "--multirun")
-SUBMITIT_LAUNCHERS = ("submitit_slurm", "submitit_local")
-# Swept overrides under these roots can change a job's resources or batch; the others (quantizer,
-# codebook_size, ...) cannot, so the checks compose one job per combination of the former only.
-PLACEMENT_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "experiment", "sweep", "hydra")
-# The config node with each training app's batch and precision keys.
-BATCH_SECTIONS = {"train": "train", "train_ar": "ar_train"}
-
-
-def placement_variants(argv: list[str]) -> list[list[str]]:
-    fixed, swept = [], []
-    for arg in override_args(argv):
-        override = parse(arg)
-        if not override.is_sweep_override():
-            fixed.append(arg)
-            continue
-        prefix, values = arg.split("=", 1)[0], list(override.sweep_string_iterator())
-        if override.key_or_group.split(".")[0].split("/")[0] in PLACEMENT_ROOTS:
-            swept.append([f"{prefix}={value}" for value in values])
-        else:
-            fixed.append(f"{prefix}={values[0]}")
-    return [fixed + list(combination) for combination in itertools.product(*swept)]
-
-
-def world_size(cluster) -> int:
-    """Ranks per job: the preset's nodes x tasks_per_node, or torchrun's WORLD_SIZE for cluster=local."""
-    if cluster.launcher not in SUBMITIT_LAUNCHERS:
-        return detect_ranks().world_size
-    nodes = check_positive_int("cluster.nodes", cluster.nodes)
-    return nodes * check_positive_int("cluster.tasks_per_node", cluster.tasks_per_node)
-
-
-@lru_cache(maxsize=None)
-def slurm_query(*args: str) -> list[str]:
-    try:
-        result = subprocess.run(["sinfo", "-h", *args], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise UserError(f"sinfo failed ({error}): is the Slurm controller up? (`make slurm-status`)") from None
-    if result.returncode != 0:
-        raise UserError(f"sinfo failed: {one_line(result.stderr) or 'exit ' + str(result.returncode)}; is the Slurm controller up?")
-    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
-
-
-def partition_gpus(partition: str | None) -> int:
-    """The most GPUs one node of the partition has, from its GRES (gpu:8, gpu:a100:4(S:0-1), ...)."""
-    most = 0
-    for gres in slurm_query(*(["-p", partition] if partition else []), "-o", "%G"):
-        for item in gres.split(","):
-            fields = item.split("(")[0].split(":")
-            if fields[0] == "gpu" and fields[-1].isdigit():
-                most = max(most, int(fields[-1]))
-    return most
-
-
-def check_cluster(cluster) -> None:
-    gpus = cluster.gpus_per_node or 0
-    if gpus > cluster.max_gpus_per_node:
-        raise UserError(
-            f"cluster.gpus_per_node={gpus} is more than cluster={cluster.name} allows "
-            f"(max_gpus_per_node={cluster.max_gpus_per_node}, the size of its nodes)"
-        )
-    if gpus and cluster.tasks_per_node != gpus:
-        raise UserError(
-            f"cluster.tasks_per_node={cluster.tasks_per_node} with cluster.gpus_per_node={gpus}: each rank takes one GPU, "
-            f"so set cluster.tasks_per_node={gpus}"
-        )
-    if cluster.launcher == "submitit_local":
-        if cluster.nodes != 1:
-            raise UserError(f"cluster.nodes={cluster.nodes}: cluster={cluster.name} runs on this machine only (nodes=1)")
-        return
-    if shutil.which("sbatch") is None:
-        raise UserError(
-            f"cluster={cluster.name} needs Slurm's sbatch, which is not on PATH here: submit from a Slurm login node, "
-            f"or start the local cluster with `make slurm-up`"
-        )
-    if cluster.partition is not None:
-        partitions = [name.rstrip("*") for name in slurm_query("-o", "%R")]
-        if cluster.partition not in partitions:
-            raise UserError(f"cluster.partition={cluster.partition} does not exist on this Slurm cluster; partitions: {', '.join(partitions) or 'none'}")
-    if gpus and partition_gpus(cluster.partition) < gpus:
-        where = f"partition {cluster.partition}" if cluster.partition else "the default partition"
-        raise UserError(f"cluster.gpus_per_node={gpus}, but the nodes of {where} have at most {partition_gpus(cluster.partition)} GPUs")
-
-
-def check_placement(cfg, section: str) -> None:
-    """The job's cluster, batch layout (cfg[section]) and DeepSpeed options."""
-    cluster = cfg.get("cluster")
-    if cluster is None or section not in cfg:
-        return
-    try:
-        ranks = world_size(cluster)
-        if cluster.launcher in SUBMITIT_LAUNCHERS:
-            check_cluster(cluster)
-        batch = cfg[section]
-        plan_batches(batch.batch_size, batch.micro_batch_size, ranks, section=section)
-        if "deepspeed" in cfg:
-            check_deepspeed(OmegaConf.to_container(cfg.deepspeed, resolve=True), batch.precision, section=section)
-    except OmegaConfBaseException as error:
-        raise UserError(one_line(str(error))) from None
-
-
-def prepare_submission(argv: list[str], config_name: str) -> tuple[list[str], bool]:
-    """Checks where every job runs. For a submitit cluster (returned as True), makes the run a sweep
-    (Hydra only hands -m runs to a launcher) and sets the requeue signal that submitit asks Slurm to send."""
-    variants = placement_variants(argv)
-    configs = [compose_job(overrides, config_name) for overrides in variants]
-    section = BATCH_SECTIONS.get(config_name)
-    for cfg in configs:
-        if section is not None:
-            check_placement(cfg, section)
-    cluster = configs[0].get("cluster")
-    if cluster is None or cluster.launcher not in SUBMITIT_LAUNCHERS or configs[0].get("dry_run"):
-        return argv, False
-    if cluster.requeue_signal:
-        os.environ["SUBMITIT_PREEMPT_SIGNAL"] = str(cluster.requeue_signal).upper().removeprefix("SIG")
-    return (argv if any(flag in argv for flag in MULTIRUN_FLAGS) else ["--multirun", *argv]), True
 
 
 def failure_line(error: Exception) -> str:
@@ -192,27 +55,26 @@ def raised_in_a_job(error: Exception) -> bool:
     return bool(frames) and frames[-1].name == "return_value"
 
 
-def entry_point(hydra_main, config_name: str):
-    """Console script around a Hydra main: checks the overrides (and where the jobs will run) first,
-    prints user errors, and a failed cluster job, as one line."""
+def entry_point(hydra_main):
+    """Console script of a Hydra main: Hydra's own composition and checks (ConfigChecks); what they
+    refuse, and a failed cluster job, is told in one line instead of Hydra's report."""
 
     @wraps(hydra_main)
     def cli() -> None:
-        try:
-            check_group_choices(sys.argv[1:], CONF_DIR)
-            sys.argv[1:] = quote_numeric_choices(sys.argv[1:], CONF_DIR)
-            sys.argv[1:], submitting = prepare_submission(sys.argv[1:], config_name)
-        except UserError as error:
-            fail(str(error))
-        if not submitting:
-            hydra_main()
-            return
         from submitit.core.utils import FailedJobError, UncompletedJobError
 
-        # Hydra prints a launcher's exception as a stack trace; let it through to be told in one line.
+        # Hydra prints errors over several lines unless it lets them through to be told here in one.
         os.environ["HYDRA_FULL_ERROR"] = "1"
+        # Hydra refuses a config-group choice that parses as a number (codebook_size=1024): quote it.
+        sys.argv[1:] = quote_numeric_choices(sys.argv[1:], CONF_DIR)
         try:
             hydra_main()
+        except UserError as error:
+            fail(str(error))
+        except MissingConfigException as error:
+            fail(missing_config_line(error))
+        except (ConfigCompositionException, OverrideParseException) as error:
+            fail(one_line(f"{error}\n{error.__cause__ or ''}"))
         except (FailedJobError, UncompletedJobError) as error:
             fail(failure_line(error), 1)
         except Exception as error:
@@ -251,7 +113,8 @@ def remove_empty_folders(run_dir: Path) -> None:
 
 
 def guarded(task):
-    """Runs a Hydra task; a user error or divergence exits non-zero with one line, Ctrl-C with one line
+    """Runs a Hydra task once its config passes the job's checks (checks.check_job); a user error or
+    divergence exits non-zero with one line, Ctrl-C with one line
     (exit 130). In a sweep a failed job returns a JobFailed instead, so that the next job starts (a bug
     also prints its traceback). Hydra creates the run directory before the task starts: when the task
     leaves it empty (a rejected config, a dry run), it is removed again, with the empty folders above it
@@ -260,9 +123,11 @@ def guarded(task):
 
     @wraps(task)
     def wrapper(cfg) -> JobFailed | None:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+        hydra = HydraConfig.get()
+        run_dir = Path(hydra.runtime.output_dir)
+        in_sweep = hydra.mode == RunMode.MULTIRUN
         try:
+            check_job(cfg, list(hydra.overrides.task), hydra.job.config_name)
             task(cfg, run_dir)
         except KeyboardInterrupt as interrupt:
             terminated = isinstance(interrupt, Terminated)

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ibq.cli.common import fail
+from ibq.config import fail
 from ibq.errors import UserError
 
 

@@ -20,8 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from ibq.cli.common import CONF_DIR, entry_point, fail
-from ibq.config import build
+from ibq.cli.common import entry_point
+from ibq.config import CONF_DIR, build, fail
 from ibq.engine.build import resolve_device
 from ibq.engine.evaluate import GenerationEvaluator, ReconstructionEvaluator, TorchFidelityNetwork, real_feature_stats
 from ibq.errors import UserError, check_positive_int, unset_key
@@ -548,7 +548,7 @@ def main(cfg: DictConfig) -> None:
     print("\n".join(lines))
 
 
-cli = entry_point(main, "eval")
+cli = entry_point(main)
 
 if __name__ == "__main__":
     cli()

@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ibq.cli.common import CONF_DIR, entry_point, guarded, save_hydra_files
+from ibq.cli.common import entry_point, guarded, save_hydra_files
+from ibq.config import CONF_DIR
 from ibq.cli.eval import check_settings, evaluate_generation
 from ibq.engine.build import resolve_device, resolve_precision
 from ibq.engine.train_ar import ARRun, load_ar_run, sample_images, save_grid
@@ -106,7 +107,7 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     write_json(out_dir / "results.json", results)
 
 
-cli = entry_point(main, "sample")
+cli = entry_point(main)
 
 if __name__ == "__main__":
     cli()

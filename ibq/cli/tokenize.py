@@ -8,10 +8,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ibq.cli.common import CONF_DIR, entry_point, guarded, save_hydra_files
+from ibq.cli.common import entry_point, guarded, save_hydra_files
+from ibq.config import CONF_DIR, build
 from ibq.data.batches import indexed_train
 from ibq.data.splits import data_identity
-from ibq.config import build
 from ibq.engine.build import resolve_device
 from ibq.engine.tokens import MANIFEST, load_tokenizer_run, run_name, write_token_shards
 from ibq.errors import check_positive_int
@@ -62,7 +62,7 @@ def main(cfg: DictConfig, run_dir: Path) -> None:
     print(f"  next                  ibq-train-ar tokenizer_run={tokenizer_run.run_dir} tokens={run_dir}")
 
 
-cli = entry_point(main, "tokenize")
+cli = entry_point(main)
 
 if __name__ == "__main__":
     cli()

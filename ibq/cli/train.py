@@ -8,8 +8,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from ibq.cli.common import CONF_DIR, entry_point, guarded, run_training
-from ibq.config import build
+from ibq.cli.common import entry_point, guarded, run_training
+from ibq.config import CONF_DIR, build
 
 
 def dry_run(cfg: DictConfig) -> None:
@@ -52,7 +52,7 @@ def main(cfg: DictConfig, run_dir: Path) -> None:
     run_training(cfg, run_dir, "ibq-train", TokenizerTraining, dry_run, summary_lines)
 
 
-cli = entry_point(main, "train")
+cli = entry_point(main)
 
 if __name__ == "__main__":
     cli()

@@ -8,8 +8,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ibq.cli.common import CONF_DIR, entry_point, guarded, run_training
-from ibq.config import build
+from ibq.cli.common import entry_point, guarded, run_training
+from ibq.config import CONF_DIR, build
 from ibq.engine.tokens import run_name
 from ibq.errors import UserError
 
@@ -49,7 +49,7 @@ def main(cfg: DictConfig, run_dir: Path) -> None:
     run_training(cfg, run_dir, "ibq-train-ar", ARTraining, dry_run, summary_lines)
 
 
-cli = entry_point(main, "train_ar")
+cli = entry_point(main)
 
 if __name__ == "__main__":
     cli()

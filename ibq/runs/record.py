@@ -118,15 +118,19 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def git_state() -> dict[str, Any]:
-    source = Path(__file__).resolve().parents[2]
+    """The git state of the repository the command runs in (the user's code and configs), whatever
+    folder the ibq package itself was installed to."""
+    outside = {"sha": None, "dirty": None, "repository": "not a git checkout"}
+    git = ["git", "-C", os.getcwd()]
     try:
-        sha = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+        top = subprocess.run([*git, "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        return {"sha": None, "dirty": None}
-    if sha.returncode != 0:
-        return {"sha": None, "dirty": None}
-    return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+        return outside
+    if top.returncode != 0:
+        return outside
+    repository, sha = top.stdout.splitlines()
+    return {"sha": sha, "dirty": bool(dirty.stdout.strip()), "repository": repository}
 
 
 def package_versions() -> dict[str, str | None]:

@@ -1,0 +1,153 @@
+"""Checks inside Hydra's flow, after composition and before anything is written or submitted: the
+values of the config (ibq.config.check_values), where the jobs run and how their batch is laid out.
+
+A multirun is checked up front by the ConfigChecks callback (every primary config names it under
+hydra.callbacks), one composition per combination of the swept keys that can change a job's placement
+or checked values; each job checks itself again when it starts (common.guarded)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+from functools import lru_cache
+
+from hydra import compose
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ibq.config import check_values, fail, one_line, parse
+from ibq.engine.distributed import check_deepspeed, detect_ranks, plan_batches
+from ibq.errors import UserError, check_positive_int
+
+SUBMITIT_LAUNCHERS = ("submitit_slurm", "submitit_local")
+# Swept overrides under these roots can change a job's resources, batch or checked values; the others
+# (quantizer, codebook_size, ...) cannot, so the checks compose one job per combination of the former only.
+CHECKED_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "experiment", "sweep", "hydra",
+                 "seed", "optim", "ar_optim", "data")
+# The config node with each training app's batch and precision keys.
+BATCH_SECTIONS = {"train": "train", "train_ar": "ar_train"}
+
+
+def checked_variants(overrides: list[str]) -> list[list[str]]:
+    """The jobs to check out of a sweep's overrides. A range or list under CHECKED_ROOTS multiplies them,
+    any other takes its first value; a sweep without a list of values (interval, for a search sweeper)
+    is left to each job."""
+    fixed, swept = [], []
+    for arg in overrides:
+        override = parse(arg)
+        if not override.is_sweep_override():
+            fixed.append(arg)
+            continue
+        if not override.is_discrete_sweep():
+            continue
+        prefix, values = arg.split("=", 1)[0], list(override.sweep_string_iterator())
+        if override.key_or_group.split(".")[0].split("/")[0] in CHECKED_ROOTS:
+            swept.append([f"{prefix}={value}" for value in values])
+        else:
+            fixed.append(f"{prefix}={values[0]}")
+    return [fixed + list(combination) for combination in itertools.product(*swept)]
+
+
+def world_size(cluster) -> int:
+    """Ranks per job: the preset's nodes x tasks_per_node, or torchrun's WORLD_SIZE for cluster=local."""
+    if cluster.launcher not in SUBMITIT_LAUNCHERS:
+        return detect_ranks().world_size
+    nodes = check_positive_int("cluster.nodes", cluster.nodes)
+    return nodes * check_positive_int("cluster.tasks_per_node", cluster.tasks_per_node)
+
+
+@lru_cache(maxsize=None)
+def slurm_query(*args: str) -> list[str]:
+    try:
+        result = subprocess.run(["sinfo", "-h", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise UserError(f"sinfo failed ({error}): is the Slurm controller up? (`make slurm-status`)") from None
+    if result.returncode != 0:
+        raise UserError(f"sinfo failed: {one_line(result.stderr) or 'exit ' + str(result.returncode)}; is the Slurm controller up?")
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
+
+
+def partition_gpus(partition: str | None) -> int:
+    """The most GPUs one node of the partition has, from its GRES (gpu:8, gpu:a100:4(S:0-1), ...)."""
+    most = 0
+    for gres in slurm_query(*(["-p", partition] if partition else []), "-o", "%G"):
+        for item in gres.split(","):
+            fields = item.split("(")[0].split(":")
+            if fields[0] == "gpu" and fields[-1].isdigit():
+                most = max(most, int(fields[-1]))
+    return most
+
+
+def check_node_layout(cluster) -> None:
+    """What the preset alone decides: GPUs and tasks per node, nodes of the local executor."""
+    gpus = cluster.gpus_per_node or 0
+    if gpus > cluster.max_gpus_per_node:
+        raise UserError(
+            f"cluster.gpus_per_node={gpus} is more than cluster={cluster.name} allows "
+            f"(max_gpus_per_node={cluster.max_gpus_per_node}, the size of its nodes)"
+        )
+    if gpus and cluster.tasks_per_node != gpus:
+        raise UserError(
+            f"cluster.tasks_per_node={cluster.tasks_per_node} with cluster.gpus_per_node={gpus}: each rank takes one GPU, "
+            f"so set cluster.tasks_per_node={gpus}"
+        )
+    if cluster.launcher == "submitit_local" and cluster.nodes != 1:
+        raise UserError(f"cluster.nodes={cluster.nodes}: cluster={cluster.name} runs on this machine only (nodes=1)")
+
+
+def check_slurm(cluster) -> None:
+    """What only submitting needs: sbatch, the partition, and its nodes' GPUs."""
+    if shutil.which("sbatch") is None:
+        raise UserError(
+            f"cluster={cluster.name} needs Slurm's sbatch, which is not on PATH here: submit from a Slurm login node, "
+            f"or start the local cluster with `make slurm-up` (--cfg, dry_run=true and ibq-sweep plan work without it)"
+        )
+    gpus = cluster.gpus_per_node or 0
+    if cluster.partition is not None:
+        partitions = [name.rstrip("*") for name in slurm_query("-o", "%R")]
+        if cluster.partition not in partitions:
+            raise UserError(f"cluster.partition={cluster.partition} does not exist on this Slurm cluster; partitions: {', '.join(partitions) or 'none'}")
+    if gpus and partition_gpus(cluster.partition) < gpus:
+        where = f"partition {cluster.partition}" if cluster.partition else "the default partition"
+        raise UserError(f"cluster.gpus_per_node={gpus}, but the nodes of {where} have at most {partition_gpus(cluster.partition)} GPUs")
+
+
+def check_job(cfg: DictConfig, overrides: list[str], config_name: str, submitting: bool = False) -> None:
+    """A job's values, cluster preset, batch layout (cfg[section]) and DeepSpeed options; with
+    `submitting`, also what Slurm must offer."""
+    check_values(cfg, overrides)
+    cluster, section = cfg.get("cluster"), BATCH_SECTIONS.get(config_name)
+    if cluster is None or section not in cfg:
+        return
+    try:
+        ranks = world_size(cluster)
+        if cluster.launcher in SUBMITIT_LAUNCHERS:
+            check_node_layout(cluster)
+            if submitting and cluster.launcher == "submitit_slurm":
+                check_slurm(cluster)
+        batch = cfg[section]
+        plan_batches(batch.batch_size, batch.micro_batch_size, ranks, section=section)
+        if "deepspeed" in cfg:
+            check_deepspeed(OmegaConf.to_container(cfg.deepspeed, resolve=True), batch.precision, section=section)
+    except OmegaConfBaseException as error:
+        raise UserError(one_line(str(error))) from None
+
+
+class ConfigChecks(Callback):
+    def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs) -> None:
+        """Every job of the sweep, before its folder is made or anything is submitted. For a submitit
+        cluster, also the requeue signal that submitit asks Slurm to send."""
+        hydra_overrides = list(config.hydra.overrides.hydra)
+        submitting = not config.get("dry_run", False)
+        try:
+            for variant in checked_variants(list(config.hydra.overrides.task)):
+                job = compose(config_name, overrides=hydra_overrides + variant)
+                check_job(job, variant, config_name, submitting)
+        except UserError as error:
+            fail(str(error))  # exits here: Hydra turns a callback's exception into a warning
+        cluster = config.get("cluster")
+        if cluster is not None and cluster.launcher in SUBMITIT_LAUNCHERS and cluster.requeue_signal:
+            os.environ["SUBMITIT_PREEMPT_SIGNAL"] = str(cluster.requeue_signal).upper().removeprefix("SIG")
