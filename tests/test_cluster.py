@@ -235,14 +235,12 @@ def test_slurm_without_sbatch_is_one_line_and_inspection_works(tmp_path: Path):
         "or start the local cluster with `make slurm-up` (--cfg, dry_run=true and ibq-sweep plan work without it)"
     )
     assert not (tmp_path / "sweep").exists()
-    # Only submitting needs Slurm: the job's Hydra config and a dry run work on a laptop.
+    # Only submitting needs Slurm: the job's Hydra config shows on a laptop (a dry run: test_hydra_native).
     shown = submit(["cluster=slurm", "cluster.sbatch={constraint: a100}", "--cfg", "all"], timeout=120, PATH="/nonexistent")
     assert shown.returncode == 0, shown.stderr[-2000:]
     composed = OmegaConf.create(shown.stdout)
     assert composed.hydra.launcher._target_.endswith("SlurmLauncher")
     assert composed.hydra.launcher.additional_parameters == {"constraint": "a100"}  # the dict override, into an open node
-    dry = submit(["cluster=slurm", "dry_run=true", f"hydra.run.dir={tmp_path / 'dry'}"], timeout=120, PATH="/nonexistent")
-    assert dry.returncode == 0 and "generator_total" in dry.stdout, dry.stderr[-2000:]
 
 
 def test_local_parallel_runs_on_one_node_only(tmp_path: Path):

@@ -1,0 +1,94 @@
+"""ibq as a Hydra user meets it: a wheel that runs from any directory with its own configs and the
+user's presets, Hydra's command line (completion, dict overrides), and value checks told in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import IBQ_TRAIN, REPO, cli_env, error_line, run_cli
+from ibq.config import check_values
+from ibq.errors import UserError
+
+# What a wheel is built from: the working tree without its environment, outputs and caches.
+NOT_PACKAGED = (".venv", ".git", "outputs", "multirun", "build", "*.egg-info", "__pycache__", ".pytest_cache", "wandb")
+MY_QUANTIZER = "defaults:\n  - ibq\n  - _self_\nentropy_weight: 0.05\n"
+
+
+@pytest.mark.slow
+def test_the_wheel_runs_from_another_directory_with_a_user_preset(tmp_path: Path):
+    shutil.copytree(REPO, tmp_path / "src", symlinks=True, ignore=shutil.ignore_patterns(*NOT_PACKAGED))
+    pip = [sys.executable, "-m", "pip", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "wheel", tmp_path / "src"], check=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("ibq-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel], check=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "myconf" / "quantizer").mkdir(parents=True)
+    (elsewhere / "myconf" / "quantizer" / "myq.yaml").write_text(MY_QUANTIZER)
+    env = cli_env(PYTHONPATH=str(tmp_path / "site"))
+
+    def app(name: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, tmp_path / "site" / "bin" / name, *args], cwd=elsewhere, env={**env, **extra_env},
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    where = subprocess.run([sys.executable, "-c", "import ibq.config as c; print(c.__file__, c.CONF_DIR)"], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert all(Path(path).is_relative_to(tmp_path / "site") for path in where)
+    assert len(list(Path(where[1]).rglob("*.yaml"))) >= len(list((REPO / "conf").rglob("*.yaml")))
+    assert "quantizer:" in app("ibq-train", "--cfg", "job").stdout
+    # A Slurm job's dry run on a machine without Slurm.
+    assert "generator_total" in app("ibq-train", "model_scale=paper", "cluster=slurm", "dry_run=true", PATH="/nonexistent").stdout
+    assert "8 jobs" in app("ibq-sweep", "plan", "codebook_scaling").stdout
+    app("ibq-train", "--config-dir", "myconf", "quantizer=myq", "train.steps=2", "train.log_every=1", "logger=none",
+        "eval.rfid=false", "data.val_crops_per_photo=1", "hydra.run.dir=run")
+    record = json.loads((elsewhere / "run" / "run.json").read_text())
+    assert record["status"] == "completed" and record["choices"]["quantizer"] == "myq"
+    assert record["git"] == {"sha": None, "dirty": None, "repository": "not a git checkout"}
+    assert OmegaConf.load(elsewhere / "run" / ".hydra" / "config.yaml").quantizer.entropy_weight == 0.05
+
+
+@pytest.mark.slow
+def test_shell_completion_answers_with_the_groups():
+    query = subprocess.run(IBQ_TRAIN + ["-sc", "query=bash"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={**cli_env(), "COMP_LINE": "ibq-train quantizer="})
+    assert query.returncode == 0, query.stderr[-2000:]
+    assert {"quantizer=ibq", "quantizer=vq", "quantizer=lfq"} <= set(query.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("values", "overrides", "expected"),
+    [
+        ({"seed": "abc"}, [], "seed='abc' is invalid: it must be an integer"),
+        ({"seed": ""}, [], "seed='' is invalid"),
+        ({"optim": {"lr": float("nan")}}, [], "optim.lr=nan is invalid: it must be a finite number > 0"),
+        ({"optim": {"lr": float("inf")}}, [], "optim.lr=inf is invalid"),
+        ({"optim": {"lr": 1e-4, "betas": [0.5]}}, [], "optim.betas=[0.5] is invalid: it must be two numbers in [0, 1)"),
+        ({"data": {"num_workers": -1}}, [], "data.num_workers=-1 is invalid: it must be an integer >= 0"),
+        ({"train": {"ema_decay": 5}}, [], "train.ema_decay=5 is invalid: it must be a number in [0, 1)"),
+        ({"seed": 0}, ['codebook_size="256"', "quantizer.codebook_size=512"], "codebook_size=256 and quantizer.codebook_size=512 disagree"),
+    ],
+)
+def test_values_no_run_can_use_are_refused(values: dict, overrides: list[str], expected: str):
+    with pytest.raises(UserError) as refused:
+        check_values(OmegaConf.create(values), overrides)
+    assert expected in str(refused.value)
+
+
+def test_values_a_run_can_use_pass():
+    check_values(OmegaConf.create({"seed": 3, "optim": {"lr": 1e-4, "betas": [0.5, 0.9]}, "data": {"num_workers": 0},
+                                   "train": {"ema_decay": 0.0}}), ["codebook_size=256", "quantizer.codebook_size=256"])
+
+
+@pytest.mark.slow
+def test_a_bad_value_in_a_sweep_is_one_line_before_anything_is_written(tmp_path: Path):
+    result = run_cli(IBQ_TRAIN + ["-m", "seed=0,abc", "optim.lr=1e-4", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert error_line(result) == "error: seed='abc' is invalid: it must be an integer"
+    assert not (tmp_path / "sweep").exists()
