@@ -92,6 +92,21 @@ def save_grid(images: Tensor, path: Path, nrow: int) -> None:
     tmp.replace(path)
 
 
+def stage_two_config(cfg: DictConfig, tokenizer_run: Path, tokenizer: dict, **extra) -> tuple[DictConfig, DictConfig]:
+    """A stage-II run's own config: no stage-I keys, absolute paths (a resume from elsewhere is the same
+    run), what the tokenizer was when training started, and `extra` top-level nodes; and the part of it that
+    identifies the run (without the keys that only change how it reports)."""
+    own = OmegaConf.to_container(without_keys(cfg, STAGE_I_KEYS))
+    own["tokenizer_run"] = str(tokenizer_run)
+    own["tokens"] = str(Path(cfg.tokens).expanduser().resolve()) if cfg.get("tokens") is not None else None
+    own["tokenizer"] = tokenizer
+    own.update(extra)
+    identity = OmegaConf.create(own)
+    for key in REPORTING_KEYS:
+        identity.ar_train.pop(key)
+    return OmegaConf.create(own), identity
+
+
 @dataclass
 class ARRun:
     """A trained stage-II run, ready to sample."""
@@ -176,18 +191,8 @@ class ARTraining:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.schedule = self._schedule(cfg)
 
-        # The run's own config: no stage-I keys, absolute paths (a resume from elsewhere is the same
-        # run), and what the tokenizer was when training started.
-        own = OmegaConf.to_container(without_keys(cfg, STAGE_I_KEYS))
-        own["tokenizer_run"] = str(self.tokenizer_run.run_dir)
-        own["tokens"] = str(Path(cfg.tokens).expanduser().resolve()) if cfg.tokens is not None else None
-        own["tokenizer"] = self.tokenizer_run.describe()
-        self.cfg = OmegaConf.create(own)
-        identity = OmegaConf.create(own)
-        for key in REPORTING_KEYS:
-            identity.ar_train.pop(key)
-        self.identity = identity
-        self.signature = signature(identity)
+        self.cfg, self.identity = stage_two_config(cfg, self.tokenizer_run.run_dir, self.tokenizer_run.describe())
+        self.signature = signature(self.identity)
 
         self.checkpoint_path = run_dir / CHECKPOINT
         self.deepspeed_dir = self.checkpoint_path.parent / "deepspeed"
