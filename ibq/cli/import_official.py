@@ -17,8 +17,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ibq.cli.common import CONF_DIR, compose_job, fail
-from ibq.cli.overrides import check_group_choices, quote_numeric_choices
+from ibq.cli.common import compose_job, fail
+from ibq.config import CONF_DIR, check_group_choices, quote_numeric_choices
 from ibq.engine import official
 from ibq.errors import UserError
 from ibq.runs.record import RunRecord, group_choices

@@ -151,3 +151,22 @@ def foreign_checkpoint(path: Path, saved_signature: str, signature: str, changed
         f"{path} belongs to another configuration (signature {saved_signature}, this run {signature}; "
         f"differs in {'; '.join(changed[:3]) or 'unknown keys'}): use a new run_dir or the original overrides"
     )
+
+
+def check_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], what: str, prefix: str = "") -> None:
+    """Every expected tensor present with its shape, and nothing else; else one line with a few examples."""
+    def shape(value: tuple[int, ...]) -> str:
+        return "(" + ", ".join(map(str, value)) + ")"
+
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    wrong = [key for key in expected if key in found and tuple(found[key]) != tuple(expected[key])]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(f'{prefix}{k} {shape(expected[k])}' for k in missing[:3])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}, e.g. {', '.join(prefix + k for k in unexpected[:3])}")
+    if wrong:
+        problems.append("; ".join(f"{prefix}{k} is {shape(found[k])} but {shape(expected[k])} was expected" for k in wrong[:3]))
+    if problems:
+        raise UserError(f"{what}: {'; '.join(problems)}")

@@ -24,8 +24,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from ibq.engine.build import build
-from ibq.engine.checkpoint import load_checkpoint, save_checkpoint
+from ibq.config import build
+from ibq.engine.checkpoint import check_tensors, load_checkpoint, save_checkpoint
 from ibq.engine.tokens import CHECKPOINT
 from ibq.errors import UserError
 from ibq.engine.train_ar import stage_two_config
@@ -148,7 +148,7 @@ class TokenizerArch:
 
     def overrides(self) -> list[str]:
         """Hydra overrides of conf/train.yaml that build this tokenizer."""
-        size = [f"codebook_size={self.codebook_size}"] if self.codebook_size in PRESET_CODEBOOK_SIZES else [f"quantizer.codebook_size={self.codebook_size}"]
+        size = [f'codebook_size="{self.codebook_size}"'] if self.codebook_size in PRESET_CODEBOOK_SIZES else [f"quantizer.codebook_size={self.codebook_size}"]
         if self.is_paper and self.resolution in (None, 256):
             return ["model_scale=paper", *size, "quantizer=ibq"]
         return [
@@ -448,24 +448,8 @@ def loss_overrides(config: dict | None, ar: bool) -> list[str]:
 # -- checking a state dict against an architecture ----------------------------------------------------------
 
 
-def shape_text(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(map(str, shape)) + ")"
-
-
-def check_fits(found: dict[str, tuple[int, ...]], expected: Shapes, what: str, prefix: str = "") -> None:
-    """Every expected official tensor present with its shape, and nothing else."""
-    missing = [key for key in expected if key not in found]
-    unexpected = [key for key in found if key not in expected]
-    wrong = [key for key in expected if key in found and found[key] != expected[key][1]]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(f'{prefix}{k} {shape_text(expected[k][1])}' for k in missing[:3])}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)}, e.g. {', '.join(prefix + k for k in unexpected[:3])}")
-    if wrong:
-        problems.append("; ".join(f"{prefix}{k} is {shape_text(found[k])} but {shape_text(expected[k][1])} was expected" for k in wrong[:3]))
-    if problems:
-        raise UserError(f"{what}: {'; '.join(problems)}")
+def check_official(found: dict[str, tuple[int, ...]], expected: Shapes, what: str, prefix: str = "") -> None:
+    check_tensors(found, {key: shape for key, (_, shape) in expected.items()}, what, prefix)
 
 
 def check_model_matches(cfg_model: DictConfig, quantizer: DictConfig | None, expected: Shapes, what: str) -> None:
@@ -491,7 +475,7 @@ def split_tokenizer_state(file: OfficialFile, arch: TokenizerArch, prefix: str) 
     what = f"{file.path.name} does not fit the tokenizer {describe_tokenizer(arch)}"
     if others:
         raise UserError(f"{what}: unexpected {len(others)} tensor(s), e.g. {', '.join(prefix + k for k in others[:3])}")
-    check_fits({k: tuple(v.shape) for k, v in generator.items()}, expected, what, prefix)
+    check_official({k: tuple(v.shape) for k, v in generator.items()}, expected, what, prefix)
     if shadows:
         dotless = {key.replace(".", ""): key for key in expected}
         unknown = [key for key in shadows if key not in dotless]
@@ -500,7 +484,7 @@ def split_tokenizer_state(file: OfficialFile, arch: TokenizerArch, prefix: str) 
             example = f"model_ema.{(unknown or absent)[0]}"
             raise UserError(f"{file.path.name}: its EMA does not match its generator ({len(unknown)} unknown, {len(absent)} missing EMA tensors, e.g. {example})")
         shadows = {dotless[key]: value for key, value in shadows.items()}
-        check_fits({k: tuple(v.shape) for k, v in shadows.items()}, expected, f"{file.path.name}: the EMA", EMA_PREFIX)
+        check_official({k: tuple(v.shape) for k, v in shadows.items()}, expected, f"{file.path.name}: the EMA", EMA_PREFIX)
     return generator, shadows, counters
 
 
@@ -620,10 +604,10 @@ def import_ar(file: OfficialFile, tokenizer: TokenizerArch, ar: ARArch, tokenize
     if others:
         raise UserError(f"{file.path.name} is not an official AR file: unexpected {len(others)} tensor(s), e.g. {', '.join(others[:3])}")
     generator = {key: value for key, value in tokenizer_part.items() if not key.startswith(EMA_PREFIX)}
-    check_fits({k: tuple(v.shape) for k, v in generator.items()}, expected_tokenizer,
+    check_official({k: tuple(v.shape) for k, v in generator.items()}, expected_tokenizer,
                f"{file.path.name} does not fit the tokenizer {describe_tokenizer(tokenizer)}", AR_TOKENIZER_PREFIX)
     transformer = file.part(AR_TRANSFORMER_PREFIX)
-    check_fits({k: tuple(v.shape) for k, v in transformer.items()}, expected_ar,
+    check_official({k: tuple(v.shape) for k, v in transformer.items()}, expected_ar,
                f"{file.path.name} does not fit the transformer (depth {ar.depth}, width {ar.width}, vocab {ar.vocab_size}, {ar.num_classes} classes)",
                AR_TRANSFORMER_PREFIX)
     check_model_matches(tokenizer_run.cfg.model, tokenizer_run.cfg.quantizer, expected_tokenizer, file.path.name)

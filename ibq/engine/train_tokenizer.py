@@ -31,7 +31,7 @@ from ibq.data.shards import merge_states
 from ibq.engine import distributed
 from ibq.config import build
 from ibq.engine.build import resolve_precision
-from ibq.engine.checkpoint import DivergenceWatch, foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
+from ibq.engine.checkpoint import DivergenceWatch, check_tensors, foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
@@ -41,7 +41,7 @@ from ibq.losses import LeCAM, hinge_d_loss, non_saturating_g_loss
 from ibq.metrics.codebook import CodebookHistogram
 from ibq.metrics.fid import load_fid_network
 from ibq.metrics.lpips import try_load_lpips
-from ibq.runs.record import STAGE_II_KEYS, config_differences, merge_results, result_config, signature, without_keys
+from ibq.runs.record import STAGE_II_KEYS, RunRecord, config_differences, merge_results, result_config, signature, without_keys
 from ibq.runs.usage import save_usage
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,22 @@ def check_training_keys(cfg: DictConfig) -> None:
         raise UserError(f"eval.every={cfg.eval.every!r} is invalid: it must be 0 (only at the end) or a positive integer")
     if not isinstance(cfg.optim.lr, (int, float)) or cfg.optim.lr <= 0:
         raise UserError(f"optim.lr={cfg.optim.lr!r} is invalid: it must be a positive number")
+
+
+def load_parent(init_from: str) -> dict:
+    """The tokenizer run (trained or imported) whose weights start a fine-tuning run: where it is, what it
+    is, and its checkpoint's state."""
+    run_dir = Path(init_from).expanduser().resolve()
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    if not checkpoint.is_file():
+        raise UserError(f"init_from={init_from} has no checkpoints/last.pt: give the directory of an ibq-train or ibq-import tokenizer run")
+    state = load_checkpoint(checkpoint)
+    if not isinstance(state, dict) or "tokenizer" not in state or "ema" not in state:
+        raise UserError(f"init_from={init_from} is not a tokenizer run: {checkpoint} holds no tokenizer and EMA weights")
+    imported = state["config"].get("imported")
+    overrides = RunRecord(run_dir).data.get("overrides") or []
+    return {"run_dir": str(run_dir), "signature": state["signature"], "step": state["step"], "imported": imported,
+            "overrides": overrides, "state": state}
 
 
 class TokenizerTraining:
@@ -69,6 +85,10 @@ class TokenizerTraining:
         self.zero_stage = self.deepspeed_options.get("stage")
         self.device = distributed.device_for(self.ranks, cfg.train.device)
         self.dtype = resolve_precision(cfg.train.precision, self.device)
+        parent = None
+        if cfg.get("init_from") is not None:  # a fine-tuning run: its signature names the parent's directory
+            parent = load_parent(cfg.init_from)
+            cfg.init_from = str(parent["run_dir"])
         self.signature = signature(cfg)
         seed_everything(cfg.seed)
 
@@ -96,6 +116,7 @@ class TokenizerTraining:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
         self.checkpoint_path = run_dir / "checkpoints" / "last.pt"
+        self.parent = None if parent is None else self._start_from(parent)
         self.deepspeed_dir = run_dir / "checkpoints" / "deepspeed"
         distributed.init_process_group(self.ranks, self.device, always=self.zero_stage is not None)
         # What the steps call: the bare modules, DDP wrappers, or DeepSpeed engines.
@@ -134,6 +155,25 @@ class TokenizerTraining:
     @property
     def total_steps(self) -> int:
         return self.cfg.train.steps
+
+    def _start_from(self, parent: dict) -> dict:
+        """The parent's weights (tokenizer, EMA and, when it has one of this shape, discriminator), unless this
+        run resumes from its own checkpoint; returns what run.json records of the parent."""
+        state, built = parent.pop("state"), parent.pop("overrides")
+        if not self.checkpoint_path.exists():
+            check_tensors(
+                {key: tuple(value.shape) for key, value in state["tokenizer"].items()},
+                {key: tuple(value.shape) for key, value in self.tokenizer.state_dict().items()},
+                f"init_from={parent['run_dir']} does not fit this run's model (the parent's overrides: {' '.join(built) or 'none'})",
+            )
+            self.tokenizer.load_state_dict(state["tokenizer"])
+            self.ema.load_state_dict(state["ema"])
+            if "discriminator" in state:
+                try:
+                    self.discriminator.load_state_dict(state["discriminator"])
+                except RuntimeError:
+                    log.info("init_from=%s: its discriminator has another shape; this run's starts from scratch", parent["run_dir"])
+        return parent
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self, step: int, tag: str | None) -> dict:
@@ -203,7 +243,7 @@ class TokenizerTraining:
     def run(self, choices: dict, overrides: list[str], group: str | None) -> dict:
         self.session.open(
             self.cfg, choices, overrides, "tokenizer", self.start_step, self.signature, group,
-            distributed=distributed.job_layout(self.ranks, self.layout, self.zero_stage),
+            distributed=distributed.job_layout(self.ranks, self.layout, self.zero_stage), parent=self.parent,
         )
         return self.session.run(self._train)
 

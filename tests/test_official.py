@@ -1,0 +1,262 @@
+"""The released IBQ checkpoints: import against the official code's outputs (tests/fixtures/official, tiny
+models of the official modules with their inputs and outputs), export back byte for byte, one-line errors
+with nothing written, and the key mapping of every released size on the meta device."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli, train
+from ibq.cli.common import compose_job
+from ibq.cli.import_official import main as ibq_import
+from ibq.engine import official
+from ibq.engine.tokens import load_tokenizer_run
+from ibq.engine.train_ar import load_ar_run
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+TOKENIZER, TOKENIZER_CONFIG = FIXTURES / "tokenizer_tiny.ckpt", FIXTURES / "tokenizer_tiny_config.json"
+AR, AR_CONFIG = FIXTURES / "ar_tiny.ckpt", FIXTURES / "ar_tiny_config.json"
+IBQ_IMPORT = ["-m", "ibq.cli.import_official"]
+TOLERANCE = 1e-4  # the fixture README's: ~1e-6 observed on CPU fp32
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max().item() < TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> Path:
+    """The fixtures imported once: tokenizer (EMA and raw weights) and AR model, with their official configs."""
+    root = tmp_path_factory.mktemp("imported")
+    ibq_import([str(TOKENIZER), "--config", str(TOKENIZER_CONFIG), "-o", str(root / "ema"), "logger=none"])
+    ibq_import([str(TOKENIZER), "--config", str(TOKENIZER_CONFIG), "--weights", "raw", "-o", str(root / "raw"), "logger=none"])
+    ibq_import([str(AR), "--config", str(AR_CONFIG), "-o", str(root / "ar"), "logger=none"])
+    return root
+
+
+@pytest.mark.parametrize("weights", ["ema", "raw"])
+def test_imported_tokenizer_reproduces_the_official_outputs(imported: Path, weights: str):
+    io = load(FIXTURES / "tokenizer_tiny_io.pt")
+    expected = io[weights]
+    tokenizer = load_tokenizer_run(imported / weights, torch.device("cpu")).tokenizer
+    with torch.no_grad():
+        h = tokenizer.encoder(io["images"])
+        quantized = tokenizer.quantizer(tokenizer.quant_conv(h))
+        close(h, expected["h"])
+        close(tokenizer.quant_conv(h), expected["h_quant_conv"])
+        assert torch.equal(quantized.indices, expected["indices"])
+        close(quantized.z_q, expected["z_q"])
+        close(tokenizer.decode(quantized.z_q), expected["reconstruction"])
+        close(tokenizer.decode_indices(expected["indices"]), expected["reconstruction_from_indices"])
+    record = json.loads((imported / weights / "run.json").read_text())
+    assert record["status"] == "completed" and record["kind"] == "tokenizer"
+    assert record["imported"]["weights"] == weights
+    assert record["imported"]["sha256"] == official.file_sha256(TOKENIZER)
+    assert record["choices"]["model_scale"] == "tiny" and record["choices"]["quantizer"] == "ibq"
+
+
+def test_imported_runs_have_their_own_signatures(imported: Path):
+    signatures = {json.loads((imported / run / "run.json").read_text())["signature"] for run in ("ema", "raw", "ar/tokenizer", "ar/ar")}
+    assert len(signatures) == 4
+
+
+def test_imported_ar_model_reproduces_the_official_logits_and_sampling_steps(imported: Path, monkeypatch):
+    io = load(FIXTURES / "ar_tiny_io.pt")
+    run = load_ar_run(imported / "ar" / "ar", torch.device("cpu"))
+    model, labels, forced = run.model, io["labels"], io["forced_tokens"]
+    assert dict(run.config.sampling) == {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    with torch.no_grad():
+        close(model(io["tokens"], labels), io["teacher_forced_logits"])
+        close(model(io["tokens"], torch.full_like(labels, model.null_class)), io["teacher_forced_logits_null_class"])
+        # KV-cached steps of both halves, as sample_IBQ runs them
+        both = torch.cat([labels, torch.full_like(labels, model.null_class)])
+        model.setup_cache(len(both))
+        for step in range(forced.shape[1]):
+            logits = model.prefill(both) if step == 0 else model.step(forced[:, step - 1].repeat(2), step - 1)
+            cond, uncond = logits.chunk(2)
+            close(cond, io["step_logits_cond"][step])
+            close(uncond, io["step_logits_uncond"][step])
+            close(uncond + io["cfg_scale"] * (cond - uncond), io["step_logits_guided"][step])
+        model.reset_cache()
+
+    # The platform's sampler with the draw replaced by the official run's tokens: the same probabilities.
+    from ibq.generation import sampling
+
+    handed = []
+
+    def forced_draw(probs, num_samples, generator=None):
+        handed.append(probs.clone())
+        return forced[:, len(handed) - 1 : len(handed)]
+
+    monkeypatch.setattr(sampling.torch, "multinomial", forced_draw)
+    tokens = sampling.sample(model, labels, num_tokens=forced.shape[1], **run.config.sampling)
+    assert torch.equal(tokens, io["sampled_tokens"])
+    for step, probs in enumerate(handed):
+        close(probs, io["step_probs"][step])
+    with torch.no_grad():
+        decoded = run.tokenizer_run.tokenizer.decode_indices(io["tokens"].view(-1, 4, 4))
+    close(decoded, io["tokens_decoded"])
+
+
+@pytest.mark.parametrize("run, fixture", [("ema", TOKENIZER), ("ar/ar", AR)])
+def test_export_gives_back_the_official_file(imported: Path, tmp_path: Path, run: str, fixture: Path):
+    ibq_import(["--export", str(imported / run), "-o", str(tmp_path / "out.ckpt")])
+    exported, original = load(tmp_path / "out.ckpt"), load(fixture)
+    assert list(exported) == ["state_dict"]
+    assert list(exported["state_dict"]) == list(original["state_dict"])
+    for key, tensor in original["state_dict"].items():
+        mine = exported["state_dict"][key]
+        assert mine.dtype == tensor.dtype and mine.shape == tensor.shape and torch.equal(mine, tensor), key
+
+
+def test_architecture_from_shapes_equals_the_official_config():
+    file = official.read_official(TOKENIZER)
+    from_config = official.tokenizer_arch(file, "", official.read_official_config(TOKENIZER_CONFIG), TOKENIZER_CONFIG)
+    from_shapes = official.tokenizer_arch(file, "", None, None)
+    assert from_shapes.resolution is None and from_config.resolution == 8
+    assert from_shapes == official.TokenizerArch(**{**from_config.__dict__, "resolution": None})
+    assert list(from_config.tensors()) == [key for key in file.state if not key.startswith("model_ema.")]
+
+
+def refused(tmp_path: Path, capsys, *args: str) -> str:
+    """Runs ibq-import, which must fail with one line and leave nothing in tmp_path/out's folder."""
+    with pytest.raises(SystemExit) as stopped:
+        ibq_import([*args, "-o", str(tmp_path / "out" / "run")])
+    assert stopped.value.code != 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    return lines[0]
+
+
+def test_bad_files_are_refused_in_one_line_and_nothing_is_written(tmp_path: Path, capsys):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    assert "cannot be read as a checkpoint" in refused(tmp_path, capsys, str(text))
+
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(TOKENIZER.read_bytes()[: TOKENIZER.stat().st_size // 2])
+    assert "truncated" in refused(tmp_path, capsys, str(truncated))
+
+    state = load(TOKENIZER)["state_dict"]
+    other = dict(state)
+    del other["decoder.conv_out.bias"]
+    other["decoder.extra.weight"] = torch.zeros(1)
+    other["quant_conv.weight"] = torch.zeros(16, 32, 1, 1)
+    torch.save({"state_dict": other}, tmp_path / "other.ckpt")
+    line = refused(tmp_path, capsys, str(tmp_path / "other.ckpt"), "--config", str(TOKENIZER_CONFIG))
+    assert "missing 1 tensor(s), e.g. decoder.conv_out.bias (3)" in line
+    assert "unexpected 1, e.g. decoder.extra.weight" in line
+    assert "quant_conv.weight is (16, 32, 1, 1) but (32, 32, 1, 1) was expected" in line
+
+    torch.save({"model": state}, tmp_path / "no_state_dict.ckpt")
+    assert "has no 'state_dict'" in refused(tmp_path, capsys, str(tmp_path / "no_state_dict.ckpt"))
+
+
+def test_a_codebook_size_that_disagrees_with_the_config_is_refused(tmp_path: Path, capsys):
+    config = json.loads(TOKENIZER_CONFIG.read_text())
+    config["model"]["init_args"]["n_embed"] = 128
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    line = refused(tmp_path, capsys, str(TOKENIZER), "--config", str(tmp_path / "config.yaml"))
+    assert "K=64" in line and "n_embed=128" in line
+
+
+def test_an_ar_file_of_unknown_scale_needs_its_config(tmp_path: Path, capsys):
+    assert "give its official config with --config" in refused(tmp_path, capsys, str(AR))
+
+
+def test_an_existing_output_is_refused(imported: Path, capsys):
+    with pytest.raises(SystemExit):
+        ibq_import([str(TOKENIZER), "-o", str(imported / "ema")])
+    assert "already exists" in capsys.readouterr().err
+
+
+# -- the released sizes, on the meta device ----------------------------------------------------------------
+
+RELEASED_DDCONFIG = {"double_z": False, "z_channels": 256, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                     "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 4, "attn_resolutions": [16], "dropout": 0.0}
+GENERATOR_PARAMETERS = {1024: 107_049_859, 8192: 108_884_867, 16384: 110_982_019, 262144: 173_896_579}
+AR_PARAMETERS = {"B": (16, 16, 1024, 342_994_944), "L": (20, 20, 1280, 649_640_960),
+                 "XL": (24, 24, 1536, 1_076_103_168), "XXL": (30, 30, 1920, 2_063_331_840)}
+
+
+@pytest.mark.parametrize("codebook_size", sorted(GENERATOR_PARAMETERS))
+def test_released_tokenizers_map_every_key_with_equal_shapes(codebook_size: int):
+    arch = official.TokenizerArch.from_ddconfig(RELEASED_DDCONFIG, codebook_size, 256, "released")
+    tensors = arch.tensors()
+    assert sum(torch.Size(shape).numel() for _, shape in tensors.values()) == GENERATOR_PARAMETERS[codebook_size]
+    assert {"encoder.down.2.block.0.nin_shortcut.weight", "encoder.down.4.block.0.nin_shortcut.weight",
+            "decoder.up.3.block.0.nin_shortcut.weight", "decoder.up.1.block.0.nin_shortcut.weight"} <= set(tensors)
+    cfg = compose_job(arch.overrides(), "train")
+    assert arch.overrides()[0] == "model_scale=paper"
+    official.check_model_matches(cfg.model, cfg.quantizer, tensors, "released")
+
+
+@pytest.mark.parametrize("scale", sorted(AR_PARAMETERS))
+def test_released_ar_models_map_every_key_with_equal_shapes(scale: str):
+    depth, heads, width, parameters = AR_PARAMETERS[scale]
+    params = {"vocab_size": 16384, "block_size": 256, "n_layer": depth, "n_head": heads, "n_embd": width, "cond_dim": width, "class_num": 1000}
+    arch = official.ARArch.from_params(params, "released")
+    assert arch.overrides(256) == [f"model_scale={scale}"]
+    tensors = arch.tensors()
+    assert sum(torch.Size(shape).numel() for _, shape in tensors.values()) == parameters
+    cfg = compose_job(arch.overrides(256), "train_ar")
+    official.check_model_matches(cfg.transformer, None, tensors, "released")
+    sampling = {"B": (2.25, 1.1), "L": (2.0, 1.0), "XL": (2.35, 1.15), "XXL": (2.85, 1.2)}[scale]
+    assert (cfg.sampling.cfg_scale, cfg.sampling.temperature) == sampling
+
+
+# -- through every app ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_imported_run_goes_through_every_app(tmp_path: Path):
+    python = [sys.executable]
+    result = run_cli(python + IBQ_IMPORT + [str(AR), "--config", str(AR_CONFIG), "-o", str(tmp_path / "ar"), "logger=none"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokenizer_run, ar_run = tmp_path / "ar" / "tokenizer", tmp_path / "ar" / "ar"
+
+    evaluation = run_cli(python + ["-m", "ibq.cli.eval", f"run_dir={tokenizer_run}", "metrics.fid=false", "metrics.lpips=[]",
+                                   "metrics.required=[]", "data=photos", "data.val_crops_per_photo=1"])
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    assert "psnr" in json.loads((tokenizer_run / "results.json").read_text())
+
+    tokens = tmp_path / "tokens"
+    tokenize = run_cli(python + ["-m", "ibq.cli.tokenize", f"tokenizer_run={tokenizer_run}", "samples=16", f"hydra.run.dir={tokens}"])
+    assert tokenize.returncode == 0, tokenize.stderr[-2000:]
+
+    stage_two = run_cli(python + ["-m", "ibq.cli.train_ar", f"tokenizer_run={tokenizer_run}", f"tokens={tokens}", "logger=none",
+                                  "ar_train.steps=2", "ar_train.batch_size=8", "ar_train.grid_classes=0", "data.resolution=8",
+                                  "transformer.vocab_size=64", "transformer.block_size=16", "transformer.depth=1",
+                                  "transformer.width=32", "transformer.heads=2", "transformer.ffn_hidden=64",
+                                  f"hydra.run.dir={tmp_path / 'trained_ar'}"])
+    assert stage_two.returncode == 0, stage_two.stderr[-2000:]
+
+    samples = run_cli(python + ["-m", "ibq.cli.sample", f"run_dir={ar_run}", "classes=[0,9]", "samples_per_class=2", "metrics.fid=false",
+                                f"hydra.run.dir={tmp_path / 'samples'}"])
+    assert samples.returncode == 0, samples.stderr[-2000:]
+    assert (tmp_path / "samples" / "grid.png").is_file() and (tmp_path / "samples" / "samples.npz").is_file()
+
+    # Fine-tuning: a new run that starts from the imported weights, with the parent's model overrides.
+    parent = json.loads((tokenizer_run / "run.json").read_text())
+    fine_tuned = tmp_path / "fine_tuned"
+    result = train(fine_tuned, f"init_from={tokenizer_run}", *parent["overrides"], "discriminator.n_layers=1", "train.steps=2", "eval.rfid=false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((fine_tuned / "run.json").read_text())
+    assert record["parent"]["run_dir"] == str(tokenizer_run) and record["parent"]["signature"] == parent["signature"]
+    assert record["parent"]["imported"]["file"] == "ar_tiny.ckpt" and record["signature"] != parent["signature"]
+
+    table = run_cli(python + ["-m", "ibq.cli.sweep", "table", str(tmp_path), "--format", "csv"])
+    assert table.returncode == 0, table.stderr[-2000:]
+    rows = table.stdout.strip().splitlines()[1:]  # the imported tokenizer, the fine-tuned run and the trained AR run
+    assert len(rows) == 3 and any(str(tokenizer_run) in row for row in rows)
