@@ -14,6 +14,7 @@ import torch
 from conftest import run_cli, train
 from ibq.cli.common import compose_job
 from ibq.cli.import_official import main as ibq_import
+from ibq.data.pack import sha256
 from ibq.engine import official
 from ibq.engine.tokens import load_tokenizer_run
 from ibq.engine.train_ar import load_ar_run
@@ -61,7 +62,7 @@ def test_imported_tokenizer_reproduces_the_official_outputs(imported: Path, weig
     record = json.loads((imported / weights / "run.json").read_text())
     assert record["status"] == "completed" and record["kind"] == "tokenizer"
     assert record["imported"]["weights"] == weights
-    assert record["imported"]["sha256"] == official.file_sha256(TOKENIZER)
+    assert record["imported"]["sha256"] == sha256(TOKENIZER)
     assert record["choices"]["model_scale"] == "tiny" and record["choices"]["quantizer"] == "ibq"
 
 

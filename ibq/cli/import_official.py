@@ -27,7 +27,7 @@ from ibq.runs.record import RunRecord, group_choices
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="ibq-import", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     main.add_argument("source", type=Path, help="an official checkpoint (with --export: a run directory)")
-    main.add_argument("overrides", nargs="*", help="Hydra overrides of the imported runs' configs (data=..., logger=none, ...)")
+    main.add_argument("overrides", nargs="*", help="Hydra overrides of the imported runs' configs (data=..., logger=none, quantizer.chunk_size=8192, ...)")
     main.add_argument("-o", "--output", type=Path, help="the new run directory (default outputs/imported/<file name>); with --export the new file")
     main.add_argument("--config", type=Path, help="the file's official YAML (configs/IBQ/gpu/*.yaml); default: inferred from the tensors")
     main.add_argument("--weights", choices=("ema", "raw"), default="ema", help="the tokenizer weights the run uses (default ema)")
@@ -42,6 +42,11 @@ def compose(overrides: list[str], config_name: str) -> official.ComposedRun:
     container = OmegaConf.to_container(cfg, resolve=False)
     container.pop("hydra")
     return official.ComposedRun(OmegaConf.create(container), choices, overrides)
+
+
+def stage_two_overrides(overrides: list[str], cfg) -> list[str]:
+    """Of the overrides, those for stage II too (data, logger, ...): the tokenizer's (quantizer.*) stay with it."""
+    return [arg for arg in overrides if arg.lstrip("+~").split("=", 1)[0].split(".")[0] in cfg]
 
 
 def import_file(args: argparse.Namespace) -> None:
@@ -59,10 +64,8 @@ def import_file(args: argparse.Namespace) -> None:
         tokenizer = official.tokenizer_arch(file, official.AR_TOKENIZER_PREFIX, config, args.config)
         ar = official.ar_arch(file, tokenizer, config, args.config)
         tokenizer_run = compose(tokenizer.overrides() + official.loss_overrides(config, ar=True) + args.overrides, "train")
-        ar_run = compose(
-            ar.overrides(tokenizer.image_size) + official.sampling_overrides(config) + [f"tokenizer_run={out_dir / 'tokenizer'}"] + args.overrides,
-            "train_ar",
-        )
+        own = ar.overrides(tokenizer.image_size) + official.sampling_overrides(config) + [f"tokenizer_run={out_dir / 'tokenizer'}"]
+        ar_run = compose(own + stage_two_overrides(args.overrides, compose(own, "train_ar").cfg), "train_ar")
         result = official.import_ar(file, tokenizer, ar, tokenizer_run, ar_run, out_dir, args.config)
     print(f"ibq-import: {args.source} ({file.sha256[:12]}) -> {out_dir}")
     for note in result.notes:

@@ -10,7 +10,6 @@ fits a config. The architecture comes from the official YAML (`--config`) or fro
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from ibq.config import build
+from ibq.data.pack import sha256
 from ibq.engine.checkpoint import check_tensors, load_checkpoint, save_checkpoint
 from ibq.engine.tokens import CHECKPOINT
 from ibq.errors import UserError
@@ -341,14 +341,6 @@ class OfficialFile:
                 "config": str(config) if config else "inferred from the tensors' shapes", "global_step": self.global_step}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_official(path: Path) -> OfficialFile:
     """An official checkpoint; anything else (missing, truncated, not a checkpoint, another model) is one line."""
     if not path.is_file():
@@ -368,7 +360,7 @@ def read_official(path: Path) -> OfficialFile:
         raise UserError(f"{path} is not an official IBQ checkpoint: it has no 'state_dict' (found: {top})")
     state = {key: value for key, value in loaded["state_dict"].items() if isinstance(value, Tensor)}
     step = loaded.get("global_step")
-    return OfficialFile(path.resolve(), file_sha256(path), state, int(step) if isinstance(step, int) else None)
+    return OfficialFile(path.resolve(), sha256(path), state, int(step) if isinstance(step, int) else None)
 
 
 def read_official_config(path: Path) -> dict:
@@ -494,11 +486,11 @@ def describe_tokenizer(arch: TokenizerArch) -> str:
 
 
 def to_project(state: dict[str, Tensor], expected: Shapes) -> dict[str, Tensor]:
-    return {expected[key][0]: state[key].clone() for key in expected}
+    return {expected[key][0]: state[key] for key in expected}
 
 
 def to_official(state: dict[str, Tensor], expected: Shapes) -> "OrderedDict[str, Tensor]":
-    return OrderedDict((official, state[project].clone()) for official, (project, _) in expected.items())
+    return OrderedDict((official, state[project]) for official, (project, _) in expected.items())
 
 
 # -- writing run directories ------------------------------------------------------------------------------
@@ -567,10 +559,6 @@ def staged(out_dir: Path) -> Path:
     return tmp
 
 
-def commit(tmp: Path, out_dir: Path) -> None:
-    os.replace(tmp, out_dir)
-
-
 def import_tokenizer(file: OfficialFile, arch: TokenizerArch, run: ComposedRun, weights: str, out_dir: Path, config_path: Path | None) -> Imported:
     """An official tokenizer file -> a completed stage-I run directory at out_dir."""
     expected = arch.tensors()
@@ -587,7 +575,7 @@ def import_tokenizer(file: OfficialFile, arch: TokenizerArch, run: ComposedRun, 
     tmp = staged(out_dir)
     try:
         write_run_files(tmp, run, own, "tokenizer", tokenizer_checkpoint(own, raw, used, counters, file.global_step or 0), imported)
-        commit(tmp, out_dir)
+        os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -630,7 +618,7 @@ def import_ar(file: OfficialFile, tokenizer: TokenizerArch, ar: ARArch, tokenize
         write_run_files(tmp / "tokenizer", tokenizer_run, own_tokenizer, "tokenizer", tokenizer_state, imported)
         write_run_files(tmp / "ar", ar_run, identity, "generator", ar_state, imported,
                         tokenizer={"run_dir": str(out_dir / "tokenizer"), **describe}, tokens=None)
-        commit(tmp, out_dir)
+        os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
