@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ from ibq.config import build
 from ibq.data.pack import sha256
 from ibq.engine.checkpoint import check_tensors, load_checkpoint, save_checkpoint
 from ibq.engine.tokens import CHECKPOINT
-from ibq.errors import UserError
 from ibq.engine.train_ar import stage_two_config
+from ibq.errors import UserError
 from ibq.runs.record import STAGE_II_KEYS, RunRecord, result_config, signature, without_keys
 
 Shapes = dict[str, tuple[str, tuple[int, ...]]]  # official name -> (project name, shape), in the official order
@@ -549,14 +550,21 @@ class Imported:
     notes: list[str]
 
 
-def staged(out_dir: Path) -> Path:
-    """A temporary sibling of `out_dir`, renamed to it once complete (removed on failure): nothing half-written."""
+@contextmanager
+def staged(out_dir: Path):
+    """A temporary sibling of `out_dir` to write into, renamed to it once complete and removed on failure:
+    nothing half-written is left behind."""
     if out_dir.exists():
         raise UserError(f"{out_dir} already exists: give a new output directory (-o) or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     tmp.mkdir()
-    return tmp
+    try:
+        yield tmp
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def import_tokenizer(file: OfficialFile, arch: TokenizerArch, run: ComposedRun, weights: str, out_dir: Path, config_path: Path | None) -> Imported:
@@ -572,13 +580,8 @@ def import_tokenizer(file: OfficialFile, arch: TokenizerArch, run: ComposedRun, 
     used = to_project(shadows, expected) if weights == "ema" else raw
     imported = file.describe(weights, config_path)
     own = tokenizer_run_config(run, imported)
-    tmp = staged(out_dir)
-    try:
+    with staged(out_dir) as tmp:
         write_run_files(tmp, run, own, "tokenizer", tokenizer_checkpoint(own, raw, used, counters, file.global_step or 0), imported)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Imported([out_dir], weights, notes)
 
 
@@ -593,11 +596,10 @@ def import_ar(file: OfficialFile, tokenizer: TokenizerArch, ar: ARArch, tokenize
         raise UserError(f"{file.path.name} is not an official AR file: unexpected {len(others)} tensor(s), e.g. {', '.join(others[:3])}")
     generator = {key: value for key, value in tokenizer_part.items() if not key.startswith(EMA_PREFIX)}
     check_official({k: tuple(v.shape) for k, v in generator.items()}, expected_tokenizer,
-               f"{file.path.name} does not fit the tokenizer {describe_tokenizer(tokenizer)}", AR_TOKENIZER_PREFIX)
+                   f"{file.path.name} does not fit the tokenizer {describe_tokenizer(tokenizer)}", AR_TOKENIZER_PREFIX)
     transformer = file.part(AR_TRANSFORMER_PREFIX)
-    check_official({k: tuple(v.shape) for k, v in transformer.items()}, expected_ar,
-               f"{file.path.name} does not fit the transformer (depth {ar.depth}, width {ar.width}, vocab {ar.vocab_size}, {ar.num_classes} classes)",
-               AR_TRANSFORMER_PREFIX)
+    what = f"{file.path.name} does not fit the transformer (depth {ar.depth}, width {ar.width}, vocab {ar.vocab_size}, {ar.num_classes} classes)"
+    check_official({k: tuple(v.shape) for k, v in transformer.items()}, expected_ar, what, AR_TRANSFORMER_PREFIX)
     check_model_matches(tokenizer_run.cfg.model, tokenizer_run.cfg.quantizer, expected_tokenizer, file.path.name)
     check_model_matches(ar_run.cfg.transformer, None, expected_ar, file.path.name)
     if ar.vocab_size != tokenizer.codebook_size:
@@ -613,15 +615,10 @@ def import_ar(file: OfficialFile, tokenizer: TokenizerArch, ar: ARArch, tokenize
     own, identity = stage_two_config(ar_run.cfg, out_dir / "tokenizer", describe, imported=provenance(imported))
     ar_state = {"step": file.global_step or 0, "signature": signature(identity), "config": OmegaConf.to_container(own),
                 "model": to_project(transformer, expected_ar)}
-    tmp = staged(out_dir)
-    try:
+    with staged(out_dir) as tmp:
         write_run_files(tmp / "tokenizer", tokenizer_run, own_tokenizer, "tokenizer", tokenizer_state, imported)
         write_run_files(tmp / "ar", ar_run, identity, "generator", ar_state, imported,
                         tokenizer={"run_dir": str(out_dir / "tokenizer"), **describe}, tokens=None)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Imported([out_dir / "tokenizer", out_dir / "ar"], weights, [])
 
 
