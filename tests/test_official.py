@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from conftest import run_cli, train
-from ibq.cli.common import compose_job
-from ibq.cli.import_official import main as ibq_import
+from ibq.cli.import_official import composed, main as ibq_import
 from ibq.data.pack import sha256
 from ibq.engine import official
 from ibq.engine.tokens import load_tokenizer_run
@@ -198,7 +197,7 @@ def test_released_tokenizers_map_every_key_with_equal_shapes(codebook_size: int)
     assert sum(torch.Size(shape).numel() for _, shape in tensors.values()) == GENERATOR_PARAMETERS[codebook_size]
     assert {"encoder.down.2.block.0.nin_shortcut.weight", "encoder.down.4.block.0.nin_shortcut.weight",
             "decoder.up.3.block.0.nin_shortcut.weight", "decoder.up.1.block.0.nin_shortcut.weight"} <= set(tensors)
-    cfg = compose_job(arch.overrides(), "train")
+    cfg = composed(arch.overrides(), "train").cfg
     assert arch.overrides()[0] == "model_scale=paper"
     official.check_model_matches(cfg.model, cfg.quantizer, tensors, "released")
 
@@ -211,7 +210,7 @@ def test_released_ar_models_map_every_key_with_equal_shapes(scale: str):
     assert arch.overrides(256) == [f"model_scale={scale}"]
     tensors = arch.tensors()
     assert sum(torch.Size(shape).numel() for _, shape in tensors.values()) == parameters
-    cfg = compose_job(arch.overrides(256), "train_ar")
+    cfg = composed(arch.overrides(256), "train_ar").cfg
     official.check_model_matches(cfg.transformer, None, tensors, "released")
     sampling = {"B": (2.25, 1.1), "L": (2.0, 1.0), "XL": (2.35, 1.15), "XXL": (2.85, 1.2)}[scale]
     assert (cfg.sampling.cfg_scale, cfg.sampling.temperature) == sampling

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ibq.cli.common import compose_job, fail
-from ibq.config import CONF_DIR, check_group_choices, quote_numeric_choices
+from ibq.config import CONF_DIR, check_group_choices, check_values, fail, one_line, quote_numeric_choices
 from ibq.engine import official
 from ibq.errors import UserError
 from ibq.runs.record import RunRecord, group_choices
@@ -35,8 +35,15 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
-def compose(overrides: list[str], config_name: str) -> official.ComposedRun:
-    cfg = compose_job(quote_numeric_choices(overrides, CONF_DIR), config_name)
+def composed(overrides: list[str], config_name: str) -> official.ComposedRun:
+    """The config an app would run with these overrides, its values checked as the apps check them."""
+    overrides = quote_numeric_choices(overrides, CONF_DIR)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    except Exception as error:  # Hydra raises several unrelated types for bad overrides
+        raise UserError(one_line(str(error))) from None
+    check_values(cfg, overrides)
     choices = group_choices(cfg.hydra.runtime.choices)
     overrides = list(cfg.hydra.overrides.task)
     container = OmegaConf.to_container(cfg, resolve=False)
@@ -56,16 +63,16 @@ def import_file(args: argparse.Namespace) -> None:
     out_dir = (args.output or Path("outputs") / "imported" / args.source.stem).expanduser().resolve()
     if file.kind == "tokenizer":
         arch = official.tokenizer_arch(file, "", config, args.config)
-        run = compose(arch.overrides() + official.loss_overrides(config, ar=False) + args.overrides, "train")
+        run = composed(arch.overrides() + official.loss_overrides(config, ar=False) + args.overrides, "train")
         result = official.import_tokenizer(file, arch, run, args.weights, out_dir, args.config)
     else:
         if args.weights != "ema":
             raise UserError(f"--weights {args.weights}: an AR file holds only its tokenizer's EMA weights (first_stage_model.*)")
         tokenizer = official.tokenizer_arch(file, official.AR_TOKENIZER_PREFIX, config, args.config)
         ar = official.ar_arch(file, tokenizer, config, args.config)
-        tokenizer_run = compose(tokenizer.overrides() + official.loss_overrides(config, ar=True) + args.overrides, "train")
+        tokenizer_run = composed(tokenizer.overrides() + official.loss_overrides(config, ar=True) + args.overrides, "train")
         own = ar.overrides(tokenizer.image_size) + official.sampling_overrides(config) + [f"tokenizer_run={out_dir / 'tokenizer'}"]
-        ar_run = compose(own + stage_two_overrides(args.overrides, compose(own, "train_ar").cfg), "train_ar")
+        ar_run = composed(own + stage_two_overrides(args.overrides, composed(own, "train_ar").cfg), "train_ar")
         result = official.import_ar(file, tokenizer, ar, tokenizer_run, ar_run, out_dir, args.config)
     print(f"ibq-import: {args.source} ({file.sha256[:12]}) -> {out_dir}")
     for note in result.notes:
