@@ -92,6 +92,28 @@ def test_resuming_with_another_configuration_is_refused_and_changes_nothing(tmp_
     assert after == before
 
 
+def test_a_finished_run_extended_to_more_steps_equals_the_longer_run_from_scratch(tmp_path: Path):
+    short, extended, scratch = tmp_path / "short", tmp_path / "extended", tmp_path / "scratch"
+    assert train(short, "train.steps=3", "eval.rfid=false").returncode == 0
+    result = train(extended, "train.steps=5", f"train.extend_from={short}", "eval.rfid=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert train(scratch, "train.steps=5", "eval.rfid=false").returncode == 0
+
+    record, reference = (json.loads((run / "run.json").read_text()) for run in (extended, scratch))
+    assert record["extends"] == {"run_dir": str(short), "signature": json.loads((short / "run.json").read_text())["signature"], "step": 3}
+    assert record["signature"] == reference["signature"]  # the same job as the longer run, for sweeps and tables
+    losses = [[line for line in read_jsonl(run / "metrics.jsonl") if "loss/g" in line] for run in (extended, scratch)]
+    assert [line["step"] for line in losses[0]] == [line["step"] for line in losses[1]] == [1, 2, 3, 4, 5]
+    for a, b in zip(*losses):
+        for key in LOSS_KEYS:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+    line = error_line(train(tmp_path / "other", "train.steps=5", f"train.extend_from={short}", 'codebook_size="256"'))
+    assert f"train.extend_from={short} was trained with another configuration" in line and "only train.steps may differ" in line
+    assert not (tmp_path / "other").exists()
+
+
 def test_sweep_runs_each_job_in_its_own_directory_grouped_in_wandb(tmp_path: Path):
     sweep_dir = tmp_path / "sweep"
     args = IBQ_TRAIN + ["-m", "quantizer=ibq,vq", "codebook_size=256,1024", "train.steps=2", "train.log_every=1",

@@ -41,7 +41,7 @@ from ibq.losses import LeCAM, hinge_d_loss, non_saturating_g_loss
 from ibq.metrics.codebook import CodebookHistogram
 from ibq.metrics.fid import load_fid_network
 from ibq.metrics.lpips import try_load_lpips
-from ibq.runs.record import STAGE_II_KEYS, RunRecord, config_differences, merge_results, result_config, signature, without_keys
+from ibq.runs.record import STAGE_II_KEYS, MetricsLog, RunRecord, config_differences, merge_results, result_config, signature, without_keys
 from ibq.runs.usage import save_usage
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,10 @@ class TokenizerTraining:
         # What the steps call: the bare modules, DDP wrappers, or DeepSpeed engines.
         self.generator, self.critic = self._wrap()
         self.stream_state = None  # a shard stream's cursors, from the checkpoint
-        self.start_step = self._resume() if self.checkpoint_path.exists() else 0
-        self.divergence = DivergenceWatch(self.checkpoint_path, self.start_step or None, self.device)
+        self.extends: dict | None = None  # the run that train.extend_from names, when this run starts from it
+        self.start_step = self._resume() if self.checkpoint_path.exists() else self._extend()
+        last_good = self.start_step if self.checkpoint_path.exists() else None
+        self.divergence = DivergenceWatch(self.checkpoint_path, last_good, self.device)
         self.session = RunSession(run_dir, self.ranks, self.signature)
 
     def _wrap(self):
@@ -223,6 +225,30 @@ class TokenizerTraining:
         if state["signature"] != self.signature:
             changed = config_differences(state["config"], result_config(self.cfg))
             raise foreign_checkpoint(self.checkpoint_path, state["signature"], self.signature, changed)
+        return self._restore(state, self.deepspeed_dir)
+
+    def _extend(self) -> int:
+        """train.extend_from=<run>: start from that run's checkpoint, which must be of this configuration
+        but for a smaller train.steps. The step LR schedule (optim.lr_drop_steps) counts absolute steps and
+        the data stream is a function of the step, so training on from it equals training this run from
+        scratch: the schedules of the two lengths never mix. 0 (a fresh start) without it."""
+        source = self.cfg.train.get("extend_from")
+        if not source:
+            return 0
+        checkpoint = Path(source).expanduser() / "checkpoints" / "last.pt"
+        if not checkpoint.is_file():
+            raise UserError(f"train.extend_from={source} holds no checkpoint ({checkpoint}): give the run directory of an ibq-train run")
+        state = load_checkpoint(checkpoint)
+        changed = [c for c in config_differences(state["config"], result_config(self.cfg)) if not c.startswith("train.steps:")]
+        if changed:
+            raise UserError(f"train.extend_from={source} was trained with another configuration (differs in {'; '.join(changed[:3])}): "
+                            f"only train.steps may differ")
+        if state["step"] >= self.cfg.train.steps:
+            raise UserError(f"train.extend_from={source} is at step {state['step']}: give a train.steps above it (now {self.cfg.train.steps})")
+        self.extends = {"run_dir": str(Path(source).expanduser().resolve()), "signature": state["signature"], "step": state["step"]}
+        return self._restore(state, checkpoint.parent / "deepspeed")
+
+    def _restore(self, state: dict, deepspeed_dir: Path) -> int:
         if self.zero_stage is None:
             self.tokenizer.load_state_dict(state["tokenizer"])
             self.discriminator.load_state_dict(state["discriminator"])
@@ -230,7 +256,7 @@ class TokenizerTraining:
             self.opt_d.load_state_dict(state["opt_d"])
             self.scaler.load_state_dict(state["scaler"])
         else:
-            distributed.load_engines(self._engines(), self.deepspeed_dir, state["deepspeed"], self.ranks.world_size, self.checkpoint_path)
+            distributed.load_engines(self._engines(), deepspeed_dir, state["deepspeed"], self.ranks.world_size, self.checkpoint_path)
         self.ema.load_state_dict(state["ema"])
         self.lecam.load_state_dict(state["lecam"])
         self.sched_g.load_state_dict(state["sched_g"])
@@ -241,9 +267,17 @@ class TokenizerTraining:
 
     # -- the run -------------------------------------------------------------------------------
     def run(self, choices: dict, overrides: list[str], group: str | None) -> dict:
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.extends is not None and self.ranks.is_main and not metrics.exists():
+            # the extended run's history up to its step, so that this run's record is complete
+            history, own = MetricsLog(Path(self.extends["run_dir"]) / "metrics.jsonl"), MetricsLog(metrics)
+            for line in history.read():
+                if line["step"] <= self.start_step:
+                    own.append(line.pop("step"), line)
         self.session.open(
             self.cfg, choices, overrides, "tokenizer", self.start_step, self.signature, group,
             distributed=distributed.job_layout(self.ranks, self.layout, self.zero_stage), parent=self.parent,
+            **({"extends": self.extends} if self.extends else {}),
         )
         return self.session.run(self._train)
 
