@@ -54,29 +54,28 @@ def test_sampling_leaves_the_model_as_it_was(model):
     model.eval()
 
 
+def greedy_guided_tokens(model, scale: float) -> torch.Tensor:
+    """The tokens of greedy decoding on uncond + scale * (cond - uncond), written out step by step."""
+    model.eval()
+    labels = torch.tensor(LABELS)
+    null = torch.full_like(labels, model.null_class)
+    tokens = labels.new_zeros(len(labels), 0)
+    for _ in range(model.block_size):
+        cond, uncond = model.next_token_logits(labels, tokens), model.next_token_logits(null, tokens)
+        tokens = torch.cat([tokens, (uncond + scale * (cond - uncond)).argmax(dim=-1, keepdim=True)], dim=1)
+    return tokens
+
+
 def test_guidance_follows_uncond_plus_scale_times_difference(model):
     """top_k=1 makes sampling greedy: every token is the argmax of the guided logits, with the chosen
     token fed to the conditional and the unconditional sequence alike."""
-    model.eval()
-    labels = torch.tensor(LABELS)
-    null = torch.full_like(labels, model.null_class)
-    tokens = labels.new_zeros(len(labels), 0)
-    for _ in range(model.block_size):
-        cond, uncond = model.next_token_logits(labels, tokens), model.next_token_logits(null, tokens)
-        tokens = torch.cat([tokens, (uncond + 3.0 * (cond - uncond)).argmax(dim=-1, keepdim=True)], dim=1)
-    assert torch.equal(sample(model, LABELS, cfg_scale=3.0, top_k=1), tokens)
+    assert torch.equal(sample(model, LABELS, cfg_scale=3.0, top_k=1), greedy_guided_tokens(model, 3.0))
 
 
 def test_guidance_below_one_mixes_towards_unconditional_and_says_how_it_differs_from_the_official_sampler(model, caplog):
-    model.eval()
-    labels = torch.tensor(LABELS)
-    null = torch.full_like(labels, model.null_class)
-    tokens = labels.new_zeros(len(labels), 0)
-    for _ in range(model.block_size):
-        cond, uncond = model.next_token_logits(labels, tokens), model.next_token_logits(null, tokens)
-        tokens = torch.cat([tokens, (uncond + 0.375 * (cond - uncond)).argmax(dim=-1, keepdim=True)], dim=1)
+    expected = greedy_guided_tokens(model, 0.375)
     with caplog.at_level(logging.WARNING):
-        assert torch.equal(sample(model, LABELS, cfg_scale=0.375, top_k=1), tokens)
+        assert torch.equal(sample(model, LABELS, cfg_scale=0.375, top_k=1), expected)
         sample(model, LABELS, cfg_scale=0.375, top_k=1)
     notes = [record.getMessage() for record in caplog.records if "official sampler guides only above 1" in record.getMessage()]
     assert len(notes) == 1 and notes[0].startswith("sampling.cfg_scale=0.375 is applied as uncond + 0.375 * (cond - uncond)")
