@@ -50,10 +50,14 @@ def test_lock_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path: Path):
     assert not (tmp_path / ".lock").exists()
 
 
-def test_lock_in_a_path_below_a_file_is_one_line(tmp_path: Path):
+def test_lock_in_a_path_below_a_file_or_on_a_read_only_disk_is_one_line(tmp_path: Path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is not a directory"):
         RunLock(tmp_path / "file" / "run").__enter__()
+    with pytest.raises(UserError, match=r"cannot be written \(Read-only file system\)"):
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "open", lambda *args: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
+            RunLock(tmp_path / "run").__enter__()
     assert unusable_directory(tmp_path / "file" / "run") == f"{tmp_path / 'file'} is a file, not a directory"
     assert unusable_directory(tmp_path / "new" / "run") is None
 

@@ -59,8 +59,8 @@ class RunSession:
             return
         (self.run_dir / "media").mkdir(parents=True, exist_ok=True)
         self.record = RunRecord(self.run_dir)
-        self.record.start(cfg, choices, overrides, kind=kind, resumed_from_step=start_step or None)
         with self.failures_recorded():
+            self.record.start(cfg, choices, overrides, kind=kind, resumed_from_step=start_step or None)
             self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
             self.metrics_log.truncate_after(start_step)
             self.mirror = open_mirror(cfg.logger, self.run_dir, run_id, OmegaConf.to_container(cfg, resolve=True), choices, overrides,

@@ -40,10 +40,10 @@ class RunLock:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = self._acquire()
-        except PermissionError:
-            raise UserError(f"run directory {self.run_dir} is not writable: choose a writable hydra.run.dir") from None
         except (FileExistsError, NotADirectoryError):
             raise UserError(f"run directory {self.run_dir} is not a directory: choose another hydra.run.dir") from None
+        except OSError as error:  # no permission, a read-only file system, a full disk
+            raise UserError(f"run directory {self.run_dir} cannot be written ({error.strerror}): choose another hydra.run.dir") from None
         stale = os.read(fd, 4096).decode(errors="replace")
         if stale:
             log.info("%s: taking over the lock left by %s, which is no longer running", self.run_dir, describe_holder(stale))
