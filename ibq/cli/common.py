@@ -114,8 +114,8 @@ def remove_empty_folders(run_dir: Path) -> None:
 
 def guarded(task):
     """Runs a Hydra task once its config passes the job's checks (checks.check_job); a user error or
-    divergence exits non-zero with one line, Ctrl-C with one line
-    (exit 130). In a sweep a failed job returns a JobFailed instead, so that the next job starts (a bug
+    divergence exits non-zero with one line, Ctrl-C or SIGTERM with one line (exit 130 or 143). In a
+    sweep a failed job returns a JobFailed instead, so that the next job starts (a bug
     also prints its traceback). Hydra creates the run directory before the task starts: when the task
     leaves it empty (a rejected config, a dry run), it is removed again, with the empty folders above it
     that lie deeper than one level below the working directory (outputs/tokens/<run>/ of a refused
