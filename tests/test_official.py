@@ -119,6 +119,30 @@ def test_export_gives_back_the_official_file(imported: Path, tmp_path: Path, run
         assert mine.dtype == tensor.dtype and mine.shape == tensor.shape and torch.equal(mine, tensor), key
 
 
+def test_a_run_trained_here_exports_and_imports_back(tmp_path: Path):
+    """The tiny preset (channels changing between levels, attention at level 2) through the official layout."""
+    from ibq.config import build
+    from ibq.engine.checkpoint import save_checkpoint
+    from ibq.engine.ema import EMA
+    from ibq.runs.record import STAGE_II_KEYS, result_config, without_keys
+
+    cfg = without_keys(composed(["logger=none"], "train").cfg, STAGE_II_KEYS)
+    tokenizer = build(cfg.model, quantizer=build(cfg.quantizer))
+    ema = EMA(tokenizer)
+    for parameter in ema.shadow.parameters():
+        parameter.data.normal_()
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt",
+                    {"step": 7, "signature": "s", "config": result_config(cfg), "tokenizer": tokenizer.state_dict(), "ema": ema.state_dict()})
+    ibq_import(["--export", str(tmp_path / "run"), "-o", str(tmp_path / "official.ckpt")])
+    exported = load(tmp_path / "official.ckpt")["state_dict"]
+    assert exported["model_ema.num_updates"].item() == 7 and "encoder.down.1.block.0.nin_shortcut.weight" in exported
+
+    ibq_import([str(tmp_path / "official.ckpt"), "-o", str(tmp_path / "back"), "logger=none"])
+    back = load_tokenizer_run(tmp_path / "back", torch.device("cpu")).tokenizer.state_dict()
+    assert back.keys() == ema.shadow.state_dict().keys()
+    assert all(torch.equal(back[key], value) for key, value in ema.shadow.state_dict().items())
+
+
 def test_architecture_from_shapes_equals_the_official_config():
     file = official.read_official(TOKENIZER)
     from_config = official.tokenizer_arch(file, "", official.read_official_config(TOKENIZER_CONFIG), TOKENIZER_CONFIG)

@@ -654,6 +654,9 @@ def export_tokenizer(run_dir: Path, state: dict) -> "OrderedDict[str, Tensor]":
     """Generator, EMA counters and EMA shadows under the official names, in the official order."""
     arch, cfg = tokenizer_arch_of(run_dir, state)
     expected = arch.tensors()
+    check_tensors({key: tuple(value.shape) for key, value in state["tokenizer"].items()},
+                  {project: shape for project, shape in expected.values()},
+                  f"{run_dir} has no official layout (its decoder differs from its encoder's mirror image?)")
     official = to_official(state["tokenizer"], expected)
     official.update(state.get("official_ema") or {
         "model_ema.decay": torch.tensor(float(cfg.train.ema_decay), dtype=torch.float32),
