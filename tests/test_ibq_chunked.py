@@ -1,5 +1,9 @@
 """IBQ against an independent transcription of its formula, and the chunked path against the dense one."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -198,3 +202,41 @@ def test_chunked_gradient_is_as_accurate_as_dense_at_the_released_settings():
 
     dense, chunked = relative_error(None), relative_error(8192)
     assert chunked[0] <= 2 * dense[0] and chunked[1] <= 2 * dense[1], (chunked, dense)
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 from the start: test_triton_kernels_under_the_interpreter runs it so")
+def test_triton_forward_equals_dense():
+    """The fused kernels of the chunked forward pass (ibq.quantizers.triton_ibq), run by Triton's
+    interpreter on CPU: same indices, loss and gradients as the dense path. Uneven K and D exercise
+    the tiles' masks."""
+    from ibq.quantizers import triton_ibq
+
+    weights = dict(WEIGHTS, commitment_weight=0.25, codebook_weight=1.0, entropy_temperature=0.01, entropy_weight=0.05)
+    torch.manual_seed(3)
+    dense = IBQ(300, 40, **weights)
+    fused = IBQ(300, 40, **weights, chunk_size=96)
+    fused.load_state_dict(dense.state_dict())
+    z, upstream = inputs(4, 0.5, shape=(2, 40, 6, 6))  # 72 tokens: two row tiles, the second partial
+    triton_ibq.available = lambda tokens: True  # this process only
+    out_fused, grad_z_fused, grad_codebook_fused = run(fused, z, upstream)
+    out_dense, grad_z_dense, grad_codebook_dense = run(dense, z, upstream)
+    assert torch.equal(out_fused.indices, out_dense.indices)
+    for key, value in out_dense.stats.items():
+        assert float(out_fused.stats[key]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
+    torch.testing.assert_close(out_fused.loss, out_dense.loss, rtol=1e-5, atol=1e-6)
+    assert_gradients_close(grad_z_fused, grad_z_dense)
+    assert_gradients_close(grad_codebook_fused, grad_codebook_dense)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the process it starts")
+def test_triton_kernels_under_the_interpreter():
+    """Triton decides at import whether kernels are compiled or interpreted: a fresh process it is."""
+    pytest.importorskip("triton", reason="Triton is not installed: CPU-only builds of torch come without it")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "test_triton_forward_equals_dense"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:]

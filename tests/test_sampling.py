@@ -31,11 +31,16 @@ LABELS = [0, 3, 4, 1, 2, 0, 4, 3]  # enough draws that a cache bug shows up as a
     ],
 )
 def test_cached_and_uncached_sampling_agree(model, settings):
-    cached = sample(model, LABELS, seed=7, **settings)
+    cached = sample(model, LABELS, seed=7, static=False, **settings)
     uncached = sample(model, LABELS, seed=7, use_cache=False, **settings)
     assert cached.shape == (8, 16) and cached.dtype == torch.long
     assert 0 <= cached.min() and cached.max() < 64
     assert torch.equal(cached, uncached)
+    # The fixed-shape cache (CUDA's default) draws the same tokens, also when reused by the next call.
+    for _ in range(2):
+        assert torch.equal(sample(model, LABELS, seed=7, static=True, **settings), cached)
+    assert model.decode_state.static
+    model.reset_cache()
 
 
 def test_sampling_is_deterministic_per_seed_and_batched(model):

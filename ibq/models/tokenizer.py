@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ibq.errors import UserError
 from ibq.quantizers.base import QuantizerOutput
@@ -71,6 +73,14 @@ class Upsample(nn.Module):
         return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def run_blocks(blocks: nn.Module, h: Tensor, checkpointing: bool) -> Tensor:
+    """Each block in turn; with checkpointing (in training), its activations are recomputed in the
+    backward pass instead of being kept."""
+    for block in blocks:
+        h = checkpoint(block, h, use_reentrant=False) if checkpointing and torch.is_grad_enabled() else block(h)
+    return h
+
+
 def stage(in_ch: int, out_ch: int, num_blocks: int, attention: bool, dropout: float) -> nn.ModuleList:
     layers = nn.ModuleList()
     for i in range(num_blocks):
@@ -107,13 +117,13 @@ class Encoder(nn.Module):
             self.levels.append(blocks)
         self.mid = middle(channels, dropout)
         self.out = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, z_channels, 3, padding=1))
+        self.checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
         for blocks in self.levels:
-            for block in blocks:
-                h = block(h)
-        return self.out(self.mid(h))
+            h = run_blocks(blocks, h, self.checkpointing)
+        return self.out(run_blocks(self.mid, h, self.checkpointing))
 
 
 class Decoder(nn.Module):
@@ -139,12 +149,12 @@ class Decoder(nn.Module):
                 blocks.append(Upsample(channels))
             self.levels.append(blocks)
         self.out = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.checkpointing = False
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
+        h = run_blocks(self.mid, self.conv_in(z), self.checkpointing)
         for blocks in self.levels:
-            for block in blocks:
-                h = block(h)
+            h = run_blocks(blocks, h, self.checkpointing)
         return self.out(h)
 
 
@@ -164,6 +174,9 @@ class Tokenizer(nn.Module):
         z_channels = encoder.out[-1].out_channels
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, decoder.conv_in.in_channels, 1)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.encoder.checkpointing = self.decoder.checkpointing = enabled
 
     @property
     def downsample_factor(self) -> int:

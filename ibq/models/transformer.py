@@ -69,6 +69,30 @@ class KVCache:
         self.values[:batch, :, pos:end] = v
         return self.keys[:batch, :, :end], self.values[:batch, :, :end]
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
+        keys, values = self.update(pos, k, v)
+        # Several new positions only ever arrive at pos 0, where the plain causal mask is the right one;
+        # a single new position sees every cached one.
+        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), is_causal=q.shape[2] > 1)
+
+
+class StaticKVCache(KVCache):
+    """The cache at fixed shapes (gpt-fast's): one new position at a time, given as a 0-d device tensor,
+    written with index_copy_, and attention over every slot with the slots after it masked out. Every
+    step is then the same computation on the same tensors, which CUDA graphs can replay."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(batch, heads, length, head_dim, dtype, device)
+        self.slots = torch.arange(length, device=device)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: int | Tensor) -> Tensor:
+        if isinstance(pos, int):  # the prefill, not replayed
+            return super().attend(q, k, v, pos)
+        self.keys.index_copy_(2, pos.view(1), k.to(self.keys.dtype))
+        self.values.index_copy_(2, pos.view(1), v.to(self.values.dtype))
+        visible = (self.slots <= pos)[None, :]  # (1, length): this position and the ones before it
+        return F.scaled_dot_product_attention(q, self.keys.to(q.dtype), self.values.to(q.dtype), attn_mask=visible)
+
 
 @dataclass
 class DecodeState:
@@ -76,6 +100,7 @@ class DecodeState:
     batch: int
     block_modulations: list[Tensor] = field(default_factory=list)  # fixed per sequence: they depend on the class only
     head_modulation: Tensor | None = None
+    static: bool = False  # StaticKVCache layers, and modulations in preallocated tensors that prefill fills
 
 
 class Attention(nn.Module):
@@ -86,16 +111,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width, bias=False)
         self.resid_drop = nn.Dropout(resid_dropout)
 
-    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None = None, pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None = None, pos: int | Tensor = 0) -> Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if cache is not None:
-            k, v = cache.update(pos, k, v)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        # Several new positions only ever arrive at pos 0, where the plain causal mask is the right one;
-        # a single new position sees every cached one.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        if cache is None:
+            # bf16/fp16 on CUDA, no mask, no dropout: the flash kernel (FlashAttention-2) takes it.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = cache.attend(q, k, v, pos)
         return self.resid_drop(self.proj(out.transpose(1, 2).reshape(b, t, c)))
 
 
@@ -126,7 +150,7 @@ class Block(nn.Module):
         """(B, C) -> (B, 6, 1, C): gamma1, gamma2, scale1, scale2, shift1, shift2."""
         return self.ada_lin(cond).unflatten(1, (6, 1, -1))
 
-    def forward(self, x: Tensor, modulation: Tensor, rope: Tensor, cache: KVCache | None = None, pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, modulation: Tensor, rope: Tensor, cache: KVCache | None = None, pos: int | Tensor = 0) -> Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unbind(1)
         x = x + gamma1 * self.attn(self.attn_norm(x) * (1 + scale1) + shift1, rope, cache, pos)
         return x + gamma2 * self.ffn(self.ffn_norm(x) * (1 + scale2) + shift2)
@@ -212,8 +236,8 @@ class Transformer(nn.Module):
         cond = self.class_embed(labels)
         return cond, [block.modulation(cond) for block in self.blocks], self.head_ada_lin(cond)
 
-    def _trunk(self, x: Tensor, block_modulations: list[Tensor], pos: int, cached: bool) -> Tensor:
-        rope = self.rope[pos : pos + x.shape[1]]
+    def _trunk(self, x: Tensor, block_modulations: list[Tensor], pos: int | Tensor, cached: bool) -> Tensor:
+        rope = self.rope[pos : pos + x.shape[1]] if isinstance(pos, int) else self.rope.index_select(0, pos.view(1))
         layers = self.decode_state.layers if cached else [None] * len(self.blocks)
         x = self.embed_drop(x)
         for block, modulation, cache in zip(self.blocks, block_modulations, layers):
@@ -251,15 +275,32 @@ class Transformer(nn.Module):
         x = self._trunk(self._sequence(cond, prefix), block_modulations, pos=0, cached=False)
         return self._head(x[:, -1:], head_modulation)[:, 0]
 
-    def setup_cache(self, batch: int, dtype: torch.dtype | None = None) -> None:
+    def setup_cache(self, batch: int, dtype: torch.dtype | None = None, static: bool = False) -> None:
         """Preallocate keys/values for `batch` sequences of block_size positions. The default dtype is the
-        autocast dtype when autocast is on, else the parameters' dtype."""
+        autocast dtype when autocast is on, else the parameters' dtype.
+
+        static=True: fixed shapes for torch.compile / CUDA graphs (StaticKVCache; prefill then takes
+        exactly `batch` labels and step a 0-d tensor index). A static cache of the same batch and dtype
+        is kept (its tensors keep their addresses, so a captured graph is replayed, not recorded again)."""
         device = self.head.weight.device
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else self.head.weight.dtype
-        layers = [KVCache(batch, self.heads, self.block_size, self.head_dim, dtype, device) for _ in self.blocks]
-        self.decode_state = DecodeState(layers=layers, batch=batch)
+        state = self.decode_state
+        if static and state is not None and state.static and state.batch == batch and state.head_modulation.dtype == dtype:
+            return
+        cache = StaticKVCache if static else KVCache
+        layers = [cache(batch, self.heads, self.block_size, self.head_dim, dtype, device) for _ in self.blocks]
+        self.decode_state = DecodeState(layers=layers, batch=batch, static=static)
+        if static:
+            state = self.decode_state
+            state.block_modulations = [torch.zeros(batch, 6, 1, self.width, dtype=dtype, device=device) for _ in self.blocks]
+            state.head_modulation = torch.zeros(batch, 2 * self.width, dtype=dtype, device=device)
+            if device.type == "cuda":
+                # Tensors that the captured step reads and writes in place at fixed addresses, as
+                # transformers' StaticCache marks them; else CUDA graphs would copy (or refuse) them.
+                for tensor in (*state.block_modulations, state.head_modulation, *(t for layer in layers for t in (layer.keys, layer.values))):
+                    torch._dynamo.mark_static_address(tensor)
 
     def reset_cache(self) -> None:
         """Free the cache."""
@@ -271,18 +312,28 @@ class Transformer(nn.Module):
         state = self.decode_state
         if state is None or len(labels) > state.batch:
             raise RuntimeError(f"call setup_cache(batch >= {len(labels)}) before prefill")
-        cond, state.block_modulations, state.head_modulation = self._conditions(labels)
+        cond, block_modulations, head_modulation = self._conditions(labels)
+        if not state.static:
+            state.block_modulations, state.head_modulation = block_modulations, head_modulation
+        elif len(labels) != state.batch:
+            raise RuntimeError(f"a static cache decodes exactly {state.batch} sequences, not {len(labels)}")
+        else:
+            for buffer, value in zip([*state.block_modulations, state.head_modulation], [*block_modulations, head_modulation]):
+                buffer.copy_(value)
         prefix = labels.new_zeros(len(labels), 0) if prefix is None else prefix
         x = self._trunk(self._sequence(cond, prefix), state.block_modulations, pos=0, cached=True)
         return self._head(x[:, -1:], state.head_modulation)[:, 0]
 
-    def step(self, tokens: Tensor, index: int) -> Tensor:
+    def step(self, tokens: Tensor, index: int | Tensor) -> Tensor:
         """Cached decoding: feed image token z_index (B,) after z_0..z_{index-1} are in the cache; returns
-        logits (B, vocab_size) of z_{index+1}."""
+        logits (B, vocab_size) of z_{index+1}. With a static cache, index is a 0-d long tensor on the
+        model's device (unchecked: reading it would wait for the device)."""
         state = self.decode_state
         if state is None or state.head_modulation is None:
             raise RuntimeError("call setup_cache and prefill before step")
-        if not 0 <= index < self.block_size - 1:
+        if isinstance(index, Tensor) != state.static:
+            raise TypeError("the index is a 0-d tensor with a static cache, an int otherwise")
+        if not state.static and not 0 <= index < self.block_size - 1:
             raise ValueError(f"image token index {index} is outside 0..{self.block_size - 2}")
         x = self._trunk(self.tok_embed(tokens)[:, None], state.block_modulations, pos=index + 1, cached=True)
         return self._head(x, state.head_modulation)[:, 0]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ibq.quantizers import triton_ibq
+
 # The eps of MAGVIT-v2's codebook entropy, -sum_k qbar_k log(qbar_k + eps).
 ENTROPY_EPS = 1e-5
 # Exponents are clamped from below at this value before exp. Relative to the largest term of a row this
@@ -126,8 +128,12 @@ class _ChunkedIBQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int):
         ctx.set_materialize_grads(False)
-        indices, max_logit, log_sharp_sum = _argmax_and_sharp_normaliser(tokens, codebook, temperature, chunk_size)
-        average, token_entropy = _sharp_statistics(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum)
+        if triton_ibq.available(tokens):  # fused kernels on a GPU: no logits in memory at all
+            indices, max_logit, log_sharp_sum, token_entropy = triton_ibq.row_statistics(tokens, codebook, temperature)
+            average = triton_ibq.code_averages(tokens, codebook, temperature, max_logit, log_sharp_sum)
+        else:
+            indices, max_logit, log_sharp_sum = _argmax_and_sharp_normaliser(tokens, codebook, temperature, chunk_size)
+            average, token_entropy = _sharp_statistics(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum)
         sample_entropy = token_entropy.mean()
         codebook_entropy = -(average * (average + ENTROPY_EPS).log()).sum()
         z_q = codebook[indices]
