@@ -122,12 +122,11 @@ def sample(
                 logits = model.next_token_logits(model_labels, both_halves(tokens[:, :index]))
             elif index == 0:
                 logits = model.prefill(model_labels)
-            elif static:
-                if device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-                logits = step(both_halves(tokens[:, index - 1]), torch.full((), index - 1, device=device))
             else:
-                logits = model.step(both_halves(tokens[:, index - 1]), index - 1)
+                if step is not model.step:
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+                position = torch.full((), index - 1, device=device) if static else index - 1
+                logits = step(both_halves(tokens[:, index - 1]), position)
             logits = logits.float()
             if guided:
                 cond, uncond = logits.chunk(2)
