@@ -261,6 +261,8 @@ def test_sweep_goes_on_past_a_failed_job_and_says_which_failed(tmp_path: Path):
     assert "job 1/2: train.steps=0" in out and "job 2/2: train.steps=2" in out
     assert "job 1/2: failed: train.steps=0 is invalid" in out and "job 2/2: done" in out
     assert "1 of 2 jobs done, 1 failed" in out
-    assert "job 1/2 (train.steps=0 " in out.split("jobs done")[1]
+    summary = out.split("jobs done")[1]
+    assert "job 1/2 (train.steps=0 " in summary and "): failed: train.steps=0 is invalid" in summary
+    assert "job 2/2 (train.steps=2 " in summary and "): done" in summary
     records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/run.json")]
     assert [r["status"] for r in records] == ["completed"]

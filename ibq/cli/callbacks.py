@@ -126,7 +126,8 @@ class SweepProgress(Callback):
         unreported = total - len(records)
         counts = f"{len(records) - len(failed)} of {total} jobs done, {len(failed)} failed" + (f", {unreported} without an outcome" if unreported > 0 else "")
         print(f"\nsweep {sweep_dir}: {counts}", flush=True)
-        for record in failed:
-            print(f"  job {record['num'] + 1}/{total} ({' '.join(record['overrides'])}) failed: {record['reason']}", flush=True)
+        for record in records:  # every job: a Slurm job's own lines are in its log, not on this console
+            told = f"failed: {record['reason']}" if record["status"] != "done" else "done"
+            print(f"  job {record['num'] + 1}/{total} ({' '.join(record['overrides'])}): {told}", flush=True)
         if failed or unreported > 0:
             sys.exit(1)
