@@ -5,6 +5,7 @@ A leaf module: it imports nothing of ibq but the errors, so cli, ledger and data
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ibq.errors import UserError
 from ibq.runs.record import run_dirname
@@ -132,6 +133,44 @@ def first_of_each_sweep(args: list[str]) -> list[str]:
         single.append(arg)
     return single
 
+
+
+# ----------------------------------------------------------------------------- sweeps, with public APIs
+def sweep_jobs(overrides: list) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper makes of parsed overrides (sweep-file params first, then the
+    command line): one key's later override replaces its earlier one, and the jobs are the cartesian
+    product of the lists, in order."""
+    lists: dict[str, list[str]] = {}
+    for override in overrides:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            lists[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            lists[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            raise UserError(
+                f"{override.input_line}: a search space, not a list, takes a search sweeper (an Optuna sweep file, "
+                f"e.g. sweep=lr_entropy_search); the grid sweeper needs a list or range"
+            )
+    return [list(job) for job in itertools.product(*lists.values())]
+
+
+def overrides_dirname(overrides: list, exclude_keys: list[str], item_sep: str = ",", kv_sep: str = "=") -> str:
+    """hydra.job.override_dirname of a job: its override lines but the excluded keys, sorted and joined."""
+    lines = sorted(override.input_line for override in overrides if override.key_or_group not in exclude_keys)
+    return item_sep.join(lines).replace("=", kv_sep)
+
+
+def apply_overrides(cfg: DictConfig, overrides: list) -> None:
+    """Plain-key overrides (key=, +key=, ++key=, ~key) applied to a composed config as Hydra applies them."""
+    for override in overrides:
+        key, value = override.key_or_group, override.value()
+        if override.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            with open_dict(cfg):
+                del (OmegaConf.select(cfg, parent) if parent else cfg)[leaf]
+        else:
+            OmegaConf.update(cfg, key, value, merge=True, force_add=override.is_add() or override.is_force_add())
 
 def numeric_first(names) -> list[str]:
     return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))

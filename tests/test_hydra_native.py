@@ -92,3 +92,21 @@ def test_a_bad_value_in_a_sweep_is_one_line_before_anything_is_written(tmp_path:
     result = run_cli(IBQ_TRAIN + ["-m", "seed=0,abc", "optim.lr=1e-4", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert error_line(result) == "error: seed='abc' is invalid: it must be an integer"
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_an_optuna_search_runs_its_trials_and_lists_them_like_grid_jobs(tmp_path: Path):
+    sweep = tmp_path / "search"
+    result = run_cli(IBQ_TRAIN + ["-m", "sweep=lr_entropy_search", "hydra.sweeper.n_trials=3", "train.steps=2", "train.log_every=1",
+                                  "logger=none", "eval.rfid=false", "data.val_crops_per_photo=1", "objectives=[codebook/utilization,psnr]",
+                                  "hydra.sweeper.direction=[maximize,maximize]", f"hydra.sweep.dir={sweep}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = [path.parent for path in sweep.glob("*/results.json")]
+    assert len(trials) == 3
+    learning_rates = {OmegaConf.load(trial / ".hydra" / "config.yaml").optim.lr for trial in trials}
+    assert len(learning_rates) == 3 and all(1e-5 <= lr <= 1e-3 for lr in learning_rates)  # sampled from the interval
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.name == "optuna" and len(best.solutions[0]["values"]) == 2
+    status = subprocess.run([sys.executable, "-m", "ibq.cli.sweep", "status", str(sweep)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=cli_env())
+    assert "3 jobs: 3 done" in status.stdout, status.stdout + status.stderr

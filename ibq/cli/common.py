@@ -122,13 +122,13 @@ def guarded(task):
     ibq-tokenize; outputs/ itself stays)."""
 
     @wraps(task)
-    def wrapper(cfg) -> JobFailed | None:
+    def wrapper(cfg) -> JobFailed | list[float] | None:
         hydra = HydraConfig.get()
         run_dir = Path(hydra.runtime.output_dir)
         in_sweep = hydra.mode == RunMode.MULTIRUN
         try:
             check_job(cfg, list(hydra.overrides.task), hydra.job.config_name)
-            task(cfg, run_dir)
+            return task(cfg, run_dir)  # what a search sweeper optimises (objective_values), else None
         except KeyboardInterrupt as interrupt:
             terminated = isinstance(interrupt, Terminated)
             fail(f"{interruption(interrupt)}: run the same command again to resume from the last checkpoint", 143 if terminated else 130)
@@ -146,7 +146,6 @@ def guarded(task):
         finally:
             if detect_ranks().is_main:
                 remove_empty_folders(run_dir)
-        return None
 
     return wrapper
 
@@ -163,9 +162,20 @@ def choices_text(choices: dict) -> str:
     return ", ".join(f"{key}={value}" for key, value in sorted(choices.items()) if value is not None)
 
 
-def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_lines) -> None:
+def objective_values(cfg, results: dict) -> list[float] | None:
+    """The run's `objectives` (keys of results.json), which a search sweeper's trial returns to it
+    (sweeps/lr_entropy_search.yaml); None without objectives."""
+    names = list(cfg.get("objectives") or [])
+    missing = [name for name in names if results.get(name) is None]
+    if missing:
+        raise UserError(f"objectives: {', '.join(missing)} not among this run's results ({', '.join(sorted(results))})")
+    return [float(results[name]) for name in names] or None
+
+
+def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_lines) -> list[float] | None:
     """What both training apps do: a dry run reports sizes; otherwise build and check everything
-    (nothing written yet), keep Hydra's files, train, and let rank 0 print the summary."""
+    (nothing written yet), keep Hydra's files, train, let rank 0 print the summary and return the
+    run's objective values to a search sweeper."""
     choices, overrides, group = hydra_context()
     if cfg.dry_run:
         print("choices: " + choices_text(choices))
@@ -188,6 +198,7 @@ def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_
     print(f"\n{app}: {training.total_steps} steps done ({choices_text(choices)})")
     for line in lines:
         print("  " + line)
+    return objective_values(cfg, results)
 
 
 def save_hydra_files(cfg, run_dir: Path) -> None:

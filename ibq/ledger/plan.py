@@ -3,10 +3,10 @@ directory it will get, its signature and a device-hour estimate. Nothing is run.
 
 Jobs are expanded exactly as `ibq-train -m` expands them: the sweep file's `hydra.sweeper.params`
 first, command-line overrides after (a command-line key replaces the same key from the file), then
-the cartesian product (hydra's BasicSweeper.split_arguments). Composing one config per job with
-Hydra takes ~0.1-0.2 s each; jobs that select the same config-group options share one composition,
-to which each job's plain key overrides are applied by Hydra's own override routine, which yields
-the config (and signature) the job itself will compose."""
+the cartesian product (ibq.config.sweep_jobs, as Hydra's basic sweeper). Composing one config per job
+with Hydra takes ~0.1-0.2 s each; jobs that select the same config-group options share one composition,
+to which each job's plain key overrides are applied as Hydra applies them (ibq.config.apply_overrides),
+which yields the config (and signature) the job itself will compose. Only Hydra's public API is used."""
 
 from __future__ import annotations
 
@@ -14,23 +14,17 @@ import copy
 from dataclasses import asdict, dataclass, field
 
 from hydra import compose, initialize_config_dir
-from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ibq.config import CONF_DIR, SWEEPS_DIR, available, check_group_choices, first_of_each_sweep, one_line, quote_numeric_choices
+from ibq.config import (CONF_DIR, SWEEPS_DIR, apply_overrides, available, check_group_choices, first_of_each_sweep, one_line,
+                        overrides_dirname, quote_numeric_choices, sweep_jobs)
 from ibq.errors import UserError
 from ibq.ledger.cost import Estimate, Throughput, estimate
-from ibq.runs.record import STAGE_II_KEYS, group_choices, run_dirname, signature, without_keys
-
-# hydra.sweep.subdir uses this resolver; the training entry point registers the same one (ibq.cli.common),
-# which is not imported here because it pulls in torch and would double the time a plan takes.
-if not OmegaConf.has_resolver("ibq.dirname"):
-    OmegaConf.register_new_resolver("ibq.dirname", run_dirname)
+from ibq.runs.record import STAGE_II_KEYS, group_choices, signature
 
 # Hydra overrides that say how this invocation runs, not what a job computes or where it lands.
 INVOCATION_KEYS = ("hydra.mode", "hydra.sweep.dir")
@@ -134,7 +128,7 @@ def expand(arguments: list[str], config_name: str = "train", sweeper_params: dic
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
         loader = GlobalHydra.instance().config_loader()
-        read_files_once(loader.repository)
+        groups = config_groups(loader)
         master = composed(config_name, hydra_args + first_of_each_sweep(task_args))
         if sweeper_params is None:
             params = OmegaConf.select(master, "hydra.sweeper.params", default=None)
@@ -142,7 +136,7 @@ def expand(arguments: list[str], config_name: str = "train", sweeper_params: dic
         sweep_parser = OverridesParser.create(config_loader=loader)
         lines = [f"{k}={v}" for k, v in sweeper_params.items()] + task_args
         try:
-            job_lines = BasicSweeper.split_arguments(sweep_parser.parse_overrides(lines), None)[0]
+            job_lines = sweep_jobs(sweep_parser.parse_overrides(lines))
         except HydraException as error:
             raise UserError(one_line(str(error))) from None
 
@@ -154,27 +148,22 @@ def expand(arguments: list[str], config_name: str = "train", sweeper_params: dic
                 if line not in parsed_lines:
                     parsed_lines[line] = parse(line, plain_parser)
             overrides = [parsed_lines[line] for line in lines]
-            selects_config = [o.is_hydra_override() or loader.repository.group_exists(o.key_or_group) for o in overrides]
-            groups = tuple(job_hydra_args) + tuple(line for line, chosen in zip(lines, selects_config) if chosen)
-            if groups not in bases:
-                bases[groups] = Base(composed(config_name, list(groups)), config_name, measured)
+            selects_config = [o.is_hydra_override() or o.key_or_group in groups for o in overrides]
+            selected = tuple(job_hydra_args) + tuple(line for line, chosen in zip(lines, selects_config) if chosen)
+            if selected not in bases:
+                bases[selected] = Base(composed(config_name, list(selected)), config_name, measured)
             plain = [o for o, chosen in zip(overrides, selects_config) if not chosen]
-            plan.jobs.append(bases[groups].job(index, lines, overrides, plain))
+            plan.jobs.append(bases[selected].job(index, lines, overrides, plain))
     return plan
 
 
-def read_files_once(repository) -> None:
-    """Each composition reads and parses the same YAML files again; keep the first read of each and hand
-    out copies. Set on this initialisation's repository only."""
-    load = repository.load_config
-    loaded = {}
-
-    def load_once(config_path: str):
-        if config_path not in loaded:
-            loaded[config_path] = load(config_path)
-        return copy.deepcopy(loaded[config_path])
-
-    repository.load_config = load_once
+def config_groups(loader, parent: str = "") -> set[str]:
+    """Every config group on the search path (quantizer, data/source, hydra/launcher, ...)."""
+    groups = set()
+    for name in loader.list_groups(parent):
+        path = f"{parent}/{name}" if parent else name
+        groups |= {path} | config_groups(loader, path)
+    return groups
 
 
 class Base:
@@ -204,19 +193,20 @@ class Base:
             HydraConfig.instance().set_config(self.with_hydra)  # ${hydra:...} resolves as when the job runs
         task = copy.deepcopy(self.task)
         try:
-            ConfigLoaderImpl._apply_overrides_to_config(plain, task)
+            apply_overrides(task, plain)
         except Exception as error:
             raise UserError(f"job {' '.join(lines)}: {one_line(str(error))}") from None
         naming = self.naming
-        naming.hydra.job.override_dirname = get_overrides_dirname(
-            overrides=overrides,
-            exclude_keys=list(self.dirname_conf["exclude_keys"]),
-            item_sep=self.dirname_conf["item_sep"],
-            kv_sep=self.dirname_conf["kv_sep"],
+        naming.hydra.job.override_dirname = overrides_dirname(
+            overrides, list(self.dirname_conf["exclude_keys"]), self.dirname_conf["item_sep"], self.dirname_conf["kv_sep"]
         )
         naming.hydra.job.num = index
         subdir = str(naming.hydra.sweep.subdir)
         job_estimate = estimate(self.with_hydra, task, self.config_name, self.choices.get("model_scale"), self.measured)
-        signed = without_keys(task, self.unsigned_keys) if self.unsigned_keys else task
-        return Job(index, list(lines), signature(signed), subdir, dict(self.choices), job_estimate)
+        if self.unsigned_keys:  # as runs.record.without_keys, on this job's own copy
+            OmegaConf.resolve(task)
+            with open_dict(task):
+                for key in self.unsigned_keys:
+                    task.pop(key, None)
+        return Job(index, list(lines), signature(task), subdir, dict(self.choices), job_estimate)
 

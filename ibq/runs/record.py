@@ -22,7 +22,8 @@ from ibq.errors import UserError
 
 log = logging.getLogger(__name__)
 # Keys that change where or how a run is reported, not what it computes.
-NON_RESULT_KEYS = ("run_dir", "logger", "cluster", "dry_run", "train.log_every", "train.checkpoint_every", "data.num_workers", "data.read_timeout_s", "eval.every",
+NON_RESULT_KEYS = ("run_dir", "logger", "cluster", "dry_run", "objectives", "train.log_every", "train.checkpoint_every", "data.num_workers",
+                   "data.read_timeout_s", "eval.every",
                    "train.extend_from",
                    "train.compile", "train.channels_last", "train.activation_checkpointing")
 # Top-level keys of each stage: model_scale sets both, and a run of one stage leaves the other's out.
