@@ -5,6 +5,7 @@ W&B that hangs or lacks a key, sweeps that keep going, and a terminal status on 
 from __future__ import annotations
 
 import errno
+import fcntl
 import http.server
 import json
 import os
@@ -48,6 +49,13 @@ def test_lock_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path: Path):
         assert json.loads((tmp_path / ".lock").read_text())["pid"] != 999999
         assert lock.fd is not None
     assert not (tmp_path / ".lock").exists()
+    # Its forked data-loader workers may hold the lock a few seconds longer: a dead holder is waited for.
+    (tmp_path / ".lock").write_text(json.dumps({**dead, "host": socket.gethostname()}))
+    orphan = os.open(tmp_path / ".lock", os.O_RDWR)
+    fcntl.flock(orphan, fcntl.LOCK_EX)
+    threading.Timer(0.5, os.close, [orphan]).start()
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
 
 
 def test_lock_in_a_path_below_a_file_or_on_a_read_only_disk_is_one_line(tmp_path: Path, monkeypatch):

@@ -18,6 +18,9 @@ from ibq.errors import UserError
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
+# A killed run's forked children (data-loader workers) share its lock until they see that their parent
+# is gone, within seconds: a dead holder on this host is waited for this long.
+ORPHAN_WAIT_S = 30.0
 
 
 def describe_holder(text: str) -> str:
@@ -26,6 +29,20 @@ def describe_holder(text: str) -> str:
         return f"process {holder['pid']} on {holder['host']} since {holder['since']} ({' '.join(holder['command'])[:120]})"
     except (ValueError, KeyError, TypeError):
         return "another process"
+
+
+def holder_is_gone(text: str) -> bool:
+    """Whether the recorded holder is a process of this host that no longer runs."""
+    try:
+        holder = json.loads(text)
+        if holder["host"] != socket.gethostname():
+            return False
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, KeyError, TypeError, PermissionError):
+        return False
+    return False
 
 
 class RunLock:
@@ -54,14 +71,19 @@ class RunLock:
         return self
 
     def _acquire(self) -> int:
+        deadline = time.monotonic() + ORPHAN_WAIT_S
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = describe_holder(os.read(fd, 4096).decode(errors="replace"))
+                text = os.read(fd, 4096).decode(errors="replace")
                 os.close(fd)
-                raise UserError(f"run directory {self.run_dir} is in use by {holder}: wait for it to end or choose another hydra.run.dir") from None
+                if holder_is_gone(text) and time.monotonic() < deadline:
+                    time.sleep(0.2)  # its data-loader workers still hold the lock until they notice
+                    continue
+                raise UserError(f"run directory {self.run_dir} is in use by {describe_holder(text)}: "
+                                f"wait for it to end or choose another hydra.run.dir") from None
             try:
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     return fd
