@@ -85,14 +85,14 @@ def test_pack_writes_shards_and_a_manifest_that_inspect_agrees_with(shard_set: P
     assert lines[3].endswith('class 0 "a cat, crop 0"')
 
 
-def test_packed_folder_has_the_mode_the_umask_allows(tmp_path: Path):
+def test_packed_folder_has_the_mode_the_umask_allows(photo_folder: Path, tmp_path: Path):
     previous = os.umask(0o022)
     try:
-        pack("photos", tmp_path / "photos", samples_per_shard=10)
+        pack(str(photo_folder / "cat"), tmp_path / "cats", samples_per_shard=10)
     finally:
         os.umask(previous)
-    assert (tmp_path / "photos").stat().st_mode & 0o777 == 0o755
-    assert {path.stat().st_mode & 0o777 for path in (tmp_path / "photos").iterdir()} == {0o644}
+    assert (tmp_path / "cats").stat().st_mode & 0o777 == 0o755
+    assert {path.stat().st_mode & 0o777 for path in (tmp_path / "cats").iterdir()} == {0o644}
 
 
 def test_inspect_reports_a_lying_manifest_and_a_checksum_mismatch_and_fails(shard_set: Path, tmp_path: Path):
