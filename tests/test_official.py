@@ -284,3 +284,12 @@ def test_an_imported_run_goes_through_every_app(tmp_path: Path):
     assert table.returncode == 0, table.stderr[-2000:]
     rows = table.stdout.strip().splitlines()[1:]  # the imported tokenizer, the fine-tuned run and the trained AR run
     assert len(rows) == 3 and any(str(tokenizer_run) in row for row in rows)
+
+
+def test_a_fine_tuning_parent_is_part_of_the_signature_as_an_absolute_path(tmp_path: Path, monkeypatch):
+    from ibq.runs.record import signature, tokenizer_identity
+
+    monkeypatch.chdir(tmp_path)
+    own = tokenizer_identity(composed(["init_from=runs/parent"], "train").cfg)
+    assert own.init_from == str(tmp_path / "runs" / "parent")
+    assert signature(own) != signature(tokenizer_identity(composed([], "train").cfg))

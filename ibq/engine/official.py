@@ -30,7 +30,7 @@ from ibq.engine.checkpoint import check_tensors, load_checkpoint, save_checkpoin
 from ibq.engine.tokens import CHECKPOINT
 from ibq.engine.train_ar import stage_two_config
 from ibq.errors import UserError
-from ibq.runs.record import STAGE_II_KEYS, RunRecord, result_config, signature, without_keys
+from ibq.runs.record import RunRecord, result_config, signature, tokenizer_identity
 
 Shapes = dict[str, tuple[str, tuple[int, ...]]]  # official name -> (project name, shape), in the official order
 
@@ -509,7 +509,7 @@ class ComposedRun:
 def tokenizer_run_config(run: ComposedRun, imported: dict) -> DictConfig:
     """A stage-I run's own config, as TokenizerTraining keeps it, plus where its weights came from (so its
     signature is never that of a run trained here)."""
-    cfg = without_keys(run.cfg, STAGE_II_KEYS)
+    cfg = tokenizer_identity(run.cfg)
     cfg.imported = provenance(imported)
     return cfg
 

@@ -42,7 +42,7 @@ from ibq.losses import LeCAM, hinge_d_loss, non_saturating_g_loss
 from ibq.metrics.codebook import CodebookHistogram
 from ibq.metrics.fid import load_fid_network
 from ibq.metrics.lpips import try_load_lpips
-from ibq.runs.record import STAGE_II_KEYS, MetricsLog, RunRecord, config_differences, merge_results, result_config, signature, without_keys
+from ibq.runs.record import MetricsLog, RunRecord, config_differences, merge_results, result_config, signature, tokenizer_identity
 from ibq.runs.usage import save_usage
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,7 @@ def load_parent(init_from: str) -> dict:
 class TokenizerTraining:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         check_training_keys(cfg)
-        # model_scale also gives stage II's keys: they neither change this run nor identify it.
-        cfg = without_keys(cfg, STAGE_II_KEYS)
+        cfg = tokenizer_identity(cfg)
         self.cfg, self.run_dir = cfg, run_dir
         self.ranks = distributed.detect_ranks()
         self.layout = distributed.plan_batches(cfg.train.batch_size, cfg.train.micro_batch_size, self.ranks.world_size)
@@ -86,10 +85,7 @@ class TokenizerTraining:
         self.zero_stage = self.deepspeed_options.get("stage")
         self.device = distributed.device_for(self.ranks, cfg.train.device)
         self.dtype = resolve_precision(cfg.train.precision, self.device)
-        parent = None
-        if cfg.get("init_from") is not None:  # a fine-tuning run: its signature names the parent's directory
-            parent = load_parent(cfg.init_from)
-            cfg.init_from = str(parent["run_dir"])
+        parent = load_parent(cfg.init_from) if cfg.get("init_from") is not None else None  # fine-tuning
         self.acceleration = StepAcceleration.from_config(cfg.train, self.device)
         self.signature = signature(cfg)
         seed_everything(cfg.seed)

@@ -24,7 +24,7 @@ from ibq.config import (CONF_DIR, SWEEPS_DIR, apply_overrides, available, check_
                         overrides_dirname, quote_numeric_choices, sweep_jobs)
 from ibq.errors import UserError
 from ibq.ledger.cost import Estimate, Throughput, estimate
-from ibq.runs.record import STAGE_II_KEYS, group_choices, signature
+from ibq.runs.record import STAGE_II_KEYS, group_choices, parent_directory, signature
 
 # Hydra overrides that say how this invocation runs, not what a job computes or where it lands.
 INVOCATION_KEYS = ("hydra.mode", "hydra.sweep.dir")
@@ -208,5 +208,7 @@ class Base:
             with open_dict(task):
                 for key in self.unsigned_keys:
                     task.pop(key, None)
+            if task.get("init_from") is not None:  # as runs.record.tokenizer_identity
+                task.init_from = parent_directory(task.init_from)
         return Job(index, list(lines), signature(task), subdir, dict(self.choices), job_estimate)
 

@@ -103,6 +103,19 @@ def without_keys(cfg: DictConfig, keys: tuple[str, ...]) -> DictConfig:
     return OmegaConf.create(container)
 
 
+def tokenizer_identity(cfg: DictConfig) -> DictConfig:
+    """A stage-I run's own config: without stage II's keys (model_scale also gives them: they neither change
+    the run nor identify it), and a fine-tuning parent (init_from) as an absolute path, the same from any directory."""
+    own = without_keys(cfg, STAGE_II_KEYS)
+    if own.get("init_from") is not None:
+        own.init_from = parent_directory(own.init_from)
+    return own
+
+
+def parent_directory(init_from: str) -> str:
+    return str(Path(init_from).expanduser().resolve())
+
+
 def signature(cfg: DictConfig) -> str:
     canonical = json.dumps(result_config(cfg), sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
