@@ -37,12 +37,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     from ibq.data.pack import inspect_shards, pack
+    from ibq.data.shards import MANIFEST
 
     args = parser().parse_args(argv)
     try:
         if args.command == "pack":
             manifest = pack(args.source, args.output, args.samples_per_shard, int(args.max_shard_mb * 2**20), args.prefix)
-            skipped = f", {len(manifest['skipped_files'])} unreadable file(s) skipped" if manifest["skipped_files"] else ""
+            skipped = manifest["skipped_files"]
+            skipped = f", {len(skipped)} unreadable file(s) skipped (first {skipped[0]}; all in {MANIFEST})" if skipped else ""
             print(f"ibq-data: {manifest['samples']} samples in {manifest['shard_count']} shard(s) -> {args.output}{skipped}")
             print(f"  train on them:  ibq-train data=shards data.sources.main.urls={args.output}")
         else:
