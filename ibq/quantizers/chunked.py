@@ -195,7 +195,7 @@ class _ChunkedIBQ(torch.autograd.Function):
         # Pass 2: dLoss/dL of the slice, then its products with the codebook and with the tokens.
         # Entropy part: q_nk (x_nk - centre_n) / (N T).
         scale = 1.0 / (n * temperature)
-        sharp_centre = (sharp_dot / sharp_sum * scale)[:, None]
+        sharp_centre = (sharp_dot / sharp_sum * scale)[:, None] if entropy_path else None
         code_term = None if code_weight is None else code_weight * scale
         grad_tokens = torch.zeros_like(tokens)
         for start, stop, shifted, dots in _logit_slices(tokens, codebook, chunk_size, max_logit, gradient):
