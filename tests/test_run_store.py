@@ -274,3 +274,20 @@ def test_sweep_goes_on_past_a_failed_job_and_says_which_failed(tmp_path: Path):
     assert "job 2/2 (train.steps=2 " in summary and "): done" in summary
     records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/run.json")]
     assert [r["status"] for r in records] == ["completed"]
+
+
+def test_media_and_arrays_leave_no_temporary_file_when_the_disk_is_full(tmp_path: Path, monkeypatch):
+    from PIL import Image
+
+    from ibq.engine.media import save_grid
+    from ibq.runs.record import save_npy
+
+    save_grid(torch.zeros(2, 3, 8, 8), tmp_path / "grid.png", nrow=1)
+    assert Image.open(tmp_path / "grid.png").size == (128 + 4, 2 * 128 + 6)
+    monkeypatch.setattr(Image.Image, "save", lambda self, tmp, *args, **kwargs: fill_disk(tmp))
+    with pytest.raises(OSError):
+        save_grid(torch.zeros(2, 3, 8, 8), tmp_path / "grid2.png", nrow=1)
+    monkeypatch.setattr("numpy.save", lambda file, array: fill_disk(Path(file.name)))
+    with pytest.raises(OSError):
+        save_npy(tmp_path / "codes.npy", torch.zeros(3).numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]

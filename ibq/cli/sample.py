@@ -18,7 +18,8 @@ from ibq.cli.common import entry_point, guarded, save_hydra_files
 from ibq.config import CONF_DIR
 from ibq.cli.eval import check_settings, evaluate_generation
 from ibq.engine.build import resolve_device, resolve_precision
-from ibq.engine.train_ar import ARRun, load_ar_run, sample_images, save_grid
+from ibq.engine.media import save_grid
+from ibq.engine.train_ar import ARRun, load_ar_run, sample_images
 from ibq.errors import check_positive_int
 from ibq.generation.sampling import check_labels, check_sampling_args
 from ibq.metrics.adm import to_adm_array

@@ -27,7 +27,7 @@ from ibq.data.positions import PositionSampler, position_generator
 from ibq.config import build
 from ibq.engine.checkpoint import load_checkpoint
 from ibq.errors import UserError
-from ibq.runs.record import write_json
+from ibq.runs.record import save_npy, write_json
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 MANIFEST = "manifest.json"
@@ -97,13 +97,6 @@ def load_tokenizer_run(run_dir: str | os.PathLike | None, device: torch.device) 
 
 def token_dtype(codebook_size: int) -> np.dtype:
     return np.dtype(np.int16) if codebook_size <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as file:
-        np.save(file, array)
-    os.replace(tmp, path)
 
 
 def write_token_shards(

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -33,6 +32,7 @@ from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.config import build
 from ibq.engine.build import resolve_precision
 from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite, stop_if_state_not_finite
+from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.session import RunSession
 from ibq.engine.tokens import CHECKPOINT, TokenizerRun, TokenShards, check_shards, load_tokenizer_run, read_manifest
@@ -82,14 +82,6 @@ def sample_images(
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         tokens = sample(model, labels, generator=generator, **sampling)
     return tokenizer_run.decode(tokens)
-
-
-def save_grid(images: Tensor, path: Path, nrow: int) -> None:
-    """A PNG of images in [-1, 1]; small images are enlarged (nearest) so the grid can be seen."""
-    images = torch.nn.functional.interpolate(images, scale_factor=max(1, 128 // images.shape[-1]), mode="nearest")
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    torchvision.utils.save_image((images + 1) / 2, tmp, nrow=nrow)
-    tmp.replace(path)
 
 
 def stage_two_config(cfg: DictConfig, tokenizer_run: Path, tokenizer: dict, **extra) -> tuple[DictConfig, DictConfig]:

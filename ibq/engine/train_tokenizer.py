@@ -20,7 +20,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torchvision
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -35,6 +34,7 @@ from ibq.engine.build import resolve_precision
 from ibq.engine.checkpoint import DivergenceWatch, check_tensors, foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
+from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.session import RunSession
 from ibq.errors import UserError, check_positive_int
@@ -447,11 +447,7 @@ class TokenizerTraining:
             return {}
         metrics, grid = evaluator(self.ema.shadow, codebook_size, desc=f"eval@{step}")
         grid_path = self.run_dir / "media" / f"reconstructions_step{step:07d}.png"
-        tmp = grid_path.with_name(f".{grid_path.stem}.tmp.png")
-        # top row: validation images; bottom: their reconstructions; small crops enlarged to be seen
-        grid = torch.nn.functional.interpolate(grid, scale_factor=max(1, 128 // grid.shape[-1]), mode="nearest")
-        torchvision.utils.save_image((grid + 1) / 2, tmp, nrow=len(grid) // 2)
-        tmp.replace(grid_path)
+        save_grid(grid, grid_path, nrow=len(grid) // 2)  # top row: validation images; bottom: their reconstructions
         save_usage(self.run_dir, step, evaluator.code_counts.numpy())
         if append:
             self.session.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})

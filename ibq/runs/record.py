@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ibq.errors import UserError
@@ -67,6 +68,16 @@ def atomic_write(path: Path, write) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """One array as .npy, written atomically (through a file object: np.save would add .npy to a name)."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as file:
+            np.save(file, array)
+
+    atomic_write(path, write)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ibq.runs.record import atomic_write
+from ibq.runs.record import save_npy
 
 USAGE_DIR = "usage"
 FILE_PATTERN = re.compile(r"codes_step(\d+)\.npy$")
@@ -22,12 +22,7 @@ def save_usage(run_dir: Path, step: int, counts: np.ndarray) -> Path:
     """Counts per code (int64, length K), written to a temporary name and renamed."""
     path = usage_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as file:  # a file object: np.save would add .npy to a name
-            np.save(file, np.asarray(counts, dtype=np.int64))
-
-    atomic_write(path, write)
+    save_npy(path, np.asarray(counts, dtype=np.int64))
     return path
 
 
