@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 HISTOGRAM_BINS = 512  # W&B's limit for a histogram
 ANSWER_TIMEOUT_S = 5.0  # for W&B's server to answer one HTTP request
 INIT_TIMEOUT_S = 60  # for wandb.init online, once the server has answered
+REQUEST_TIMEOUT_S = 30  # for each of W&B's API requests
+FINISH_TIMEOUT_S = 300  # for the last uploads at the end; what is left stays on disk for `wandb sync`
 
 
 def answers(base_url: str, timeout: float = ANSWER_TIMEOUT_S) -> bool:
@@ -88,7 +90,10 @@ class WandbMirror(NullMirror):
         if mode == "online" and not answers(base_url):
             log.warning("W&B at %s cannot be reached: logging offline instead (no answer within %.0f s; sync later with `wandb sync`)", base_url, ANSWER_TIMEOUT_S)
             mode = "offline"
-        settings = wandb.Settings(base_url=base_url, init_timeout=INIT_TIMEOUT_S, silent=True)
+        settings = wandb.Settings(
+            base_url=base_url, init_timeout=INIT_TIMEOUT_S, login_timeout=REQUEST_TIMEOUT_S,
+            x_graphql_timeout_seconds=REQUEST_TIMEOUT_S, finish_timeout=FINISH_TIMEOUT_S, silent=True,
+        )
         arguments = dict(
             project=project, entity=entity, group=group, tags=tags, name=name, config=config, job_type=job_type,
             dir=str(run_dir), id=run_id, resume="allow", settings=settings,
