@@ -240,3 +240,20 @@ def test_triton_kernels_under_the_interpreter():
         capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: there the chunked forward pass runs as Triton kernels")
+def test_triton_forward_equals_dense_on_cuda():
+    pytest.importorskip("triton", reason="Triton is not installed")
+    weights = dict(WEIGHTS, commitment_weight=0.25, codebook_weight=1.0, entropy_temperature=0.01, entropy_weight=0.05)
+    torch.manual_seed(3)
+    dense = IBQ(3000, 64, **weights).cuda()
+    fused = IBQ(3000, 64, **weights, chunk_size=512).cuda()
+    fused.load_state_dict(dense.state_dict())
+    z, upstream = (t.cuda() for t in inputs(4, 0.5, shape=(4, 64, 8, 8)))
+    out_fused, grad_z_fused, grad_codebook_fused = run(fused, z, upstream)
+    out_dense, grad_z_dense, grad_codebook_dense = run(dense, z, upstream)
+    assert torch.equal(out_fused.indices, out_dense.indices)
+    torch.testing.assert_close(out_fused.loss, out_dense.loss, rtol=1e-5, atol=1e-6)
+    assert_gradients_close(grad_z_fused, grad_z_dense)
+    assert_gradients_close(grad_codebook_fused, grad_codebook_dense)

@@ -116,3 +116,13 @@ def test_bad_sampling_input_is_one_clear_line(model, settings, message):
     with pytest.raises(UserError) as error:
         sample(model, **settings)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the CUDA-graph step is CUDA's default")
+def test_cuda_graph_sampler_draws_the_dynamic_cache_tokens():
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=64, num_classes=5, block_size=16, depth=2, width=64, heads=2, alng=1.0).cuda()
+    torch.nn.init.normal_(model.head.weight, std=0.3)
+    dynamic = sample(model, LABELS, seed=7, cfg_scale=2.5, static=False)
+    for _ in range(2):  # compiled and captured, then replayed
+        assert torch.equal(sample(model, LABELS, seed=7, cfg_scale=2.5), dynamic)

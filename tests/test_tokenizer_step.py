@@ -80,3 +80,18 @@ def test_the_step_options_give_the_plain_step_losses(tmp_path: Path, monkeypatch
     first, second = first_losses(optimised)
     assert first == pytest.approx(plain[0], rel=1e-5, abs=1e-6)
     assert second == pytest.approx(plain[1], rel=2e-2, abs=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CUDA reports its own synchronisations")
+def test_the_step_never_waits_for_the_gpu(tmp_path: Path):
+    training = tiny_training(tmp_path, "train.device=cuda", "train.compile=false")
+    batches = [x.cuda() for x in micro_batches(training)]
+    autocast = torch.autocast("cuda", dtype=training.dtype, enabled=training.dtype != torch.float32)
+    training._step(1, batches, autocast)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in (2, 3):
+            training._step(step, batches, autocast)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
