@@ -10,7 +10,8 @@ or old / new for times and memory: above 1 is better).
 Each code version runs in its own process (python benchmarks/bench_gpu.py --worker, with that
 version's `ibq` first on sys.path), so neither sees the other's compiled kernels or memory.
 
-Run from the repository root: python -m benchmarks.bench_gpu [--baseline ef75447] [--only tokenizer,ibq,ar_sample,ar_train]
+Run from the repository root: python -m benchmarks.bench_gpu [--baseline ef75447] [--rounds 3]
+    [--only tokenizer,ibq,ar_sample,ar_train] [--override=++train.compile=false]
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def peak_gib(fn, device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def tokenizer_figures(device, real: bool, peak_tflops: float | None) -> dict:
+def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: list[str]) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
     from torch.utils.flop_counter import FlopCounterMode
@@ -90,7 +91,7 @@ def tokenizer_figures(device, real: bool, peak_tflops: float | None) -> dict:
         for micro_batch in (4, 32):
             with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
                 cfg = compose("train", overrides=[*scale, "logger=none", "eval.rfid=false", "train.steps=10",
-                                                  f"train.batch_size={micro_batch}", "loss.disc_start=0"])
+                                                  f"train.batch_size={micro_batch}", "loss.disc_start=0", *overrides])
             training = TokenizerTraining(cfg, Path(tmp) / f"mb{micro_batch}")
             side = cfg.data.resolution
             images = [torch.rand(micro_batch, 3, side, side, device=device) * 2 - 1]
@@ -237,7 +238,7 @@ def ar_train_figures(device, real: bool, peak_tflops: float | None) -> dict:
     return figures
 
 
-def worker(parts: list[str], size: str, peak_tflops: float | None) -> dict:
+def worker(parts: list[str], size: str, peak_tflops: float | None, overrides: list[str]) -> dict:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,7 +248,7 @@ def worker(parts: list[str], size: str, peak_tflops: float | None) -> dict:
         peak_tflops = next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
     figures = {}
     if "tokenizer" in parts:
-        figures.update(tokenizer_figures(device, real, peak_tflops))
+        figures.update(tokenizer_figures(device, real, peak_tflops, overrides))
     if "ibq" in parts:
         figures.update(ibq_figures(device, real))
     if "ar_sample" in parts:
@@ -259,6 +260,7 @@ def worker(parts: list[str], size: str, peak_tflops: float | None) -> dict:
         "torch": torch.__version__,
         "sizes": "real" if real else "tiny",
         "peak_tflops": peak_tflops,
+        "overrides": " ".join(overrides) or None,
         **SETTINGS,
     }
     return {"header": header, "figures": figures}
@@ -280,6 +282,7 @@ def measure(code: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--only", ",".join(args.only), "--size", args.size]
     if args.peak_tflops:
         command += ["--peak-tflops", str(args.peak_tflops)]
+    command += [f"--override={override}" for override in args.override]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, cwd=code, env=env, capture_output=True, text=True)
     if result.returncode:
@@ -291,23 +294,43 @@ def ratio(key: str, new: float, old: float) -> float:
     return old / new if key.endswith(SMALLER_IS_BETTER) else new / old
 
 
+def best_of(runs: list[dict]) -> dict:
+    """The runs' header and, per figure, its best value over the runs."""
+    figures = {}
+    for key in runs[0]["figures"]:
+        values = [run["figures"][key] for run in runs]
+        figures[key] = min(values) if key.endswith(SMALLER_IS_BETTER) else max(values)
+    return {"header": runs[0]["header"], "figures": figures}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="git ref or folder of the code to compare with (e.g. ef75447)")
     parser.add_argument("--only", default=",".join(PARTS), type=lambda s: s.split(","), help=f"comma-separated: {','.join(PARTS)}")
     parser.add_argument("--size", choices=("auto", "tiny", "real"), default="auto", help="auto: real on CUDA, tiny on CPU")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak for MFU")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a Hydra override for the tokenizer step, for both codes (++key=value adds a key the baseline lacks), "
+                             "e.g. --override=++train.compile=false")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measurements of each code, alternating, the best counting (on a shared machine: 3)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     unknown = sorted(set(args.only) - set(PARTS))
     if unknown:
         sys.exit(f"error: --only {','.join(unknown)} is invalid: valid parts are {', '.join(PARTS)}")
     if args.worker:
-        print(json.dumps(worker(args.only, args.size, args.peak_tflops)))
+        print(json.dumps(worker(args.only, args.size, args.peak_tflops, args.override)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        current = measure(REPO, args)
-        baseline = measure(checkout(args.baseline, Path(tmp)), args) if args.baseline else None
+        codes = {"current": REPO, **({"baseline": checkout(args.baseline, Path(tmp))} if args.baseline else {})}
+        runs = {name: [] for name in codes}
+        for _ in range(args.rounds):
+            for name, code in codes.items():
+                runs[name].append(measure(code, args))
+    current = best_of(runs["current"])
+    baseline = best_of(runs["baseline"]) if args.baseline else None
+
     def header(run: dict) -> str:
         return ", ".join(f"{k}={v}" for k, v in run["header"].items())
 

@@ -111,7 +111,8 @@ def sample(
 
     tokens = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
     static = use_cache and (device.type == "cuda" if static is None else static)
-    step = compiled_step(model) if static and device.type == "cuda" else model.step
+    graphs = static and device.type == "cuda"
+    step = compiled_step(model) if graphs else model.step
     was_training = model.training
     model.eval()
     if use_cache:
@@ -123,7 +124,7 @@ def sample(
             elif index == 0:
                 logits = model.prefill(model_labels)
             else:
-                if step is not model.step:
+                if graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
                 position = torch.full((), index - 1, device=device) if static else index - 1
                 logits = step(both_halves(tokens[:, index - 1]), position)
