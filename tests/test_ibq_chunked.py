@@ -106,19 +106,26 @@ def test_chunked_equals_dense(chunk_size, scale):
     assert_gradients_close(grad_codebook_chunked, grad_codebook_dense)
 
 
-def test_chunked_equals_dense_with_paper_beta_and_more_tokens():
+def assert_chunked_equals_dense_at_paper_beta(codebook_size: int, dim: int, shape: tuple, chunk_size: int, device: str = "cpu"):
+    """Same indices, statistics, loss and gradients as dense IBQ, with the paper's beta and temperature."""
     weights = dict(WEIGHTS, commitment_weight=0.25, codebook_weight=1.0, entropy_temperature=0.01, entropy_weight=0.05)
     torch.manual_seed(3)
-    dense = IBQ(1000, 32, **weights)
-    chunked = IBQ(1000, 32, **weights, chunk_size=96)
+    dense = IBQ(codebook_size, dim, **weights).to(device)
+    chunked = IBQ(codebook_size, dim, **weights, chunk_size=chunk_size).to(device)
     chunked.load_state_dict(dense.state_dict())
-    z, upstream = inputs(4, 0.5, shape=(4, 32, 8, 8))
+    z, upstream = (t.to(device) for t in inputs(4, 0.5, shape=shape))
     out_dense, grad_z_dense, grad_codebook_dense = run(dense, z, upstream)
     out_chunked, grad_z_chunked, grad_codebook_chunked = run(chunked, z, upstream)
     assert torch.equal(out_chunked.indices, out_dense.indices)
+    for key, value in out_dense.stats.items():
+        assert float(out_chunked.stats[key]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
     torch.testing.assert_close(out_chunked.loss, out_dense.loss, rtol=1e-5, atol=1e-6)
     assert_gradients_close(grad_z_chunked, grad_z_dense)
     assert_gradients_close(grad_codebook_chunked, grad_codebook_dense)
+
+
+def test_chunked_equals_dense_with_paper_beta_and_more_tokens():
+    assert_chunked_equals_dense_at_paper_beta(1000, 32, (4, 32, 8, 8), chunk_size=96)
 
 
 @pytest.mark.parametrize("used", ["z_q only", "loss only", "entropy off"])
@@ -214,21 +221,9 @@ def test_triton_forward_equals_dense():
     the tiles' masks."""
     from ibq.quantizers import triton_ibq
 
-    weights = dict(WEIGHTS, commitment_weight=0.25, codebook_weight=1.0, entropy_temperature=0.01, entropy_weight=0.05)
-    torch.manual_seed(3)
-    dense = IBQ(300, 40, **weights)
-    fused = IBQ(300, 40, **weights, chunk_size=96)
-    fused.load_state_dict(dense.state_dict())
-    z, upstream = inputs(4, 0.5, shape=(2, 40, 6, 6))  # 72 tokens: two row tiles, the second partial
     triton_ibq.available = lambda tokens: True  # this process only
-    out_fused, grad_z_fused, grad_codebook_fused = run(fused, z, upstream)
-    out_dense, grad_z_dense, grad_codebook_dense = run(dense, z, upstream)
-    assert torch.equal(out_fused.indices, out_dense.indices)
-    for key, value in out_dense.stats.items():
-        assert float(out_fused.stats[key]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
-    torch.testing.assert_close(out_fused.loss, out_dense.loss, rtol=1e-5, atol=1e-6)
-    assert_gradients_close(grad_z_fused, grad_z_dense)
-    assert_gradients_close(grad_codebook_fused, grad_codebook_dense)
+    # 72 tokens: two row tiles, the second partial; 300 codes and 40 dimensions: partial tiles too
+    assert_chunked_equals_dense_at_paper_beta(300, 40, (2, 40, 6, 6), chunk_size=96)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the process it starts")
@@ -245,15 +240,4 @@ def test_triton_kernels_under_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: there the chunked forward pass runs as Triton kernels")
 def test_triton_forward_equals_dense_on_cuda():
     pytest.importorskip("triton", reason="Triton is not installed")
-    weights = dict(WEIGHTS, commitment_weight=0.25, codebook_weight=1.0, entropy_temperature=0.01, entropy_weight=0.05)
-    torch.manual_seed(3)
-    dense = IBQ(3000, 64, **weights).cuda()
-    fused = IBQ(3000, 64, **weights, chunk_size=512).cuda()
-    fused.load_state_dict(dense.state_dict())
-    z, upstream = (t.cuda() for t in inputs(4, 0.5, shape=(4, 64, 8, 8)))
-    out_fused, grad_z_fused, grad_codebook_fused = run(fused, z, upstream)
-    out_dense, grad_z_dense, grad_codebook_dense = run(dense, z, upstream)
-    assert torch.equal(out_fused.indices, out_dense.indices)
-    torch.testing.assert_close(out_fused.loss, out_dense.loss, rtol=1e-5, atol=1e-6)
-    assert_gradients_close(grad_z_fused, grad_z_dense)
-    assert_gradients_close(grad_codebook_fused, grad_codebook_dense)
+    assert_chunked_equals_dense_at_paper_beta(3000, 64, (4, 64, 8, 8), chunk_size=512, device="cuda")
