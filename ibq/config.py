@@ -12,6 +12,7 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob
 from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -102,11 +103,12 @@ def parse(arg: str):
 
 
 def group_choices(argv: list[str], conf_dir: Path):
-    """(argument, group, [choices]) for each override that selects from a config group."""
+    """(argument, group, [choices]) for each override that selects from a config group by name (a glob
+    names the group's files itself)."""
     for arg in override_args(argv):
         override = parse(arg)
         group_dir = conf_dir / override.key_or_group
-        if override.is_delete() or override.package is not None or not group_dir.is_dir():
+        if override.is_delete() or override.package is not None or not group_dir.is_dir() or isinstance(override.value(), Glob):
             continue
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         yield arg, override.key_or_group, [str(value) for value in values]

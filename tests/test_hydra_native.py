@@ -89,7 +89,7 @@ def test_values_a_run_can_use_pass():
 
 @pytest.mark.slow
 def test_a_bad_value_in_a_sweep_is_one_line_before_anything_is_written(tmp_path: Path):
-    result = run_cli(IBQ_TRAIN + ["-m", "seed=0,abc", "optim.lr=1e-4", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    result = run_cli(IBQ_TRAIN + ["-m", "quantizer=glob(*vq)", "seed=0,1,abc", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert error_line(result) == "error: seed='abc' is invalid: it must be an integer"
     assert not (tmp_path / "sweep").exists()
 

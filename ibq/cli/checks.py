@@ -14,6 +14,9 @@ import subprocess
 from functools import lru_cache
 
 from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -31,13 +34,13 @@ CHECKED_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "ex
 BATCH_SECTIONS = {"train": "train", "train_ar": "ar_train"}
 
 
-def checked_variants(overrides: list[str]) -> list[list[str]]:
+def checked_variants(overrides: list[str], parser: OverridesParser | None = None) -> list[list[str]]:
     """The jobs to check out of a sweep's overrides. A range or list under CHECKED_ROOTS multiplies them,
     any other takes its first value; a sweep without a list of values (interval, for a search sweeper)
-    is left to each job."""
+    is left to each job. `glob` over a config group needs a `parser` with Hydra's config loader."""
     fixed, swept = [], []
     for arg in overrides:
-        override = parse(arg)
+        override = parser.parse_overrides([arg])[0] if parser else parse(arg)
         if not override.is_sweep_override():
             fixed.append(arg)
             continue
@@ -143,11 +146,14 @@ class ConfigChecks(Callback):
         hydra_overrides = list(config.hydra.overrides.hydra)
         submitting = not config.get("dry_run", False)
         try:
-            for variant in checked_variants(list(config.hydra.overrides.task)):
+            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+            for variant in checked_variants(list(config.hydra.overrides.task), parser):
                 job = compose(config_name, overrides=hydra_overrides + variant)
                 check_job(job, variant, config_name, submitting)
-        except UserError as error:
-            fail(str(error))  # exits here: Hydra turns a callback's exception into a warning
+        except UserError as error:  # exit here: Hydra turns a callback's exception into a warning
+            fail(str(error))
+        except (HydraException, OmegaConfBaseException) as error:
+            fail(one_line(str(error)))
         cluster = config.get("cluster")
         if cluster is not None and cluster.launcher in SUBMITIT_LAUNCHERS and cluster.requeue_signal:
             os.environ["SUBMITIT_PREEMPT_SIGNAL"] = str(cluster.requeue_signal).upper().removeprefix("SIG")
