@@ -34,10 +34,10 @@ def this_interpreter_kernel(tmp_path, monkeypatch) -> str:
 
 
 @pytest.mark.slow
-def test_analysis_notebook_runs_on_a_sweep(tiny_sweep, this_interpreter_kernel, monkeypatch):
+def test_analysis_notebook_runs_on_a_sweep_from_another_directory(tiny_sweep, this_interpreter_kernel, monkeypatch, tmp_path):
     monkeypatch.setenv("IBQ_SWEEP_DIR", str(tiny_sweep))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(notebook, kernel_name=this_interpreter_kernel, timeout=300, resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client = NotebookClient(notebook, kernel_name=this_interpreter_kernel, timeout=300, resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError on the first failing cell
 
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
