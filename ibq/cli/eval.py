@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from ibq.cli.common import entry_point
 from ibq.config import CONF_DIR, build, fail
 from ibq.engine.build import resolve_device
+from ibq.engine.checkpoint import ema_weights
 from ibq.engine.evaluate import GenerationEvaluator, ReconstructionEvaluator, TorchFidelityNetwork, real_feature_stats
 from ibq.errors import UserError, check_positive_int, unset_key
 from ibq.metrics.adm import AdmSamples
@@ -179,9 +180,7 @@ def read_checkpoint(path: Path, weights: str) -> dict:
 
 def checkpoint_weights(checkpoint: dict, weights: str) -> dict[str, torch.Tensor]:
     state = checkpoint[WEIGHTS[weights]]
-    if weights == "ema":  # the EMA module keeps the averaged tokenizer as its `shadow` submodule
-        return {key.removeprefix("shadow."): value for key, value in state.items() if key.startswith("shadow.")}
-    return dict(state)
+    return ema_weights(state) if weights == "ema" else dict(state)
 
 
 def run_config(run_dir: Path | None, checkpoint: dict) -> DictConfig:

@@ -34,6 +34,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def ema_weights(ema_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tokenizer weights of a checkpoint's EMA module (its `ema` entry), under the tokenizer's own
+    names: the module keeps the averaged tokenizer as its `shadow` submodule."""
+    return {key.removeprefix("shadow."): value for key, value in ema_state.items() if key.startswith("shadow.")}
+
+
 def non_finite_tensors(state: Any, name: str = "") -> list[str]:
     """Names of the floating-point tensors in a nested state (weights, EMA, optimizer moments) that hold
     a NaN or an infinity. One host synchronisation for the whole state: call it at checkpoints only."""

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ibq.config import build
 from ibq.data.pack import sha256
-from ibq.engine.checkpoint import check_tensors, load_checkpoint, save_checkpoint
+from ibq.engine.checkpoint import check_tensors, ema_weights, load_checkpoint, save_checkpoint
 from ibq.engine.tokens import CHECKPOINT
 from ibq.engine.train_ar import stage_two_config
 from ibq.errors import UserError
@@ -638,11 +638,6 @@ def read_run_checkpoint(run_dir: Path) -> dict:
     return state
 
 
-def ema_weights(state: dict) -> dict[str, Tensor]:
-    """The weights a stage-I checkpoint's EMA module holds, under the tokenizer's names."""
-    return {key.removeprefix("shadow."): value for key, value in state["ema"].items()}
-
-
 def tokenizer_arch_of(run_dir: Path, state: dict) -> tuple[TokenizerArch, DictConfig]:
     cfg = OmegaConf.create(state["config"])
     if cfg.quantizer.get("_target_") != "ibq.quantizers.IBQ":
@@ -662,7 +657,7 @@ def export_tokenizer(run_dir: Path, state: dict) -> "OrderedDict[str, Tensor]":
         "model_ema.decay": torch.tensor(float(cfg.train.ema_decay), dtype=torch.float32),
         "model_ema.num_updates": torch.tensor(int(state["step"]), dtype=torch.int32),
     })
-    ema = to_official(ema_weights(state), expected)
+    ema = to_official(ema_weights(state["ema"]), expected)
     official.update((EMA_PREFIX + key.replace(".", ""), value) for key, value in ema.items())
     return official
 
@@ -672,7 +667,7 @@ def export_ar(run_dir: Path, state: dict) -> "OrderedDict[str, Tensor]":
     tokenizer_dir = Path(state["config"]["tokenizer_run"])
     tokenizer_state = read_run_checkpoint(tokenizer_dir)
     arch, _ = tokenizer_arch_of(tokenizer_dir, tokenizer_state)
-    official = OrderedDict((AR_TOKENIZER_PREFIX + key, value) for key, value in to_official(ema_weights(tokenizer_state), arch.tensors()).items())
+    official = OrderedDict((AR_TOKENIZER_PREFIX + key, value) for key, value in to_official(ema_weights(tokenizer_state["ema"]), arch.tensors()).items())
     ar = ARArch.from_run_config(OmegaConf.create(state["config"]).transformer)
     official.update((AR_TRANSFORMER_PREFIX + key, value) for key, value in to_official(state["model"], ar.tensors()).items())
     return official

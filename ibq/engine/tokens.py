@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ibq.data.positions import PositionSampler, position_generator
 from ibq.config import build
-from ibq.engine.checkpoint import load_checkpoint
+from ibq.engine.checkpoint import ema_weights, load_checkpoint
 from ibq.errors import UserError
 from ibq.runs.record import save_npy, write_json
 
@@ -87,7 +87,7 @@ def load_tokenizer_run(run_dir: str | os.PathLike | None, device: torch.device) 
         raise UserError(f"tokenizer_run={run_dir} is not a tokenizer run: {checkpoint} holds no EMA tokenizer weights")
     config = OmegaConf.create(state["config"])
     tokenizer = build(config.model, quantizer=build(config.quantizer))
-    tokenizer.load_state_dict({key.removeprefix("shadow."): value for key, value in state["ema"].items()})
+    tokenizer.load_state_dict(ema_weights(state["ema"]))
     tokenizer = tokenizer.to(device).eval().requires_grad_(False)
     return TokenizerRun(run_dir, tokenizer, state["signature"], state["step"], config)
 
