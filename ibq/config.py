@@ -151,8 +151,8 @@ def sweep_jobs(overrides: list) -> list[list[str]]:
             lists[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
             raise UserError(
-                f"{override.input_line}: a search space, not a list, takes a search sweeper (an Optuna sweep file, "
-                f"e.g. sweep=lr_entropy_search); the grid sweeper needs a list or range"
+                f"{override.input_line}: a search space, not a list, takes a search sweeper (hydra/sweeper=optuna, "
+                f"as in sweeps/lr_entropy_search.yaml); the grid sweeper needs a list or range"
             )
     return [list(job) for job in itertools.product(*lists.values())]
 

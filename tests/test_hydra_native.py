@@ -110,3 +110,10 @@ def test_an_optuna_search_runs_its_trials_and_lists_them_like_grid_jobs(tmp_path
     status = subprocess.run([sys.executable, "-m", "ibq.cli.sweep", "status", str(sweep)], cwd=REPO, capture_output=True, text=True,
                             timeout=300, env=cli_env())
     assert "3 jobs: 3 done" in status.stdout, status.stdout + status.stderr
+
+
+def test_a_search_has_no_plan_ahead():
+    from ibq.ledger.plan import expand
+
+    with pytest.raises(UserError, match="this sweep is a search .OptunaSweeper.: its trials are chosen as it runs"):
+        expand(["sweep=lr_entropy_search"])

@@ -130,6 +130,12 @@ def expand(arguments: list[str], config_name: str = "train", sweeper_params: dic
         loader = GlobalHydra.instance().config_loader()
         groups = config_groups(loader)
         master = composed(config_name, hydra_args + first_of_each_sweep(task_args))
+        sweeper = str(OmegaConf.select(master, "hydra.sweeper._target_", default=""))
+        if not sweeper.endswith("BasicSweeper"):
+            raise UserError(
+                f"this sweep is a search ({sweeper.rsplit('.', 1)[-1]}): its trials are chosen as it runs, so there is no plan "
+                f"ahead; run it with ibq-train -m and follow it with ibq-sweep status <sweep dir>"
+            )
         if sweeper_params is None:
             params = OmegaConf.select(master, "hydra.sweeper.params", default=None)
             sweeper_params = {str(k): str(v) for k, v in (params or {}).items()}
