@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -136,13 +135,11 @@ def test_sweep_runs_each_job_in_its_own_directory_grouped_in_wandb(tmp_path: Pat
 
 
 def test_online_wandb_without_network_falls_back_to_offline(tmp_path: Path):
-    started = time.time()
     result = train(tmp_path / "run", "logger=wandb", "logger.mode=online", "logger.base_url=http://127.0.0.1:9",
                    "eval.rfid=false", "train.steps=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cannot be reached: logging offline instead" in result.stderr
     assert json.loads((tmp_path / "run" / "run.json").read_text())["wandb"]["mode"] == "offline"
-    assert time.time() - started < 120
 
 
 def test_dry_run_reports_paper_parameter_counts(tmp_path: Path):
