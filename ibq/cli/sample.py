@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from ibq.engine.train_ar import ARRun, load_ar_run, sample_images
 from ibq.errors import check_positive_int
 from ibq.generation.sampling import check_labels, check_sampling_args
 from ibq.metrics.adm import to_adm_array
-from ibq.runs.record import write_json
+from ibq.runs.record import atomic_write, write_json
 
 
 def sampling_settings(cfg: DictConfig, run: ARRun) -> dict:
@@ -48,10 +47,11 @@ def eval_config(cfg: DictConfig, run: ARRun, samples: Path) -> DictConfig:
 
 def write_adm_npz(images_npy: Path, path: Path) -> None:
     """Wrap a .npy of uint8 N x H x W x 3 as `arr_0` of an uncompressed .npz, streamed (never all in memory)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        archive.write(images_npy, "arr_0.npy")
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            archive.write(images_npy, "arr_0.npy")
+
+    atomic_write(path, write)
     images_npy.unlink()
 
 
