@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -128,3 +129,28 @@ def small_tokenizer_run(tmp_path_factory) -> Path:
     result = train(run_dir, 'codebook_size="256"', "eval.rfid=false")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def wandb_records(run_dir: Path, folder: str = "offline-run-*") -> list:
+    """The records of a run's offline W&B file (LevelDB log format: 32 KiB blocks of chunks with a
+    7-byte header: crc32, length, type; type 1 = a whole record, 2/3/4 = first/middle/last chunk). `folder`: a glob
+    that matches one offline folder."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob(f"wandb/{folder}/*.wandb")
+    raw, position, chunks, records = path.read_bytes(), 7, b"", []
+    while position + 7 <= len(raw):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[position : position + 7])
+        if kind == 0:
+            break
+        chunks += raw[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+            chunks = b""
+    return records

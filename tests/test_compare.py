@@ -5,14 +5,13 @@ One 2-job sweep with evaluations at steps 2 and 4 serves every end-to-end test."
 from __future__ import annotations
 
 import json
-import struct
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import IBQ_TRAIN, error_line, run_cli
+from conftest import IBQ_TRAIN, error_line, run_cli, wandb_records
 from ibq.ledger.runs import discover
 from ibq.report.table import build_table
 from ibq.runs.record import sweep_group
@@ -33,30 +32,6 @@ def evaluated_sweep(tmp_path_factory) -> Path:
 
 def run_of(sweep_dir: Path, quantizer: str) -> Path:
     return next(p.parent for p in sweep_dir.glob(f"*quantizer={quantizer}*/run.json"))
-
-
-def wandb_records(run_dir: Path) -> list:
-    """The records of a run's offline W&B file (LevelDB log format: 32 KiB blocks of chunks with a
-    7-byte header: crc32, length, type; type 1 = a whole record, 2/3/4 = first/middle/last chunk)."""
-    from wandb.proto import wandb_internal_pb2
-
-    (path,) = run_dir.glob("wandb/offline-run-*/*.wandb")
-    raw, position, chunks, records = path.read_bytes(), 7, b"", []
-    while position + 7 <= len(raw):
-        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
-            position += 32768 - position % 32768
-            continue
-        _, length, kind = struct.unpack("<IHB", raw[position : position + 7])
-        if kind == 0:
-            break
-        chunks += raw[position + 7 : position + 7 + length]
-        position += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(chunks)
-            records.append(record)
-            chunks = b""
-    return records
 
 
 # -- end to end on the 2-job sweep -----------------------------------------------------------------------
@@ -171,6 +146,24 @@ def test_tags_name_only_the_choices_that_were_set_and_sync_lists_every_folder(tm
         (tmp_path / "wandb" / f"offline-run-{stamp}-abc123").mkdir(parents=True)
     (tmp_path / "wandb" / "offline-run-20260101_000000-other").mkdir()
     assert [p.name for p in offline_folders(tmp_path, "abc123")] == ["offline-run-20260101_000000-abc123", "offline-run-20260102_000000-abc123"]
+
+
+def test_an_evaluation_is_its_own_wandb_run_grouped_with_its_training_run(tmp_path):
+    from ibq.runs.wandb_mirror import open_evaluation_mirror
+
+    record = {"choices": {"quantizer": "vq", "logger": "wandb"}, "overrides": ["quantizer=vq", "logger=wandb"],
+              "git": {"sha": "f" * 40, "dirty": True}, "wandb": {"id": "abc123", "group": "sweep-1a2b3c"}}
+    train_config = {"logger": {"kind": "wandb", "mode": "offline", "project": "ibq", "entity": None, "group": None, "tags": [],
+                               "name": None, "base_url": None}, "seed": 3}
+    mirror = open_evaluation_mirror(tmp_path, train_config, record, "abc123", "sample", 12, "offline")
+    mirror.summarize({"gfid": 10.0})
+    mirror.finish()
+    assert mirror.run_id == "abc123-sample-12"  # the same for every scoring of step 12: W&B resumes the run
+    run = next(r.run for r in wandb_records(tmp_path) if r.WhichOneof("record_type") == "run")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert run.job_type == "sample" and run.run_group == "sweep-1a2b3c" and run.display_name == f"{tmp_path.name}-sample-12"
+    assert list(run.tags) == ["quantizer:vq"] and run.project == "ibq"
+    assert config["train_run_id"] == "abc123" and config["seed"] == 3 and config["git"] == {"commit": "f" * 40, "dirty": True}
 
 
 def test_two_sweeps_in_folders_of_the_same_name_get_two_groups(tmp_path):

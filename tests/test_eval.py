@@ -14,7 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, error_line, read_jsonl, run_cli, train
+from conftest import REPO, error_line, read_jsonl, run_cli, train, wandb_records
 from ibq.cli import eval as eval_app
 from ibq.config import quote_numeric_choices
 from ibq.config import build
@@ -132,11 +132,17 @@ def test_eval_reproduces_the_runs_own_metrics_and_records_them(run_copy: Path, t
     assert lines[-1]["step"] == 4 and lines[-1]["rfid"] == evaluated["rfid"] and lines[-1]["eval/weights"] == "ema"
     assert len(list(cache.glob("photos-val-*px-*.npz"))) == 1
 
-    signature = json.loads((run_copy / "run.json").read_text())["wandb"]["id"]
-    offline_runs = list((run_copy / "wandb").glob(f"offline-run-*-{signature}"))
-    assert len(offline_runs) == 1, "the evaluation resumes the training run's W&B id"
+    record = json.loads((run_copy / "run.json").read_text())
+    train_id = record["wandb"]["id"]
+    offline_runs = list((run_copy / "wandb").glob(f"offline-run-*-{train_id}-eval-4"))
+    assert len(offline_runs) == 1, "the evaluation is its own W&B run, named after the training run and the step"
     tables = list(offline_runs[0].rglob("*.table.json"))
     assert tables and "rfid" in tables[0].read_text()
+    run = next(r.run for r in wandb_records(run_copy, offline_runs[0].name) if r.WhichOneof("record_type") == "run")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert run.job_type == "eval" and run.run_id == f"{train_id}-eval-4" and run.run_group == (record["wandb"]["group"] or "")
+    assert config["train_run_id"] == train_id and config["git"] == {"commit": record["git"]["sha"], "dirty": record["git"]["dirty"]}
+    assert config["choices"] == record["choices"] and config["evaluated_step"] == 4
 
 
 @pytest.mark.slow

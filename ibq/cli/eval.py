@@ -1,9 +1,9 @@
 """`ibq-eval`: metrics of a trained tokenizer (reconstruction) or of generated samples (generation).
 
 The metrics go into the evaluated run: merged into results.json, a metrics.jsonl line at the checkpoint's
-step, and its W&B run (summary and a table). Everything that can be wrong with the input (paths, a checkpoint
-that does not fit the config, the resolution, a required network file, a malformed samples file) is checked
-before any metric is computed, so a rejected evaluation writes nothing."""
+step, and a W&B run of their own grouped with the training run (summary and a table). Everything that can be
+wrong with the input (paths, a checkpoint that does not fit the config, the resolution, a required network
+file, a malformed samples file) is checked before any metric is computed, so a rejected evaluation writes nothing."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from ibq.metrics.fid import FID_FEATURE_DIM, load_fid_network
 from ibq.metrics.lpips import BACKBONE_FILES, load_lpips
 from ibq.metrics.reference import ReferenceCache, ReferenceStats, dataset_name, load_reference_npz, reference_key
 from ibq.runs.record import MetricsLog, config_differences, group_choices, merge_results
-from ibq.runs.wandb_mirror import WandbMirror
+from ibq.runs.wandb_mirror import open_evaluation_mirror
 
 log = logging.getLogger("ibq.eval")
 
@@ -265,21 +265,19 @@ def scalars(results: dict) -> dict:
     return {key: value for key, value in results.items() if isinstance(value, (int, float, str))}
 
 
-def publish(run_dir: Path, step: int, results: dict, train_cfg: DictConfig | None, run_id: str | None, wandb_mode: str) -> str | None:
-    """Merge into results.json, append to metrics.jsonl and mirror to the run's W&B run; returns the W&B dir."""
+def publish(run_dir: Path, step: int, results: dict, train_cfg: DictConfig | None, run_id: str | None, wandb_mode: str,
+            job_type: str) -> str | None:
+    """Merge into results.json, append to metrics.jsonl and log to the evaluation's own W&B run, grouped with the
+    training run (`job_type` eval or sample); returns the W&B dir."""
     merge_results(run_dir / "results.json", results)
     MetricsLog(run_dir / "metrics.jsonl").append(step, scalars(results))
 
     logger = train_cfg.get("logger") if train_cfg is not None else None
     if logger is None or logger.get("kind") != "wandb" or wandb_mode == "disabled" or run_id is None:
         return None
-    record = run_dir / "run.json"
-    trained_in = (json.loads(record.read_text()).get("wandb") or {}).get("group") if record.is_file() else None
-    mirror = WandbMirror(
-        run_dir=run_dir, run_id=run_id, config={"evaluation": scalars(results)}, project=logger.project,
-        entity=logger.entity, group=logger.group or trained_in, name=logger.name or run_dir.name, mode=wandb_mode,
-        base_url=logger.base_url,
-    )
+    record_path = run_dir / "run.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    mirror = open_evaluation_mirror(run_dir, OmegaConf.to_container(train_cfg, resolve=True), record, run_id, job_type, step, wandb_mode)
     mirror.summarize(scalars(results))
     numbers = [[key, float(value)] for key, value in scalars(results).items() if not isinstance(value, (str, bool))]
     mirror.log_table("eval/metrics", ["metric", "value"], numbers)
@@ -377,7 +375,7 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> list[str]:
     if data.name:
         results.update(named_metrics(data.name, metrics))
     if run_dir is not None:
-        wandb_dir = publish(run_dir, step, results, train_cfg, wandb_run_id(run_dir, checkpoint), cfg.wandb_mode)
+        wandb_dir = publish(run_dir, step, results, train_cfg, wandb_run_id(run_dir, checkpoint), cfg.wandb_mode, "eval")
         destination = run_dir / "results.json"
     else:
         destination = Path(cfg.output).expanduser() if cfg.output else checkpoint_path.with_suffix(".results.json")
@@ -453,7 +451,8 @@ def reference_stats(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None
     return ReferenceStats.from_feature_stats(stats, f"{dataset_name(data_config)} {split} ({cache.path(key)})"), cached
 
 
-def evaluate_generation(cfg: DictConfig, choices: dict) -> list[str]:
+def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval") -> list[str]:
+    """`job_type`: `sample` when ibq-sample scores its own samples."""
     if cfg.checkpoint:
         raise UserError("checkpoint= is for reconstruction; generation takes samples= (and run_dir= to record into a run)")
     samples = AdmSamples(Path(cfg.samples).expanduser())
@@ -493,7 +492,7 @@ def evaluate_generation(cfg: DictConfig, choices: dict) -> list[str]:
     if run_dir is not None:
         results_path = run_dir / "results.json"
         step = json.loads(results_path.read_text()).get("step", 0) if results_path.is_file() else 0
-        wandb_dir = publish(run_dir, step, results, train_cfg, wandb_run_id(run_dir, None), cfg.wandb_mode)
+        wandb_dir = publish(run_dir, step, results, train_cfg, wandb_run_id(run_dir, None), cfg.wandb_mode, job_type)
         destination = results_path
     else:
         destination = Path(cfg.output).expanduser() if cfg.output else samples.path.with_suffix(".results.json")

@@ -102,7 +102,7 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     print(f"  samples (ADM .npz)    {samples_path}")
     print(f"  grid                  {out_dir / 'grid.png'}")
     if eval_cfg is not None:
-        print("\n".join(evaluate_generation(eval_cfg, choices={})))
+        print("\n".join(evaluate_generation(eval_cfg, choices={}, job_type="sample")))
         scores = json.loads((run.run_dir / "results.json").read_text())  # where ibq-eval records them
         results.update({key: value for key, value in scores.items() if key.split("/")[0] in ("gfid", "is", "eval")})
     write_json(out_dir / "results.json", results)

@@ -11,6 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from ibq.runs.record import LAUNCH_CHOICES
 from ibq.runs.usage import sorted_frequencies
 
@@ -167,6 +169,16 @@ def offline_folders(run_dir: Path, run_id: str | None) -> list[Path]:
     return sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
 
 
+def run_tags(logger_cfg, choices: dict, overrides: list[str]) -> list[str]:
+    """The logger's own tags and the choices that were set rather than left at their defaults."""
+    return list(logger_cfg.tags or []) + [f"{k}:{v}" for k, v in varied_choices(choices, overrides).items()]
+
+
+def provenance(choices: dict, git: dict) -> dict:
+    """What W&B's filters need beside the resolved config: the config-group choices and the git state."""
+    return {"choices": choices, "git": {"commit": git.get("sha"), "dirty": git.get("dirty")}}
+
+
 def open_mirror(logger_cfg, run_dir: Path, run_id: str, config: dict, choices: dict, overrides: list[str], git: dict,
                 group: str | None, job_type: str = "train") -> NullMirror:
     """The mirror a run's `logger` config asks for. Its config also holds the choices and the git state
@@ -176,13 +188,41 @@ def open_mirror(logger_cfg, run_dir: Path, run_id: str, config: dict, choices: d
     return WandbMirror(
         run_dir=run_dir,
         run_id=run_id,
-        config={**config, "choices": choices, "git": {"commit": git.get("sha"), "dirty": git.get("dirty")}},
+        config={**config, **provenance(choices, git)},
         project=logger_cfg.project,
         entity=logger_cfg.entity,
         group=logger_cfg.group or group,
-        tags=list(logger_cfg.tags or []) + [f"{k}:{v}" for k, v in varied_choices(choices, overrides).items()],
+        tags=run_tags(logger_cfg, choices, overrides),
         name=logger_cfg.name or run_dir.name,
         mode=logger_cfg.mode,
+        base_url=logger_cfg.base_url,
+        job_type=job_type,
+    )
+
+
+def evaluation_run_id(train_run_id: str, job_type: str, step: int) -> str:
+    """Stable per training run, kind and step: evaluating the same checkpoint again resumes its W&B run."""
+    return f"{train_run_id}-{job_type}-{step}"
+
+
+def open_evaluation_mirror(run_dir: Path, train_config: dict, record: dict, train_run_id: str, job_type: str, step: int,
+                           mode: str) -> WandbMirror:
+    """An evaluation's own W&B run (job_type `eval` or `sample`) beside its training run: the same project,
+    entity and group, the training run's config, choices and git state plus `train_run_id`, so that W&B's
+    filters and the Report group it with the run it evaluates. `record` is the training run's run.json."""
+    logger_cfg = OmegaConf.create(train_config["logger"])
+    name = logger_cfg.name or run_dir.name
+    return WandbMirror(
+        run_dir=run_dir,
+        run_id=evaluation_run_id(train_run_id, job_type, step),
+        config={**train_config, **provenance(record.get("choices") or {}, record.get("git") or {}),
+                "train_run_id": train_run_id, "evaluated_step": step},
+        project=logger_cfg.project,
+        entity=logger_cfg.entity,
+        group=logger_cfg.group or (record.get("wandb") or {}).get("group"),
+        tags=run_tags(logger_cfg, record.get("choices") or {}, record.get("overrides") or []),
+        name=f"{name}-{job_type}-{step}",
+        mode=mode,
         base_url=logger_cfg.base_url,
         job_type=job_type,
     )
