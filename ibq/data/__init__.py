@@ -1,5 +1,5 @@
 """Datasets: training items addressed by global sample position (see positions.py), or streamed from
-tar shards with their position in the checkpoint (see shards.py)."""
+tar shards with their position in the checkpoint (see shards/)."""
 
 from ibq.data.splits import DataSplits
 from ibq.data.image_folder import build_image_folder

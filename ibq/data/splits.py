@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-if TYPE_CHECKING:  # shards.py builds DataSplits itself
+if TYPE_CHECKING:  # ibq.data.shards builds DataSplits itself
     from ibq.data.shards import ShardStream
 
 
