@@ -125,6 +125,20 @@ def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: 
     return figures
 
 
+def chunked_ibq_path(device) -> str:
+    """What chunked IBQ runs on this device in the measured code: the fused Triton kernels (forward, and
+    backward since they exist) or the torch slice loops."""
+    import torch
+
+    try:
+        from ibq.quantizers import triton_ibq
+    except ImportError:  # code from before the kernels
+        return "torch"
+    if not triton_ibq.available(torch.empty(0, device=device)):
+        return "torch"
+    return "triton fwd+bwd" if hasattr(triton_ibq, "logit_gradients") else "triton fwd, torch bwd"
+
+
 def ibq_figures(device, real: bool) -> dict:
     import torch
 
@@ -153,7 +167,7 @@ def ibq_figures(device, real: bool) -> dict:
     chunked_small = quantizer(small, chunk)
     chunked = timed(fwd_bwd(chunked_small), device, repeats)
     chunked_large = timed(fwd_bwd(quantizer(large, 4 * chunk)), device, repeats)
-    SETTINGS["ibq"] = f"N={tokens} D={dim} K={small},{large} chunk={chunk},{4 * chunk} fp32"
+    SETTINGS["ibq"] = f"N={tokens} D={dim} K={small},{large} chunk={chunk},{4 * chunk} fp32 ({chunked_ibq_path(device)})"
     figures = {
         "ibq_dense_ms_k262144": dense * 1e3,
         "ibq_chunked_ms_k262144": chunked * 1e3,

@@ -73,6 +73,26 @@ def kill_at_first_checkpoint(args: list[str], run_dir: Path) -> int:
     return torch.load(checkpoint, weights_only=False)["step"]
 
 
+# Every way a Python-side read of a tensor waits for the device, and the collectives that would.
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+COLLECTIVES = ("all_reduce", "barrier", "broadcast")
+
+
+def record_host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now until `monkeypatch.undo()`, the name of each host read of a tensor and each collective,
+    in the list returned (the collectives are recorded, not run)."""
+    import torch
+    import torch.distributed
+
+    reads: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _name=name, _original=original, **k: reads.append(_name) or _original(self, *a, **k))
+    for name in COLLECTIVES:
+        monkeypatch.setattr(torch.distributed, name, lambda *a, _name=name, **k: reads.append(_name))
+    return reads
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 

@@ -22,6 +22,19 @@ WEIGHTS = dict(
 )
 
 
+# Set in the process test_triton_kernels_under_the_interpreter starts: there chunked IBQ runs the Triton
+# kernels, on CPU tensors, under Triton's interpreter.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(autouse=True)
+def triton_kernels_when_interpreted(monkeypatch: pytest.MonkeyPatch):
+    if INTERPRETED:
+        from ibq.quantizers import triton_ibq
+
+        monkeypatch.setattr(triton_ibq, "available", lambda tokens: True)
+
+
 def reference_ibq(z, codebook, *, double_quant_weight, commitment_weight, codebook_weight, entropy_weight,
                   entropy_temperature, sample_entropy_weight, codebook_entropy_weight):
     """The released IBQ quantizer written out with plain torch ops (SEED-Voken's IndexPropagationQuantize)."""
@@ -183,17 +196,16 @@ def test_chunked_runs_without_autograd():
     torch.testing.assert_close(out.loss, out_dense.loss, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_gradient_is_as_accurate_as_dense_at_the_released_settings():
-    """D = 256, T = 0.01, K = 16384, two slices, codes near a shared direction (|L| ~ 70, logits a few T
-    apart, as in a trained codebook): the chunked fp32 gradient is within 2x the dense fp32 gradient's
-    distance from an fp64 evaluation of the formula."""
-    tokens_per_image, k, dim = 256, 16384, 256
+def assert_as_accurate_as_dense_near_a_shared_direction(side: int, k: int, dim: int, chunk_size: int, device: str = "cpu"):
+    """T = 0.01, codes near a shared direction (|L| ~ 70, logits a few T apart, as in a trained codebook):
+    the chunked fp32 gradient is within 2x the dense fp32 gradient's distance from an fp64 evaluation of
+    the formula."""
     weights = dict(WEIGHTS, commitment_weight=0.25, codebook_weight=1.0, entropy_weight=0.05, entropy_temperature=0.01,
                    codebook_entropy_weight=1.0)
     generator = torch.Generator().manual_seed(0)
     shared = torch.full((dim,), (70 / dim) ** 0.5)
-    tokens = shared + 0.1 * torch.randn(tokens_per_image, dim, generator=generator)
-    z = tokens.t().reshape(1, dim, 16, 16).contiguous()
+    tokens = shared + 0.1 * torch.randn(side * side, dim, generator=generator)
+    z = tokens.t().reshape(1, dim, side, side).contiguous()
     upstream = torch.randn(z.shape, generator=generator)
     codebook = shared + 0.005 * torch.randn(k, dim, generator=generator)
 
@@ -202,42 +214,56 @@ def test_chunked_gradient_is_as_accurate_as_dense_at_the_released_settings():
     ((z_q * upstream.double()).sum() + loss).backward()
 
     def relative_error(chunk_size):
-        quantizer = IBQ(k, dim, **weights, chunk_size=chunk_size)
+        quantizer = IBQ(k, dim, **weights, chunk_size=chunk_size).to(device)
         quantizer.codebook.weight.data.copy_(codebook)
-        _, grad_z, grad_codebook = run(quantizer, z, upstream)
-        return [float((grad.double() - exact).norm() / exact.norm()) for grad, exact in ((grad_z, z64.grad), (grad_codebook, codebook64.grad))]
+        _, grad_z, grad_codebook = run(quantizer, z.to(device), upstream.to(device))
+        return [float((grad.cpu().double() - exact).norm() / exact.norm())
+                for grad, exact in ((grad_z, z64.grad), (grad_codebook, codebook64.grad))]
 
-    dense, chunked = relative_error(None), relative_error(8192)
+    dense, chunked = relative_error(None), relative_error(chunk_size)
     assert chunked[0] <= 2 * dense[0] and chunked[1] <= 2 * dense[1], (chunked, dense)
 
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+def test_chunked_gradient_is_as_accurate_as_dense_at_the_released_settings():
+    """D = 256, K = 16384 in two slices."""
+    assert_as_accurate_as_dense_near_a_shared_direction(16, 16384, 256, chunk_size=8192)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 from the start: test_triton_kernels_under_the_interpreter runs it so")
-def test_triton_forward_equals_dense():
-    """The fused kernels of the chunked forward pass (ibq.quantizers.triton_ibq), run by Triton's
-    interpreter on CPU: same indices, loss and gradients as the dense path. Uneven K and D exercise
-    the tiles' masks."""
-    from ibq.quantizers import triton_ibq
-
-    triton_ibq.available = lambda tokens: True  # this process only
-    # 72 tokens: two row tiles, the second partial; 300 codes and 40 dimensions: partial tiles too
-    assert_chunked_equals_dense_at_paper_beta(300, 40, (2, 40, 6, 6), chunk_size=96)
+def test_triton_kernels_equal_dense():
+    """The fused kernels of chunked IBQ (ibq.quantizers.triton_ibq), forward and backward, run by Triton's
+    interpreter on CPU: same indices, loss and gradients as the dense path, and gradients as close to an
+    fp64 evaluation as the dense path's. Uneven N, K and D exercise the tiles' masks."""
+    # 72 and 81 tokens: two row tiles, the second partial; 150 and 100 codes, 40 and 48 dimensions: partial
+    # tiles too, and the codes shared out over two ranges
+    assert_chunked_equals_dense_at_paper_beta(150, 40, (2, 40, 6, 6), chunk_size=96)
+    assert_as_accurate_as_dense_near_a_shared_direction(9, 100, 48, chunk_size=96)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the process it starts")
 def test_triton_kernels_under_the_interpreter():
-    """Triton decides at import whether kernels are compiled or interpreted: a fresh process it is."""
+    """Triton decides at import whether kernels are compiled or interpreted: a fresh process it is. It also
+    runs the gradient tests of partly used outputs, which turn the backward kernels' paths on and off."""
     pytest.importorskip("triton", reason="Triton is not installed: CPU-only builds of torch come without it")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "test_triton_forward_equals_dense"],
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
+         "test_triton_kernels_equal_dense or test_chunked_gradients_when_only_some_outputs_are_used"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
     )
-    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:]
+    assert result.returncode == 0 and "4 passed" in result.stdout, result.stdout[-3000:]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: there the chunked forward pass runs as Triton kernels")
-def test_triton_forward_equals_dense_on_cuda():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: there chunked IBQ runs as Triton kernels")
+def test_triton_kernels_equal_dense_on_cuda():
     pytest.importorskip("triton", reason="Triton is not installed")
     assert_chunked_equals_dense_at_paper_beta(3000, 64, (4, 64, 8, 8), chunk_size=512, device="cuda")
+    assert_as_accurate_as_dense_near_a_shared_direction(16, 16384, 256, chunk_size=8192, device="cuda")
+    quantizer = IBQ(3000, 64, **WEIGHTS, chunk_size=512).cuda()
+    z, upstream = (t.cuda() for t in inputs(7, shape=(4, 64, 8, 8)))
+    run(quantizer, z, upstream)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # forward and backward never wait for the GPU
+    try:
+        run(quantizer, z, upstream)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -6,15 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed
 from hydra import compose, initialize_config_dir
 
+from conftest import record_host_reads
 import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
 from ibq.config import CONF_DIR
 from ibq.engine.train_tokenizer import TokenizerTraining
-
-# Every way a Python-side read of a tensor waits for the device, and the collective of the old check.
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
 
 
 def tiny_training(tmp_path: Path, *overrides: str) -> TokenizerTraining:
@@ -36,12 +33,7 @@ def test_the_step_reads_nothing_on_the_host(tmp_path: Path, monkeypatch: pytest.
     batches = micro_batches(training, accumulation)
     training._step(1, batches, autocast)  # warm-up: lazy state (optimizer steps) is created here
 
-    reads: list[str] = []
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _name=name, _original=original, **k: reads.append(_name) or _original(self, *a, **k))
-    for name in ("all_reduce", "barrier", "broadcast"):
-        monkeypatch.setattr(torch.distributed, name, lambda *a, _name=name, **k: reads.append(_name))
+    reads = record_host_reads(monkeypatch)
     for step in (2, 3):
         metrics = training._step(step, batches, autocast)
     monkeypatch.undo()

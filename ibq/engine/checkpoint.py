@@ -96,13 +96,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def stop_if_not_finite(step: int, losses: dict[str, torch.Tensor], checkpoint: Path, last_good: int | None, device: torch.device) -> None:
-    """Every rank stops together when a loss is non-finite on any of them."""
-    bad = {name: value.item() for name, value in losses.items() if not torch.isfinite(value)}
-    if any_rank(bool(bad), device):
-        raise _diverged(step, bad, checkpoint, last_good)
-
-
 def _diverged(step: int, bad: dict[str, float], checkpoint: Path, last_good: int | None) -> TrainingDiverged:
     kept = f"the last good checkpoint is {checkpoint} (step {last_good})" if last_good else "no checkpoint was written yet"
     where = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
@@ -110,10 +103,10 @@ def _diverged(step: int, bad: dict[str, float], checkpoint: Path, last_good: int
 
 
 class DivergenceWatch:
-    """`stop_if_not_finite` without waiting for the device at every step: `observe` keeps, on the
-    device, the first step whose losses were non-finite and those losses; `check` reads them on the
-    host (and agrees across ranks) only when called: at log steps and before every checkpoint, so no
-    checkpoint ever holds weights updated from a non-finite loss."""
+    """Every rank stops together when a loss was non-finite on any of them, without waiting for the
+    device at every step: `observe` keeps, on the device, the first step whose losses were non-finite
+    and those losses; `check` reads them on the host (and agrees across ranks) only when called: at log
+    steps and before every checkpoint, so no checkpoint ever holds weights updated from a non-finite loss."""
 
     def __init__(self, checkpoint: Path, last_good: int | None, device: torch.device):
         self.checkpoint, self.last_good, self.device = checkpoint, last_good, device

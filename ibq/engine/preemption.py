@@ -1,8 +1,9 @@
 """Preemption and time limits.
 
 The requeue signal (cluster.requeue_signal; Slurm sends it `signal_delay_s` before the time limit, an
-admin or a test sends it to preempt) is only noted when it arrives. At the next step boundary every
-rank learns of it, every rank takes part in a checkpoint, and rank 0 requeues the job through
+admin or a test sends it to preempt) is only noted when it arrives. At a step boundary every rank
+learns of it (the next one in a single process; with several ranks, the next step at which they agree
+on it, see REQUEUE_CHECK_EVERY), every rank takes part in a checkpoint, and rank 0 requeues the job through
 submitit: the requeued job runs the same call again and so resumes from the checkpoint in the same run
 directory, under the same W&B run. A signal near the time limit counts against the job's bound on
 timeout requeues (cluster.max_requeues_on_timeout); preemption does not. Outside a submitit job the
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 
 # "Try again later": the run stopped cleanly after a checkpoint and resumes when started again.
 INTERRUPTED_EXIT_CODE = 75
+# With several ranks the signal is agreed on by a collective, which waits for the device: it is taken at
+# log and checkpoint steps (which wait anyway) and every this many steps, the same steps on every rank.
+# Ten steps are seconds at paper scale, well inside the signal's lead (cluster.signal_delay_s).
+REQUEUE_CHECK_EVERY = 10
 
 
 class StoppedAtCheckpoint(SystemExit):
@@ -74,8 +79,14 @@ class RequeueSignal:
         # Nothing else here: a handler runs between two bytecodes, possibly inside a collective.
         self.received = True
 
-    def pending(self, device: torch.device) -> bool:
-        """Whether any rank received the signal (a collective: every rank calls it at each step)."""
+    def pending(self, device: torch.device, step: int, waits_anyway: bool) -> bool:
+        """Whether any rank received the signal: in a single process, a flag read at every step; with
+        several ranks, a collective at steps that wait for the device anyway (`waits_anyway`: a log or
+        checkpoint step) and every REQUEUE_CHECK_EVERY steps (every rank calls it at every step)."""
+        if not distributed.active():
+            return self.received
+        if step % REQUEUE_CHECK_EVERY and not waits_anyway:
+            return False
         return any_rank(self.received, device)
 
     def submitit_handler(self):
@@ -106,14 +117,14 @@ class RequeueSignal:
 
 
 def checkpoint_or_leave(step: int, steps: int, checkpoint_every: int, save, requeue: RequeueSignal,
-                        device: torch.device, ranks: distributed.Ranks, session) -> bool:
+                        device: torch.device, ranks: distributed.Ranks, session, logged: bool) -> bool:
     """The end of a training step on every rank: the periodic (and the final) checkpoint; on a pending
     requeue signal, a checkpoint at this step unless one was just written, then the exit for requeue.
-    Returns whether `save(step)` wrote a checkpoint."""
+    `logged`: this step's figures were read on the host. Returns whether `save(step)` wrote a checkpoint."""
     saved = step % checkpoint_every == 0 or step == steps
     if saved:
         save(step)
-    if step < steps and requeue.pending(device):
+    if step < steps and requeue.pending(device, step, waits_anyway=logged or saved):
         if not saved:
             save(step)
         leave_for_requeue(step, requeue, ranks, session)

@@ -31,7 +31,7 @@ from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.config import build
 from ibq.engine.build import resolve_precision
-from ibq.engine.checkpoint import foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_not_finite, stop_if_state_not_finite
+from ibq.engine.checkpoint import DivergenceWatch, foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.session import RunSession
@@ -191,6 +191,8 @@ class ARTraining:
         distributed.init_process_group(self.ranks, self.device, always=self.zero_stage is not None)
         self.trainee = self._wrap()  # what the step calls: the model, its DDP wrapper, or its DeepSpeed engine
         self.start_step = self._resume() if self.checkpoint_path.exists() else 0
+        last_good = self.start_step if self.checkpoint_path.exists() else None
+        self.divergence = DivergenceWatch(self.checkpoint_path, last_good, self.device)
         self.session = RunSession(run_dir, self.ranks, self.signature)
 
     def _wrap(self):
@@ -239,6 +241,7 @@ class ARTraining:
     def _save(self, step: int) -> None:
         """All ranks: DeepSpeed's engine writes its shards; then rank 0 commits last.pt, which holds the
         full weights (what ibq-sample reads) and names the shards."""
+        self.divergence.check(step)  # never a checkpoint of weights updated from a non-finite loss
         tag = f"step{step:07d}" if self.zero_stage is not None else None
         state = {
             "step": step,
@@ -311,7 +314,6 @@ class ARTraining:
         cfg, device, layout, main = self.cfg, self.device, self.layout, self.ranks.is_main
         steps = self.total_steps
         autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-        last_good = self.start_step if self.checkpoint_path.exists() else None
         window = {"data": 0.0, "total": 0.0, "images": 0}
         batches = self._batches()
         progress = tqdm(total=steps, initial=self.start_step, desc="train_ar", dynamic_ncols=True, disable=not main)
@@ -321,16 +323,19 @@ class ARTraining:
                 started = time.perf_counter()
                 values = var_schedule(step - 1, **self.schedule)
                 apply_schedule(self.optimizer, values, cfg.ar_optim.decay_all_groups)
-                loss, grad_norm, data_time = self._step(step, batches, autocast, last_good)
+                loss, grad_norm, data_time = self._step(step, batches, autocast)
                 window["data"] += data_time
                 window["total"] += time.perf_counter() - started
                 window["images"] += layout.global_batch
                 progress.update(1)
 
-                if step % cfg.ar_train.log_every == 0 or step == steps:
+                logged = step % cfg.ar_train.log_every == 0 or step == steps
+                if logged:
+                    # The step's loss and gradient norm are device tensors until here: the only host reads between logs.
+                    self.divergence.check(step)
                     metrics = distributed.mean_over_ranks({"loss": loss, "throughput/data_wait_share": window["data"] / window["total"]}, device)
                     metrics.update({
-                        "grad_norm": grad_norm,
+                        "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                         "lr": values.lr,
                         "weight_decay": values.weight_decay,
                         "throughput/images_per_s": window["images"] / window["total"],
@@ -339,8 +344,9 @@ class ARTraining:
                     window = {"data": 0.0, "total": 0.0, "images": 0}
                     self.session.log(step, metrics)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{values.lr:.2e}")
-                if checkpoint_or_leave(step, steps, cfg.ar_train.checkpoint_every, self._save, requeue, device, self.ranks, self.session):
-                    last_good = step
+                if checkpoint_or_leave(step, steps, cfg.ar_train.checkpoint_every, self._save, requeue, device, self.ranks, self.session,
+                                       logged):
+                    self.divergence.saved(step)
 
         if not main:
             return {}
@@ -357,8 +363,10 @@ class ARTraining:
         merge_results(self.run_dir / "results.json", results)
         return results
 
-    def _step(self, step: int, batches, autocast, last_good: int | None) -> tuple[float, float, float]:
-        """One optimizer step over this rank's micro-batches: (mean loss, gradient norm, seconds waiting for data)."""
+    def _step(self, step: int, batches, autocast) -> tuple[Tensor, Tensor | float | None, float]:
+        """One optimizer step over this rank's micro-batches: (mean loss, gradient norm, seconds waiting for
+        data), the loss and the norm as device tensors (DeepSpeed's norm as its engine gives it): nothing
+        here waits for the device."""
         trainee, accumulation = self.trainee, self.layout.accumulation
         loss, data_time = torch.zeros((), device=self.device), 0.0
         for index in range(accumulation):
@@ -370,7 +378,7 @@ class ARTraining:
             with sync:
                 with autocast:
                     micro_loss = next_token_loss(trainee(tokens, labels), tokens)
-                stop_if_not_finite(step, {"loss": micro_loss}, self.checkpoint_path, last_good, self.device)
+                self.divergence.observe(step, {"loss": micro_loss})
                 if self.zero_stage is not None:
                     trainee.backward(micro_loss)  # scales by 1/accumulation; step() updates at the last micro-batch
                     trainee.step()
@@ -378,14 +386,13 @@ class ARTraining:
                     self.scaler.scale(micro_loss / accumulation).backward()
             loss += micro_loss.detach() / accumulation
         if self.zero_stage is not None:
-            grad_norm = trainee.get_global_grad_norm()  # clipped to ar_optim.grad_clip inside the engine
-            return loss.item(), float(grad_norm) if grad_norm is not None else float("nan"), data_time
+            return loss, trainee.get_global_grad_norm(), data_time  # clipped to ar_optim.grad_clip inside the engine
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.ar_optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item(), grad_norm.item(), data_time
+        return loss, grad_norm, data_time
 
     def _sample_grid(self, step: int) -> str:
         """Rank 0: one sample for each of the first grid_classes classes, with the run's sampling settings."""

@@ -317,7 +317,8 @@ class TokenizerTraining:
                 window["images"] += layout.global_batch
                 progress.update(1)
 
-                if step % cfg.train.log_every == 0 or step == steps:
+                logged = step % cfg.train.log_every == 0 or step == steps
+                if logged:
                     # The step's figures are device tensors until here: the only host reads between logs.
                     self.divergence.check(step)
                     counters = self.batches.counters()
@@ -334,7 +335,8 @@ class TokenizerTraining:
 
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != steps:
                     self._evaluate(evaluator, codebook_size, step)
-                if checkpoint_or_leave(step, steps, cfg.train.checkpoint_every, self._save, requeue, device, self.ranks, self.session):
+                if checkpoint_or_leave(step, steps, cfg.train.checkpoint_every, self._save, requeue, device, self.ranks, self.session,
+                                       logged):
                     self.divergence.saved(step)
         if self.start_step == steps and steps > 0 and main:
             log.info("run already trained to %d steps: evaluating its checkpoint", steps)

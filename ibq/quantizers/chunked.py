@@ -124,6 +124,67 @@ def _sharp_statistics(tokens, codebook, temperature, chunk_size, max_logit, log_
     return average.div_(n), token_entropy
 
 
+def _value_unless_zero(gradient: Tensor | None) -> float | None:
+    return None if gradient is None or float(gradient) == 0.0 else float(gradient)
+
+
+def _logit_gradients(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum, grad_z_q, sample_weight, code_weight,
+                     grad_codebook):
+    """The backward pass through the logits, slice by slice: returns dLoss/dtokens and adds dLoss/dcodebook
+    to `grad_codebook` (when given). `grad_z_q` is the gradient of the straight-through z_q, `sample_weight`
+    that of the sample entropy, `code_weight` w_k = dLoss/dqbar_k; None where unused."""
+    n, k = tokens.shape[0], codebook.shape[0]
+    soft_path, entropy_path = grad_z_q is not None, sample_weight is not None or code_weight is not None
+    sample_weight = 0.0 if sample_weight is None else sample_weight
+    # Each slice gives L - m and, on the straight-through path, G . e_k for the gradient G of z_q.
+    work_buffer = tokens.new_empty(n * min(chunk_size, k))
+
+    # Pass 1: the centres of both softmax Jacobians, as weighted means under the probabilities this
+    # pass computes: sum_k p_nk G_n.e_k / sum_k p_nk and sum_k q_nk x_nk / sum_k q_nk with
+    # x_nk = w_k - g_s log q_nk. Dividing by the sums as computed, not taking them for 1,
+    # keeps each row of dLoss/dL summing to zero in fp32, and so do the row sums taken with sum()
+    # (pairwise, where mv and bmm accumulate K terms in turn): otherwise the direction all codes share
+    # (|L| ~ 70 where T = 0.01 resolves differences of 0.01) leaks into the gradient.
+    soft_sum, soft_dot = tokens.new_zeros(n), tokens.new_zeros(n)
+    sharp_sum, sharp_dot = tokens.new_zeros(n), tokens.new_zeros(n)
+    for start, stop, shifted, dots in _logit_slices(tokens, codebook, chunk_size, max_logit, grad_z_q):
+        work = _rows(work_buffer, n, stop - start)
+        if soft_path:
+            unnormalised = torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_()
+            soft_sum.add_(unnormalised.sum(1))
+            soft_dot.add_(dots.mul_(unnormalised).sum(1))
+        if entropy_path:
+            log_sharp = _log_sharp(shifted, log_sharp_sum, temperature)
+            sharp = torch.exp(log_sharp, out=work)
+            sharp_sum.add_(sharp.sum(1))
+            code_slice = None if code_weight is None else code_weight[start:stop]
+            sharp_dot.add_(_entropy_weights(log_sharp, code_slice, sample_weight).mul_(sharp).sum(1))
+    log_soft_sum, soft_centre = soft_sum.log(), soft_dot / soft_sum
+
+    # Pass 2: dLoss/dL of the slice, then its products with the codebook and with the tokens.
+    # Entropy part: q_nk (x_nk - centre_n) / (N T).
+    scale = 1.0 / (n * temperature)
+    sharp_centre = (sharp_dot / sharp_sum * scale)[:, None] if entropy_path else None
+    code_term = None if code_weight is None else code_weight * scale
+    grad_tokens = torch.zeros_like(tokens)
+    for start, stop, shifted, dots in _logit_slices(tokens, codebook, chunk_size, max_logit, grad_z_q):
+        work = _rows(work_buffer, n, stop - start)
+        grad_logits = None
+        if soft_path:
+            probs = torch.sub(shifted, log_soft_sum[:, None], out=work).clamp_(min=EXP_FLOOR).exp_()
+            grad_logits = dots.sub_(soft_centre[:, None]).mul_(probs)
+        if entropy_path:
+            log_sharp = _log_sharp(shifted, log_sharp_sum, temperature)
+            sharp = torch.exp(log_sharp, out=work)
+            code_slice = None if code_term is None else code_term[start:stop]
+            term = _entropy_weights(log_sharp, code_slice, sample_weight * scale).sub_(sharp_centre)
+            grad_logits = sharp.mul_(term) if grad_logits is None else grad_logits.addcmul_(sharp, term)
+        grad_tokens.addmm_(grad_logits, codebook[start:stop])
+        if grad_codebook is not None:
+            grad_codebook[start:stop].addmm_(grad_logits.t(), tokens)
+    return grad_tokens
+
+
 class _ChunkedIBQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int):
@@ -147,11 +208,14 @@ class _ChunkedIBQ(torch.autograd.Function):
     def backward(ctx, grad_z_q, grad_z_hard, _grad_indices, grad_sample_entropy, grad_codebook_entropy):
         tokens, codebook, indices, max_logit, log_sharp_sum, average = ctx.saved_tensors
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
-        n, k = tokens.shape[0], codebook.shape[0]
-        sample_weight = 0.0 if grad_sample_entropy is None else float(grad_sample_entropy)
-        codebook_weight = 0.0 if grad_codebook_entropy is None else float(grad_codebook_entropy)
+        fused = triton_ibq.available(tokens)
+        # The entropies' incoming gradients, None where unused. On a GPU they stay there (reading one would
+        # wait for the device), so a zero one costs some arithmetic; on the host a zero one skips its term.
+        sample_weight, codebook_weight = grad_sample_entropy, grad_codebook_entropy
+        if not fused:
+            sample_weight, codebook_weight = _value_unless_zero(sample_weight), _value_unless_zero(codebook_weight)
         soft_path = grad_z_q is not None
-        entropy_path = sample_weight != 0.0 or codebook_weight != 0.0
+        entropy_path = sample_weight is not None or codebook_weight is not None
 
         grad_codebook = torch.zeros_like(codebook) if ctx.needs_input_grad[1] else None
         selected = [g for g in (grad_z_q, grad_z_hard) if g is not None]
@@ -163,56 +227,15 @@ class _ChunkedIBQ(torch.autograd.Function):
 
         # d H(qbar) / d qbar_k times the incoming gradient: the codebook entropy's weight of code k.
         code_weight = None
-        if codebook_weight != 0.0:
+        if codebook_weight is not None:
             code_weight = -((average + ENTROPY_EPS).log() + average / (average + ENTROPY_EPS)) * codebook_weight
 
-        # Each slice gives L - m and, on the straight-through path, G . e_k for the gradient G of z_q.
-        gradient = grad_z_q if soft_path else None
-        work_buffer = tokens.new_empty(n * min(chunk_size, k))
-
-        # Pass 1: the centres of both softmax Jacobians, as weighted means under the probabilities this
-        # pass computes: sum_k p_nk G_n.e_k / sum_k p_nk and sum_k q_nk x_nk / sum_k q_nk with
-        # x_nk = w_k - g_s log q_nk. Dividing by the sums as computed, not taking them for 1,
-        # keeps each row of dLoss/dL summing to zero in fp32, and so do the row sums taken with sum()
-        # (pairwise, where mv and bmm accumulate K terms in turn): otherwise the direction all codes share
-        # (|L| ~ 70 where T = 0.01 resolves differences of 0.01) leaks into the gradient.
-        soft_sum, soft_dot = tokens.new_zeros(n), tokens.new_zeros(n)
-        sharp_sum, sharp_dot = tokens.new_zeros(n), tokens.new_zeros(n)
-        for start, stop, shifted, dots in _logit_slices(tokens, codebook, chunk_size, max_logit, gradient):
-            work = _rows(work_buffer, n, stop - start)
-            if soft_path:
-                unnormalised = torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_()
-                soft_sum.add_(unnormalised.sum(1))
-                soft_dot.add_(dots.mul_(unnormalised).sum(1))
-            if entropy_path:
-                log_sharp = _log_sharp(shifted, log_sharp_sum, temperature)
-                sharp = torch.exp(log_sharp, out=work)
-                sharp_sum.add_(sharp.sum(1))
-                code_slice = None if code_weight is None else code_weight[start:stop]
-                sharp_dot.add_(_entropy_weights(log_sharp, code_slice, sample_weight).mul_(sharp).sum(1))
-        log_soft_sum, soft_centre = soft_sum.log(), soft_dot / soft_sum
-
-        # Pass 2: dLoss/dL of the slice, then its products with the codebook and with the tokens.
-        # Entropy part: q_nk (x_nk - centre_n) / (N T).
-        scale = 1.0 / (n * temperature)
-        sharp_centre = (sharp_dot / sharp_sum * scale)[:, None] if entropy_path else None
-        code_term = None if code_weight is None else code_weight * scale
-        grad_tokens = torch.zeros_like(tokens)
-        for start, stop, shifted, dots in _logit_slices(tokens, codebook, chunk_size, max_logit, gradient):
-            work = _rows(work_buffer, n, stop - start)
-            grad_logits = None
-            if soft_path:
-                probs = torch.sub(shifted, log_soft_sum[:, None], out=work).clamp_(min=EXP_FLOOR).exp_()
-                grad_logits = dots.sub_(soft_centre[:, None]).mul_(probs)
-            if entropy_path:
-                log_sharp = _log_sharp(shifted, log_sharp_sum, temperature)
-                sharp = torch.exp(log_sharp, out=work)
-                code_slice = None if code_term is None else code_term[start:stop]
-                term = _entropy_weights(log_sharp, code_slice, sample_weight * scale).sub_(sharp_centre)
-                grad_logits = sharp.mul_(term) if grad_logits is None else grad_logits.addcmul_(sharp, term)
-            grad_tokens.addmm_(grad_logits, codebook[start:stop])
-            if grad_codebook is not None:
-                grad_codebook[start:stop].addmm_(grad_logits.t(), tokens)
+        if fused:  # fused kernels on a GPU: the logits recomputed tile by tile in registers
+            grad_tokens = triton_ibq.logit_gradients(tokens, codebook, temperature, max_logit, log_sharp_sum, grad_z_q,
+                                                     sample_weight, code_weight, EXP_FLOOR, grad_codebook)
+        else:
+            grad_tokens = _logit_gradients(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum, grad_z_q,
+                                           sample_weight, code_weight, grad_codebook)
         return grad_tokens, grad_codebook, None, None
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels for the forward pass of chunked IBQ on a GPU (ibq.quantizers.chunked's notation).
+"""Triton kernels for chunked IBQ on a GPU, forward and backward (ibq.quantizers.chunked's notation).
 
 `chunked.py` streams codebook slices through torch: each slice's logits are written to memory and read
 back by a handful of passes (max, exp, sums). Here one kernel per pass computes a tile of logits with
@@ -6,10 +6,16 @@ back by a handful of passes (max, exp, sums). Here one kernel per pass computes 
 
 - `row_statistics`: per token, argmax_k L, m = max_k L, log sum_k exp((L - m) / T) and the entropy
   H(q_n), all kept online over the codebook (rescaled whenever a later tile raises the maximum);
-- `code_averages`: per code, qbar_k = mean_n q_nk, summed over the tokens in a fixed order.
+- `code_averages`: per code, qbar_k = mean_n q_nk, summed over the tokens in a fixed order;
+- `logit_gradients`: the backward pass. One kernel takes the row sums of both softmax Jacobians'
+  centres, then dLoss/dL is recomputed tile by tile and multiplied by the codebook (one kernel per
+  token tile: the tokens' gradient) and by the tokens (one kernel per code tile: the codebook's).
 
-Memory beyond the inputs is O(N + K). Products are IEEE fp32 (`input_precision="ieee"`), as the
-dense path's GEMM, so the argmax agrees with it. The backward pass stays chunked.py's. On CPU the
+Memory beyond the inputs and gradients is O(N * D * splits + K), splits being a few code ranges that the
+token-side kernels share out. Products are IEEE fp32 (`input_precision="ieee"`), as the dense path's
+GEMM, so the argmax agrees with it; every kernel computes a logit with the same tile shapes and the same
+order of terms, so the code that holds a row's maximum gets L - m = 0 exactly in every pass, as in
+chunked.py. Sums are taken in a fixed order: no atomics, the same bits on every run. On CPU the
 kernels run under Triton's interpreter (TRITON_INTERPRET=1), which the tests use."""
 
 from __future__ import annotations
@@ -101,6 +107,141 @@ if triton is not None:
         tl.store(average_ptr + codes, total / n, mask=code_ok)
 
 
+    # -- the backward pass ---------------------------------------------------------------------------
+    @triton.jit
+    def _shifted_and_dots(z_ptr, g_ptr, e_ptr, max_ptr, rows, codes, row_ok, code_ok, d, SOFT: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """L - m for a tile and, on the straight-through path, G_n . e_k for the gradient G of z_q."""
+        logits = _logit_tile(z_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D)
+        shifted = logits - tl.load(max_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        if SOFT:
+            dots = _logit_tile(g_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D)
+        else:
+            dots = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        return shifted, dots
+
+    @triton.jit
+    def _log_sharp(shifted, log_sharp_sum, inv_temperature, exp_floor):
+        """log q = (L - m) / T - log sum exp((L - m) / T), clamped as chunked.py's."""
+        return tl.maximum(shifted * inv_temperature - log_sharp_sum[:, None], exp_floor)
+
+    @triton.jit
+    def _row_sums_kernel(z_ptr, g_ptr, e_ptr, max_ptr, log_sharp_sum_ptr, code_weight_ptr, sums_ptr, n, k, d, codes_per_split,
+                         inv_temperature, sample_weight_ptr, exp_floor, SOFT: tl.constexpr, ENTROPY: tl.constexpr,
+                         CODE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Over one range of codes: sum_k p~_nk, sum_k p~_nk G_n.e_k (p~ = exp(L - m)), sum_k q_nk and
+        sum_k q_nk (w_k - g_s log q_nk), stored as sums[0..3, split, n]."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        split = tl.program_id(1)
+        log_sharp_sum = tl.load(log_sharp_sum_ptr + rows, mask=row_ok, other=0.0)
+        sample_weight = tl.load(sample_weight_ptr)
+        soft_sum = tl.zeros((BLOCK_N,), tl.float32)
+        soft_dot = tl.zeros((BLOCK_N,), tl.float32)
+        sharp_sum = tl.zeros((BLOCK_N,), tl.float32)
+        sharp_dot = tl.zeros((BLOCK_N,), tl.float32)
+        first = split * codes_per_split
+        for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
+            codes = start + tl.arange(0, BLOCK_K)
+            code_ok = codes < k
+            valid = row_ok[:, None] & code_ok[None, :]
+            shifted, dots = _shifted_and_dots(z_ptr, g_ptr, e_ptr, max_ptr, rows, codes, row_ok, code_ok, d, SOFT,
+                                              BLOCK_N, BLOCK_K, BLOCK_D)
+            if SOFT:
+                unnormalised = tl.where(valid, tl.exp(tl.maximum(shifted, exp_floor)), 0.0)
+                soft_sum += tl.sum(unnormalised, axis=1)
+                soft_dot += tl.sum(dots * unnormalised, axis=1)
+            if ENTROPY:
+                log_sharp = _log_sharp(shifted, log_sharp_sum, inv_temperature, exp_floor)
+                sharp = tl.where(valid, tl.exp(log_sharp), 0.0)
+                weights = log_sharp * -sample_weight
+                if CODE_WEIGHT:
+                    weights += tl.load(code_weight_ptr + codes, mask=code_ok, other=0.0)[None, :]
+                sharp_sum += tl.sum(sharp, axis=1)
+                sharp_dot += tl.sum(weights * sharp, axis=1)
+        out = sums_ptr + split * n + rows
+        plane = tl.num_programs(1) * n
+        tl.store(out, soft_sum, mask=row_ok)
+        tl.store(out + plane, soft_dot, mask=row_ok)
+        tl.store(out + 2 * plane, sharp_sum, mask=row_ok)
+        tl.store(out + 3 * plane, sharp_dot, mask=row_ok)
+
+    @triton.jit
+    def _logit_gradient_tile(z_ptr, g_ptr, e_ptr, max_ptr, log_sharp_sum_ptr, log_soft_sum_ptr, soft_centre_ptr, sharp_centre_ptr,
+                             code_term_ptr, rows, codes, row_ok, code_ok, d, inv_temperature, scaled_sample_weight, exp_floor,
+                             SOFT: tl.constexpr, ENTROPY: tl.constexpr, CODE_WEIGHT: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dLoss/dL of a tile: p_nk (G_n.e_k - centre_n) + q_nk (x_nk - centre'_n) / (N T), zero outside."""
+        shifted, dots = _shifted_and_dots(z_ptr, g_ptr, e_ptr, max_ptr, rows, codes, row_ok, code_ok, d, SOFT,
+                                          BLOCK_N, BLOCK_K, BLOCK_D)
+        grad = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        if SOFT:
+            log_soft_sum = tl.load(log_soft_sum_ptr + rows, mask=row_ok, other=0.0)
+            soft_centre = tl.load(soft_centre_ptr + rows, mask=row_ok, other=0.0)
+            probs = tl.exp(tl.maximum(shifted - log_soft_sum[:, None], exp_floor))
+            grad = (dots - soft_centre[:, None]) * probs
+        if ENTROPY:
+            log_sharp = _log_sharp(shifted, tl.load(log_sharp_sum_ptr + rows, mask=row_ok, other=0.0), inv_temperature, exp_floor)
+            term = log_sharp * -scaled_sample_weight
+            if CODE_WEIGHT:
+                term += tl.load(code_term_ptr + codes, mask=code_ok, other=0.0)[None, :]
+            term -= tl.load(sharp_centre_ptr + rows, mask=row_ok, other=0.0)[:, None]
+            grad += tl.exp(log_sharp) * term
+        return tl.where(row_ok[:, None] & code_ok[None, :], grad, 0.0)
+
+    @triton.jit
+    def _whole_rows(ptr, index, index_ok, d, DIMS: tl.constexpr):
+        """Rows `index` of a (rows, d) matrix, all d columns (zero outside)."""
+        dims = tl.arange(0, DIMS)
+        return tl.load(ptr + index[:, None] * d + dims[None, :], mask=index_ok[:, None] & (dims < d)[None, :], other=0.0)
+
+    @triton.jit
+    def _token_gradient_kernel(z_ptr, g_ptr, e_ptr, max_ptr, log_sharp_sum_ptr, log_soft_sum_ptr, soft_centre_ptr, sharp_centre_ptr,
+                               code_term_ptr, out_ptr, n, k, d, codes_per_split, inv_temperature, scaled_sample_weight_ptr, exp_floor,
+                               SOFT: tl.constexpr, ENTROPY: tl.constexpr, CODE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIMS: tl.constexpr):
+        """out[split, rows] = sum over this split's codes of dLoss/dL_nk e_k."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        split = tl.program_id(1)
+        dims = tl.arange(0, DIMS)
+        dim_ok = dims < d
+        total = tl.zeros((BLOCK_N, DIMS), tl.float32)
+        scaled_sample_weight = tl.load(scaled_sample_weight_ptr)
+        first = split * codes_per_split
+        for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
+            codes = start + tl.arange(0, BLOCK_K)
+            code_ok = codes < k
+            grad = _logit_gradient_tile(z_ptr, g_ptr, e_ptr, max_ptr, log_sharp_sum_ptr, log_soft_sum_ptr, soft_centre_ptr,
+                                        sharp_centre_ptr, code_term_ptr, rows, codes, row_ok, code_ok, d, inv_temperature,
+                                        scaled_sample_weight, exp_floor, SOFT, ENTROPY, CODE_WEIGHT, BLOCK_N, BLOCK_K, BLOCK_D)
+            total += tl.dot(grad, _whole_rows(e_ptr, codes, code_ok, d, DIMS), input_precision="ieee")
+        tl.store(out_ptr + (split * n + rows[:, None]) * d + dims[None, :], total, mask=row_ok[:, None] & dim_ok[None, :])
+
+    @triton.jit
+    def _codebook_gradient_kernel(z_ptr, g_ptr, e_ptr, max_ptr, log_sharp_sum_ptr, log_soft_sum_ptr, soft_centre_ptr, sharp_centre_ptr,
+                                  code_term_ptr, out_ptr, n, k, d, inv_temperature, scaled_sample_weight_ptr, exp_floor,
+                                  SOFT: tl.constexpr, ENTROPY: tl.constexpr, CODE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIMS: tl.constexpr):
+        """out[codes] += sum over all tokens of dLoss/dL_nk z_n, the tokens in a fixed order."""
+        codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        code_ok = codes < k
+        dims = tl.arange(0, DIMS)
+        dim_ok = dims < d
+        out = out_ptr + codes[:, None] * d + dims[None, :]
+        out_ok = code_ok[:, None] & dim_ok[None, :]
+        total = tl.load(out, mask=out_ok, other=0.0)
+        scaled_sample_weight = tl.load(scaled_sample_weight_ptr)
+        for start in range(0, n, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)
+            row_ok = rows < n
+            grad = _logit_gradient_tile(z_ptr, g_ptr, e_ptr, max_ptr, log_sharp_sum_ptr, log_soft_sum_ptr, soft_centre_ptr,
+                                        sharp_centre_ptr, code_term_ptr, rows, codes, row_ok, code_ok, d, inv_temperature,
+                                        scaled_sample_weight, exp_floor, SOFT, ENTROPY, CODE_WEIGHT, BLOCK_N, BLOCK_K, BLOCK_D)
+            total += tl.dot(tl.trans(grad), _whole_rows(z_ptr, rows, row_ok, d, DIMS), input_precision="ieee")
+        tl.store(out, total, mask=out_ok)
+
+
 def row_statistics(tokens: Tensor, codebook: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(indices, max_logit, log_sharp_sum, token_entropy) of (N, D) fp32 tokens against a (K, D) codebook."""
     n, d = tokens.shape
@@ -124,3 +265,56 @@ def code_averages(tokens: Tensor, codebook: Tensor, temperature: float, max_logi
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
     )
     return average
+
+
+def _code_splits(tokens: Tensor, row_tiles: int, code_tiles: int) -> int:
+    """How many code ranges the token-side kernels split the codebook into: N = 4096 tokens are only 64
+    row tiles, too few programs to fill a GPU, so each row tile's codes are shared out over about
+    2 programs per multiprocessor. Under the interpreter: 2, so that the split is exercised."""
+    programs = 2 * torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 2 * row_tiles
+    return max(1, min(code_tiles, triton.cdiv(programs, row_tiles)))
+
+
+def logit_gradients(tokens: Tensor, codebook: Tensor, temperature: float, max_logit: Tensor, log_sharp_sum: Tensor,
+                    grad_z_q: Tensor | None, sample_weight: Tensor | None, code_weight: Tensor | None, exp_floor: float,
+                    grad_codebook: Tensor | None) -> Tensor:
+    """The backward pass through the logits, chunked.py's two passes fused: returns dLoss/dtokens and adds
+    dLoss/dcodebook to `grad_codebook` (when given). `grad_z_q` is the gradient of the straight-through
+    z_q, `sample_weight` (0-d) that of the sample entropy, `code_weight` w_k = dLoss/dqbar_k; None where
+    unused, and one of the three in use. All stay on the device: nothing here waits for it."""
+    n, d = tokens.shape
+    k = codebook.shape[0]
+    tokens, codebook = tokens.contiguous(), codebook.contiguous()
+    flags = dict(SOFT=grad_z_q is not None, ENTROPY=sample_weight is not None or code_weight is not None,
+                 CODE_WEIGHT=code_weight is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+    # A path not in use is a flag off: its pointer is never read, so any tensor stands in for it.
+    gradient = tokens if grad_z_q is None else grad_z_q.contiguous()
+    code_weight = max_logit if code_weight is None else code_weight.contiguous()
+    sample_weight = tokens.new_zeros(()) if sample_weight is None else sample_weight.float()
+    row_tiles, code_tiles = triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K)
+    splits = _code_splits(tokens, row_tiles, code_tiles)
+    codes_per_split = triton.cdiv(code_tiles, splits) * BLOCK_K
+    splits = triton.cdiv(k, codes_per_split)
+
+    # The centres of both softmax Jacobians, divided by the probability sums as computed (see chunked.py).
+    sums = torch.empty(4, splits, n, dtype=torch.float32, device=tokens.device)
+    _row_sums_kernel[(row_tiles, splits)](
+        tokens, gradient, codebook, max_logit, log_sharp_sum, code_weight, sums, n, k, d, codes_per_split,
+        1.0 / temperature, sample_weight, exp_floor, **flags,
+    )
+    soft_sum, soft_dot, sharp_sum, sharp_dot = sums.sum(1)  # over the splits, in a fixed order
+    scale = 1.0 / (n * temperature)
+    rows = (log_sharp_sum, soft_sum.log(), soft_dot / soft_sum, sharp_dot / sharp_sum * scale, code_weight * scale)
+    common = (n, k, d)
+    scalars = (1.0 / temperature, sample_weight * scale, exp_floor)
+    dims = max(16, triton.next_power_of_2(d))  # tl.dot needs tiles of at least 16
+
+    partial = torch.empty(splits, n, d, dtype=torch.float32, device=tokens.device)
+    _token_gradient_kernel[(row_tiles, splits)](
+        tokens, gradient, codebook, max_logit, *rows, partial, *common, codes_per_split, *scalars, **flags, DIMS=dims,
+    )
+    if grad_codebook is not None:
+        _codebook_gradient_kernel[(code_tiles,)](
+            tokens, gradient, codebook, max_logit, *rows, grad_codebook, *common, *scalars, **flags, DIMS=dims,
+        )
+    return partial.sum(0)
