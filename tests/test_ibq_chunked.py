@@ -160,6 +160,16 @@ def test_chunked_gradients_when_only_some_outputs_are_used(used):
     assert_gradients_close(grads[1][1], grads[0][1])
 
 
+def test_equal_codes_give_the_first_index():
+    """The largest code twice, in different slices (under the interpreter: in different code ranges of the
+    Triton kernels): every token next to it takes the first, as argmax over all K does."""
+    quantizer = IBQ(150, D, chunk_size=64)
+    with torch.no_grad():
+        quantizer.codebook.weight[[3, 140]] = 10.0
+        out = quantizer(torch.ones(1, D, 2, 2))
+    assert out.indices.flatten().tolist() == [3] * 4
+
+
 def test_chunked_function_passes_gradcheck_in_float64():
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(6, 4, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -243,14 +253,15 @@ def test_triton_kernels_equal_dense():
 @pytest.mark.skipif(INTERPRETED, reason="this is the process it starts")
 def test_triton_kernels_under_the_interpreter():
     """Triton decides at import whether kernels are compiled or interpreted: a fresh process it is. It also
-    runs the gradient tests of partly used outputs, which turn the backward kernels' paths on and off."""
+    runs the gradient tests of partly used outputs, which turn the backward kernels' paths on and off, and
+    the test of equal codes."""
     pytest.importorskip("triton", reason="Triton is not installed: CPU-only builds of torch come without it")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
-         "test_triton_kernels_equal_dense or test_chunked_gradients_when_only_some_outputs_are_used"],
+         "test_triton_kernels_equal_dense or test_chunked_gradients_when_only_some_outputs_are_used or test_equal_codes_give_the_first_index"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
     )
-    assert result.returncode == 0 and "4 passed" in result.stdout, result.stdout[-3000:]
+    assert result.returncode == 0 and "5 passed" in result.stdout, result.stdout[-3000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: there chunked IBQ runs as Triton kernels")

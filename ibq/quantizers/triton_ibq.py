@@ -5,18 +5,20 @@ back by a handful of passes (max, exp, sums). Here one kernel per pass computes 
 `tl.dot` and reduces it in registers, so no logits ever reach memory:
 
 - `row_statistics`: per token, argmax_k L, m = max_k L, log sum_k exp((L - m) / T) and the entropy
-  H(q_n), all kept online over the codebook (rescaled whenever a later tile raises the maximum);
+  H(q_n), all kept online over a range of codes (rescaled whenever a later tile raises the maximum),
+  then the ranges merged the same way;
 - `code_averages`: per code, qbar_k = mean_n q_nk, summed over the tokens in a fixed order;
 - `logit_gradients`: the backward pass. One kernel takes the row sums of both softmax Jacobians'
   centres, then dLoss/dL is recomputed tile by tile and multiplied by the codebook (one kernel per
   token tile: the tokens' gradient) and by the tokens (one kernel per code tile: the codebook's).
 
-Memory beyond the inputs and gradients is O(N * D * splits + K), splits being a few code ranges that the
-token-side kernels share out. Products are IEEE fp32 (`input_precision="ieee"`), as the dense path's
-GEMM, so the argmax agrees with it; every kernel computes a logit with the same tile shapes and the same
-order of terms, so the code that holds a row's maximum gets L - m = 0 exactly in every pass, as in
-chunked.py. Sums are taken in a fixed order: no atomics, the same bits on every run. On CPU the
-kernels run under Triton's interpreter (TRITON_INTERPRET=1), which the tests use."""
+The kernels that run per token tile share each tile's codes out over a few ranges (`_split_codes`), so
+that 4096 tokens still fill a GPU. Memory beyond the inputs and gradients is O(N * D * ranges + K).
+Products are IEEE fp32 (`input_precision="ieee"`), as the dense path's GEMM, so the argmax agrees with
+it; every kernel computes a logit with the same tile shapes and the same order of terms, so the code
+that holds a row's maximum gets L - m = 0 exactly in every pass, as in chunked.py. Sums are taken in a
+fixed order: no atomics, the same bits on every run. On CPU the kernels run under Triton's interpreter
+(TRITON_INTERPRET=1), which the tests use."""
 
 from __future__ import annotations
 
@@ -54,15 +56,19 @@ if triton is not None:
         return logits
 
     @triton.jit
-    def _row_statistics_kernel(z_ptr, e_ptr, index_ptr, max_ptr, log_sum_ptr, entropy_ptr, n, k, d, inv_temperature,
+    def _row_statistics_kernel(z_ptr, e_ptr, partial_ptr, index_ptr, n, k, d, codes_per_split, inv_temperature,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Over one range of codes: max_k L, its first argmax, sum_k exp(a_nk) and sum_k exp(a_nk) a_nk
+        with a = (L - max) / T, stored as partial[0..2, split, n] and index[split, n]."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
+        split = tl.program_id(1)
         best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         best_index = tl.zeros((BLOCK_N,), tl.int64)
         sharp_sum = tl.zeros((BLOCK_N,), tl.float32)  # sum_k exp(a_nk), a = (L - m) / T
         weighted_sum = tl.zeros((BLOCK_N,), tl.float32)  # sum_k exp(a_nk) a_nk
-        for start in range(0, k, BLOCK_K):
+        first = split * codes_per_split
+        for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
             codes = start + tl.arange(0, BLOCK_K)
             code_ok = codes < k
             logits = _logit_tile(z_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D)
@@ -83,12 +89,12 @@ if triton is not None:
             p = tl.where(code_ok[None, :], tl.exp(a), 0.0)
             sharp_sum += tl.sum(p, axis=1)
             weighted_sum += tl.sum(p * a, axis=1)
-        log_sum = tl.log(sharp_sum)
-        tl.store(index_ptr + rows, best_index, mask=row_ok)
-        tl.store(max_ptr + rows, best, mask=row_ok)
-        tl.store(log_sum_ptr + rows, log_sum, mask=row_ok)
-        # H(q_n) = log S - sum_k q_nk a_nk
-        tl.store(entropy_ptr + rows, log_sum - weighted_sum / sharp_sum, mask=row_ok)
+        out = split * n + rows
+        plane = tl.num_programs(1) * n
+        tl.store(index_ptr + out, best_index, mask=row_ok)
+        tl.store(partial_ptr + out, best, mask=row_ok)
+        tl.store(partial_ptr + plane + out, sharp_sum, mask=row_ok)
+        tl.store(partial_ptr + 2 * plane + out, weighted_sum, mask=row_ok)
 
     @triton.jit
     def _code_average_kernel(z_ptr, e_ptr, max_ptr, log_sum_ptr, average_ptr, n, k, d, inv_temperature,
@@ -246,13 +252,25 @@ def row_statistics(tokens: Tensor, codebook: Tensor, temperature: float) -> tupl
     """(indices, max_logit, log_sharp_sum, token_entropy) of (N, D) fp32 tokens against a (K, D) codebook."""
     n, d = tokens.shape
     k = codebook.shape[0]
-    indices = torch.empty(n, dtype=torch.long, device=tokens.device)
-    max_logit, log_sharp_sum, token_entropy = (torch.empty(n, dtype=torch.float32, device=tokens.device) for _ in range(3))
-    _row_statistics_kernel[(triton.cdiv(n, BLOCK_N),)](
-        tokens.contiguous(), codebook.contiguous(), indices, max_logit, log_sharp_sum, token_entropy, n, k, d, 1.0 / temperature,
+    row_tiles, splits, codes_per_split = _split_codes(tokens, n, k)
+    partial = torch.empty(3, splits, n, dtype=torch.float32, device=tokens.device)
+    split_indices = torch.empty(splits, n, dtype=torch.long, device=tokens.device)
+    _row_statistics_kernel[(row_tiles, splits)](
+        tokens.contiguous(), codebook.contiguous(), partial, split_indices, n, k, d, codes_per_split, 1.0 / temperature,
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
     )
-    return indices, max_logit, log_sharp_sum, token_entropy
+    # The ranges merged as the kernel merges its tiles: the first range holding the maximum gives the
+    # index (argmax returns the first of equal values), and the sums move to the overall maximum.
+    split_max, split_sum, split_weighted = partial
+    best = split_max.argmax(0, keepdim=True)
+    max_logit = split_max.gather(0, best)
+    shift = (split_max - max_logit) * (1.0 / temperature)
+    rescale = shift.exp()
+    sharp_sum = (rescale * split_sum).sum(0)
+    weighted_sum = (rescale * (split_weighted + shift * split_sum)).sum(0)
+    log_sharp_sum = sharp_sum.log()
+    # H(q_n) = log S - sum_k q_nk a_nk
+    return split_indices.gather(0, best)[0], max_logit[0], log_sharp_sum, log_sharp_sum - weighted_sum / sharp_sum
 
 
 def code_averages(tokens: Tensor, codebook: Tensor, temperature: float, max_logit: Tensor, log_sharp_sum: Tensor) -> Tensor:
@@ -267,12 +285,15 @@ def code_averages(tokens: Tensor, codebook: Tensor, temperature: float, max_logi
     return average
 
 
-def _code_splits(tokens: Tensor, row_tiles: int, code_tiles: int) -> int:
-    """How many code ranges the token-side kernels split the codebook into: N = 4096 tokens are only 64
-    row tiles, too few programs to fill a GPU, so each row tile's codes are shared out over about
-    2 programs per multiprocessor. Under the interpreter: 2, so that the split is exercised."""
+def _split_codes(tokens: Tensor, n: int, k: int) -> tuple[int, int, int]:
+    """(row tiles, splits, codes per split): the token-side kernels share each row tile's codes out over
+    `splits` ranges, since N = 4096 tokens are only 64 row tiles, too few programs to fill a GPU: about
+    2 programs per multiprocessor. Under the interpreter: 2 ranges, so that the split is exercised."""
+    row_tiles, code_tiles = triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K)
     programs = 2 * torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 2 * row_tiles
-    return max(1, min(code_tiles, triton.cdiv(programs, row_tiles)))
+    splits = max(1, min(code_tiles, triton.cdiv(programs, row_tiles)))
+    codes_per_split = triton.cdiv(code_tiles, splits) * BLOCK_K
+    return row_tiles, triton.cdiv(k, codes_per_split), codes_per_split  # no range left empty
 
 
 def logit_gradients(tokens: Tensor, codebook: Tensor, temperature: float, max_logit: Tensor, log_sharp_sum: Tensor,
@@ -291,10 +312,7 @@ def logit_gradients(tokens: Tensor, codebook: Tensor, temperature: float, max_lo
     gradient = tokens if grad_z_q is None else grad_z_q.contiguous()
     code_weight = max_logit if code_weight is None else code_weight.contiguous()
     sample_weight = tokens.new_zeros(()) if sample_weight is None else sample_weight.float()
-    row_tiles, code_tiles = triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K)
-    splits = _code_splits(tokens, row_tiles, code_tiles)
-    codes_per_split = triton.cdiv(code_tiles, splits) * BLOCK_K
-    splits = triton.cdiv(k, codes_per_split)
+    row_tiles, splits, codes_per_split = _split_codes(tokens, n, k)
 
     # The centres of both softmax Jacobians, divided by the probability sums as computed (see chunked.py).
     sums = torch.empty(4, splits, n, dtype=torch.float32, device=tokens.device)
@@ -314,7 +332,7 @@ def logit_gradients(tokens: Tensor, codebook: Tensor, temperature: float, max_lo
         tokens, gradient, codebook, max_logit, *rows, partial, *common, codes_per_split, *scalars, **flags, DIMS=dims,
     )
     if grad_codebook is not None:
-        _codebook_gradient_kernel[(code_tiles,)](
+        _codebook_gradient_kernel[(triton.cdiv(k, BLOCK_K),)](
             tokens, gradient, codebook, max_logit, *rows, grad_codebook, *common, *scalars, **flags, DIMS=dims,
         )
     return partial.sum(0)
