@@ -92,7 +92,7 @@ def override_args(argv: list[str]) -> list[str]:
 
 
 def available(group_dir: Path) -> list[str]:
-    return numeric_first(p.stem for p in group_dir.glob("*.yaml"))
+    return sorted(p.stem for p in group_dir.glob("*.yaml"))
 
 
 def parse(arg: str):
@@ -103,25 +103,16 @@ def parse(arg: str):
 
 
 def group_choices(argv: list[str], conf_dir: Path):
-    """(argument, group, [choices]) for each override that selects from a config group by name (a glob
-    names the group's files itself)."""
+    """(argument, group, [choices]) for each override that selects from an ibq config group by name (a glob
+    names the group's files itself; Hydra's own groups, hydra/*, also have their choices in Hydra and its plugins)."""
     for arg in override_args(argv):
         override = parse(arg)
         group_dir = conf_dir / override.key_or_group
-        if override.is_delete() or override.package is not None or not group_dir.is_dir() or isinstance(override.value(), Glob):
+        if (override.is_delete() or override.package is not None or not group_dir.is_dir() or isinstance(override.value(), Glob)
+                or override.key_or_group.startswith("hydra/")):
             continue
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         yield arg, override.key_or_group, [str(value) for value in values]
-
-
-def quote_numeric_choices(argv: list[str], conf_dir: Path) -> list[str]:
-    """Hydra rejects a group choice that parses as a number (codebook_size=1024); quote it."""
-    rewritten = {}
-    for arg, group, choices in group_choices(argv, conf_dir):
-        if any(choice.lstrip("-").isdigit() for choice in choices):
-            prefix = arg.split("=", 1)[0]
-            rewritten[arg] = f"{prefix}=" + ",".join(f'"{choice}"' for choice in choices)
-    return [rewritten.get(arg, arg) for arg in argv]
 
 
 def first_of_each_sweep(args: list[str]) -> list[str]:
@@ -174,25 +165,10 @@ def apply_overrides(cfg: DictConfig, overrides: list) -> None:
         else:
             OmegaConf.update(cfg, key, value, merge=True, force_add=override.is_add() or override.is_force_add())
 
-def numeric_first(names) -> list[str]:
-    return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
-
-
 def choice_error(group: str, choice: str, valid: list[str]) -> UserError:
-    """A `group=choice` that names no config file of the group; numeric groups get a hint."""
-    valid = numeric_first(valid)
-    if group == "codebook_size":
-        if choice.isdigit() and int(choice) > 0:
-            return UserError(
-                f"codebook_size={choice} has no preset (presets: {', '.join(valid)}); "
-                f"any positive size works as the plain key quantizer.codebook_size={choice}"
-            )
-        return UserError(
-            f"codebook_size={choice} is invalid: it must be a positive integer "
-            f"(presets: {', '.join(valid)}; other sizes through quantizer.codebook_size=N)"
-        )
+    """A `group=choice` that names no config file of the group."""
     return UserError(
-        f"{group}={choice} is not a config in {group}/ of the search path; valid: {', '.join(valid)} "
+        f"{group}={choice} is not a config in {group}/ of the search path; valid: {', '.join(sorted(valid))} "
         f"(a preset of your own: --config-dir DIR with {group}/{choice}.yaml in DIR)"
     )
 
@@ -227,6 +203,7 @@ def is_fraction(value) -> bool:
 # config lacks are skipped.
 VALUE_RULES = {
     "seed": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "codebook_size": ("a positive integer, e.g. 16384", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
     "optim.lr": ("a finite number > 0", lambda v: is_number(v) and math.isfinite(v) and v > 0),
     "ar_optim.lr": ("a finite number > 0", lambda v: is_number(v) and math.isfinite(v) and v > 0),
     "optim.betas": ("two numbers in [0, 1), e.g. [0.5,0.9]", lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_fraction, v))),
@@ -237,8 +214,8 @@ VALUE_RULES = {
 MISSING = object()
 
 
-def check_values(cfg: DictConfig, overrides: list[str]) -> None:
-    """One line for the first value no run can use, and for a codebook size given twice over."""
+def check_values(cfg: DictConfig) -> None:
+    """One line for the first value no run can use, and for a quantizer whose size is not codebook_size."""
     for key, (valid, test) in VALUE_RULES.items():
         value = OmegaConf.select(cfg, key, default=MISSING, throw_on_missing=False, throw_on_resolution_failure=False)
         if value is MISSING or value is None or OmegaConf.is_missing(cfg, key):
@@ -246,10 +223,10 @@ def check_values(cfg: DictConfig, overrides: list[str]) -> None:
         value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         if not test(value):
             raise UserError(f"{key}={value!r} is invalid: it must be {valid}")
-    given = dict(arg.split("=", 1) for arg in overrides if "=" in arg)
-    preset, size = given.get("codebook_size", "").strip("'\""), given.get("quantizer.codebook_size")
-    if preset and size is not None and preset != size:
+    size, quantizer_size = (OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+                            for key in ("codebook_size", "quantizer.codebook_size"))
+    if None not in (size, quantizer_size) and size != quantizer_size:
         raise UserError(
-            f"codebook_size={preset} and quantizer.codebook_size={size} disagree: give one of them "
-            f"(codebook_size picks a preset, quantizer.codebook_size sets any size)"
+            f"codebook_size={size} and quantizer.codebook_size={quantizer_size} disagree: give the size once, "
+            f"as codebook_size={quantizer_size} (quantizer.codebook_size follows it)"
         )

@@ -146,7 +146,7 @@ def children(pid: int) -> list[int]:
 def small_tokenizer_run(tmp_path_factory) -> Path:
     """A 256-code tokenizer trained for a few steps: enough to give stage II its tokens."""
     run_dir = tmp_path_factory.mktemp("small_tokenizer") / "run"
-    result = train(run_dir, 'codebook_size="256"', "eval.rfid=false")
+    result = train(run_dir, "codebook_size=256", "eval.rfid=false")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 

@@ -266,12 +266,12 @@ def test_a_failed_job_is_told_in_one_line():
     assert failure_line(Exception(raised)).startswith("job 7_2 (task 0) raised RuntimeError: boom; its log: /s/.submitit/7_2/7_2_0_log.err")
 
 
-def test_only_swept_placement_keys_multiply_the_checked_jobs():
+def test_only_swept_placement_and_checked_keys_multiply_the_checked_jobs():
     from ibq.cli.checks import checked_variants
 
-    overrides = ["quantizer=ibq,vq", 'codebook_size="256","1024"', "cluster=slurm", "cluster.tasks_per_node=1,2", "seed=0",
+    overrides = ["quantizer=ibq,vq", "codebook_size=256,1024", "cluster=slurm", "cluster.tasks_per_node=1,2", "seed=0",
                  "optim.lr=interval(1e-5,1e-3)"]
     assert checked_variants(overrides) == [
-        ["quantizer=ibq", 'codebook_size="256"', "cluster=slurm", "seed=0", "cluster.tasks_per_node=1"],
-        ["quantizer=ibq", 'codebook_size="256"', "cluster=slurm", "seed=0", "cluster.tasks_per_node=2"],
+        ["quantizer=ibq", "cluster=slurm", "seed=0", f"codebook_size={size}", f"cluster.tasks_per_node={tasks}"]
+        for size in (256, 1024) for tasks in (1, 2)
     ]

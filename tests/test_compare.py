@@ -140,7 +140,7 @@ def test_tags_name_only_the_choices_that_were_set_and_sync_lists_every_folder(tm
     from ibq.runs.wandb_mirror import offline_folders, varied_choices
 
     choices = {"quantizer": "vq", "codebook_size": "256", "logger": "wandb", "cluster": "slurm", "data": "photos", "experiment": None}
-    overrides = ["quantizer=vq", 'codebook_size="256"', "cluster=slurm", "train.steps=4", "+experiment=x"]
+    overrides = ["quantizer=vq", "codebook_size=256", "cluster=slurm", "train.steps=4", "+experiment=x"]
     assert varied_choices(choices, overrides) == {"codebook_size": "256", "quantizer": "vq"}
     for stamp in ("20260101_000000", "20260102_000000"):  # a resumed run: two folders, one id
         (tmp_path / "wandb" / f"offline-run-{stamp}-abc123").mkdir(parents=True)

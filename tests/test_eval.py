@@ -16,7 +16,6 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO, error_line, read_jsonl, run_cli, train, wandb_records
 from ibq.cli import eval as eval_app
-from ibq.config import quote_numeric_choices
 from ibq.config import build
 from ibq.engine.evaluate import GenerationEvaluator
 from ibq.errors import UserError
@@ -60,9 +59,8 @@ class StandInInception(StandInNetwork):
 
 
 def compose_eval(*overrides: str):
-    args = quote_numeric_choices(list(overrides), CONF)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("eval", overrides=args, return_hydra_config=True)
+        cfg = compose("eval", overrides=list(overrides), return_hydra_config=True)
     choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra/")}
     return cfg, choices
 
@@ -206,9 +204,8 @@ def bad_samples(tmp_path: Path, kind: str) -> Path:
         (["run_dir={empty}"], "has no checkpoint (checkpoints/last.pt)"),
         (["run_dir={tmp}/missing"], "does not exist"),
         (["checkpoint={tmp}/not_a_checkpoint.pt"], "cannot be read"),
-        (["run_dir={run}", "quantizer.codebook_size=256"],
+        (["run_dir={run}", "codebook_size=256"],
          "(checkpoint -> evaluated: quantizer.codebook_size: 1024 -> 256): tensor quantizer.codebook.weight is (1024, "),
-        (["run_dir={run}", "codebook_size=256"], "quantizer.codebook_size: 1024 -> 256"),
         (["run_dir={run}", "model_scale=paper"], "does not fit the config it is evaluated with (checkpoint -> evaluated: model."),
         (["run_dir={run}", "quantizer=vq"], "it was trained with ibq.quantizers.IBQ, not ibq.quantizers.VQ"),
         (["run_dir={run}", "data=photos", "data.resolution=16"], "data.resolution=16 differs from the checkpoint's training resolution"),
@@ -245,7 +242,7 @@ def test_bad_input_is_one_line_and_writes_nothing(run_copy: Path, tmp_path: Path
 def test_cli_prints_one_line_and_exits_nonzero(run_copy: Path, tmp_path: Path):
     before = run_files(run_copy)
     cache = tmp_path / "cache"
-    line = error_line(run_cli(IBQ_EVAL + [f"run_dir={run_copy}", 'codebook_size="256"', f"reference.cache_dir={cache}"]))
+    line = error_line(run_cli(IBQ_EVAL + [f"run_dir={run_copy}", "codebook_size=256", f"reference.cache_dir={cache}"]))
     assert "quantizer.codebook_size: 1024 -> 256" in line
     assert run_files(run_copy) == before and not cache.exists()
 

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import IBQ_TRAIN, REPO, cli_env, error_line, run_cli
-from ibq.config import check_values
+from ibq.config import CONF_DIR, check_values
 from ibq.errors import UserError
 
 # What a wheel is built from: the working tree without its environment, outputs and caches.
@@ -64,27 +65,30 @@ def test_shell_completion_answers_with_the_groups():
 
 
 @pytest.mark.parametrize(
-    ("values", "overrides", "expected"),
+    ("values", "expected"),
     [
-        ({"seed": "abc"}, [], "seed='abc' is invalid: it must be an integer"),
-        ({"seed": ""}, [], "seed='' is invalid"),
-        ({"optim": {"lr": float("nan")}}, [], "optim.lr=nan is invalid: it must be a finite number > 0"),
-        ({"optim": {"lr": float("inf")}}, [], "optim.lr=inf is invalid"),
-        ({"optim": {"lr": 1e-4, "betas": [0.5]}}, [], "optim.betas=[0.5] is invalid: it must be two numbers in [0, 1)"),
-        ({"data": {"num_workers": -1}}, [], "data.num_workers=-1 is invalid: it must be an integer >= 0"),
-        ({"train": {"ema_decay": 5}}, [], "train.ema_decay=5 is invalid: it must be a number in [0, 1)"),
-        ({"seed": 0}, ['codebook_size="256"', "quantizer.codebook_size=512"], "codebook_size=256 and quantizer.codebook_size=512 disagree"),
+        ({"seed": "abc"}, "seed='abc' is invalid: it must be an integer"),
+        ({"seed": ""}, "seed='' is invalid"),
+        ({"optim": {"lr": float("nan")}}, "optim.lr=nan is invalid: it must be a finite number > 0"),
+        ({"optim": {"lr": float("inf")}}, "optim.lr=inf is invalid"),
+        ({"optim": {"lr": 1e-4, "betas": [0.5]}}, "optim.betas=[0.5] is invalid: it must be two numbers in [0, 1)"),
+        ({"data": {"num_workers": -1}}, "data.num_workers=-1 is invalid: it must be an integer >= 0"),
+        ({"train": {"ema_decay": 5}}, "train.ema_decay=5 is invalid: it must be a number in [0, 1)"),
+        ({"codebook_size": 0}, "codebook_size=0 is invalid: it must be a positive integer"),
+        ({"codebook_size": 1024.0}, "codebook_size=1024.0 is invalid: it must be a positive integer"),
+        ({"codebook_size": "1024"}, "codebook_size='1024' is invalid: it must be a positive integer"),
+        ({"codebook_size": 256, "quantizer": {"codebook_size": 512}}, "codebook_size=256 and quantizer.codebook_size=512 disagree"),
     ],
 )
-def test_values_no_run_can_use_are_refused(values: dict, overrides: list[str], expected: str):
+def test_values_no_run_can_use_are_refused(values: dict, expected: str):
     with pytest.raises(UserError) as refused:
-        check_values(OmegaConf.create(values), overrides)
+        check_values(OmegaConf.create(values))
     assert expected in str(refused.value)
 
 
 def test_values_a_run_can_use_pass():
     check_values(OmegaConf.create({"seed": 3, "optim": {"lr": 1e-4, "betas": [0.5, 0.9]}, "data": {"num_workers": 0},
-                                   "train": {"ema_decay": 0.0}}), ["codebook_size=256", "quantizer.codebook_size=256"])
+                                   "train": {"ema_decay": 0.0}, "codebook_size": 262144, "quantizer": {"codebook_size": "${codebook_size}"}}))
 
 
 @pytest.mark.slow
@@ -99,17 +103,32 @@ def test_an_optuna_search_runs_its_trials_and_lists_them_like_grid_jobs(tmp_path
     sweep = tmp_path / "search"
     result = run_cli(IBQ_TRAIN + ["-m", "sweep=lr_entropy_search", "hydra.sweeper.n_trials=3", "train.steps=2", "train.log_every=1",
                                   "logger=none", "eval.rfid=false", "data.val_crops_per_photo=1", "objectives=[codebook/utilization,psnr]",
-                                  "hydra.sweeper.direction=[maximize,maximize]", f"hydra.sweep.dir={sweep}"])
+                                  "hydra.sweeper.direction=[maximize,maximize]", "codebook_size=choice(256,512)",
+                                  f"hydra.sweep.dir={sweep}"])
     assert result.returncode == 0, result.stderr[-3000:]
     trials = [path.parent for path in sweep.glob("*/results.json")]
     assert len(trials) == 3
-    learning_rates = {OmegaConf.load(trial / ".hydra" / "config.yaml").optim.lr for trial in trials}
+    configs = [OmegaConf.load(trial / ".hydra" / "config.yaml") for trial in trials]
+    learning_rates = {cfg.optim.lr for cfg in configs}
     assert len(learning_rates) == 3 and all(1e-5 <= lr <= 1e-3 for lr in learning_rates)  # sampled from the interval
+    for trial, cfg in zip(trials, configs):  # a plain key searched as integers, recorded as a choice
+        assert cfg.codebook_size in (256, 512) and json.loads((trial / "run.json").read_text())["choices"]["codebook_size"] == str(cfg.codebook_size)
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     assert best.name == "optuna" and len(best.solutions[0]["values"]) == 2
     status = subprocess.run([sys.executable, "-m", "ibq.cli.sweep", "status", str(sweep)], cwd=REPO, capture_output=True, text=True,
                             timeout=300, env=cli_env())
     assert "3 jobs: 3 done" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.parametrize(("overrides", "sweeper", "batch_key", "batch"), [
+    ([], "BasicSweeper", "max_batch_size", 3),
+    (["sweep=lr_entropy_search"], "OptunaSweeper", "n_jobs", 3),
+    (["hydra/sweeper=optuna"], "OptunaSweeper", "n_jobs", 2),  # the sweeper's own default
+])
+def test_local_parallel_batches_a_grid_sweep_and_a_search(overrides: list[str], sweeper: str, batch_key: str, batch: int):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["cluster=local_parallel", "cluster.max_parallel_jobs=3", *overrides], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith(sweeper) and cfg.hydra.sweeper[batch_key] == batch
 
 
 def test_a_search_has_no_plan_ahead():

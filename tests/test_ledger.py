@@ -133,11 +133,10 @@ def test_status_names_an_unreadable_run_json(tmp_path):
 
 
 def test_a_running_job_is_found_by_its_command_line(tmp_path):
-    # the entry point quotes numeric choices in sys.argv after the OS recorded the command line
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "ibq.cli.train", "codebook_size=1024"])
     try:
         time.sleep(0.5)
-        record = {"host": HOST, "command": ["/repo/ibq/cli/train.py", 'codebook_size="1024"'],
+        record = {"host": HOST, "command": ["/repo/ibq/cli/train.py", "codebook_size=1024"],
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         assert run_process_alive(record) is True
         assert run_process_alive({**record, "command": ["/repo/ibq/cli/train.py", "codebook_size=8192"]}) is False

@@ -130,7 +130,7 @@ def test_config_lists_every_constructor_argument_with_its_default(config_name):
     module_name, class_name = config.pop("_target_").rsplit(".", 1)
     parameters = inspect.signature(getattr(__import__(module_name, fromlist=[class_name]), class_name)).parameters
     assert config.keys() == parameters.keys()
-    assert config.pop("codebook_size") == "???" and config.pop("dim") == "${model.embed_dim}"
+    assert config.pop("codebook_size") == "${codebook_size}" and config.pop("dim") == "${model.embed_dim}"
     for key, value in config.items():
         assert value == parameters[key].default, key
 
@@ -138,7 +138,7 @@ def test_config_lists_every_constructor_argument_with_its_default(config_name):
 @pytest.mark.parametrize("config_name", CONFIG_NAMES)
 def test_config_builds_a_quantizer_for_the_tiny_model(config_name):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"quantizer={config_name}", "quantizer.codebook_size=256"])
+        cfg = compose("train", overrides=[f"quantizer={config_name}", "codebook_size=256"])
     quantizer = instantiate(cfg.quantizer)
     z = torch.randn(2, cfg.model.embed_dim, 4, 4)
     out = quantizer(z)

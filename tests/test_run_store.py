@@ -253,7 +253,7 @@ def test_sweep_counts_its_jobs_as_the_basic_sweeper_makes_them():
     from omegaconf import OmegaConf
 
     config = OmegaConf.create({"hydra": {
-        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": {"quantizer": "ibq,vq", "codebook_size": '"1024","8192"'}},
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": {"quantizer": "ibq,vq", "codebook_size": "1024,8192"}},
         "overrides": {"task": ["codebook_size=256,1024,4096", "seed=range(0,3)", "train.steps=3"]},
     }})
     assert count_jobs(config) == 2 * 3 * 3  # the command line's codebook_size replaces the sweep file's

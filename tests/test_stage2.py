@@ -113,7 +113,7 @@ def tokenizer_run(workdir: Path) -> Path:
     so no generator could beat an untrained one; from about 600 steps on, real tokens decode clearly better."""
     run_dir = workdir / "tokenizer"
     result = run_cli([sys.executable, "-m", "ibq.cli.train", "train.steps=600", "logger=none", "eval.rfid=false",
-                      'codebook_size="256"', f"hydra.run.dir={run_dir}"])
+                      "codebook_size=256", f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 

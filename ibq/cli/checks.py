@@ -27,9 +27,9 @@ from ibq.errors import UserError, check_positive_int
 
 SUBMITIT_LAUNCHERS = ("submitit_slurm", "submitit_local")
 # Swept overrides under these roots can change a job's resources, batch or checked values; the others
-# (quantizer, codebook_size, ...) cannot, so the checks compose one job per combination of the former only.
+# (quantizer, logger, ...) cannot, so the checks compose one job per combination of the former only.
 CHECKED_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "experiment", "sweep", "hydra",
-                 "seed", "optim", "ar_optim", "data")
+                 "seed", "codebook_size", "optim", "ar_optim", "data")
 # The config node with each training app's batch and precision keys.
 BATCH_SECTIONS = {"train": "train", "train_ar": "ar_train"}
 
@@ -118,10 +118,10 @@ def check_slurm(cluster) -> None:
         raise UserError(f"cluster.gpus_per_node={gpus}, but the nodes of {where} have at most {partition_gpus(cluster.partition)} GPUs")
 
 
-def check_job(cfg: DictConfig, overrides: list[str], config_name: str, submitting: bool = False) -> None:
+def check_job(cfg: DictConfig, config_name: str, submitting: bool = False) -> None:
     """A job's values, cluster preset, batch layout (cfg[section]) and DeepSpeed options; with
     `submitting`, also what Slurm must offer."""
-    check_values(cfg, overrides)
+    check_values(cfg)
     cluster, section = cfg.get("cluster"), BATCH_SECTIONS.get(config_name)
     if cluster is None or section not in cfg:
         return
@@ -149,7 +149,7 @@ class ConfigChecks(Callback):
             parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
             for variant in checked_variants(list(config.hydra.overrides.task), parser):
                 job = compose(config_name, overrides=hydra_overrides + variant)
-                check_job(job, variant, config_name, submitting)
+                check_job(job, config_name, submitting)
         except UserError as error:  # exit here: Hydra turns a callback's exception into a warning
             fail(str(error))
         except (HydraException, OmegaConfBaseException) as error:

@@ -19,11 +19,11 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 
 from ibq.cli.callbacks import JobFailed
 from ibq.cli.checks import check_job
-from ibq.config import CONF_DIR, fail, missing_config_line, one_line, quote_numeric_choices
+from ibq.config import fail, missing_config_line, one_line
 from ibq.engine.distributed import detect_ranks
 from ibq.errors import Terminated, TrainingDiverged, UserError, interruption, unset_key
 from ibq.runs.lock import RunLock
-from ibq.runs.record import RunRecord, group_choices, sweep_group
+from ibq.runs.record import RunRecord, run_choices, sweep_group
 from ibq.runs.wandb_mirror import offline_folders
 
 log = logging.getLogger("ibq")
@@ -65,8 +65,6 @@ def entry_point(hydra_main):
 
         # Hydra prints errors over several lines unless it lets them through to be told here in one.
         os.environ["HYDRA_FULL_ERROR"] = "1"
-        # Hydra refuses a config-group choice that parses as a number (codebook_size=1024): quote it.
-        sys.argv[1:] = quote_numeric_choices(sys.argv[1:], CONF_DIR)
         try:
             hydra_main()
         except UserError as error:
@@ -127,7 +125,7 @@ def guarded(task):
         run_dir = Path(hydra.runtime.output_dir)
         in_sweep = hydra.mode == RunMode.MULTIRUN
         try:
-            check_job(cfg, list(hydra.overrides.task), hydra.job.config_name)
+            check_job(cfg, hydra.job.config_name)
             return task(cfg, run_dir)  # what a search sweeper optimises (objective_values), else None
         except KeyboardInterrupt as interrupt:
             terminated = isinstance(interrupt, Terminated)
@@ -150,10 +148,10 @@ def guarded(task):
     return wrapper
 
 
-def hydra_context() -> tuple[dict, list[str], str | None]:
-    """Config-group choices, the job's overrides, and the sweep's W&B group in multirun mode."""
+def hydra_context(cfg) -> tuple[dict, list[str], str | None]:
+    """The run's choices (runs.record.run_choices), the job's overrides, and the sweep's W&B group in multirun mode."""
     hydra = HydraConfig.get()
-    choices = group_choices(hydra.runtime.choices)
+    choices = run_choices(cfg, hydra.runtime.choices)
     group = sweep_group(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None
     return choices, list(hydra.overrides.task), group
 
@@ -176,7 +174,7 @@ def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_
     """What both training apps do: a dry run reports sizes; otherwise build and check everything
     (nothing written yet), keep Hydra's files, train, let rank 0 print the summary and return the
     run's objective values to a search sweeper."""
-    choices, overrides, group = hydra_context()
+    choices, overrides, group = hydra_context(cfg)
     if cfg.dry_run:
         print("choices: " + choices_text(choices))
         dry_run(cfg)

@@ -194,9 +194,12 @@ def evaluated_config(train_cfg: DictConfig, cfg: DictConfig, choices: dict) -> D
     """The run's config with the command line's model/quantizer/data settings on top.
 
     A node chosen from a config group (data=image_folder, quantizer=vq) replaces the run's node, keeping the
-    run's values for its ??? keys (e.g. data.resolution); single keys (quantizer.codebook_size=256,
-    model_scale=paper) are merged into the run's node, where ??? leaves the run's value."""
+    run's values for its ??? keys (e.g. data.resolution); single keys (model_scale=paper) are merged into the
+    run's node, where ??? leaves the run's value. codebook_size=N sets the quantizer's size."""
     merged = OmegaConf.create(OmegaConf.to_container(train_cfg, resolve=False))
+    if not OmegaConf.is_missing(cfg, "codebook_size"):
+        merged.quantizer.codebook_size = cfg.codebook_size
+    merged.codebook_size = merged.quantizer.codebook_size  # a checkpoint's resolved config holds it there only
     for node in MODEL_AND_DATA_NODES:
         if node not in cfg:
             continue

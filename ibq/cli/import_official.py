@@ -18,10 +18,10 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ibq.config import CONF_DIR, check_group_choices, check_values, fail, one_line, quote_numeric_choices
+from ibq.config import CONF_DIR, check_group_choices, check_values, fail, one_line
 from ibq.engine import official
 from ibq.errors import UserError
-from ibq.runs.record import RunRecord, group_choices
+from ibq.runs.record import RunRecord, run_choices
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,14 +37,13 @@ def parser() -> argparse.ArgumentParser:
 
 def composed(overrides: list[str], config_name: str) -> official.ComposedRun:
     """The config an app would run with these overrides, its values checked as the apps check them."""
-    overrides = quote_numeric_choices(overrides, CONF_DIR)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     except Exception as error:  # Hydra raises several unrelated types for bad overrides
         raise UserError(one_line(str(error))) from None
-    check_values(cfg, overrides)
-    choices = group_choices(cfg.hydra.runtime.choices)
+    check_values(cfg)
+    choices = run_choices(cfg, cfg.hydra.runtime.choices)
     overrides = list(cfg.hydra.overrides.task)
     container = OmegaConf.to_container(cfg, resolve=False)
     container.pop("hydra")

@@ -374,7 +374,8 @@ def cmd_diff(args) -> int:
         print(f"{name}: {run.location}  ({run.status}, signature {run.signature}, {commit})")
     body = [[f"{k} (choice)", a.choices.get(k, "<absent>"), b.choices.get(k, "<absent>")]
             for k in sorted(set(a.choices) | set(b.choices)) if a.choices.get(k) != b.choices.get(k)]
-    keys = sorted(k for k in set(a.config) | set(b.config) if a.config.get(k, "<absent>") != b.config.get(k, "<absent>"))
+    keys = sorted(k for k in set(a.config) | set(b.config)
+                  if a.config.get(k, "<absent>") != b.config.get(k, "<absent>") and k not in a.choices and k not in b.choices)  # codebook_size: shown as a choice
     body += [[k, str(a.config.get(k, "<absent>")), str(b.config.get(k, "<absent>"))] for k in keys]
     if body:
         print(f"\n{len(body)} config key(s) differ:")

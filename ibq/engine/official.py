@@ -41,7 +41,6 @@ TOKENIZER_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_
 IGNORED_PREFIXES = ("loss.", "model_ema.loss")
 AR_TOKENIZER_PREFIX = "first_stage_model."
 AR_TRANSFORMER_PREFIX = "transformer."
-PRESET_CODEBOOK_SIZES = (256, 1024, 8192, 16384, 262144)
 
 
 # -- the architectures, walked as the official modules build them ----------------------------------------
@@ -149,11 +148,11 @@ class TokenizerArch:
 
     def overrides(self) -> list[str]:
         """Hydra overrides of conf/train.yaml that build this tokenizer."""
-        size = [f'codebook_size="{self.codebook_size}"'] if self.codebook_size in PRESET_CODEBOOK_SIZES else [f"quantizer.codebook_size={self.codebook_size}"]
+        size = f"codebook_size={self.codebook_size}"
         if self.is_paper and self.resolution in (None, 256):
-            return ["model_scale=paper", *size, "quantizer=ibq"]
+            return ["model_scale=paper", size, "quantizer=ibq"]
         return [
-            "model_scale=tiny", *size, "quantizer=ibq",
+            "model_scale=tiny", size, "quantizer=ibq",
             f"model.embed_dim={self.embed_dim}",
             f"model.encoder.ch={self.ch}",
             f"model.encoder.ch_mult=[{','.join(map(str, self.ch_mult))}]",

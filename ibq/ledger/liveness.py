@@ -43,11 +43,6 @@ def pid_alive(pid: int, started: float | None) -> bool:
     return (PROC / str(pid)).is_dir() and process_started_before(pid, started)
 
 
-def normalized(args: list[str]) -> list[str]:
-    # The entry point quotes numeric group choices in sys.argv (codebook_size="1024") after the OS saw them.
-    return [arg.replace('"', "").replace("'", "") for arg in args]
-
-
 def entry_arguments(cmdline: list[str]) -> list[str] | None:
     """The arguments after a training entry point on a command line, or None when it is another program."""
     for i, arg in enumerate(cmdline):
@@ -60,7 +55,6 @@ def entry_arguments(cmdline: list[str]) -> list[str] | None:
 
 def training_processes(arguments: list[str]) -> list[int]:
     """Processes on this host running the training entry point with these arguments."""
-    wanted = normalized(arguments)
     own = os.getpid()
     pids = []
     for entry in PROC.iterdir():
@@ -71,7 +65,7 @@ def training_processes(arguments: list[str]) -> list[int]:
         except OSError:
             continue
         found = entry_arguments([arg for arg in cmdline if arg])
-        if found is not None and normalized(found) == wanted:
+        if found is not None and found == arguments:
             pids.append(int(entry.name))
     return pids
 

@@ -21,10 +21,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ibq.config import (CONF_DIR, SWEEPS_DIR, apply_overrides, available, check_group_choices, first_of_each_sweep, one_line,
-                        overrides_dirname, quote_numeric_choices, sweep_jobs)
+                        overrides_dirname, sweep_jobs)
 from ibq.errors import UserError
 from ibq.ledger.cost import Estimate, Throughput, estimate
-from ibq.runs.record import STAGE_II_KEYS, group_choices, parent_directory, signature
+from ibq.runs.record import STAGE_II_KEYS, parent_directory, run_choices, signature
 
 # Hydra overrides that say how this invocation runs, not what a job computes or where it lands.
 INVOCATION_KEYS = ("hydra.mode", "hydra.sweep.dir")
@@ -43,7 +43,7 @@ class Job:
 @dataclass
 class Plan:
     config_name: str
-    arguments: list[str]  # task overrides of the invocation, numeric group choices quoted
+    arguments: list[str]  # task overrides of the invocation
     hydra_overrides: list[str]
     sweeper_params: dict[str, str]
     sweep_dir: str
@@ -119,7 +119,6 @@ def expand(arguments: list[str], config_name: str = "train", sweeper_params: dic
     `measured`: the throughput of completed runs, for the device-hour estimates."""
     if sweeper_params is None:
         check_group_choices(arguments, CONF_DIR)
-        arguments = quote_numeric_choices(arguments, CONF_DIR)
     plain_parser = OverridesParser.create()
     parsed = [parse(arg, plain_parser) for arg in arguments]
     hydra_args = [arg for arg, o in zip(arguments, parsed) if o.is_hydra_override()]
@@ -191,7 +190,7 @@ class Base:
             {"hydra": {"job": OmegaConf.to_container(cfg.hydra.job, resolve=False),
                        "sweep": {"subdir": OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]}}}
         )
-        self.choices = {k: str(v) for k, v in group_choices(cfg.hydra.runtime.choices).items() if v is not None}
+        self.hydra_choices = cfg.hydra.runtime.choices
         self.with_hydra = cfg
 
     def job(self, index: int, lines: list[str], overrides: list, plain: list) -> Job:
@@ -208,7 +207,8 @@ class Base:
         )
         naming.hydra.job.num = index
         subdir = str(naming.hydra.sweep.subdir)
-        job_estimate = estimate(self.with_hydra, task, self.config_name, self.choices.get("model_scale"), self.measured)
+        choices = {k: str(v) for k, v in run_choices(task, self.hydra_choices).items() if v is not None}
+        job_estimate = estimate(self.with_hydra, task, self.config_name, choices.get("model_scale"), self.measured)
         if self.unsigned_keys:  # as runs.record.without_keys, on this job's own copy
             OmegaConf.resolve(task)
             with open_dict(task):
@@ -216,5 +216,5 @@ class Base:
                     task.pop(key, None)
             if task.get("init_from") is not None:  # as runs.record.tokenizer_identity
                 task.init_from = parent_directory(task.init_from)
-        return Job(index, list(lines), signature(task), subdir, dict(self.choices), job_estimate)
+        return Job(index, list(lines), signature(task), subdir, choices, job_estimate)
 

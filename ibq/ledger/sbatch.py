@@ -37,9 +37,9 @@ def sweep_sbatch(arguments: list[str], config_name: str, jobs: int) -> str:
     """The #SBATCH lines of `ibq-train -m <arguments>` (its first job's composition; the array holds `jobs`)."""
     from hydra import initialize_config_dir
 
-    from ibq.config import CONF_DIR, first_of_each_sweep, quote_numeric_choices
+    from ibq.config import CONF_DIR, first_of_each_sweep
     from ibq.ledger.plan import composed
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
-        cfg = composed(config_name, first_of_each_sweep(quote_numeric_choices(arguments, CONF_DIR)))
+        cfg = composed(config_name, first_of_each_sweep(arguments))
         return sbatch_text(cfg, jobs)

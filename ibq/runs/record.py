@@ -27,11 +27,17 @@ NON_RESULT_KEYS = ("run_dir", "logger", "cluster", "dry_run", "objectives", "tra
                    "data.read_timeout_s", "eval.every",
                    "train.extend_from",
                    "train.compile", "train.channels_last", "train.activation_checkpointing")
+# Top-level keys whose value another key holds (quantizer.codebook_size follows codebook_size; a mismatch is
+# refused): the signature hashes the value once, where the model reads it.
+REPEATED_KEYS = ("codebook_size",)
 # Top-level keys of each stage: model_scale sets both, and a run of one stage leaves the other's out.
 STAGE_I_KEYS = ("model", "quantizer", "discriminator", "loss", "optim", "train", "eval")
 STAGE_II_KEYS = ("transformer", "sampling", "ar_train")
 # Config-group choices that say where or how a run was launched or logged, not what it computed.
 LAUNCH_CHOICES = ("sweep", "logger", "cluster")
+# Plain config keys that name a run as a group choice does: recorded with its choices (run.json, W&B config and
+# tags), so that tables, plots and sweep listings show and group them alike.
+CHOICE_KEYS = ("codebook_size",)
 PACKAGES = ("torch", "torchvision", "hydra-core", "wandb", "submitit", "deepspeed", "scipy", "scikit-image", "lpips", "ibq")
 
 
@@ -52,6 +58,16 @@ def group_choices(choices) -> dict:
     """The config-group choices of a run: neither Hydra's own nor those nested in another group's
     config (data/source@data.sources.cc3m), which the outer choice already names."""
     return {key: value for key, value in choices.items() if "/" not in key}
+
+
+def run_choices(cfg: DictConfig, choices) -> dict:
+    """What names a run: its config-group choices and the values of its CHOICE_KEYS, as text (as Hydra gives choices)."""
+    named = group_choices(choices)
+    for key in CHOICE_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            named[key] = str(value)
+    return named
 
 
 def atomic_write(path: Path, write) -> None:
@@ -96,6 +112,8 @@ def merge_results(path: Path, results: dict[str, Any]) -> None:
 def result_config(cfg: DictConfig) -> dict:
     """The resolved config without the keys that do not change the result."""
     container = OmegaConf.to_container(cfg, resolve=True)
+    for key in REPEATED_KEYS:
+        container.pop(key, None)
     for dotted in NON_RESULT_KEYS:
         *parents, leaf = dotted.split(".")
         node = container
