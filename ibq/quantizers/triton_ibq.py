@@ -15,8 +15,8 @@ back by a handful of passes (max, exp, sums). Here one kernel per pass computes 
 The kernels that run per token tile share each tile's codes out over a few ranges (`_split_codes`), so
 that 4096 tokens still fill a GPU. Memory beyond the inputs and gradients is O(N * D * ranges + K).
 Products are IEEE fp32 (`input_precision="ieee"`), as the dense path's GEMM, so the argmax agrees with
-it; every kernel computes a logit with the same tile shapes and the same order of terms, so the code
-that holds a row's maximum gets L - m = 0 exactly in every pass, as in chunked.py. Sums are taken in a
+it; on a GPU every kernel computes a logit as the same chain of fused multiply-adds over D, whatever its
+tile, so the code that holds a row's maximum gets L - m = 0 exactly in every pass, as in chunked.py. Sums are taken in a
 fixed order: no atomics, the same bits on every run. On CPU the kernels run under Triton's interpreter
 (TRITON_INTERPRET=1), which the tests use."""
 
@@ -31,9 +31,12 @@ try:
 except ImportError:  # CPU-only builds of torch come without Triton
     triton = None
 
-BLOCK_N = 64
-BLOCK_K = 64
-BLOCK_D = 32  # tl.dot needs tiles of at least 16
+# Tiles (tokens x codes, and the slice of D each tl.dot takes; tl.dot needs at least 16) and warps per
+# kernel: none spills registers on sm_90 at D = 256 (ptxas -v). A logit does not depend on them (see the
+# backward pass), so the kernels may differ.
+ROW_TILES = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8)  # row statistics, code averages, row sums
+TOKEN_GRADIENT_TILES = dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=8)
+CODEBOOK_GRADIENT_TILES = dict(BLOCK_N=64, BLOCK_K=32, BLOCK_D=32, num_warps=8)
 
 
 def available(tokens: Tensor) -> bool:
@@ -114,22 +117,38 @@ if triton is not None:
 
 
     # -- the backward pass ---------------------------------------------------------------------------
-    @triton.jit
-    def _shifted_and_dots(z_ptr, g_ptr, e_ptr, max_ptr, rows, codes, row_ok, code_ok, d, SOFT: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """L - m for a tile and, on the straight-through path, G_n . e_k for the gradient G of z_q."""
-        logits = _logit_tile(z_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D)
-        shifted = logits - tl.load(max_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        if SOFT:
-            dots = _logit_tile(g_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D)
-        else:
-            dots = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        return shifted, dots
+    # A logit is the same FMA chain whichever operand comes first and whatever the tile's shape and the
+    # warps (an IEEE fp32 tl.dot is lowered to fused multiply-adds over D in order, from the accumulator
+    # it is added to): so the codebook's kernel computes its tiles transposed, codes x tokens, and needs
+    # no transpose of its gradient tile, which would spill registers.
 
     @triton.jit
     def _log_sharp(shifted, log_sharp_sum, inv_temperature, exp_floor):
-        """log q = (L - m) / T - log sum exp((L - m) / T), clamped as chunked.py's."""
-        return tl.maximum(shifted * inv_temperature - log_sharp_sum[:, None], exp_floor)
+        """log q = (L - m) / T - log sum exp((L - m) / T), clamped as chunked.py's (operands broadcast)."""
+        return tl.maximum(shifted * inv_temperature - log_sharp_sum, exp_floor)
+
+    @triton.jit
+    def _logit_gradient(shifted, dots, valid, log_soft_sum, soft_centre, log_sharp_sum, sharp_centre, code_term,
+                        inv_temperature, scaled_sample_weight, exp_floor,
+                        SOFT: tl.constexpr, ENTROPY: tl.constexpr, CODE_WEIGHT: tl.constexpr):
+        """dLoss/dL of a tile, p_nk (G_n.e_k - centre_n) + q_nk (x_nk - centre'_n) / (N T), zero outside
+        `valid`; per-token and per-code operands come broadcast to the tile's orientation."""
+        grad = tl.zeros(shifted.shape, tl.float32)
+        if SOFT:
+            grad = (dots - soft_centre) * tl.exp(tl.maximum(shifted - log_soft_sum, exp_floor))
+        if ENTROPY:
+            log_sharp = _log_sharp(shifted, log_sharp_sum, inv_temperature, exp_floor)
+            term = log_sharp * -scaled_sample_weight
+            if CODE_WEIGHT:
+                term += code_term
+            grad += tl.exp(log_sharp) * (term - sharp_centre)
+        return tl.where(valid, grad, 0.0)
+
+    @triton.jit
+    def _whole_rows(ptr, index, index_ok, d, DIMS: tl.constexpr):
+        """Rows `index` of a (rows, d) matrix, all d columns (zero outside)."""
+        dims = tl.arange(0, DIMS)
+        return tl.load(ptr + index[:, None] * d + dims[None, :], mask=index_ok[:, None] & (dims < d)[None, :], other=0.0)
 
     @triton.jit
     def _row_sums_kernel(z_ptr, g_ptr, e_ptr, max_ptr, log_sharp_sum_ptr, code_weight_ptr, sums_ptr, n, k, d, codes_per_split,
@@ -140,7 +159,8 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         split = tl.program_id(1)
-        log_sharp_sum = tl.load(log_sharp_sum_ptr + rows, mask=row_ok, other=0.0)
+        row_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        log_sharp_sum = tl.load(log_sharp_sum_ptr + rows, mask=row_ok, other=0.0)[:, None]
         sample_weight = tl.load(sample_weight_ptr)
         soft_sum = tl.zeros((BLOCK_N,), tl.float32)
         soft_dot = tl.zeros((BLOCK_N,), tl.float32)
@@ -151,9 +171,9 @@ if triton is not None:
             codes = start + tl.arange(0, BLOCK_K)
             code_ok = codes < k
             valid = row_ok[:, None] & code_ok[None, :]
-            shifted, dots = _shifted_and_dots(z_ptr, g_ptr, e_ptr, max_ptr, rows, codes, row_ok, code_ok, d, SOFT,
-                                              BLOCK_N, BLOCK_K, BLOCK_D)
+            shifted = _logit_tile(z_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D) - row_max
             if SOFT:
+                dots = _logit_tile(g_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D)
                 unnormalised = tl.where(valid, tl.exp(tl.maximum(shifted, exp_floor)), 0.0)
                 soft_sum += tl.sum(unnormalised, axis=1)
                 soft_dot += tl.sum(dots * unnormalised, axis=1)
@@ -173,91 +193,78 @@ if triton is not None:
         tl.store(out + 3 * plane, sharp_dot, mask=row_ok)
 
     @triton.jit
-    def _logit_gradient_tile(z_ptr, g_ptr, e_ptr, max_ptr, log_sharp_sum_ptr, log_soft_sum_ptr, soft_centre_ptr, sharp_centre_ptr,
-                             code_term_ptr, rows, codes, row_ok, code_ok, d, inv_temperature, scaled_sample_weight, exp_floor,
-                             SOFT: tl.constexpr, ENTROPY: tl.constexpr, CODE_WEIGHT: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """dLoss/dL of a tile: p_nk (G_n.e_k - centre_n) + q_nk (x_nk - centre'_n) / (N T), zero outside."""
-        shifted, dots = _shifted_and_dots(z_ptr, g_ptr, e_ptr, max_ptr, rows, codes, row_ok, code_ok, d, SOFT,
-                                          BLOCK_N, BLOCK_K, BLOCK_D)
-        grad = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        if SOFT:
-            log_soft_sum = tl.load(log_soft_sum_ptr + rows, mask=row_ok, other=0.0)
-            soft_centre = tl.load(soft_centre_ptr + rows, mask=row_ok, other=0.0)
-            probs = tl.exp(tl.maximum(shifted - log_soft_sum[:, None], exp_floor))
-            grad = (dots - soft_centre[:, None]) * probs
-        if ENTROPY:
-            log_sharp = _log_sharp(shifted, tl.load(log_sharp_sum_ptr + rows, mask=row_ok, other=0.0), inv_temperature, exp_floor)
-            term = log_sharp * -scaled_sample_weight
-            if CODE_WEIGHT:
-                term += tl.load(code_term_ptr + codes, mask=code_ok, other=0.0)[None, :]
-            term -= tl.load(sharp_centre_ptr + rows, mask=row_ok, other=0.0)[:, None]
-            grad += tl.exp(log_sharp) * term
-        return tl.where(row_ok[:, None] & code_ok[None, :], grad, 0.0)
-
-    @triton.jit
-    def _whole_rows(ptr, index, index_ok, d, DIMS: tl.constexpr):
-        """Rows `index` of a (rows, d) matrix, all d columns (zero outside)."""
-        dims = tl.arange(0, DIMS)
-        return tl.load(ptr + index[:, None] * d + dims[None, :], mask=index_ok[:, None] & (dims < d)[None, :], other=0.0)
-
-    @triton.jit
     def _token_gradient_kernel(z_ptr, g_ptr, e_ptr, max_ptr, log_sharp_sum_ptr, log_soft_sum_ptr, soft_centre_ptr, sharp_centre_ptr,
                                code_term_ptr, out_ptr, n, k, d, codes_per_split, inv_temperature, scaled_sample_weight_ptr, exp_floor,
                                SOFT: tl.constexpr, ENTROPY: tl.constexpr, CODE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIMS: tl.constexpr):
-        """out[split, rows] = sum over this split's codes of dLoss/dL_nk e_k."""
+        """out[split, rows] = sum over this split's codes of dLoss/dL_nk e_k; tiles tokens x codes."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         split = tl.program_id(1)
-        dims = tl.arange(0, DIMS)
-        dim_ok = dims < d
-        total = tl.zeros((BLOCK_N, DIMS), tl.float32)
+        row_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        log_soft_sum = tl.load(log_soft_sum_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        soft_centre = tl.load(soft_centre_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        log_sharp_sum = tl.load(log_sharp_sum_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        sharp_centre = tl.load(sharp_centre_ptr + rows, mask=row_ok, other=0.0)[:, None]
         scaled_sample_weight = tl.load(scaled_sample_weight_ptr)
+        total = tl.zeros((BLOCK_N, DIMS), tl.float32)
         first = split * codes_per_split
         for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
             codes = start + tl.arange(0, BLOCK_K)
             code_ok = codes < k
-            grad = _logit_gradient_tile(z_ptr, g_ptr, e_ptr, max_ptr, log_sharp_sum_ptr, log_soft_sum_ptr, soft_centre_ptr,
-                                        sharp_centre_ptr, code_term_ptr, rows, codes, row_ok, code_ok, d, inv_temperature,
-                                        scaled_sample_weight, exp_floor, SOFT, ENTROPY, CODE_WEIGHT, BLOCK_N, BLOCK_K, BLOCK_D)
+            shifted = _logit_tile(z_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D) - row_max
+            dots = shifted
+            if SOFT:
+                dots = _logit_tile(g_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D)
+            code_term = tl.load(code_term_ptr + codes, mask=code_ok, other=0.0)[None, :] if CODE_WEIGHT else 0.0
+            grad = _logit_gradient(shifted, dots, row_ok[:, None] & code_ok[None, :], log_soft_sum, soft_centre, log_sharp_sum,
+                                   sharp_centre, code_term, inv_temperature, scaled_sample_weight, exp_floor, SOFT, ENTROPY, CODE_WEIGHT)
             total += tl.dot(grad, _whole_rows(e_ptr, codes, code_ok, d, DIMS), input_precision="ieee")
-        tl.store(out_ptr + (split * n + rows[:, None]) * d + dims[None, :], total, mask=row_ok[:, None] & dim_ok[None, :])
+        dims = tl.arange(0, DIMS)
+        tl.store(out_ptr + (split * n + rows[:, None]) * d + dims[None, :], total, mask=row_ok[:, None] & (dims < d)[None, :])
 
     @triton.jit
     def _codebook_gradient_kernel(z_ptr, g_ptr, e_ptr, max_ptr, log_sharp_sum_ptr, log_soft_sum_ptr, soft_centre_ptr, sharp_centre_ptr,
                                   code_term_ptr, out_ptr, n, k, d, inv_temperature, scaled_sample_weight_ptr, exp_floor,
                                   SOFT: tl.constexpr, ENTROPY: tl.constexpr, CODE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
                                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIMS: tl.constexpr):
-        """out[codes] += sum over all tokens of dLoss/dL_nk z_n, the tokens in a fixed order."""
+        """out[codes] += sum over all tokens of dLoss/dL_nk z_n, the tokens in a fixed order; tiles codes x tokens."""
         codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         code_ok = codes < k
         dims = tl.arange(0, DIMS)
-        dim_ok = dims < d
         out = out_ptr + codes[:, None] * d + dims[None, :]
-        out_ok = code_ok[:, None] & dim_ok[None, :]
-        total = tl.load(out, mask=out_ok, other=0.0)
+        out_ok = code_ok[:, None] & (dims < d)[None, :]
+        code_term = tl.load(code_term_ptr + codes, mask=code_ok, other=0.0)[:, None] if CODE_WEIGHT else 0.0
         scaled_sample_weight = tl.load(scaled_sample_weight_ptr)
+        total = tl.load(out, mask=out_ok, other=0.0)
         for start in range(0, n, BLOCK_N):
             rows = start + tl.arange(0, BLOCK_N)
             row_ok = rows < n
-            grad = _logit_gradient_tile(z_ptr, g_ptr, e_ptr, max_ptr, log_sharp_sum_ptr, log_soft_sum_ptr, soft_centre_ptr,
-                                        sharp_centre_ptr, code_term_ptr, rows, codes, row_ok, code_ok, d, inv_temperature,
-                                        scaled_sample_weight, exp_floor, SOFT, ENTROPY, CODE_WEIGHT, BLOCK_N, BLOCK_K, BLOCK_D)
-            total += tl.dot(tl.trans(grad), _whole_rows(z_ptr, rows, row_ok, d, DIMS), input_precision="ieee")
+            row_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)[None, :]
+            shifted = _logit_tile(e_ptr, z_ptr, codes, rows, code_ok, row_ok, d, BLOCK_K, BLOCK_N, BLOCK_D) - row_max
+            dots = shifted
+            if SOFT:
+                dots = _logit_tile(e_ptr, g_ptr, codes, rows, code_ok, row_ok, d, BLOCK_K, BLOCK_N, BLOCK_D)
+            grad = _logit_gradient(
+                shifted, dots, code_ok[:, None] & row_ok[None, :],
+                tl.load(log_soft_sum_ptr + rows, mask=row_ok, other=0.0)[None, :],
+                tl.load(soft_centre_ptr + rows, mask=row_ok, other=0.0)[None, :],
+                tl.load(log_sharp_sum_ptr + rows, mask=row_ok, other=0.0)[None, :],
+                tl.load(sharp_centre_ptr + rows, mask=row_ok, other=0.0)[None, :],
+                code_term, inv_temperature, scaled_sample_weight, exp_floor, SOFT, ENTROPY, CODE_WEIGHT,
+            )
+            total += tl.dot(grad, _whole_rows(z_ptr, rows, row_ok, d, DIMS), input_precision="ieee")
         tl.store(out, total, mask=out_ok)
-
 
 def row_statistics(tokens: Tensor, codebook: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(indices, max_logit, log_sharp_sum, token_entropy) of (N, D) fp32 tokens against a (K, D) codebook."""
     n, d = tokens.shape
     k = codebook.shape[0]
-    row_tiles, splits, codes_per_split = _split_codes(tokens, n, k)
+    row_tiles, splits, codes_per_split = _split_codes(tokens, n, k, ROW_TILES)
     partial = torch.empty(3, splits, n, dtype=torch.float32, device=tokens.device)
     split_indices = torch.empty(splits, n, dtype=torch.long, device=tokens.device)
     _row_statistics_kernel[(row_tiles, splits)](
-        tokens.contiguous(), codebook.contiguous(), partial, split_indices, n, k, d, codes_per_split, 1.0 / temperature,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
+        tokens.contiguous(), codebook.contiguous(), partial, split_indices, n, k, d, codes_per_split, 1.0 / temperature, **ROW_TILES,
     )
     # The ranges merged as the kernel merges its tiles: the first range holding the maximum gives the
     # index (argmax returns the first of equal values), and the sums move to the overall maximum.
@@ -278,21 +285,20 @@ def code_averages(tokens: Tensor, codebook: Tensor, temperature: float, max_logi
     n, d = tokens.shape
     k = codebook.shape[0]
     average = torch.empty(k, dtype=torch.float32, device=tokens.device)
-    _code_average_kernel[(triton.cdiv(k, BLOCK_K),)](
-        tokens.contiguous(), codebook.contiguous(), max_logit, log_sharp_sum, average, n, k, d, 1.0 / temperature,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
+    _code_average_kernel[(triton.cdiv(k, ROW_TILES["BLOCK_K"]),)](
+        tokens.contiguous(), codebook.contiguous(), max_logit, log_sharp_sum, average, n, k, d, 1.0 / temperature, **ROW_TILES,
     )
     return average
 
 
-def _split_codes(tokens: Tensor, n: int, k: int) -> tuple[int, int, int]:
+def _split_codes(tokens: Tensor, n: int, k: int, tiles: dict) -> tuple[int, int, int]:
     """(row tiles, splits, codes per split): the token-side kernels share each row tile's codes out over
     `splits` ranges, since N = 4096 tokens are only 64 row tiles, too few programs to fill a GPU: about
     2 programs per multiprocessor. Under the interpreter: 2 ranges, so that the split is exercised."""
-    row_tiles, code_tiles = triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K)
+    row_tiles, code_tiles = triton.cdiv(n, tiles["BLOCK_N"]), triton.cdiv(k, tiles["BLOCK_K"])
     programs = 2 * torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 2 * row_tiles
     splits = max(1, min(code_tiles, triton.cdiv(programs, row_tiles)))
-    codes_per_split = triton.cdiv(code_tiles, splits) * BLOCK_K
+    codes_per_split = triton.cdiv(code_tiles, splits) * tiles["BLOCK_K"]
     return row_tiles, triton.cdiv(k, codes_per_split), codes_per_split  # no range left empty
 
 
@@ -307,18 +313,18 @@ def logit_gradients(tokens: Tensor, codebook: Tensor, temperature: float, max_lo
     k = codebook.shape[0]
     tokens, codebook = tokens.contiguous(), codebook.contiguous()
     flags = dict(SOFT=grad_z_q is not None, ENTROPY=sample_weight is not None or code_weight is not None,
-                 CODE_WEIGHT=code_weight is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+                 CODE_WEIGHT=code_weight is not None)
     # A path not in use is a flag off: its pointer is never read, so any tensor stands in for it.
     gradient = tokens if grad_z_q is None else grad_z_q.contiguous()
     code_weight = max_logit if code_weight is None else code_weight.contiguous()
     sample_weight = tokens.new_zeros(()) if sample_weight is None else sample_weight.float()
-    row_tiles, splits, codes_per_split = _split_codes(tokens, n, k)
 
     # The centres of both softmax Jacobians, divided by the probability sums as computed (see chunked.py).
+    row_tiles, splits, codes_per_split = _split_codes(tokens, n, k, ROW_TILES)
     sums = torch.empty(4, splits, n, dtype=torch.float32, device=tokens.device)
     _row_sums_kernel[(row_tiles, splits)](
         tokens, gradient, codebook, max_logit, log_sharp_sum, code_weight, sums, n, k, d, codes_per_split,
-        1.0 / temperature, sample_weight, exp_floor, **flags,
+        1.0 / temperature, sample_weight, exp_floor, **flags, **ROW_TILES,
     )
     soft_sum, soft_dot, sharp_sum, sharp_dot = sums.sum(1)  # over the splits, in a fixed order
     scale = 1.0 / (n * temperature)
@@ -327,12 +333,15 @@ def logit_gradients(tokens: Tensor, codebook: Tensor, temperature: float, max_lo
     scalars = (1.0 / temperature, sample_weight * scale, exp_floor)
     dims = max(16, triton.next_power_of_2(d))  # tl.dot needs tiles of at least 16
 
+    row_tiles, splits, codes_per_split = _split_codes(tokens, n, k, TOKEN_GRADIENT_TILES)
     partial = torch.empty(splits, n, d, dtype=torch.float32, device=tokens.device)
     _token_gradient_kernel[(row_tiles, splits)](
-        tokens, gradient, codebook, max_logit, *rows, partial, *common, codes_per_split, *scalars, **flags, DIMS=dims,
+        tokens, gradient, codebook, max_logit, *rows, partial, *common, codes_per_split, *scalars, **flags,
+        **TOKEN_GRADIENT_TILES, DIMS=dims,
     )
     if grad_codebook is not None:
-        _codebook_gradient_kernel[(triton.cdiv(k, BLOCK_K),)](
-            tokens, gradient, codebook, max_logit, *rows, grad_codebook, *common, *scalars, **flags, DIMS=dims,
+        _codebook_gradient_kernel[(triton.cdiv(k, CODEBOOK_GRADIENT_TILES["BLOCK_K"]),)](
+            tokens, gradient, codebook, max_logit, *rows, grad_codebook, *common, *scalars, **flags,
+            **CODEBOOK_GRADIENT_TILES, DIMS=dims,
         )
     return partial.sum(0)
