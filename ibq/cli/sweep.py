@@ -319,6 +319,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from ibq.config import one_line
     from ibq.ledger.wandb_source import online_problem
     from ibq.report.curves import has_usage, logged_metrics
     from ibq.report.report import sections, wandb_report, write_local
@@ -350,7 +351,7 @@ def cmd_report(args) -> int:
         report = wandb_report(title, "; ".join(lines), table, group, args.project or wandb_project(runs), args.entity, curves)
         report.save()
     except Exception as error:  # the Reports API (public preview) raises many types
-        print(f"W&B Report not created ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+        print(f"W&B Report not created ({type(error).__name__}: {one_line(str(error))}); "
               "the local report above has the same content")
         return 0
     print(f"W&B Report: {report.url}")

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ibq.config import one_line
 from ibq.engine.distributed import any_rank, gather_objects
 from ibq.errors import TrainingDiverged, UserError
 from ibq.runs.record import atomic_write
@@ -26,7 +27,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for a file that is not a checkpoint
         raise UserError(
-            f"checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'empty'}): "
+            f"checkpoint {path} cannot be read ({type(error).__name__}: {one_line(str(error)) or 'empty'}): "
             f"restore it, or move it away to start this run from step 0"
         ) from None
     if not isinstance(state, dict) or "step" not in state:

@@ -24,7 +24,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from ibq.config import build
+from ibq.config import build, one_line
 from ibq.data.pack import sha256
 from ibq.engine.checkpoint import check_tensors, ema_weights, load_checkpoint, save_checkpoint
 from ibq.engine.tokens import CHECKPOINT
@@ -353,7 +353,7 @@ def read_official(path: Path) -> OfficialFile:
                 raise
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a torn or foreign file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = one_line(str(error)) or type(error).__name__
         raise UserError(f"{path} cannot be read as a checkpoint (truncated or not a torch file?): {reason}") from None
     if not isinstance(loaded, dict) or not isinstance(loaded.get("state_dict"), dict):
         top = ", ".join(map(str, list(loaded)[:5])) if isinstance(loaded, dict) else type(loaded).__name__
@@ -368,7 +368,7 @@ def read_official_config(path: Path) -> dict:
     try:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise UserError(f"--config {path} cannot be read as YAML: {str(error).splitlines()[0]}") from None
+        raise UserError(f"--config {path} cannot be read as YAML: {one_line(str(error))}") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UserError(f"--config {path} is not an official IBQ config: it has no model: section")
     return config
@@ -631,7 +631,7 @@ def read_run_checkpoint(run_dir: Path) -> dict:
     try:
         state = load_checkpoint(checkpoint)
     except Exception as error:  # a torn or foreign file
-        raise UserError(f"{checkpoint} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        raise UserError(f"{checkpoint} cannot be read ({type(error).__name__}: {one_line(str(error))})") from None
     if not isinstance(state, dict) or "config" not in state:
         raise UserError(f"{checkpoint} is not a checkpoint of this platform (no config)")
     return state

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ibq.config import one_line
 from ibq.errors import UserError
 from ibq.ledger.runs import Run, flatten
 
@@ -107,8 +108,8 @@ def wandb_runs(group: str, project: str, entity: str | None) -> list[Run]:
         api = wandb.Api(timeout=API_TIMEOUT_S)
         runs = [to_run(r) for r in api.runs(path, filters={"group": group})]
     except Exception as error:  # the client raises many types (auth, HTTP, value errors)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"--source wandb: the W&B API failed for {path}, group {group!r}: {first_line}") from None
+        reason = one_line(str(error)) or type(error).__name__
+        raise UserError(f"--source wandb: the W&B API failed for {path}, group {group!r}: {reason}") from None
     if not runs:
         raise UserError(f"--source wandb: W&B project {path} has no runs in group {group!r}")
     return runs
