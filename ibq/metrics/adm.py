@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ibq.errors import UserError
 from ibq.metrics.fid import to_uint8
+from ibq.runs.record import atomic_write
 
 ARRAY_MEMBER = "arr_0.npy"
 
@@ -41,14 +42,12 @@ def save_adm_npz(path: str | os.PathLike, images: np.ndarray | Tensor) -> Path:
     path = Path(path)
     check_adm_shape(array.shape, array.dtype, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: concurrent writers never share one
-    try:
-        with open(tmp, "wb") as file:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as file:  # a file object: np.savez would add .npz to a name
             np.savez(file, arr_0=np.ascontiguousarray(array))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write, concurrent_writers=True)
     return path
 
 

@@ -23,6 +23,7 @@ import torch
 from ibq.data.splits import data_identity
 from ibq.errors import UserError
 from ibq.metrics.fid import FeatureStats
+from ibq.runs.record import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,12 @@ class ReferenceCache:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {name: tensor.cpu().numpy() for name, tensor in stats.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: concurrent writers never share one
-        try:
-            with open(tmp, "wb") as file:
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as file:  # a file object: np.savez would add .npz to a name
                 np.savez(file, key=np.array(key.canonical()), **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+
+        atomic_write(path, write, concurrent_writers=True)
         return path
 
     def get_or_compute(self, key: ReferenceKey, compute: Callable[[], FeatureStats]) -> tuple[FeatureStats, bool]:

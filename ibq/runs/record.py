@@ -70,10 +70,12 @@ def run_choices(cfg: DictConfig, choices) -> dict:
     return named
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, *, concurrent_writers: bool = False) -> None:
     """Calls `write(tmp)` for a temporary name beside `path`, then renames it: readers see the old file
-    or the new one. A failed write (a full disk, a signal) leaves no temporary file behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    or the new one. A failed write (a full disk, a signal) leaves no temporary file behind.
+    `concurrent_writers`: several processes may write `path` at once (a shared cache), so each writes its
+    own temporary; otherwise the name is fixed, so that a killed writer's leftover is overwritten next time."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" if concurrent_writers else f".{path.name}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
