@@ -4,13 +4,14 @@ tiny codebook-scaling sweep read back by `ibq-sweep table` and `plot`."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_env, run_cli
 from ibq.ledger.plan import CONF_DIR, expand
 from ibq.runs.record import STAGE_II_KEYS, signature, without_keys
 
@@ -161,7 +162,9 @@ def test_plan_of_64_jobs_marks_completed_ones(tmp_path):
     (done / "run.json").write_text(json.dumps({"signature": plan.jobs[9].signature, "status": "completed"}))
     (done / "results.json").write_text("{}")
 
-    result = run_cli(IBQ_SWEEP + ["plan", "codebook_scaling", "model_scale=tiny", "seed=0,1,2,3,4,5,6,7", "--runs", str(tmp_path / "runs")])
+    # In a folder without outputs/, so that runs completed under the repository's outputs/ cannot count (PYTHONPATH: this checkout's code).
+    result = subprocess.run(IBQ_SWEEP + ["plan", "codebook_scaling", "model_scale=tiny", "seed=0,1,2,3,4,5,6,7", "--runs", str(tmp_path / "runs")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=cli_env(PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr
     assert "64 jobs: 1 already completed, 63 to run" in result.stdout
     done_lines = [line for line in result.stdout.splitlines() if " done " in line]
