@@ -129,6 +129,11 @@ SelectType=select/cons_tres
 # CR_Core (not CR_Core_Memory): a job without --mem must not take the whole node's memory.
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# Test-sized waits: a requeued job may start again cred_expire seconds after its requeue (default 120),
+# and pending jobs are looked at every sched_interval (60) and bf_interval (30) seconds; a preempted job
+# would otherwise idle for minutes before it resumes.
+AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=2,bf_interval=2
 ReturnToService=2
 MailProg=/bin/true
 StateSaveLocation=/var/spool/slurmctld

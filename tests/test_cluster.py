@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import IBQ_TRAIN, IBQ_TRAIN_AR, ONE_CROP_PER_PHOTO, REPO, SMALL_AR, cli_env, read_jsonl, run_cli, train
+from conftest import IBQ_TRAIN, IBQ_TRAIN_AR, ONE_CROP_PER_PHOTO, REPO, SMALL_AR, cli_env, read_jsonl, require_slow_mark
 
 pytestmark = pytest.mark.slow
 SHORT = ["train.log_every=1", "logger=none", ONE_CROP_PER_PHOTO, "eval.rfid=false"]
@@ -41,9 +41,14 @@ def submit(args: list[str], timeout: float = 900, **extra: str) -> subprocess.Co
     return subprocess.run(IBQ_TRAIN + args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=cli_env(**extra))
 
 
-def submit_in_background(args: list[str], log: Path) -> subprocess.Popen:
+def in_background(command: list[str], log: Path) -> subprocess.Popen:
+    require_slow_mark(command)
     with log.open("w") as out:
-        return subprocess.Popen(IBQ_TRAIN + args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=cli_env())
+        return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=cli_env())
+
+
+def submit_in_background(args: list[str], log: Path) -> subprocess.Popen:
+    return in_background(IBQ_TRAIN + args, log)
 
 
 def wait_for_step(sweep: Path, step: int, process: subprocess.Popen, timeout: float = 600) -> Path:
@@ -98,9 +103,9 @@ def test_sweep_is_one_slurm_array_and_every_job_completes_with_its_record(slurm,
 
 # -- preemption and time limits --------------------------------------------------------------------
 def test_preempted_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, tmp_path: Path):
-    steps = ["train.steps=30", "train.checkpoint_every=10"]
-    reference = train(tmp_path / "reference", *steps, "eval.rfid=false")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    steps = ["train.steps=20", "train.checkpoint_every=10"]
+    # The uninterrupted reference trains beside the Slurm job: one core each.
+    reference = in_background(IBQ_TRAIN + [*steps, *SHORT, f"hydra.run.dir={tmp_path / 'reference'}"], tmp_path / "reference.log")
 
     sweep = tmp_path / "sweep"
     # With W&B: the signal reaches every process of the job step, wandb's service among them.
@@ -109,12 +114,13 @@ def test_preempted_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, 
     job_id = json.loads((run_dir / "run.json").read_text())["slurm_job_id"]
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)  # what submitit's _interrupt sends
     assert process.wait(timeout=900) == 0, (tmp_path / "submit.log").read_text()[-3000:]
+    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
 
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed"
     [requeue] = record["requeues"]
     assert (requeue["reason"], requeue["requeued"], requeue["slurm_job_id"]) == ("preempted", True, job_id)
-    assert 5 <= requeue["step"] < 30
+    assert 5 <= requeue["step"] < 20
     assert [(r["step"], r["slurm_job_id"]) for r in record["resumes"]] == [(requeue["step"], job_id)]
     assert job_states(job_id, final=2) == ["REQUEUED", "COMPLETED"]
     # One W&B run, resumed: each process start leaves an offline folder under the run's id.
@@ -133,19 +139,17 @@ def test_preempted_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, 
 
 
 def test_preempted_stage_two_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, small_tokenizer_run: Path, tmp_path: Path):
-    steps = [f"tokenizer_run={small_tokenizer_run}", *SMALL_AR, "ar_train.steps=30", "ar_train.checkpoint_every=10",
+    steps = [f"tokenizer_run={small_tokenizer_run}", *SMALL_AR, "ar_train.steps=20", "ar_train.checkpoint_every=10",
              "ar_train.log_every=1", "ar_train.grid_classes=2"]
-    reference = run_cli(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={tmp_path / 'reference'}"])
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference = in_background(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={tmp_path / 'reference'}"], tmp_path / "reference.log")
 
     sweep, log = tmp_path / "sweep", tmp_path / "submit.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(IBQ_TRAIN_AR + ["cluster=slurm", *steps, "logger=wandb", f"hydra.sweep.dir={sweep}"],
-                                   cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=cli_env())
+    process = in_background(IBQ_TRAIN_AR + ["cluster=slurm", *steps, "logger=wandb", f"hydra.sweep.dir={sweep}"], log)
     run_dir = wait_for_step(sweep, 5, process)
     job_id = json.loads((run_dir / "run.json").read_text())["slurm_job_id"]
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
     assert process.wait(timeout=900) == 0, log.read_text()[-3000:]
+    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
 
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["kind"] == "generator"
@@ -158,11 +162,11 @@ def test_preempted_stage_two_job_is_requeued_and_resumes_like_an_uninterrupted_r
 
     expected = read_jsonl(tmp_path / "reference" / "metrics.jsonl")
     actual = read_jsonl(run_dir / "metrics.jsonl")
-    assert [line["step"] for line in actual] == [line["step"] for line in expected] == list(range(1, 31))
+    assert [line["step"] for line in actual] == [line["step"] for line in expected] == list(range(1, 21))
     for a, b in zip(actual, expected):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), a["step"]
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["step"] == 30 and (run_dir / results["sample_grid"]).is_file()
+    assert results["step"] == 20 and (run_dir / results["sample_grid"]).is_file()
 
 
 def test_time_limit_requeues_are_bounded(slurm, tmp_path: Path):
