@@ -34,14 +34,17 @@ def untrained_tokenizer_run(run_dir: Path) -> Path:
     return run_dir
 
 
-def tiny_ar_training(tmp_path: Path, *overrides: str) -> ARTraining:
-    tokenizer_run = untrained_tokenizer_run(tmp_path / "tokenizer")
+@pytest.fixture(scope="module")
+def ar_config(tmp_path_factory):
+    """A tiny stage-II config on an untrained tokenizer: two micro-batches of 4 per step."""
+    tokenizer_run = untrained_tokenizer_run(tmp_path_factory.mktemp("tokenizer"))
     codebook_size = torch.load(tokenizer_run / CHECKPOINT, weights_only=False)["config"]["quantizer"]["codebook_size"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train_ar", overrides=[f"tokenizer_run={tokenizer_run}", f"transformer.vocab_size={codebook_size}", "transformer.depth=1",
-                                             "transformer.width=64", "transformer.heads=2", "transformer.ffn_hidden=128",
-                                             "ar_train.steps=4", "logger=none", *overrides])
-    return ARTraining(cfg, tmp_path / "ar")
+        return compose("train_ar", overrides=[
+            f"tokenizer_run={tokenizer_run}", f"transformer.vocab_size={codebook_size}", "transformer.depth=1", "transformer.width=64",
+            "transformer.heads=2", "transformer.ffn_hidden=128", "ar_train.steps=4", "ar_train.batch_size=8",
+            "ar_train.micro_batch_size=4", "logger=none",
+        ])
 
 
 def token_batches(training: ARTraining):
@@ -53,8 +56,8 @@ def token_batches(training: ARTraining):
     return repeat((tokens, labels))
 
 
-def test_the_ar_step_reads_nothing_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    training = tiny_ar_training(tmp_path, "ar_train.batch_size=8", "ar_train.micro_batch_size=4")  # two micro-batches
+def test_the_ar_step_reads_nothing_on_the_host(ar_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    training = ARTraining(ar_config, tmp_path / "ar")
     autocast = torch.autocast("cpu", enabled=False)
     batches = token_batches(training)
     training._step(1, batches, autocast)  # warm-up: the optimizer's state is created here
@@ -69,8 +72,8 @@ def test_the_ar_step_reads_nothing_on_the_host(tmp_path: Path, monkeypatch: pyte
     training.divergence.check(3)  # the log step's one read: every loss was finite
 
 
-def test_a_non_finite_ar_loss_is_named_at_the_next_check_and_never_checkpointed(tmp_path: Path):
-    training = tiny_ar_training(tmp_path)
+def test_a_non_finite_ar_loss_is_named_at_the_next_check_and_never_checkpointed(ar_config, tmp_path: Path):
+    training = ARTraining(ar_config, tmp_path / "ar")
     autocast = torch.autocast("cpu", enabled=False)
     batches = token_batches(training)
     training._step(1, batches, autocast)
