@@ -2,7 +2,8 @@
 # `make test-fast`: the same without the tests that start a model app or use Slurm (marked slow).
 # Both create .venv when it is missing and install what they need, at the versions of constraints.txt:
 # those the whole suite was last green with. `make constraints` runs the suite and, when it passes,
-# writes the versions installed in .venv there.
+# writes the versions installed in .venv there. `make test-lowest` runs the fast tier in .venv-lowest, with
+# ibq's dependencies at the lower bounds of pyproject.toml (constraints-lowest.txt).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,8 +11,10 @@ STAMP := $(VENV)/.installed
 # torch first, at the version constraints.txt pins (and this machine's pip constraint allows).
 TORCH := torch torchvision
 CONSTRAINTS := constraints.txt
+VENV_LOWEST := .venv-lowest
+STAMP_LOWEST := $(VENV_LOWEST)/.installed
 
-.PHONY: demo test test-fast install constraints slurm-up slurm-down slurm-status bench clean
+.PHONY: demo test test-fast test-lowest install constraints slurm-up slurm-down slurm-status bench clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +33,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" --strict-markers
+
+$(STAMP_LOWEST): pyproject.toml constraints-lowest.txt
+	test -x $(VENV_LOWEST)/bin/python || $(PYTHON) -m venv $(VENV_LOWEST)
+	$(VENV_LOWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_LOWEST)/bin/pip install --quiet -c constraints-lowest.txt $(TORCH)
+	$(VENV_LOWEST)/bin/pip install --quiet -c constraints-lowest.txt -e '.[test]'
+	touch $(STAMP_LOWEST)
+
+test-lowest: $(STAMP_LOWEST)
+	$(VENV_LOWEST)/bin/python -m pytest -m "not slow"
 
 # Only after a green suite: the versions in .venv become the constraints (ibq itself left out).
 constraints: test

@@ -131,7 +131,7 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path: Path):
     Image.fromarray(ramp).save(tmp_path / "grey16.png")
     Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / "grey8.png")
     with Image.open(tmp_path / "grey16.png") as image:
-        assert image.mode == "I;16"
+        assert image.mode in ("I;16", "I")  # 16-bit samples (Pillow 10.0 opens them as 32-bit I)
     wide, narrow = load_resized(tmp_path / "grey16.png", 48), load_resized(tmp_path / "grey8.png", 48)
     assert wide.shape == narrow.shape == (3, 48, 64)
     assert wide.min() == -1 and wide.max() == 1
