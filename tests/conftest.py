@@ -6,6 +6,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,10 +52,31 @@ def run_cli(args: list[str], timeout: float = 600, **kwargs) -> subprocess.Compl
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=cli_env(), **kwargs)
 
 
-def train(run_dir: Path, *overrides: str, quick: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+class BackgroundRun:
+    """A CLI run started now and collected later, so that two independent runs of one thread each use both
+    cores of a 2-core machine. Its output goes to temporary files: a pipe nobody reads would stall it."""
+
+    def __init__(self, args: list[str]):
+        require_slow_mark(args)
+        self.output, self.errors = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(args, cwd=REPO, stdout=self.output, stderr=self.errors, text=True, env=cli_env())
+
+    def result(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        try:
+            self.process.wait(timeout=timeout)
+        finally:
+            self.process.kill()  # no-op once it has ended
+        self.output.seek(0), self.errors.seek(0)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, self.output.read(), self.errors.read())
+
+
+def train_args(run_dir: Path, *overrides: str, quick: bool = True) -> list[str]:
     quick_args = QUICK + ([] if any(o.startswith("data=") for o in overrides) else [ONE_CROP_PER_PHOTO])
-    args = IBQ_TRAIN + (quick_args if quick else []) + list(overrides) + [f"hydra.run.dir={run_dir}"]
-    return run_cli(args, timeout=timeout)
+    return IBQ_TRAIN + (quick_args if quick else []) + list(overrides) + [f"hydra.run.dir={run_dir}"]
+
+
+def train(run_dir: Path, *overrides: str, quick: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    return run_cli(train_args(run_dir, *overrides, quick=quick), timeout=timeout)
 
 
 def kill_at_first_checkpoint(args: list[str], run_dir: Path) -> int:

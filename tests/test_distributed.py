@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ONE_CROP_PER_PHOTO, REPO, children, cli_env, error_line, read_jsonl, train
+from conftest import ONE_CROP_PER_PHOTO, REPO, BackgroundRun, children, cli_env, error_line, read_jsonl, train, train_args
 from ibq.data.positions import PositionSampler
 from ibq.engine.distributed import BatchLayout, check_deepspeed, deepspeed_config, detect_ranks, plan_batches
 from ibq.errors import UserError
@@ -103,9 +103,9 @@ def test_bad_batch_layout_is_one_line_before_anything_runs(tmp_path: Path):
 @pytest.mark.slow
 def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path):
     """One process, 4 micro-batches of 2 images: the generator losses of the batch of 8."""
-    full = train(tmp_path / "full", *MATCHING, "train.steps=4")
+    full = BackgroundRun(train_args(tmp_path / "full", *MATCHING, "train.steps=4"))
     accumulated = train(tmp_path / "accumulated", *MATCHING, "train.steps=4", "train.micro_batch_size=2")
-    assert full.returncode == 0 and accumulated.returncode == 0, accumulated.stderr[-3000:]
+    assert full.result().returncode == 0 and accumulated.returncode == 0, accumulated.stderr[-3000:]
     assert json.loads((tmp_path / "accumulated" / "run.json").read_text())["distributed"]["accumulation"] == 4
     assert_losses_match(read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(tmp_path / "accumulated" / "metrics.jsonl"))
 

@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import IBQ_TRAIN_AR, REPO, SMALL_AR, children, cli_env, error_line, kill_at_first_checkpoint, read_jsonl, run_cli
+from conftest import IBQ_TRAIN_AR, REPO, SMALL_AR, BackgroundRun, children, cli_env, error_line, kill_at_first_checkpoint, read_jsonl, run_cli
 from ibq.config import build
 from ibq.engine.tokens import TokenShards, load_tokenizer_run
 from ibq.engine.train_ar import load_ar_run, sample_images
@@ -226,8 +226,8 @@ def test_bad_sampling_input_is_refused(ar_run: Path, tmp_path: Path, overrides: 
 
 
 @pytest.mark.slow
-def test_vocabulary_other_than_the_codebook_is_refused(tokenizer_run: Path, tmp_path: Path):
-    line = error_line(run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={tokenizer_run}", f"hydra.run.dir={tmp_path / 'ar'}"]))
+def test_vocabulary_other_than_the_codebook_is_refused(small_tokenizer_run: Path, tmp_path: Path):
+    line = error_line(run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={small_tokenizer_run}", f"hydra.run.dir={tmp_path / 'ar'}"]))
     assert "transformer.vocab_size=1024 differs from the codebook" in line and "256 codes" in line
     assert not (tmp_path / "ar").exists()
 
@@ -246,12 +246,11 @@ def test_token_shards_of_another_tokenizer_are_refused(tokenizer_run: Path, toke
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_exactly_and_logs_to_wandb(tokenizer_run: Path, tmp_path: Path):
+def test_killed_run_resumes_exactly_and_logs_to_wandb(small_tokenizer_run: Path, tmp_path: Path):
     """Tokens on the fly (no shards) here; the resumed half logs to W&B (offline)."""
-    steps = [f"tokenizer_run={tokenizer_run}", *SMALL_AR, "ar_train.steps=12", "ar_train.checkpoint_every=4",
+    steps = [f"tokenizer_run={small_tokenizer_run}", *SMALL_AR, "ar_train.steps=12", "ar_train.checkpoint_every=4",
              "ar_train.log_every=1", "ar_train.grid_classes=0"]
-    reference = run_cli(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={tmp_path / 'reference'}"])
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference = BackgroundRun(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={tmp_path / 'reference'}"])
 
     run_dir = tmp_path / "interrupted"
     killed_at = kill_at_first_checkpoint(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={run_dir}"], run_dir)
@@ -259,6 +258,8 @@ def test_killed_run_resumes_exactly_and_logs_to_wandb(tokenizer_run: Path, tmp_p
 
     resumed = run_cli(IBQ_TRAIN_AR + steps + ["logger=wandb", f"hydra.run.dir={run_dir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = reference.result()
+    assert reference.returncode == 0, reference.stderr[-3000:]
     record = json.loads((run_dir / "run.json").read_text())
     assert [r["step"] for r in record["resumes"]] == [killed_at] and record["status"] == "completed"
     assert record["wandb"]["mode"] == "offline" and record["wandb"]["id"] == record["signature"]

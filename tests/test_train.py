@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, QUICK, error_line, kill_at_first_checkpoint, read_jsonl, run_cli, train
+from conftest import IBQ_TRAIN, BackgroundRun, error_line, kill_at_first_checkpoint, read_jsonl, run_cli, train, train_args
 from ibq.runs.record import sweep_group
 
 pytestmark = pytest.mark.slow
@@ -47,16 +47,16 @@ def test_run_leaves_a_complete_record(tmp_path: Path):
 
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path: Path):
     steps = ["train.steps=10", "train.checkpoint_every=4", "eval.rfid=false"]
-    reference = train(tmp_path / "reference", *steps)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference = BackgroundRun(train_args(tmp_path / "reference", *steps))
 
     run_dir = tmp_path / "interrupted"
-    args = IBQ_TRAIN + QUICK + [ONE_CROP_PER_PHOTO] + steps + [f"hydra.run.dir={run_dir}"]
-    killed_at = kill_at_first_checkpoint(args, run_dir)
+    killed_at = kill_at_first_checkpoint(train_args(run_dir, *steps), run_dir)
     assert killed_at < 10, "the run finished before it could be killed"
 
     resumed = train(run_dir, *steps)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = reference.result()
+    assert reference.returncode == 0, reference.stderr[-3000:]
     record = json.loads((run_dir / "run.json").read_text())
     assert [r["step"] for r in record["resumes"]] == [killed_at]
 
@@ -94,10 +94,11 @@ def test_resuming_with_another_configuration_is_refused_and_changes_nothing(tmp_
 
 def test_a_finished_run_extended_to_more_steps_equals_the_longer_run_from_scratch(tmp_path: Path):
     short, extended, scratch = tmp_path / "short", tmp_path / "extended", tmp_path / "scratch"
+    from_scratch = BackgroundRun(train_args(scratch, "train.steps=5", "eval.rfid=false"))
     assert train(short, "train.steps=3", "eval.rfid=false").returncode == 0
     result = train(extended, "train.steps=5", f"train.extend_from={short}", "eval.rfid=false")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert train(scratch, "train.steps=5", "eval.rfid=false").returncode == 0
+    assert from_scratch.result().returncode == 0
 
     record, reference = (json.loads((run / "run.json").read_text()) for run in (extended, scratch))
     assert record["extends"] == {"run_dir": str(short), "signature": json.loads((short / "run.json").read_text())["signature"], "step": 3}
