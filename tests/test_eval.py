@@ -20,6 +20,7 @@ from ibq.config import build
 from ibq.engine.evaluate import GenerationEvaluator
 from ibq.errors import UserError
 from ibq.metrics.adm import AdmSamples, save_adm_npz, to_adm_array
+from ibq.metrics import networks
 from ibq.metrics.fid import FeatureStats, inception_score
 from ibq.metrics.reference import ReferenceCache, ReferenceStats, load_reference_npz, reference_key
 
@@ -99,7 +100,7 @@ def run_copy(trained_run: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def stand_in_fid(monkeypatch) -> StandInNetwork:
     network = StandInNetwork()
-    monkeypatch.setattr(eval_app, "load_fid_network", lambda path=None, device="cpu": network)
+    monkeypatch.setattr(networks, "load_fid_network", lambda path=None, device="cpu": network)
     return network
 
 

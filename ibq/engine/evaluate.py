@@ -4,7 +4,6 @@ against reference statistics and the Inception Score of a stream of uint8 sample
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,18 +16,14 @@ from tqdm import tqdm
 from ibq.metrics.codebook import CodebookHistogram
 from ibq.metrics.fid import (
     FeatureStats,
-    file_sha1,
     fid_from_stats,
     frechet_distance,
     inception_score,
-    load_torch_fidelity_inception,
     to_uint8,
 )
 from ibq.metrics.image import psnr_ssim
+from ibq.metrics.networks import TorchFidelityNetwork
 from ibq.metrics.reference import ReferenceStats
-
-TORCH_FIDELITY_NAME = "torch-fidelity inception-v3-compat (TF inception-2015-12-05 pool3, logits_unbiased)"
-
 
 @dataclass
 class ReconstructionEvaluator:
@@ -88,26 +83,6 @@ class ReconstructionEvaluator:
         else:
             metrics.update({"rfid": None, "rfid/samples": 0, "rfid/network": None})
         return metrics, grid
-
-
-class TorchFidelityNetwork:
-    """torch-fidelity's Inception from a user-supplied weights file, in the FID network interface (name, sha1,
-    features), plus the unbiased logits that IS needs from the same forward pass."""
-
-    def __init__(self, weights_path: str | os.PathLike, device: torch.device | str = "cpu"):
-        self.model = load_torch_fidelity_inception(weights_path, device=device).eval()
-        self.device = torch.device(device)
-        self.name = TORCH_FIDELITY_NAME
-        self.sha1 = file_sha1(str(weights_path))
-
-    @torch.no_grad()
-    def features_and_logits(self, images_uint8: Tensor) -> tuple[Tensor, Tensor]:
-        """Pool3 (N, 2048) and logits_unbiased (N, 1008), float64, of uint8 images (N, 3, H, W)."""
-        features, logits = self.model(images_uint8.to(self.device))
-        return features.double(), logits.double()
-
-    def features(self, images_uint8: Tensor) -> Tensor:
-        return self.features_and_logits(images_uint8)[0]
 
 
 @torch.no_grad()

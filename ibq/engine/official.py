@@ -26,8 +26,7 @@ from torch import Tensor
 
 from ibq.config import build, one_line
 from ibq.data.pack import sha256
-from ibq.engine.checkpoint import check_tensors, ema_weights, load_checkpoint, save_checkpoint
-from ibq.engine.tokens import CHECKPOINT
+from ibq.engine.checkpoint import CHECKPOINT, LoadedRun, check_tensors, load_run, save_checkpoint
 from ibq.engine.train_ar import stage_two_config
 from ibq.errors import UserError
 from ibq.runs.record import RunRecord, result_config, signature, tokenizer_identity
@@ -624,51 +623,36 @@ def import_ar(file: OfficialFile, tokenizer: TokenizerArch, ar: ARArch, tokenize
 # -- export -------------------------------------------------------------------------------------------------
 
 
-def read_run_checkpoint(run_dir: Path) -> dict:
-    checkpoint = run_dir / CHECKPOINT
-    if not checkpoint.is_file():
-        raise UserError(f"{run_dir} has no checkpoint ({CHECKPOINT}): give the directory of an ibq-train, ibq-train-ar or ibq-import run")
-    try:
-        state = load_checkpoint(checkpoint)
-    except Exception as error:  # a torn or foreign file
-        raise UserError(f"{checkpoint} cannot be read ({type(error).__name__}: {one_line(str(error))})") from None
-    if not isinstance(state, dict) or "config" not in state:
-        raise UserError(f"{checkpoint} is not a checkpoint of this platform (no config)")
-    return state
+def tokenizer_arch_of(run: LoadedRun) -> TokenizerArch:
+    if run.config.quantizer.get("_target_") != "ibq.quantizers.IBQ":
+        raise UserError(f"{run.run_dir} uses {run.config.quantizer.get('_target_')}: only IBQ tokenizers have an official layout (quantizer=ibq)")
+    return TokenizerArch.from_run_config(run.config)
 
 
-def tokenizer_arch_of(run_dir: Path, state: dict) -> tuple[TokenizerArch, DictConfig]:
-    cfg = OmegaConf.create(state["config"])
-    if cfg.quantizer.get("_target_") != "ibq.quantizers.IBQ":
-        raise UserError(f"{run_dir} uses {cfg.quantizer.get('_target_')}: only IBQ tokenizers have an official layout (quantizer=ibq)")
-    return TokenizerArch.from_run_config(cfg), cfg
-
-
-def export_tokenizer(run_dir: Path, state: dict) -> "OrderedDict[str, Tensor]":
+def export_tokenizer(run: LoadedRun) -> "OrderedDict[str, Tensor]":
     """Generator, EMA counters and EMA shadows under the official names, in the official order."""
-    arch, cfg = tokenizer_arch_of(run_dir, state)
-    expected = arch.tensors()
-    check_tensors({key: tuple(value.shape) for key, value in state["tokenizer"].items()},
+    expected = tokenizer_arch_of(run).tensors()
+    live = run.tokenizer_weights("live")
+    check_tensors({key: tuple(value.shape) for key, value in live.items()},
                   {project: shape for project, shape in expected.values()},
-                  f"{run_dir} has no official layout (its decoder differs from its encoder's mirror image?)")
-    official = to_official(state["tokenizer"], expected)
-    official.update(state.get("official_ema") or {
-        "model_ema.decay": torch.tensor(float(cfg.train.ema_decay), dtype=torch.float32),
-        "model_ema.num_updates": torch.tensor(int(state["step"]), dtype=torch.int32),
+                  f"{run.run_dir} has no official layout (its decoder differs from its encoder's mirror image?)")
+    official = to_official(live, expected)
+    official.update(run.state.get("official_ema") or {
+        "model_ema.decay": torch.tensor(float(run.config.train.ema_decay), dtype=torch.float32),
+        "model_ema.num_updates": torch.tensor(run.step, dtype=torch.int32),
     })
-    ema = to_official(ema_weights(state["ema"]), expected)
+    ema = to_official(run.tokenizer_weights("ema"), expected)
     official.update((EMA_PREFIX + key.replace(".", ""), value) for key, value in ema.items())
     return official
 
 
-def export_ar(run_dir: Path, state: dict) -> "OrderedDict[str, Tensor]":
+def export_ar(run: LoadedRun) -> "OrderedDict[str, Tensor]":
     """The tokenizer's EMA weights as first_stage_model.*, the transformer as transformer.*."""
-    tokenizer_dir = Path(state["config"]["tokenizer_run"])
-    tokenizer_state = read_run_checkpoint(tokenizer_dir)
-    arch, _ = tokenizer_arch_of(tokenizer_dir, tokenizer_state)
-    official = OrderedDict((AR_TOKENIZER_PREFIX + key, value) for key, value in to_official(ema_weights(tokenizer_state["ema"]), arch.tensors()).items())
-    ar = ARArch.from_run_config(OmegaConf.create(state["config"]).transformer)
-    official.update((AR_TRANSFORMER_PREFIX + key, value) for key, value in to_official(state["model"], ar.tensors()).items())
+    tokenizer = load_run(run.config.tokenizer_run, "tokenizer_run", "tokenizer")
+    tokenizer_ema = to_official(tokenizer.tokenizer_weights("ema"), tokenizer_arch_of(tokenizer).tensors())
+    official = OrderedDict((AR_TOKENIZER_PREFIX + key, value) for key, value in tokenizer_ema.items())
+    ar = ARArch.from_run_config(run.config.transformer)
+    official.update((AR_TRANSFORMER_PREFIX + key, value) for key, value in to_official(run.state["model"], ar.tensors()).items())
     return official
 
 
@@ -676,12 +660,12 @@ def export_run(run_dir: Path, output: Path) -> str:
     """A tokenizer or AR run of this platform -> an official checkpoint file ({"state_dict": ...}); returns its kind."""
     if output.exists():
         raise UserError(f"{output} already exists: give a new output file or remove it")
-    state = read_run_checkpoint(run_dir)
-    if "transformer" in state["config"]:
-        official, kind = export_ar(run_dir, state), "ar"
-    elif "tokenizer" in state and "ema" in state:
-        official, kind = export_tokenizer(run_dir, state), "tokenizer"
+    run = load_run(run_dir, "source", "any")
+    if "transformer" in run.state["config"]:
+        official, kind = export_ar(run), "ar"
+    elif "tokenizer" in run.state and "ema" in run.state:
+        official, kind = export_tokenizer(run), "tokenizer"
     else:
-        raise UserError(f"{run_dir / CHECKPOINT} holds neither a tokenizer nor a transformer")
+        raise UserError(f"{run.checkpoint_path} holds neither a tokenizer nor a transformer")
     save_checkpoint(output, {"state_dict": official})
     return kind

@@ -18,18 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ibq.data.positions import PositionSampler, position_generator
-from ibq.config import build
-from ibq.engine.checkpoint import ema_weights, load_checkpoint
+from ibq.engine.checkpoint import load_run
 from ibq.errors import UserError
 from ibq.runs.record import save_npy, write_json
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
 MANIFEST = "manifest.json"
 
 
@@ -74,22 +72,8 @@ class TokenizerRun:
 
 
 def load_tokenizer_run(run_dir: str | os.PathLike | None, device: torch.device) -> TokenizerRun:
-    if run_dir is None:
-        raise UserError("tokenizer_run is required: the run directory of an ibq-train run, e.g. tokenizer_run=outputs/train/default")
-    run_dir = Path(run_dir).expanduser().resolve()
-    if not run_dir.is_dir():
-        raise UserError(f"tokenizer_run={run_dir} does not exist: point it at the run directory of an ibq-train run")
-    checkpoint = run_dir / CHECKPOINT
-    if not checkpoint.is_file():
-        raise UserError(f"tokenizer_run={run_dir} has no checkpoint ({CHECKPOINT}): train it with ibq-train first, or pick another run")
-    state = load_checkpoint(checkpoint)
-    if "ema" not in state or "config" not in state:
-        raise UserError(f"tokenizer_run={run_dir} is not a tokenizer run: {checkpoint} holds no EMA tokenizer weights")
-    config = OmegaConf.create(state["config"])
-    tokenizer = build(config.model, quantizer=build(config.quantizer))
-    tokenizer.load_state_dict(ema_weights(state["ema"]))
-    tokenizer = tokenizer.to(device).eval().requires_grad_(False)
-    return TokenizerRun(run_dir, tokenizer, state["signature"], state["step"], config)
+    run = load_run(run_dir, "tokenizer_run", "tokenizer")
+    return TokenizerRun(run.run_dir, run.tokenizer(device), run.signature, run.step, run.config)
 
 
 # -- token shards ------------------------------------------------------------------------------------

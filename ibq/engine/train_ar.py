@@ -31,11 +31,11 @@ from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.config import build
 from ibq.engine.build import resolve_precision
-from ibq.engine.checkpoint import DivergenceWatch, foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
+from ibq.engine.checkpoint import CHECKPOINT, DivergenceWatch, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.session import RunSession
-from ibq.engine.tokens import CHECKPOINT, TokenizerRun, TokenShards, check_shards, load_tokenizer_run, read_manifest
+from ibq.engine.tokens import TokenizerRun, TokenShards, check_shards, load_tokenizer_run, read_manifest
 from ibq.errors import UserError, check_positive_int
 from ibq.generation.sampling import sample
 from ibq.models.transformer import Transformer, next_token_loss
@@ -112,28 +112,17 @@ class ARRun:
 
 
 def load_ar_run(run_dir: str | Path | None, device: torch.device) -> ARRun:
-    if run_dir is None:
-        raise UserError("run_dir is required: the run directory of an ibq-train-ar run")
-    run_dir = Path(run_dir).expanduser().resolve()
-    checkpoint = run_dir / CHECKPOINT
-    if not run_dir.is_dir():
-        raise UserError(f"run_dir={run_dir} does not exist: point it at the run directory of an ibq-train-ar run")
-    if not checkpoint.is_file():
-        raise UserError(f"run_dir={run_dir} has no checkpoint ({CHECKPOINT}): train it with ibq-train-ar first")
-    state = load_checkpoint(checkpoint)
-    if "transformer" not in state.get("config", {}):
-        raise UserError(f"run_dir={run_dir} is not a stage-II run ({checkpoint} holds no transformer): use an ibq-train-ar run")
-    config = OmegaConf.create(state["config"])
-    model = build(config.transformer)
-    model.load_state_dict(state["model"])
+    run = load_run(run_dir, "run_dir", "generator")
+    model = build(run.config.transformer)
+    model.load_state_dict(run.state["model"])
     model = model.to(device).eval().requires_grad_(False)
-    tokenizer_run = load_tokenizer_run(config.tokenizer_run, device)
-    if tokenizer_run.describe() != OmegaConf.to_container(config.tokenizer):
+    tokenizer_run = load_tokenizer_run(run.config.tokenizer_run, device)
+    if tokenizer_run.describe() != OmegaConf.to_container(run.config.tokenizer):
         raise UserError(
-            f"tokenizer_run={tokenizer_run.run_dir} changed since run_dir={run_dir} was trained on it "
-            f"(then {OmegaConf.to_container(config.tokenizer)}, now {tokenizer_run.describe()})"
+            f"tokenizer_run={tokenizer_run.run_dir} changed since run_dir={run.run_dir} was trained on it "
+            f"(then {OmegaConf.to_container(run.config.tokenizer)}, now {tokenizer_run.describe()})"
         )
-    return ARRun(run_dir, model, config, state["step"], state["signature"], tokenizer_run)
+    return ARRun(run.run_dir, model, run.config, run.step, run.signature, tokenizer_run)
 
 
 class ARTraining:

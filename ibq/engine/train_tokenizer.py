@@ -31,7 +31,7 @@ from ibq.engine import distributed
 from ibq.engine.acceleration import StepAcceleration, match_parameter_layout_
 from ibq.config import build
 from ibq.engine.build import resolve_precision
-from ibq.engine.checkpoint import DivergenceWatch, check_tensors, foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
+from ibq.engine.checkpoint import DivergenceWatch, check_tensors, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
 from ibq.engine.media import save_grid
@@ -60,17 +60,10 @@ def check_training_keys(cfg: DictConfig) -> None:
 def load_parent(init_from: str) -> dict:
     """The tokenizer run (trained or imported) whose weights start a fine-tuning run: where it is, what it
     is, and its checkpoint's state."""
-    run_dir = Path(init_from).expanduser().resolve()
-    checkpoint = run_dir / "checkpoints" / "last.pt"
-    if not checkpoint.is_file():
-        raise UserError(f"init_from={init_from} has no checkpoints/last.pt: give the directory of an ibq-train or ibq-import tokenizer run")
-    state = load_checkpoint(checkpoint)
-    if not isinstance(state, dict) or "tokenizer" not in state or "ema" not in state:
-        raise UserError(f"init_from={init_from} is not a tokenizer run: {checkpoint} holds no tokenizer and EMA weights")
-    imported = state["config"].get("imported")
-    overrides = RunRecord(run_dir).data.get("overrides") or []
-    return {"run_dir": str(run_dir), "signature": state["signature"], "step": state["step"], "imported": imported,
-            "overrides": overrides, "state": state}
+    run = load_run(init_from, "init_from", "tokenizer")
+    overrides = RunRecord(run.run_dir).data.get("overrides") or []
+    return {"run_dir": str(run.run_dir), "signature": run.signature, "step": run.step, "imported": run.state["config"].get("imported"),
+            "overrides": overrides, "state": run.state}
 
 
 class TokenizerTraining:

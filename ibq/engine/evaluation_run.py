@@ -1,0 +1,400 @@
+"""An ibq-eval run: the metrics of a trained tokenizer (reconstruction) or of generated samples (generation),
+recorded in the evaluated run: merged into results.json, a metrics.jsonl line at the checkpoint's step, and a
+W&B run of their own grouped with the training run (summary and a table). Everything that can be wrong with
+the input (paths, a checkpoint that does not fit the config, the resolution, a required network file, a
+malformed samples file) is checked before any metric is computed, so a rejected evaluation writes nothing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Subset
+
+from ibq.config import build
+from ibq.engine.build import resolve_device
+from ibq.engine.checkpoint import TOKENIZER_WEIGHTS, LoadedRun, load_run
+from ibq.engine.evaluate import GenerationEvaluator, ReconstructionEvaluator, real_feature_stats
+from ibq.errors import UserError, check_positive_int, unset_key
+from ibq.metrics.adm import AdmSamples
+from ibq.metrics.fid import FID_FEATURE_DIM
+from ibq.metrics.lpips import BACKBONE_FILES
+from ibq.metrics.networks import FID_NETWORKS, REQUIRABLE, EvaluationNetworks
+from ibq.metrics.reference import ReferenceCache, ReferenceStats, dataset_name, load_reference_npz, reference_key
+from ibq.runs.record import MetricsLog, config_differences, merge_results
+from ibq.runs.wandb_mirror import open_evaluation_mirror
+
+log = logging.getLogger("ibq.eval")
+
+WANDB_MODES = ("offline", "online", "disabled")
+SPLITS = ("val", "train")
+DEFAULT_BATCH_SIZE = 32
+# Keys the command line may set on top of the run's config; a node chosen from a group replaces the run's.
+MODEL_AND_DATA_NODES = ("model", "quantizer", "data")
+
+
+@dataclass
+class Evaluation:
+    results: dict  # what was merged into the results file
+    destination: Path  # that results file
+    wandb_dir: str | None  # the evaluation's W&B run folder, when it has one
+    reference: str | None = None  # generation: where gFID's reference statistics came from
+    resolution: tuple[int, int] | None = None  # generation: the samples' height and width
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ------------------------------------------------------------------------------------------------------ settings
+
+
+def check_settings(cfg: DictConfig) -> None:
+    if cfg.weights not in TOKENIZER_WEIGHTS:
+        raise UserError(f"weights={cfg.weights!r} is invalid; valid: {', '.join(TOKENIZER_WEIGHTS)}")
+    if cfg.batch_size is not None:
+        check_positive_int("batch_size", cfg.batch_size)
+    if cfg.wandb_mode not in WANDB_MODES:
+        raise UserError(f"wandb_mode={cfg.wandb_mode!r} is invalid; valid: {', '.join(WANDB_MODES)}")
+    metrics = cfg.metrics
+    if metrics.fid_network not in FID_NETWORKS:
+        raise UserError(f"metrics.fid_network={metrics.fid_network!r} is invalid; valid: {', '.join(FID_NETWORKS)}")
+    for net in metrics.lpips:
+        if net not in BACKBONE_FILES:
+            raise UserError(f"metrics.lpips contains {net!r}; valid backbones: {', '.join(BACKBONE_FILES)}")
+    for name in metrics.required:
+        if name not in REQUIRABLE:
+            raise UserError(f"metrics.required contains {name!r}; valid: {', '.join(REQUIRABLE)}")
+    check_positive_int("metrics.is_splits", metrics.is_splits)
+    if cfg.reference.split not in SPLITS:
+        raise UserError(f"reference.split={cfg.reference.split!r} is invalid; valid: {', '.join(SPLITS)}")
+    if cfg.reference.limit is not None:
+        check_positive_int("reference.limit", cfg.reference.limit)
+
+
+def eval_batch_size(cfg: DictConfig, train_cfg: DictConfig | None) -> int:
+    """batch_size, else the run's eval.batch_size: the same batches give the run's own numbers bit for bit."""
+    run_batch_size = OmegaConf.select(train_cfg, "eval.batch_size") if train_cfg is not None else None
+    return cfg.batch_size or run_batch_size or DEFAULT_BATCH_SIZE
+
+
+def eval_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA device is visible; valid here: auto, cpu")
+    return resolve_device(name)
+
+
+# ---------------------------------------------------------------------------------------------- the evaluated run
+
+
+def evaluated_run(cfg: DictConfig) -> LoadedRun:
+    """The run_dir= run, or the checkpoint= file (its run: the run directory it lies in, if any)."""
+    if cfg.run_dir and cfg.checkpoint:
+        raise UserError("give run_dir=<run directory> or checkpoint=<file>, not both")
+    if cfg.run_dir:
+        return load_run(cfg.run_dir, "run_dir")
+    return load_run(cfg.checkpoint, "checkpoint", outside_a_run=True)
+
+
+def evaluated_config(train_cfg: DictConfig, cfg: DictConfig, choices: dict) -> DictConfig:
+    """The run's config with the command line's model/quantizer/data settings on top.
+
+    A node chosen from a config group (data=image_folder, quantizer=vq) replaces the run's node, keeping the
+    run's values for its ??? keys (e.g. data.resolution); single keys (model_scale=paper) are merged into the
+    run's node, where ??? leaves the run's value. codebook_size=N sets the quantizer's size."""
+    merged = OmegaConf.create(OmegaConf.to_container(train_cfg, resolve=False))
+    if not OmegaConf.is_missing(cfg, "codebook_size"):
+        merged.quantizer.codebook_size = cfg.codebook_size
+    merged.codebook_size = merged.quantizer.codebook_size  # a checkpoint's resolved config holds it there only
+    for node in MODEL_AND_DATA_NODES:
+        if node not in cfg:
+            continue
+        overlay = OmegaConf.create(OmegaConf.to_container(cfg[node], resolve=False))
+        if choices.get(node) and node in merged:
+            for key in overlay:
+                if OmegaConf.is_missing(overlay, key) and key in merged[node]:
+                    overlay[key] = merged[node][key]
+            merged[node] = overlay
+        else:
+            merged[node] = OmegaConf.merge(merged[node], overlay) if node in merged else overlay
+    return merged
+
+
+def check_checkpoint_fits(path: Path, state: dict[str, torch.Tensor], merged: DictConfig, trained_config: dict) -> None:
+    """Compare the checkpoint's tensors with a model built (on the meta device) from the evaluated config."""
+    with torch.device("meta"):
+        model = build(merged.model, quantizer=build(merged.quantizer))
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in state.items()}
+    problem = None
+    for key, shape in expected.items():
+        if key not in found:
+            problem = f"the checkpoint has no tensor {key}"
+        elif found[key] != shape:
+            problem = f"tensor {key} is {found[key]} in the checkpoint but {shape} in the model"
+        if problem:
+            break
+    else:
+        extra = sorted(set(found) - set(expected))
+        if extra:
+            problem = f"the checkpoint's tensor {extra[0]} has no place in the model"
+    evaluated = {node: OmegaConf.to_container(merged[node], resolve=True) for node in ("model", "quantizer")}
+    trained_quantizer = trained_config.get("quantizer", {}).get("_target_")
+    if problem is None and trained_quantizer and trained_quantizer != evaluated["quantizer"]["_target_"]:
+        problem = f"it was trained with {trained_quantizer}, not {evaluated['quantizer']['_target_']}"
+    if problem:
+        changed = [
+            line for node in ("model", "quantizer")
+            for line in config_differences(trained_config.get(node, {}), evaluated[node], f"{node}.")
+        ]
+        differs = f" (checkpoint -> evaluated: {'; '.join(changed[:3])})" if changed else ""
+        raise UserError(f"checkpoint {path} does not fit the config it is evaluated with{differs}: {problem}")
+
+
+def check_resolution(path: Path, merged: DictConfig, trained_resolution: int) -> None:
+    resolution = merged.data.get("resolution")
+    if resolution != trained_resolution:
+        raise UserError(
+            f"data.resolution={resolution} differs from the checkpoint's training resolution {trained_resolution} "
+            f"({path}): evaluate at data.resolution={trained_resolution}"
+        )
+
+
+def check_data_set(data: DictConfig) -> None:
+    """A ??? key of a chosen data node that the run's node could not fill (data=coco_val without data.root=)."""
+    missing = sorted(OmegaConf.missing_keys(data))
+    if missing:
+        raise unset_key(missing[0])
+
+
+# ------------------------------------------------------------------------------------------------------ results
+
+
+def scalars(results: dict) -> dict:
+    return {key: value for key, value in results.items() if isinstance(value, (int, float, str))}
+
+
+def publish(run_dir: Path, step: int, results: dict, train_cfg: DictConfig | None, run_id: str | None, wandb_mode: str,
+            job_type: str) -> str | None:
+    """Merge into results.json, append to metrics.jsonl and log to the evaluation's own W&B run, grouped with the
+    training run (`job_type` eval or sample); returns the W&B dir."""
+    merge_results(run_dir / "results.json", results)
+    MetricsLog(run_dir / "metrics.jsonl").append(step, scalars(results))
+
+    logger = train_cfg.get("logger") if train_cfg is not None else None
+    if logger is None or logger.get("kind") != "wandb" or wandb_mode == "disabled" or run_id is None:
+        return None
+    record_path = run_dir / "run.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    mirror = open_evaluation_mirror(run_dir, OmegaConf.to_container(train_cfg, resolve=True), record, run_id, job_type, step, wandb_mode)
+    mirror.summarize(scalars(results))
+    numbers = [[key, float(value)] for key, value in scalars(results).items() if not isinstance(value, (str, bool))]
+    mirror.log_table("eval/metrics", ["metric", "value"], numbers)
+    mirror.finish()
+    return mirror.local_dir
+
+
+def wandb_run_id(run_dir: Path, signature: str | None) -> str | None:
+    """The id the training run used: recorded in run.json, otherwise its signature."""
+    record = run_dir / "run.json"
+    recorded = (json.loads(record.read_text()).get("wandb") or {}).get("id") if record.is_file() else None
+    return recorded or signature
+
+
+def named_metrics(name: str, metrics: dict) -> dict:
+    """The metrics also under <name>/ (coco/rfid, coco/images), so that the numbers of one run on several named
+    sets are all kept; the unprefixed keys hold the latest evaluation's."""
+    return {f"{name}/{key.removeprefix('eval/')}": value for key, value in metrics.items()}
+
+
+def record(results: dict, step: int, run_dir: Path | None, train_cfg: DictConfig | None, run_id: str | None, cfg: DictConfig,
+           beside: Path, job_type: str) -> tuple[Path, str | None]:
+    """Into the run (results.json, metrics.jsonl, W&B), or, outside a run, into `output` or a results file
+    beside `beside`; returns the results file and the W&B dir."""
+    if run_dir is not None:
+        return run_dir / "results.json", publish(run_dir, step, results, train_cfg, run_id, cfg.wandb_mode, job_type)
+    destination = Path(cfg.output).expanduser() if cfg.output else beside.with_suffix(".results.json")
+    merge_results(destination, results)
+    return destination, None
+
+
+# ------------------------------------------------------------------------------------------------ reconstruction
+
+
+def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> Evaluation:
+    run = evaluated_run(cfg)
+    trained_config = run.state["config"]
+    train_cfg = run.composed_config()
+    merged = evaluated_config(train_cfg, cfg, choices)
+    check_checkpoint_fits(run.checkpoint_path, run.tokenizer_weights(cfg.weights), merged, trained_config)
+    trained_resolution = trained_config["data"]["resolution"]
+    check_resolution(run.checkpoint_path, merged, trained_resolution)
+    check_data_set(merged.data)
+    device = eval_device(cfg.device)
+    networks = EvaluationNetworks(cfg.metrics, device, generation=False)
+
+    seed = merged.get("seed", 0)
+    data = build(merged.data, seed=seed)
+    if len(data.val) == 0:
+        raise UserError(f"the validation split of {dataset_name(OmegaConf.to_container(merged.data, resolve=True))} is empty")
+    image_size = tuple(data.val[0][0].shape[-2:])
+    if image_size != (trained_resolution, trained_resolution):
+        raise UserError(
+            f"the dataset gives {image_size[0]}x{image_size[1]} images but checkpoint {run.checkpoint_path} was trained "
+            f"at {trained_resolution}x{trained_resolution}"
+        )
+
+    tokenizer = run.tokenizer(device, cfg.weights, config=merged)
+    evaluator = ReconstructionEvaluator(
+        DataLoader(data.val, batch_size=eval_batch_size(cfg, train_cfg), num_workers=data.num_workers),
+        device,
+        fid_network=networks.fid,
+        lpips_models=networks.lpips,
+    )
+    data_config = OmegaConf.to_container(merged.data, resolve=True)
+    cache, key, cached = None, None, None
+    if networks.fid is not None:
+        cache = ReferenceCache(cfg.reference.cache_dir, refresh=cfg.reference.refresh)
+        key = reference_key(data_config, "val", None, seed, networks.fid.sha1)
+        evaluator.real_stats = cache.load(key)
+        cached = evaluator.real_stats is not None
+
+    metrics, _ = evaluator(tokenizer, tokenizer.quantizer.codebook_size, desc=f"eval@{run.step} ({cfg.weights})")
+    if cache is not None and not cached:
+        cache.store(key, evaluator.real_stats)
+
+    perceptual_net = OmegaConf.select(train_cfg, "loss.perceptual_net", default="vgg")
+    metrics["lpips"] = metrics.get(f"lpips/{perceptual_net}")  # the name training reports its LPIPS under
+    for net in cfg.metrics.lpips:
+        metrics.setdefault(f"lpips/{net}", None)
+    results = {
+        **metrics,
+        "lpips_available": metrics["lpips"] is not None,
+        "eval/dataset": dataset_name(data_config),
+        "eval/data": data_config,
+        "eval/split": "val",
+        "eval/weights": cfg.weights,
+        "eval/checkpoint": str(run.checkpoint_path),
+        "eval/step": run.step,
+        "eval/reference_cached": cached,
+        "eval/unavailable": networks.unavailable,
+        "eval/time": now(),
+    }
+    if data.name:
+        results.update(named_metrics(data.name, metrics))
+    run_id = wandb_run_id(run.run_dir, run.signature) if run.run_dir is not None else None
+    destination, wandb_dir = record(results, run.step, run.run_dir, train_cfg, run_id, cfg, run.checkpoint_path, "eval")
+    return Evaluation(results, destination, wandb_dir)
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+
+
+def reference_data_config(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None, samples: AdmSamples) -> DictConfig:
+    """The real set's data config: the command line's data= choice (its ??? resolution: the samples'), or the run's."""
+    if choices.get("data"):
+        data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=False))
+        if OmegaConf.is_missing(data, "resolution"):
+            height, width = samples.resolution
+            if height != width:
+                raise UserError(f"samples are {height}x{width}: set data.resolution for the reference set")
+            data.resolution = height
+        return data
+    if train_cfg is not None and "data" in train_cfg:
+        return OmegaConf.merge(train_cfg.data, cfg.data) if "data" in cfg else train_cfg.data
+    raise UserError(
+        "gFID needs reference statistics: reference.stats=<.npz with mu and sigma>, a real dataset "
+        "(data=image_folder data.root=<folder>), or run_dir=<run> whose dataset to use"
+    )
+
+
+def reference_stats(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None, samples: AdmSamples, network,
+                    device: torch.device, seed: int, batch_size: int) -> tuple[ReferenceStats, bool | None]:
+    """From reference.stats, or computed on the real set and cached; also whether the cache had them."""
+    if cfg.reference.stats:
+        return load_reference_npz(cfg.reference.stats, FID_FEATURE_DIM), None
+    data_cfg = reference_data_config(cfg, choices, train_cfg, samples)
+    check_data_set(data_cfg)
+    data_config = OmegaConf.to_container(data_cfg, resolve=True)
+    if tuple(samples.resolution) != (data_config["resolution"],) * 2:
+        log.warning("samples are %sx%s but the reference set is at %s px", *samples.resolution, data_config["resolution"])
+    split, limit = cfg.reference.split, cfg.reference.limit
+    cache = ReferenceCache(cfg.reference.cache_dir, refresh=cfg.reference.refresh)
+    key = reference_key(data_config, split, limit, seed, network.sha1)
+
+    def compute():
+        data = build(data_cfg, seed=seed)
+        images = data.val if split == "val" else data.train
+        if images is None:
+            raise UserError(f"reference.split={split}: {dataset_name(data_config)} has no such split; valid: val")
+        if limit is not None:
+            images = Subset(images, range(min(limit, len(images))))
+        loader = DataLoader(images, batch_size=batch_size, num_workers=data.num_workers)
+        return real_feature_stats(loader, network, device, desc=f"reference ({split})")
+
+    stats, cached = cache.get_or_compute(key, compute)
+    if stats.count < 2:
+        raise UserError(f"the reference set ({dataset_name(data_config)} {split}) has {stats.count} image(s): FID needs 2 or more")
+    return ReferenceStats.from_feature_stats(stats, f"{dataset_name(data_config)} {split} ({cache.path(key)})"), cached
+
+
+def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval") -> Evaluation:
+    """`job_type`: `sample` when ibq-sample scores its own samples."""
+    if cfg.checkpoint:
+        raise UserError("checkpoint= is for reconstruction; generation takes samples= (and run_dir= to record into a run)")
+    samples = AdmSamples(Path(cfg.samples).expanduser())
+    run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else None
+    if run_dir is not None and not run_dir.is_dir():
+        raise UserError(f"run_dir={run_dir} does not exist: point it at the run directory whose samples these are")
+    config_file = run_dir / ".hydra" / "config.yaml" if run_dir is not None else None
+    train_cfg = OmegaConf.load(config_file) if config_file is not None and config_file.is_file() else None
+    device = eval_device(cfg.device)
+    networks = EvaluationNetworks(cfg.metrics, device, generation=True)
+    if networks.fid is None and networks.inception is None:
+        why = "; ".join(networks.unavailable.values()) or "metrics.fid=false, metrics.is=false"
+        raise UserError(f"nothing to compute: gFID and IS are off or unavailable ({why})")
+    if networks.fid is not None and len(samples) < 2:
+        raise UserError(f"{samples.path} holds {len(samples)} image: FID needs at least 2")
+    if networks.inception is not None and len(samples) < cfg.metrics.is_splits:
+        raise UserError(
+            f"metrics.is_splits={cfg.metrics.is_splits} needs at least as many samples; {samples.path} holds {len(samples)}"
+        )
+
+    batch_size = eval_batch_size(cfg, train_cfg)
+    seed = train_cfg.get("seed", 0) if train_cfg is not None else 0
+    reference, cached = (None, None)
+    if networks.fid is not None:
+        reference, cached = reference_stats(cfg, choices, train_cfg, samples, networks.fid, device, seed, batch_size)
+    evaluator = GenerationEvaluator(device, networks.fid, networks.inception, cfg.metrics.is_splits, cfg.metrics.is_shuffle)
+    metrics = evaluator(samples.batches(batch_size), reference, total=math.ceil(len(samples) / batch_size))
+    results = {
+        **{key: None for key in ("gfid", "is")},
+        **metrics,
+        "eval/samples_file": str(samples.path),
+        "eval/samples": len(samples),
+        "eval/reference_cached": cached,
+        "eval/unavailable": networks.unavailable,
+        "eval/time": now(),
+    }
+    step, run_id = 0, None
+    if run_dir is not None:
+        results_path = run_dir / "results.json"
+        step = json.loads(results_path.read_text()).get("step", 0) if results_path.is_file() else 0
+        run_id = wandb_run_id(run_dir, None)
+    destination, wandb_dir = record(results, step, run_dir, train_cfg, run_id, cfg, samples.path, job_type)
+    return Evaluation(results, destination, wandb_dir, reference.source if reference is not None else None, tuple(samples.resolution))
+
+
+def evaluate(cfg: DictConfig, choices: dict) -> Evaluation:
+    check_settings(cfg)
+    if cfg.samples:
+        return evaluate_generation(cfg, choices)
+    if cfg.run_dir or cfg.checkpoint:
+        return evaluate_reconstruction(cfg, choices)
+    raise UserError("nothing to evaluate: give run_dir=<training run> (reconstruction) or samples=<samples.npz> (generation)")
