@@ -127,6 +127,7 @@ def test_wandb_report_groups_by_quantizer_with_curves_and_media(tmp_path):
     assert report.entity == "fake-entity"
     grid = report.blocks[-1]
     assert grid.runsets[0].groupby == ["config.choices.quantizer"] and grid.runsets[0].name == "g-1a2b3c"
+    assert grid.runsets[0].filters == 'Metric("Group") == \'g-1a2b3c\' and Metric("JobType") == \'train\''  # not the evaluations
     kinds = [type(panel).__name__ for panel in grid.panels]
     assert kinds == ["ScatterPlot", "LinePlot", "MediaBrowser"]  # utilization vs size; no rFID panel
     scatter, line, media = grid.panels

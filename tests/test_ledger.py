@@ -184,6 +184,22 @@ def test_metric_no_run_reports_is_one_line(tmp_path):
     assert "no run reports the metric 'lpips'" in line
 
 
+def test_wandb_source_merges_each_evaluation_into_its_training_run():
+    from types import SimpleNamespace
+
+    from ibq.ledger.wandb_source import grouped_runs
+
+    def api_run(run_id, config, summary):
+        return SimpleNamespace(id=run_id, name=run_id, entity="e", project="ibq", group="g", state="finished", config=config, summary=summary)
+
+    trained = api_run("abc", {"choices": {"quantizer": "ibq"}, "seed": 0}, {"psnr": 20.0, "rfid": 9.0})
+    evaluations = [api_run("abc-eval-8", {"train_run_id": "abc", "evaluated_step": 8}, {"rfid": 5.0, "coco/rfid": 7.0}),
+                   api_run("abc-eval-4", {"train_run_id": "abc", "evaluated_step": 4}, {"rfid": 6.0})]
+    (run,) = grouped_runs([evaluations[0], trained, evaluations[1]])
+    assert run.signature == "abc" and run.choices == {"quantizer": "ibq"}
+    assert run.results == {"psnr": 20.0, "rfid": 5.0, "coco/rfid": 7.0}  # the latest step's evaluation last
+
+
 def test_wandb_source_without_credentials_or_network_is_one_line_and_quick(tmp_path):
     root = seeded_sweep(tmp_path / "sweep")
     result = sweep_cli(["table", str(root), "--source", "wandb"], env=no_wandb_env(tmp_path))

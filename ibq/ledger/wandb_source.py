@@ -82,10 +82,14 @@ def require_online(purpose: str) -> None:
         raise UserError(f"{purpose}: {problem}; read the runs from disk instead (leave out --source wandb)")
 
 
-def to_run(api_run) -> Run:
+def to_run(api_run, evaluations: list = ()) -> Run:
+    """A training run; the summaries of its evaluations' W&B runs (job_type eval/sample, oldest step first) are
+    merged into its results, as ibq-eval merges them into results.json."""
     config = {k: v for k, v in dict(api_run.config).items() if not k.startswith("_")}
     choices = {k: str(v) for k, v in (config.pop("choices", None) or {}).items() if v is not None}
     summary = {k: v for k, v in dict(api_run.summary).items() if not k.startswith("_")}
+    for evaluation in evaluations:
+        summary.update({k: v for k, v in dict(evaluation.summary).items() if not k.startswith("_")})
     status = STATES.get(api_run.state, api_run.state)
     return Run(
         name=api_run.name,
@@ -99,6 +103,13 @@ def to_run(api_run) -> Run:
     )
 
 
+def grouped_runs(api_runs) -> list[Run]:
+    """The training runs of a group, each with its evaluations (the runs whose config names it as train_run_id)."""
+    trained = [r for r in api_runs if not r.config.get("train_run_id")]
+    evaluations = sorted((r for r in api_runs if r.config.get("train_run_id")), key=lambda r: r.config.get("evaluated_step") or 0)
+    return [to_run(r, [e for e in evaluations if e.config["train_run_id"] == r.id]) for r in trained]
+
+
 def wandb_runs(group: str, project: str, entity: str | None) -> list[Run]:
     require_online("--source wandb")
     import wandb
@@ -106,7 +117,7 @@ def wandb_runs(group: str, project: str, entity: str | None) -> list[Run]:
     path = f"{entity}/{project}" if entity else project
     try:
         api = wandb.Api(timeout=API_TIMEOUT_S)
-        runs = [to_run(r) for r in api.runs(path, filters={"group": group})]
+        runs = grouped_runs(list(api.runs(path, filters={"group": group})))
     except Exception as error:  # the client raises many types (auth, HTTP, value errors)
         reason = one_line(str(error)) or type(error).__name__
         raise UserError(f"--source wandb: the W&B API failed for {path}, group {group!r}: {reason}") from None

@@ -102,13 +102,14 @@ def write_local(title: str, parts: list[Section], out_dir: Path) -> tuple[Path, 
 
 
 def wandb_report(title: str, description: str, table: Table, group: str, project: str, entity: str | None, curves: list[str]):
-    """The W&B Report object (not saved): the table as Markdown, then panels over the group's runs, grouped
+    """The W&B Report object (not saved): the table as Markdown, then panels over the group's training runs (not
+    their evaluations, which share the group), grouped
     by quantizer: each final metric some run has against the codebook size (log axis), `curves` over the
     steps (mean with a std band per quantizer), and the reconstruction grids."""
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
 
-    runset = wr.Runset(entity=entity or "", project=project, name=group, filters=[expr.Metric("Group") == group], groupby=[f"config.{QUANTIZER}"])
+    runset = wr.Runset(entity=entity or "", project=project, name=group, filters=[expr.Metric("Group") == group, expr.Metric("JobType") == "train"], groupby=[f"config.{QUANTIZER}"])
     size = wr.Config("quantizer.codebook_size")
     finals = [m for m in PIVOT_METRICS if m in table.metrics]
     panels = [wr.ScatterPlot(title=f"{label(m)} vs codebook size", x=size, y=wr.SummaryMetric(m), log_x=True) for m in finals]
