@@ -118,8 +118,6 @@ def test_columns_are_honoured_in_csv(tmp_path):
 
 
 def test_wandb_report_groups_by_quantizer_with_curves_and_media(tmp_path):
-    import wandb_workspaces.reports.v2 as wr
-
     from ibq.report.report import wandb_report
 
     table = build_table(discover(seeded_sweep(tmp_path / "sweep")))  # no run reports rFID

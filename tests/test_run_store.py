@@ -198,6 +198,26 @@ def test_load_run_reads_any_run_and_refuses_bad_ones_in_one_line(tmp_path: Path)
         load_run(checkpoint, "run_dir")
 
 
+def test_the_runs_a_job_reads_are_checked_without_loading_them(tmp_path: Path):
+    from omegaconf import OmegaConf
+
+    from ibq.cli.checks import check_run_inputs
+
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    empty.mkdir()
+    refused = {("sample", "run_dir", "???"): "run_dir is required: the run directory of an ibq-train-ar run",
+               ("sample", "run_dir", missing): f"run_dir={missing} does not exist: point it at the run directory of an ibq-train-ar run",
+               ("train_ar", "tokenizer_run", empty): f"tokenizer_run={empty} has no checkpoint (checkpoints/last.pt)",
+               ("eval", "checkpoint", missing): f"checkpoint={missing} does not exist: point it at a checkpoint file or the run directory"}
+    for (app, key, value), expected in refused.items():
+        with pytest.raises(UserError) as raised:
+            check_run_inputs(OmegaConf.create({key: value}), app)
+        assert str(raised.value).startswith(expected), raised.value
+    for app, cfg in [("train", {"init_from": None}), ("train_ar", {"tokenizer_run": missing, "dry_run": True}),
+                     ("eval", {"run_dir": missing, "samples": "samples.npz"}), ("train", {"train": {"extend_from": None}})]:
+        check_run_inputs(OmegaConf.create(cfg), app)  # optional, a dry run, generation: nothing to read
+
+
 class Silent:
     """A TCP server that accepts connections and never answers."""
 

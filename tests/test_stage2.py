@@ -78,25 +78,22 @@ def test_dry_run_reports_the_paper_parameter_counts(scale: str, tmp_path: Path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("make_run_dir", "expected"),
+    ("app", "key", "outputs", "expected"),
     [
-        (lambda tmp: tmp / "missing", "does not exist"),
-        (lambda tmp: tmp, "has no checkpoint"),
+        (IBQ_SAMPLE, "run_dir", None, "does not exist"),  # its folder: <run_dir>/samples/<overrides>
+        (IBQ_TOKENIZE, "tokenizer_run", "tokens", "does not exist"),  # outputs/tokens/<run's name>/<overrides>
+        (IBQ_TRAIN_AR, "tokenizer_run", "train_ar", "has no checkpoint"),
     ],
 )
-def test_tokenizer_run_without_a_checkpoint_is_refused(tmp_path: Path, make_run_dir, expected: str):
-    run_dir = make_run_dir(tmp_path)
-    line = error_line(run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={run_dir}", f"hydra.run.dir={tmp_path / 'ar'}"]))
-    assert expected in line and "tokenizer_run=" in line
-    assert not (tmp_path / "ar").exists()
-
-
-@pytest.mark.slow
-def test_refused_tokenize_leaves_no_folder(tmp_path: Path):
-    missing = tmp_path / f"missing-{tmp_path.name}"  # its default output: outputs/tokens/<name>/<overrides>
-    line = error_line(run_cli(IBQ_TOKENIZE + [f"tokenizer_run={missing}"]))
-    assert "does not exist" in line and "tokenizer_run=" in line
-    assert not (REPO / "outputs" / "tokens" / missing.name).exists()
+def test_a_run_to_read_that_is_not_there_is_refused_before_any_folder_is_made(tmp_path: Path, app, key, outputs, expected):
+    run_dir = tmp_path / f"run-{tmp_path.name}"
+    if expected == "has no checkpoint":
+        run_dir.mkdir()
+    result = run_cli(app + [f"{key}={run_dir}"])
+    assert result.returncode == 2
+    assert error_line(result).startswith(f"error: {key}={run_dir} {expected}")
+    assert list(tmp_path.iterdir()) == ([run_dir] if run_dir.exists() else []) and not any(run_dir.rglob("*"))
+    assert outputs is None or not (REPO / "outputs" / outputs / run_dir.name).exists()
 
 
 # -- the tiny path end to end ------------------------------------------------------------------------

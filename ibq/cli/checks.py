@@ -1,9 +1,9 @@
 """Checks inside Hydra's flow, after composition and before anything is written or submitted: the
 values of the config (ibq.config.check_values), where the jobs run and how their batch is laid out.
 
-A multirun is checked up front by the ConfigChecks callback (every primary config names it under
-hydra.callbacks), one composition per combination of the swept keys that can change a job's placement
-or checked values; each job checks itself again when it starts (common.guarded)."""
+The ConfigChecks callback (every primary config names it under hydra.callbacks) checks a run before
+Hydra makes its folder, and a multirun up front, one composition per combination of the swept keys that can
+change a job's placement or checked values; each job checks itself again when it starts (common.guarded)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ibq.config import check_values, fail, one_line, parse
+from ibq.engine.checkpoint import locate_run
 from ibq.engine.distributed import check_deepspeed, detect_ranks, plan_batches
 from ibq.errors import UserError, check_positive_int
 
@@ -29,9 +30,18 @@ SUBMITIT_LAUNCHERS = ("submitit_slurm", "submitit_local")
 # Swept overrides under these roots can change a job's resources, batch or checked values; the others
 # (quantizer, logger, ...) cannot, so the checks compose one job per combination of the former only.
 CHECKED_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "experiment", "sweep", "hydra",
-                 "seed", "codebook_size", "optim", "ar_optim", "data")
+                 "seed", "codebook_size", "optim", "ar_optim", "data", "run_dir", "checkpoint", "tokenizer_run", "init_from")
 # The config node with each training app's batch and precision keys.
 BATCH_SECTIONS = {"train": "train", "train_ar": "ar_train"}
+# The runs each app reads: (key, the kind of run it names (engine.checkpoint.RUN_KINDS), whether it is
+# required). ibq-sample's folder lies inside its run_dir, so a missing run must be refused before Hydra makes it.
+RUN_INPUTS = {
+    "sample": [("run_dir", "generator", True)],
+    "tokenize": [("tokenizer_run", "tokenizer", True)],
+    "train_ar": [("tokenizer_run", "tokenizer", True)],
+    "train": [("init_from", "tokenizer", False), ("train.extend_from", "tokenizer", False)],
+    "eval": [("run_dir", "tokenizer", False), ("checkpoint", "tokenizer", False)],
+}
 
 
 def checked_variants(overrides: list[str], parser: OverridesParser | None = None) -> list[list[str]]:
@@ -118,10 +128,26 @@ def check_slurm(cluster) -> None:
         raise UserError(f"cluster.gpus_per_node={gpus}, but the nodes of {where} have at most {partition_gpus(cluster.partition)} GPUs")
 
 
+def check_run_inputs(cfg: DictConfig, config_name: str) -> None:
+    """The runs the job reads exist and hold a checkpoint (not read yet). A dry run reads none; ibq-eval
+    of samples= reads no run (its run_dir, if any, only records the results)."""
+    if cfg.get("dry_run") or (config_name == "eval" and cfg.get("samples")):
+        return
+    for key, kind, required in RUN_INPUTS.get(config_name, []):
+        path = OmegaConf.select(cfg, key, default=None)  # None for ??? too
+        if path is not None or required:
+            locate_run(path, key, kind, outside_a_run=key == "checkpoint")
+
+
 def check_job(cfg: DictConfig, config_name: str, submitting: bool = False) -> None:
-    """A job's values, cluster preset, batch layout (cfg[section]) and DeepSpeed options; with
-    `submitting`, also what Slurm must offer."""
+    """A job's values, cluster preset, batch layout (cfg[section]), DeepSpeed options and the runs it
+    reads; with `submitting`, also what Slurm must offer."""
     check_values(cfg)
+    check_layout(cfg, config_name, submitting)
+    check_run_inputs(cfg, config_name)
+
+
+def check_layout(cfg: DictConfig, config_name: str, submitting: bool) -> None:
     cluster, section = cfg.get("cluster"), BATCH_SECTIONS.get(config_name)
     if cluster is None or section not in cfg:
         return
@@ -139,21 +165,34 @@ def check_job(cfg: DictConfig, config_name: str, submitting: bool = False) -> No
         raise UserError(one_line(str(error))) from None
 
 
+def exit_if_refused(check, *args) -> None:
+    """Run `check`; what it refuses exits here with one line, since Hydra turns a callback's exception into
+    a warning."""
+    try:
+        check(*args)
+    except UserError as error:
+        fail(str(error))
+    except (HydraException, OmegaConfBaseException) as error:
+        fail(one_line(str(error)))
+
+
+def check_sweep(config: DictConfig, config_name: str) -> None:
+    hydra_overrides = list(config.hydra.overrides.hydra)
+    submitting = not config.get("dry_run", False)
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    for variant in checked_variants(list(config.hydra.overrides.task), parser):
+        check_job(compose(config_name, overrides=hydra_overrides + variant), config_name, submitting)
+
+
 class ConfigChecks(Callback):
+    def on_run_start(self, config: DictConfig, config_name: str | None = None, **kwargs) -> None:
+        """The job, before Hydra makes its folder (hydra.run.dir may lie inside a run it reads)."""
+        exit_if_refused(check_job, config, config_name)
+
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs) -> None:
         """Every job of the sweep, before its folder is made or anything is submitted. For a submitit
         cluster, also the requeue signal that submitit asks Slurm to send."""
-        hydra_overrides = list(config.hydra.overrides.hydra)
-        submitting = not config.get("dry_run", False)
-        try:
-            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-            for variant in checked_variants(list(config.hydra.overrides.task), parser):
-                job = compose(config_name, overrides=hydra_overrides + variant)
-                check_job(job, config_name, submitting)
-        except UserError as error:  # exit here: Hydra turns a callback's exception into a warning
-            fail(str(error))
-        except (HydraException, OmegaConfBaseException) as error:
-            fail(one_line(str(error)))
+        exit_if_refused(check_sweep, config, config_name)
         cluster = config.get("cluster")
         if cluster is not None and cluster.launcher in SUBMITIT_LAUNCHERS and cluster.requeue_signal:
             os.environ["SUBMITIT_PREEMPT_SIGNAL"] = str(cluster.requeue_signal).upper().removeprefix("SIG")

@@ -94,24 +94,32 @@ class LoadedRun:
         return tokenizer.to(device).eval().requires_grad_(False)
 
 
-def load_run(path: str | Path | None, key: str, kind: str = "tokenizer", outside_a_run: bool = False) -> LoadedRun:
-    """The checkpoint of a run directory (its checkpoints/last.pt) or, with `outside_a_run`, of a checkpoint
-    file too, checked to hold what a run of `kind` (RUN_KINDS) holds. Every problem is one line naming `key`,
-    the setting that gave the path."""
-    app, entries = RUN_KINDS[kind]
+def locate_run(path: str | Path | None, key: str, kind: str = "tokenizer", outside_a_run: bool = False) -> tuple[Path, Path | None]:
+    """The checkpoint file of a run directory (its checkpoints/last.pt) or, with `outside_a_run`, a checkpoint
+    file itself, and the run directory it lies in (None outside a run), without reading it: cheap enough for
+    the checks before Hydra makes a job's folder. Every problem is one line naming `key`, the setting that gave
+    the path, and the `kind` of run (RUN_KINDS) it must name."""
+    app = RUN_KINDS[kind][0]
     if path is None:
         raise UserError(f"{key} is required: the run directory of an {app} run")
     path = Path(path).expanduser().resolve()
     if outside_a_run and path.is_file():
-        checkpoint, parent = path, path.parent.parent
-        run_dir = parent if path.parent.name == "checkpoints" and (parent / "run.json").is_file() else None
-    elif not path.is_dir():
+        parent = path.parent.parent
+        return path, parent if path.parent.name == "checkpoints" and (parent / "run.json").is_file() else None
+    if not path.is_dir():
         what = "is a file" if path.is_file() else "does not exist"
-        raise UserError(f"{key}={path} {what}: point it at the run directory of an {app} run")
-    else:
-        checkpoint, run_dir = path / CHECKPOINT, path
-        if not checkpoint.is_file():
-            raise UserError(f"{key}={path} has no checkpoint ({CHECKPOINT}): train it with {app} first, or pick another run")
+        target = f"a checkpoint file or the run directory of an {app} run" if outside_a_run else f"the run directory of an {app} run"
+        raise UserError(f"{key}={path} {what}: point it at {target}")
+    if not (path / CHECKPOINT).is_file():
+        raise UserError(f"{key}={path} has no checkpoint ({CHECKPOINT}): train it with {app} first, or pick another run")
+    return path / CHECKPOINT, path
+
+
+def load_run(path: str | Path | None, key: str, kind: str = "tokenizer", outside_a_run: bool = False) -> LoadedRun:
+    """The run that `locate_run` finds, its checkpoint checked to hold what a run of `kind` (RUN_KINDS) holds."""
+    app, entries = RUN_KINDS[kind]
+    checkpoint, run_dir = locate_run(path, key, kind, outside_a_run)
+    path = Path(path).expanduser().resolve()
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:  # torch raises several types for a file that is not a checkpoint

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ibq.errors import UserError, check_positive_int  # noqa: F401  (re-exported for quantizers)
+from ibq.errors import UserError
 
 
 @dataclass

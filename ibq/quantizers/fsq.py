@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ibq.errors import UserError
-from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_tokens
+from ibq.errors import UserError, check_positive_int
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, to_tokens
 
 # Default levels per codebook size. The FSQ paper's (Table 1) target about 2^8..2^16 codes; their
 # exact sizes are 240, 1000, 4375, 15360 and 64000. Comparisons at equal K need exact powers of two,

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ibq.errors import UserError
-from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, check_positive_int, to_tokens
+from ibq.errors import UserError, check_positive_int
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, to_tokens
 from ibq.quantizers.chunked import ENTROPY_EPS, chunked_ibq
 
 
