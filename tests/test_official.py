@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, train
+from conftest import BackgroundRun, run_cli, train_args
 from ibq.cli.import_official import composed, main as ibq_import
 from ibq.data.pack import sha256
 from ibq.engine import official
@@ -250,10 +250,22 @@ def test_an_imported_run_goes_through_every_app(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-2000:]
     tokenizer_run, ar_run = tmp_path / "ar" / "tokenizer", tmp_path / "ar" / "ar"
 
+    # Apps that only read the imported runs go two at a time (one thread each).
+    samples = BackgroundRun(python + ["-m", "ibq.cli.sample", f"run_dir={ar_run}", "classes=[0,9]", "samples_per_class=2",
+                                      "metrics.fid=false", f"hydra.run.dir={tmp_path / 'samples'}"])
     evaluation = run_cli(python + ["-m", "ibq.cli.eval", f"run_dir={tokenizer_run}", "metrics.fid=false", "metrics.lpips=[]",
                                    "metrics.required=[]", "data=photos", "data.val_crops_per_photo=1"])
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     assert "psnr" in json.loads((tokenizer_run / "results.json").read_text())
+    samples = samples.result()
+    assert samples.returncode == 0, samples.stderr[-2000:]
+    assert (tmp_path / "samples" / "grid.png").is_file() and (tmp_path / "samples" / "samples.npz").is_file()
+
+    # Fine-tuning: a new run that starts from the imported weights, with the parent's model overrides.
+    parent = json.loads((tokenizer_run / "run.json").read_text())
+    fine_tuned = tmp_path / "fine_tuned"
+    fine_tuning = BackgroundRun(train_args(fine_tuned, f"init_from={tokenizer_run}", *parent["overrides"], "discriminator.n_layers=1",
+                                           "train.steps=2", "eval.rfid=false"))
 
     tokens = tmp_path / "tokens"
     tokenize = run_cli(python + ["-m", "ibq.cli.tokenize", f"tokenizer_run={tokenizer_run}", "samples=16", f"hydra.run.dir={tokens}"])
@@ -266,15 +278,7 @@ def test_an_imported_run_goes_through_every_app(tmp_path: Path):
                                   f"hydra.run.dir={tmp_path / 'trained_ar'}"])
     assert stage_two.returncode == 0, stage_two.stderr[-2000:]
 
-    samples = run_cli(python + ["-m", "ibq.cli.sample", f"run_dir={ar_run}", "classes=[0,9]", "samples_per_class=2", "metrics.fid=false",
-                                f"hydra.run.dir={tmp_path / 'samples'}"])
-    assert samples.returncode == 0, samples.stderr[-2000:]
-    assert (tmp_path / "samples" / "grid.png").is_file() and (tmp_path / "samples" / "samples.npz").is_file()
-
-    # Fine-tuning: a new run that starts from the imported weights, with the parent's model overrides.
-    parent = json.loads((tokenizer_run / "run.json").read_text())
-    fine_tuned = tmp_path / "fine_tuned"
-    result = train(fine_tuned, f"init_from={tokenizer_run}", *parent["overrides"], "discriminator.n_layers=1", "train.steps=2", "eval.rfid=false")
+    result = fine_tuning.result()
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((fine_tuned / "run.json").read_text())
     assert record["parent"]["run_dir"] == str(tokenizer_run) and record["parent"]["signature"] == parent["signature"]

@@ -19,7 +19,7 @@ from PIL import Image
 from omegaconf import OmegaConf
 from skimage import data as skdata
 
-from conftest import IBQ_TRAIN, QUICK, error_line, kill_at_first_checkpoint, read_jsonl, run_cli, train
+from conftest import BackgroundRun, error_line, kill_at_first_checkpoint, read_jsonl, run_cli, train, train_args
 from ibq.data.batches import indexed_train
 from ibq.data.pack import inspect_shards, pack
 from ibq.data.shards import build_shards, list_shards
@@ -308,14 +308,15 @@ def test_tokenizer_trains_from_shards_and_a_killed_run_resumes_mid_epoch(shard_s
     checkpoint and resumed, the run's losses and final stream position equal an uninterrupted run's."""
     settings = [f"data.sources.main.urls={shard_set}", "data=shards", "data.num_workers=2", "data.val.limit=8",
                 "train.steps=8", "train.checkpoint_every=2", "eval.rfid=false"]
-    reference = train(tmp_path / "reference", *settings)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference = BackgroundRun(train_args(tmp_path / "reference", *settings))
 
     run_dir = tmp_path / "interrupted"
-    killed_at = kill_at_first_checkpoint(IBQ_TRAIN + QUICK + settings + [f"hydra.run.dir={run_dir}"], run_dir)
+    killed_at = kill_at_first_checkpoint(train_args(run_dir, *settings), run_dir)
     assert killed_at < 5, "the run finished its first epoch before it could be killed"
     resumed = train(run_dir, *settings)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = reference.result()
+    assert reference.returncode == 0, reference.stderr[-3000:]
 
     expected, actual = read_jsonl(tmp_path / "reference" / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
     assert [line["step"] for line in actual] == [line["step"] for line in expected]

@@ -96,149 +96,13 @@ def test_a_run_to_read_that_is_not_there_is_refused_before_any_folder_is_made(tm
     assert outputs is None or not (REPO / "outputs" / outputs / run_dir.name).exists()
 
 
-# -- the tiny path end to end ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("stage2")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_run(workdir: Path) -> Path:
-    """600 steps: after 300, decoding random tokens still scores a better FID than decoding real crops' tokens,
-    so no generator could beat an untrained one; from about 600 steps on, real tokens decode clearly better."""
-    run_dir = workdir / "tokenizer"
-    result = run_cli([sys.executable, "-m", "ibq.cli.train", "train.steps=600", "logger=none", "eval.rfid=false",
-                      "codebook_size=256", f"hydra.run.dir={run_dir}"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def token_shards(workdir: Path, tokenizer_run: Path) -> Path:
-    tokens = workdir / "tokens"
-    result = run_cli(IBQ_TOKENIZE + [f"tokenizer_run={tokenizer_run}", "samples=2048", "shard_size=1000", f"hydra.run.dir={tokens}"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tokens
-
-
-@pytest.fixture(scope="module")
-def ar_run(workdir: Path, tokenizer_run: Path, token_shards: Path) -> Path:
-    run_dir = workdir / "ar"
-    result = run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={tokenizer_run}", f"tokens={token_shards}", "ar_train.steps=300",
-                                     "ar_optim.lr=1e-3", *SMALL_AR, f"hydra.run.dir={run_dir}"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
-
-def untrained_copy(run_dir: Path, destination: Path) -> Path:
-    """The same run with its transformer replaced by a fresh initialisation."""
-    shutil.copytree(run_dir, destination, ignore=shutil.ignore_patterns("samples"))
-    checkpoint = destination / "checkpoints" / "last.pt"
-    state = torch.load(checkpoint, weights_only=False)
-    torch.manual_seed(0)
-    state["model"] = build(OmegaConf.create(state["config"]).transformer).state_dict()
-    torch.save(state, checkpoint)
-    return destination
-
-
-@pytest.mark.slow
-def test_token_shards_hold_the_tokenizers_tokens(tokenizer_run: Path, token_shards: Path):
-    manifest = json.loads((token_shards / "manifest.json").read_text())
-    assert manifest["samples"] == 2048 and manifest["grid"] == [8, 8] and manifest["num_classes"] == 18
-    assert manifest["tokenizer"]["codebook_size"] == 256 and manifest["dtype"] == "int16"
-    assert [shard["count"] for shard in manifest["shards"]] == [1000, 1000, 48]
-    run = load_tokenizer_run(tokenizer_run, torch.device("cpu"))
-    assert manifest["tokenizer"]["signature"] == run.signature == json.loads((tokenizer_run / "run.json").read_text())["signature"]
-
-    # The first pass is the training stream, tokenized (compared over one tokenization batch of 64 items).
-    shards = TokenShards(token_shards, seed=0)
-    photos = build(run.config.data, seed=0).train
-    images, photo_labels = zip(*(photos[position] for position in range(64)))
-    tokens, labels = zip(*(shards[position] for position in range(64)))
-    assert list(labels) == list(photo_labels)
-    assert torch.equal(torch.stack(tokens), run.encode(torch.stack(images)))
-    later = sorted(int(shards[2048 + i][0].sum()) for i in range(2048))
-    assert later == sorted(int(shards[i][0].sum()) for i in range(2048))  # the second pass: a permutation
-
-
-@pytest.mark.slow
-def test_trained_model_samples_score_better_than_an_untrained_models(workdir: Path, ar_run: Path):
-    record = json.loads((ar_run / "run.json").read_text())
-    results = json.loads((ar_run / "results.json").read_text())
-    assert record["status"] == "completed" and record["kind"] == "generator" and record["tokens"]
-    losses = [line["loss"] for line in read_jsonl(ar_run / "metrics.jsonl")]
-    assert losses[-1] < losses[0] - 0.5, losses  # from ln(256) = 5.55
-    assert (ar_run / results["sample_grid"]).is_file()
-
-    cache = f"reference.cache_dir={workdir / 'fid_stats'}"
-    trained = run_cli(IBQ_SAMPLE + [f"run_dir={ar_run}", *FEW_SAMPLES, cache, f"hydra.run.dir={workdir / 'trained'}"])
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    untrained_run = untrained_copy(ar_run, workdir / "untrained_ar")
-    untrained = run_cli(IBQ_SAMPLE + [f"run_dir={untrained_run}", *FEW_SAMPLES, cache, f"hydra.run.dir={workdir / 'untrained'}"])
-    assert untrained.returncode == 0, untrained.stderr[-3000:]
-
-    scores = {name: json.loads((workdir / name / "results.json").read_text()) for name in ("trained", "untrained")}
-    print(f"gFID trained {scores['trained']['gfid']:.1f}, untrained {scores['untrained']['gfid']:.1f}")
-    assert scores["trained"]["gfid"] < scores["untrained"]["gfid"], scores
-    assert scores["trained"]["gfid/samples"] == 72 and scores["trained"]["gfid/reference_samples"] == 144
-    assert scores["untrained"]["eval/reference_cached"] is True
-    assert scores["trained"]["sampling"] == {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    assert json.loads((ar_run / "results.json").read_text())["gfid"] == scores["trained"]["gfid"]  # recorded in the run
-
-    with np.load(workdir / "trained" / "samples.npz") as npz:
-        samples = npz["arr_0"]
-    assert samples.shape == (72, 32, 32, 3) and samples.dtype == np.uint8
-    assert (workdir / "trained" / "grid.png").is_file()
-
-
-@pytest.mark.slow
-def test_samples_are_deterministic_per_seed(ar_run: Path, tmp_path: Path):
-    result = run_cli(IBQ_SAMPLE + [f"run_dir={ar_run}", "classes=[3,7]", "samples_per_class=2", "seed=5", "metrics.fid=false",
-                                   "sampling.top_p=0.9", f"hydra.run.dir={tmp_path / 'out'}"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    with np.load(tmp_path / "out" / "samples.npz") as npz:
-        written = npz["arr_0"]
-    run = load_ar_run(ar_run, torch.device("cpu"))
-    settings = {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 0.9}
-    again = sample_images(run.model, run.tokenizer_run, torch.tensor([3, 3, 7, 7]), settings, torch.Generator().manual_seed(5), torch.float32)
-    assert written.shape == (4, 32, 32, 3) and np.array_equal(written, to_adm_array(again))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("overrides", "expected"),
-    [
-        (["classes=[0,18]"], "class index 18 is outside the model's classes"),
-        (["sampling.cfg_scale=-1"], "sampling.cfg_scale=-1"),
-        (["sampling.top_p=0"], "sampling.top_p=0"),
-        (["sampling.top_p=1.5"], "sampling.top_p=1.5"),
-    ],
-)
-def test_bad_sampling_input_is_refused(ar_run: Path, tmp_path: Path, overrides: list[str], expected: str):
-    line = error_line(run_cli(IBQ_SAMPLE + [f"run_dir={ar_run}", *overrides, f"hydra.run.dir={tmp_path / 'out'}"]))
-    assert expected in line
-    assert not (tmp_path / "out").exists()
+# -- on the small tokenizer: a refusal, the resume -------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_vocabulary_other_than_the_codebook_is_refused(small_tokenizer_run: Path, tmp_path: Path):
     line = error_line(run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={small_tokenizer_run}", f"hydra.run.dir={tmp_path / 'ar'}"]))
     assert "transformer.vocab_size=1024 differs from the codebook" in line and "256 codes" in line
-    assert not (tmp_path / "ar").exists()
-
-
-@pytest.mark.slow
-def test_token_shards_of_another_tokenizer_are_refused(tokenizer_run: Path, token_shards: Path, tmp_path: Path):
-    foreign = tmp_path / "foreign_tokens"
-    shutil.copytree(token_shards, foreign)
-    manifest = json.loads((foreign / "manifest.json").read_text())
-    manifest["tokenizer"]["signature"] = "0123456789ab"
-    (foreign / "manifest.json").write_text(json.dumps(manifest))
-    line = error_line(run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={tokenizer_run}", f"tokens={foreign}", *SMALL_AR,
-                                              f"hydra.run.dir={tmp_path / 'ar'}"]))
-    assert "were written by another tokenizer" in line and "0123456789ab" in line
     assert not (tmp_path / "ar").exists()
 
 
@@ -351,3 +215,158 @@ def test_a_layout_the_ranks_cannot_run_is_refused_before_launch(tmp_path: Path, 
     line = error_line(run_cli(IBQ_TRAIN_AR + ["tokenizer_run=/nowhere", *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}"]))
     assert expected in line, line
     assert not (tmp_path / "sweep").exists()
+
+
+# -- the tiny path end to end ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stage2")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_training(workdir: Path):
+    """600 steps: after 300, decoding random tokens still scores a better FID than decoding real crops' tokens,
+    so no generator could beat an untrained one; from about 600 steps on, real tokens decode clearly better."""
+    training = BackgroundRun([sys.executable, "-m", "ibq.cli.train", "train.steps=600", "logger=none", "eval.rfid=false",
+                              "codebook_size=256", f"hydra.run.dir={workdir / 'tokenizer'}"])
+    yield training
+    training.process.kill()  # when no test waited for it
+
+
+@pytest.fixture(autouse=True)
+def tokenizer_trains_from_the_first_slow_test(request):
+    """The 600 steps take minutes on one core, while the tests before the first one that needs them leave the
+    other core idle: the training starts with the module's first slow test, when a selected test needs it."""
+    module_needs_it = any("tokenizer_run" in item.fixturenames for item in request.session.items
+                          if getattr(item, "module", None) is request.module)
+    if module_needs_it and request.node.get_closest_marker("slow"):
+        request.getfixturevalue("tokenizer_training")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(workdir: Path, tokenizer_training: BackgroundRun) -> Path:
+    result = tokenizer_training.result(timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def token_shards(workdir: Path, tokenizer_run: Path) -> Path:
+    tokens = workdir / "tokens"
+    result = run_cli(IBQ_TOKENIZE + [f"tokenizer_run={tokenizer_run}", "samples=2048", "shard_size=1000", f"hydra.run.dir={tokens}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def ar_run(workdir: Path, tokenizer_run: Path, token_shards: Path) -> Path:
+    run_dir = workdir / "ar"
+    result = run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={tokenizer_run}", f"tokens={token_shards}", "ar_train.steps=300",
+                                     "ar_optim.lr=1e-3", *SMALL_AR, f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def untrained_copy(run_dir: Path, destination: Path) -> Path:
+    """The same run with its transformer replaced by a fresh initialisation."""
+    shutil.copytree(run_dir, destination, ignore=shutil.ignore_patterns("samples"))
+    checkpoint = destination / "checkpoints" / "last.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    torch.manual_seed(0)
+    state["model"] = build(OmegaConf.create(state["config"]).transformer).state_dict()
+    torch.save(state, checkpoint)
+    return destination
+
+
+@pytest.mark.slow
+def test_token_shards_hold_the_tokenizers_tokens(tokenizer_run: Path, token_shards: Path):
+    manifest = json.loads((token_shards / "manifest.json").read_text())
+    assert manifest["samples"] == 2048 and manifest["grid"] == [8, 8] and manifest["num_classes"] == 18
+    assert manifest["tokenizer"]["codebook_size"] == 256 and manifest["dtype"] == "int16"
+    assert [shard["count"] for shard in manifest["shards"]] == [1000, 1000, 48]
+    run = load_tokenizer_run(tokenizer_run, torch.device("cpu"))
+    assert manifest["tokenizer"]["signature"] == run.signature == json.loads((tokenizer_run / "run.json").read_text())["signature"]
+
+    # The first pass is the training stream, tokenized (compared over one tokenization batch of 64 items).
+    shards = TokenShards(token_shards, seed=0)
+    photos = build(run.config.data, seed=0).train
+    images, photo_labels = zip(*(photos[position] for position in range(64)))
+    tokens, labels = zip(*(shards[position] for position in range(64)))
+    assert list(labels) == list(photo_labels)
+    assert torch.equal(torch.stack(tokens), run.encode(torch.stack(images)))
+    later = sorted(int(shards[2048 + i][0].sum()) for i in range(2048))
+    assert later == sorted(int(shards[i][0].sum()) for i in range(2048))  # the second pass: a permutation
+
+
+@pytest.mark.slow
+def test_trained_model_samples_score_better_than_an_untrained_models(workdir: Path, ar_run: Path):
+    record = json.loads((ar_run / "run.json").read_text())
+    results = json.loads((ar_run / "results.json").read_text())
+    assert record["status"] == "completed" and record["kind"] == "generator" and record["tokens"]
+    losses = [line["loss"] for line in read_jsonl(ar_run / "metrics.jsonl")]
+    assert losses[-1] < losses[0] - 0.5, losses  # from ln(256) = 5.55
+    assert (ar_run / results["sample_grid"]).is_file()
+
+    cache = f"reference.cache_dir={workdir / 'fid_stats'}"
+    trained = run_cli(IBQ_SAMPLE + [f"run_dir={ar_run}", *FEW_SAMPLES, cache, f"hydra.run.dir={workdir / 'trained'}"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    untrained_run = untrained_copy(ar_run, workdir / "untrained_ar")
+    untrained = run_cli(IBQ_SAMPLE + [f"run_dir={untrained_run}", *FEW_SAMPLES, cache, f"hydra.run.dir={workdir / 'untrained'}"])
+    assert untrained.returncode == 0, untrained.stderr[-3000:]
+
+    scores = {name: json.loads((workdir / name / "results.json").read_text()) for name in ("trained", "untrained")}
+    print(f"gFID trained {scores['trained']['gfid']:.1f}, untrained {scores['untrained']['gfid']:.1f}")
+    assert scores["trained"]["gfid"] < scores["untrained"]["gfid"], scores
+    assert scores["trained"]["gfid/samples"] == 72 and scores["trained"]["gfid/reference_samples"] == 144
+    assert scores["untrained"]["eval/reference_cached"] is True
+    assert scores["trained"]["sampling"] == {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    assert json.loads((ar_run / "results.json").read_text())["gfid"] == scores["trained"]["gfid"]  # recorded in the run
+
+    with np.load(workdir / "trained" / "samples.npz") as npz:
+        samples = npz["arr_0"]
+    assert samples.shape == (72, 32, 32, 3) and samples.dtype == np.uint8
+    assert (workdir / "trained" / "grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_samples_are_deterministic_per_seed(ar_run: Path, tmp_path: Path):
+    result = run_cli(IBQ_SAMPLE + [f"run_dir={ar_run}", "classes=[3,7]", "samples_per_class=2", "seed=5", "metrics.fid=false",
+                                   "sampling.top_p=0.9", f"hydra.run.dir={tmp_path / 'out'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(tmp_path / "out" / "samples.npz") as npz:
+        written = npz["arr_0"]
+    run = load_ar_run(ar_run, torch.device("cpu"))
+    settings = {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 0.9}
+    again = sample_images(run.model, run.tokenizer_run, torch.tensor([3, 3, 7, 7]), settings, torch.Generator().manual_seed(5), torch.float32)
+    assert written.shape == (4, 32, 32, 3) and np.array_equal(written, to_adm_array(again))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["classes=[0,18]"], "class index 18 is outside the model's classes"),
+        (["sampling.cfg_scale=-1"], "sampling.cfg_scale=-1"),
+        (["sampling.top_p=0"], "sampling.top_p=0"),
+        (["sampling.top_p=1.5"], "sampling.top_p=1.5"),
+    ],
+)
+def test_bad_sampling_input_is_refused(ar_run: Path, tmp_path: Path, overrides: list[str], expected: str):
+    line = error_line(run_cli(IBQ_SAMPLE + [f"run_dir={ar_run}", *overrides, f"hydra.run.dir={tmp_path / 'out'}"]))
+    assert expected in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_token_shards_of_another_tokenizer_are_refused(tokenizer_run: Path, token_shards: Path, tmp_path: Path):
+    foreign = tmp_path / "foreign_tokens"
+    shutil.copytree(token_shards, foreign)
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest["tokenizer"]["signature"] = "0123456789ab"
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    line = error_line(run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={tokenizer_run}", f"tokens={foreign}", *SMALL_AR,
+                                              f"hydra.run.dir={tmp_path / 'ar'}"]))
+    assert "were written by another tokenizer" in line and "0123456789ab" in line
+    assert not (tmp_path / "ar").exists()
