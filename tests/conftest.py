@@ -66,7 +66,8 @@ class BackgroundRun:
             self.process.wait(timeout=timeout)
         finally:
             self.process.kill()  # no-op once it has ended
-        self.output.seek(0), self.errors.seek(0)
+        self.output.seek(0)
+        self.errors.seek(0)
         return subprocess.CompletedProcess(self.process.args, self.process.returncode, self.output.read(), self.errors.read())
 
 

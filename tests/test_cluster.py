@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import IBQ_TRAIN, IBQ_TRAIN_AR, ONE_CROP_PER_PHOTO, REPO, SMALL_AR, cli_env, read_jsonl, require_slow_mark
+from conftest import IBQ_TRAIN, IBQ_TRAIN_AR, ONE_CROP_PER_PHOTO, REPO, SMALL_AR, BackgroundRun, cli_env, read_jsonl, require_slow_mark
 
 pytestmark = pytest.mark.slow
 SHORT = ["train.log_every=1", "logger=none", ONE_CROP_PER_PHOTO, "eval.rfid=false"]
@@ -105,7 +105,7 @@ def test_sweep_is_one_slurm_array_and_every_job_completes_with_its_record(slurm,
 def test_preempted_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, tmp_path: Path):
     steps = ["train.steps=20", "train.checkpoint_every=10"]
     # The uninterrupted reference trains beside the Slurm job: one core each.
-    reference = in_background(IBQ_TRAIN + [*steps, *SHORT, f"hydra.run.dir={tmp_path / 'reference'}"], tmp_path / "reference.log")
+    reference = BackgroundRun(IBQ_TRAIN + [*steps, *SHORT, f"hydra.run.dir={tmp_path / 'reference'}"])
 
     sweep = tmp_path / "sweep"
     # With W&B: the signal reaches every process of the job step, wandb's service among them.
@@ -114,7 +114,8 @@ def test_preempted_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, 
     job_id = json.loads((run_dir / "run.json").read_text())["slurm_job_id"]
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)  # what submitit's _interrupt sends
     assert process.wait(timeout=900) == 0, (tmp_path / "submit.log").read_text()[-3000:]
-    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    reference = reference.result()
+    assert reference.returncode == 0, reference.stderr[-3000:]
 
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed"
@@ -141,7 +142,7 @@ def test_preempted_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, 
 def test_preempted_stage_two_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, small_tokenizer_run: Path, tmp_path: Path):
     steps = [f"tokenizer_run={small_tokenizer_run}", *SMALL_AR, "ar_train.steps=20", "ar_train.checkpoint_every=10",
              "ar_train.log_every=1", "ar_train.grid_classes=2"]
-    reference = in_background(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={tmp_path / 'reference'}"], tmp_path / "reference.log")
+    reference = BackgroundRun(IBQ_TRAIN_AR + steps + [f"hydra.run.dir={tmp_path / 'reference'}"])
 
     sweep, log = tmp_path / "sweep", tmp_path / "submit.log"
     process = in_background(IBQ_TRAIN_AR + ["cluster=slurm", *steps, "logger=wandb", f"hydra.sweep.dir={sweep}"], log)
@@ -149,7 +150,8 @@ def test_preempted_stage_two_job_is_requeued_and_resumes_like_an_uninterrupted_r
     job_id = json.loads((run_dir / "run.json").read_text())["slurm_job_id"]
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
     assert process.wait(timeout=900) == 0, log.read_text()[-3000:]
-    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    reference = reference.result()
+    assert reference.returncode == 0, reference.stderr[-3000:]
 
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["kind"] == "generator"
