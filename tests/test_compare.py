@@ -158,7 +158,9 @@ def test_an_evaluation_is_its_own_wandb_run_grouped_with_its_training_run(tmp_pa
     mirror.summarize({"gfid": 10.0})
     mirror.finish()
     assert mirror.run_id == "abc123-sample-12"  # the same for every scoring of step 12: W&B resumes the run
-    run = next(r.run for r in wandb_records(tmp_path) if r.WhichOneof("record_type") == "run")
+    records = wandb_records(tmp_path)  # complete once finish() returns: from the run record to the exit record
+    assert records[-1].WhichOneof("record_type") == "exit"
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert run.job_type == "sample" and run.run_group == "sweep-1a2b3c" and run.display_name == f"{tmp_path.name}-sample-12"
     assert list(run.tags) == ["quantizer:vq"] and run.project == "ibq"

@@ -147,10 +147,17 @@ class WandbMirror(NullMirror):
             self.run.summary[key] = value
 
     def finish(self, exit_code: int = 0) -> None:
+        """End the W&B run with its records on disk. run.finish() returns once W&B's service has the run's
+        last record, when it may not have written the run's file yet (offline: the .wandb record, found
+        empty under load); wandb.teardown() stops the service, which closes the file first, so the record is
+        complete before a requeue ends the job step or anything reads it. The next run starts a new service."""
+        import wandb
+
         # metrics.jsonl holds every metric: a W&B service that died (a signal to the whole job step)
         # costs the mirror its last lines, never the run.
         try:
             self.run.finish(exit_code=exit_code)
+            wandb.teardown()
         except Exception as error:
             log.warning("W&B run %s did not finish cleanly (%s: %s); metrics.jsonl has every metric", self.run_id, type(error).__name__, error)
 
