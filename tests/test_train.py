@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,9 +72,18 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path: Path):
     assert final["psnr"] == pytest.approx(json.loads((tmp_path / "reference" / "results.json").read_text())["psnr"], rel=1e-5)
 
 
-def test_completed_run_is_not_trained_again(tmp_path: Path):
-    run_dir = tmp_path / "run"
-    assert train(run_dir, "eval.rfid=false").returncode == 0
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished run of the default configuration (4 steps, no rFID), trained once for the tests that start
+    another run in a copy of it."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = train(run_dir, "eval.rfid=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_completed_run_is_not_trained_again(finished_run: Path, tmp_path: Path):
+    run_dir = shutil.copytree(finished_run, tmp_path / "run")
     lines_before = read_jsonl(run_dir / "metrics.jsonl")
     again = train(run_dir, "eval.rfid=false")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -81,9 +91,8 @@ def test_completed_run_is_not_trained_again(tmp_path: Path):
     assert [l["step"] for l in lines_after] == [l["step"] for l in lines_before]
 
 
-def test_resuming_with_another_configuration_is_refused_and_changes_nothing(tmp_path: Path):
-    run_dir = tmp_path / "run"
-    assert train(run_dir, "eval.rfid=false").returncode == 0
+def test_resuming_with_another_configuration_is_refused_and_changes_nothing(finished_run: Path, tmp_path: Path):
+    run_dir = shutil.copytree(finished_run, tmp_path / "run")
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     result = train(run_dir, "eval.rfid=false", "codebook_size=256")
     line = error_line(result)
