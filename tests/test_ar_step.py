@@ -15,20 +15,20 @@ from conftest import record_host_reads
 import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
 from ibq.config import CONF_DIR, build
 from ibq.engine import distributed
-from ibq.engine.checkpoint import save_checkpoint
+from ibq.engine.checkpoint import CHECKPOINT, save_checkpoint
 from ibq.engine.preemption import REQUEUE_CHECK_EVERY, RequeueSignal
-from ibq.engine.tokens import CHECKPOINT
 from ibq.engine.train_ar import ARTraining
 from ibq.errors import TrainingDiverged
 
 
 def untrained_tokenizer_run(run_dir: Path) -> Path:
-    """A tokenizer run directory as stage II reads it: the config and EMA weights of an untrained tokenizer."""
+    """A tokenizer run directory as stage II reads it: the config, weights and EMA weights of an untrained tokenizer."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["logger=none"])
     tokenizer = build(cfg.model, quantizer=build(cfg.quantizer))
     save_checkpoint(run_dir / CHECKPOINT, {
         "step": 0, "signature": "untrained", "config": OmegaConf.to_container(cfg, resolve=True),
+        "tokenizer": tokenizer.state_dict(),
         "ema": {f"shadow.{name}": value for name, value in tokenizer.state_dict().items()},
     })
     return run_dir
