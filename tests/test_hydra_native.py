@@ -99,9 +99,9 @@ def test_a_bad_value_in_a_sweep_is_one_line_before_anything_is_written(tmp_path:
 
 
 @pytest.mark.slow
-def test_an_optuna_search_runs_its_trials_and_lists_them_like_grid_jobs(tmp_path: Path):
-    sweep = tmp_path / "search"
-    result = run_cli(IBQ_TRAIN + ["-m", "sweep=lr_entropy_search", "hydra.sweeper.n_trials=3", "train.steps=2", "train.log_every=1",
+def test_an_optuna_search_runs_its_trials_through_submitit_and_lists_them_like_grid_jobs(tmp_path: Path):
+    sweep = tmp_path / "search"  # trials as submitit jobs, two at a time (cluster=local_parallel)
+    result = run_cli(IBQ_TRAIN + ["-m", "sweep=lr_entropy_search", "cluster=local_parallel", "hydra.sweeper.n_trials=3", "train.steps=2", "train.log_every=1",
                                   "logger=none", "eval.rfid=false", "data.val_crops_per_photo=1", "objectives=[codebook/utilization,psnr]",
                                   "hydra.sweeper.direction=[maximize,maximize]", "codebook_size=choice(256,512)",
                                   f"hydra.sweep.dir={sweep}"])
@@ -115,6 +115,7 @@ def test_an_optuna_search_runs_its_trials_and_lists_them_like_grid_jobs(tmp_path
         assert cfg.codebook_size in (256, 512) and json.loads((trial / "run.json").read_text())["choices"]["codebook_size"] == str(cfg.codebook_size)
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     assert best.name == "optuna" and len(best.solutions[0]["values"]) == 2
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 3
     status = subprocess.run([sys.executable, "-m", "ibq.cli.sweep", "status", str(sweep)], cwd=REPO, capture_output=True, text=True,
                             timeout=300, env=cli_env())
     assert "3 jobs: 3 done" in status.stdout, status.stdout + status.stderr
