@@ -13,7 +13,6 @@ import io
 import json
 import secrets
 import shutil
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from ibq.data.image_folder import IMAGE_SUFFIXES, header_parses
 from ibq.data.shards import MANIFEST, SHARD_ERRORS, StreamError, image_of, list_shards, read_manifest, read_shard, shard_error_text
 from ibq.errors import UserError, check_positive_int
+from ibq.runs.record import timestamp
 
 FORMAT = "ibq-shards/1"
 
@@ -159,7 +159,7 @@ def pack(source: str, output: Path, samples_per_shard: int = 1000, max_shard_byt
             "shards": shards,
             "classes": classes,
             "skipped_files": skipped,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "created": timestamp(),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if output.exists():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ibq.metrics.fid import FID_FEATURE_DIM
 from ibq.metrics.lpips import BACKBONE_FILES
 from ibq.metrics.networks import FID_NETWORKS, REQUIRABLE, EvaluationNetworks
 from ibq.metrics.reference import ReferenceCache, ReferenceStats, dataset_name, load_reference_npz, reference_key
-from ibq.runs.record import MetricsLog, config_differences, merge_results
+from ibq.runs.record import MetricsLog, RunRecord, config_differences, merge_results, timestamp
 from ibq.runs.wandb_mirror import open_evaluation_mirror
 
 log = logging.getLogger("ibq.eval")
@@ -46,10 +45,6 @@ class Evaluation:
     wandb_dir: str | None  # the evaluation's W&B run folder, when it has one
     reference: str | None = None  # generation: where gFID's reference statistics came from
     resolution: tuple[int, int] | None = None  # generation: the samples' height and width
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 # ------------------------------------------------------------------------------------------------------ settings
@@ -190,9 +185,7 @@ def publish(run_dir: Path, step: int, results: dict, train_cfg: DictConfig | Non
     logger = train_cfg.get("logger") if train_cfg is not None else None
     if logger is None or logger.get("kind") != "wandb" or wandb_mode == "disabled" or run_id is None:
         return None
-    record_path = run_dir / "run.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    mirror = open_evaluation_mirror(run_dir, OmegaConf.to_container(train_cfg, resolve=True), record, run_id, job_type, step, wandb_mode)
+    mirror = open_evaluation_mirror(run_dir, OmegaConf.to_container(train_cfg, resolve=True), RunRecord(run_dir).data, run_id, job_type, step, wandb_mode)
     mirror.summarize(scalars(results))
     numbers = [[key, float(value)] for key, value in scalars(results).items() if not isinstance(value, (str, bool))]
     mirror.log_table("eval/metrics", ["metric", "value"], numbers)
@@ -202,9 +195,7 @@ def publish(run_dir: Path, step: int, results: dict, train_cfg: DictConfig | Non
 
 def wandb_run_id(run_dir: Path, signature: str | None) -> str | None:
     """The id the training run used: recorded in run.json, otherwise its signature."""
-    record = run_dir / "run.json"
-    recorded = (json.loads(record.read_text()).get("wandb") or {}).get("id") if record.is_file() else None
-    return recorded or signature
+    return (RunRecord(run_dir).data.get("wandb") or {}).get("id") or signature
 
 
 def named_metrics(name: str, metrics: dict) -> dict:
@@ -284,7 +275,7 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> Evaluation:
         "eval/step": run.step,
         "eval/reference_cached": cached,
         "eval/unavailable": networks.unavailable,
-        "eval/time": now(),
+        "eval/time": timestamp(),
     }
     if data.name:
         results.update(named_metrics(data.name, metrics))
@@ -380,7 +371,7 @@ def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval") 
         "eval/samples": len(samples),
         "eval/reference_cached": cached,
         "eval/unavailable": networks.unavailable,
-        "eval/time": now(),
+        "eval/time": timestamp(),
     }
     step, run_id = 0, None
     if run_dir is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -22,6 +21,7 @@ import torch
 
 from ibq.engine import distributed
 from ibq.engine.distributed import any_rank
+from ibq.runs.record import timestamp
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def leave_for_requeue(step: int, requeue: RequeueSignal, ranks: distributed.Rank
     if ranks.is_main:
         entry = {
             "step": step,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "time": timestamp(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "reason": outcome.reason,
             "requeued": outcome.requeued,

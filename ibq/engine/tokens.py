@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from ibq.data.positions import PositionSampler, position_generator
 from ibq.engine.checkpoint import load_run
 from ibq.errors import UserError
-from ibq.runs.record import save_npy, write_json
+from ibq.runs.record import save_npy, timestamp, write_json
 
 MANIFEST = "manifest.json"
 
@@ -127,7 +126,7 @@ def write_token_shards(
         "num_classes": highest_label + 1,
         "dtype": dtype.name,
         "shards": shards,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": timestamp(),
     }
     write_json(output_dir / MANIFEST, manifest)
     return manifest

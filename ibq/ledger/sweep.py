@@ -19,7 +19,7 @@ from ibq.errors import UserError
 from ibq.ledger.liveness import run_process_alive
 from ibq.ledger.plan import Job, Plan, expand
 from ibq.ledger.runs import Run, completed_runs, load_json, load_run, read_json, run_dirs
-from ibq.runs.record import sweep_group, write_json
+from ibq.runs.record import sweep_group, timestamp, write_json
 
 LEDGER_FILE = "sweep.json"
 RETRYABLE = ("failed", "preempted", "interrupted", "missing")
@@ -78,7 +78,7 @@ class Sweep:
             return
         write_json(
             self.directory / LEDGER_FILE,
-            {"plan": self.plan.to_dict(), "reused": self.reused, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+            {"plan": self.plan.to_dict(), "reused": self.reused, "written": timestamp()},
         )
 
 

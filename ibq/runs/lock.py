@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ibq.errors import UserError
+from ibq.runs.record import timestamp
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
@@ -64,7 +65,7 @@ class RunLock:
         stale = os.read(fd, 4096).decode(errors="replace")
         if stale:
             log.info("%s: taking over the lock left by %s, which is no longer running", self.run_dir, describe_holder(stale))
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv}
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": timestamp(), "command": sys.argv}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self.fd = fd

@@ -22,6 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from ibq.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def timestamp() -> str:
+    """Local time with its UTC offset, as every record of a run, sweep or shard folder states it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 # Keys that change where or how a run is reported, not what it computes.
 NON_RESULT_KEYS = ("run_dir", "logger", "cluster", "dry_run", "objectives", "train.log_every", "train.checkpoint_every", "data.num_workers",
                    "data.read_timeout_s", "eval.every",
@@ -199,7 +204,7 @@ class RunRecord:
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def start(self, cfg: DictConfig, choices: dict, overrides: list[str], kind: str, resumed_from_step: int | None) -> None:
-        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        now = timestamp()
         self.data.setdefault("created", now)
         self.data.setdefault("resumes", [])
         if resumed_from_step is not None:
@@ -237,7 +242,7 @@ class RunRecord:
         self.save()
 
     def finish(self, status: str, error: str | None = None) -> None:
-        self.update(status=status, error=error, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.update(status=status, error=error, ended=timestamp())
 
     def save(self) -> None:
         write_json(self.path, self.data)
