@@ -16,9 +16,12 @@ The kernels that run per token tile share each tile's codes out over a few range
 that 4096 tokens still fill a GPU. Memory beyond the inputs and gradients is O(N * D * ranges + K).
 Products are IEEE fp32 (`input_precision="ieee"`), as the dense path's GEMM, so the argmax agrees with
 it; on a GPU every kernel computes a logit as the same chain of fused multiply-adds over D, whatever its
-tile, so the code that holds a row's maximum gets L - m = 0 exactly in every pass, as in chunked.py. Sums are taken in a
-fixed order: no atomics, the same bits on every run. On CPU the kernels run under Triton's interpreter
-(TRITON_INTERPRET=1), which the tests use."""
+tile, so the code that holds a row's maximum gets L - m = 0 exactly in every pass, as in chunked.py.
+They stay IEEE when torch's float32 matmul precision allows TF32: the backward kernels recompute the
+logits and must get the forward's bits (the softmax Jacobian's centre cancels the codes' shared direction
+only then), and a TF32 tensor-core sum (or tf32x3's three) depends on the tile shape and operand order.
+Sums are taken in a fixed order: no atomics, the same bits on every run. On CPU the kernels run under
+Triton's interpreter (TRITON_INTERPRET=1), which the tests use."""
 
 from __future__ import annotations
 
@@ -32,8 +35,9 @@ except ImportError:  # CPU-only builds of torch come without Triton
     triton = None
 
 # Tiles (tokens x codes, and the slice of D each tl.dot takes; tl.dot needs at least 16) and warps per
-# kernel: none spills registers on sm_90 at D = 256 (ptxas -v). A logit does not depend on them (see the
-# backward pass), so the kernels may differ.
+# kernel: none spills registers on sm_90 at D = 256 (ptxas -v; tests/test_ibq_chunked.py compiles them for
+# sm_90). A logit does not depend on them on a GPU (see the backward pass), so the kernels may differ; under
+# the interpreter, whose tl.dot is numpy's, it does depend on BLOCK_D, which all share.
 ROW_TILES = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8)  # row statistics, code averages, row sums
 TOKEN_GRADIENT_TILES = dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=8)
 CODEBOOK_GRADIENT_TILES = dict(BLOCK_N=64, BLOCK_K=32, BLOCK_D=32, num_warps=8)
