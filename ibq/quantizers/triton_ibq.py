@@ -35,10 +35,14 @@ except ImportError:  # CPU-only builds of torch come without Triton
     triton = None
 
 # Tiles (tokens x codes, and the slice of D each tl.dot takes; tl.dot needs at least 16) and warps per
-# kernel: none spills registers on sm_90 at D = 256 (ptxas -v; tests/test_ibq_chunked.py compiles them for
-# sm_90). A logit does not depend on them on a GPU (see the backward pass), so the kernels may differ; under
-# the interpreter, whose tl.dot is numpy's, it does depend on BLOCK_D, which all share.
-ROW_TILES = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8)  # row statistics, code averages, row sums
+# kernel, chosen by compiling for sm_90 at D = 256 (python -m benchmarks.bench_kernels): no kernel
+# spills registers, and each takes the tile with the largest share of FMAs among the instructions of its
+# loop. The gradient kernels' (tokens or codes) x D accumulator leaves room for no larger tile. A logit
+# does not depend on the tiles on a GPU (see the backward pass), so the kernels may differ; under the
+# interpreter, whose tl.dot is numpy's, it does depend on BLOCK_D, which all share.
+ROW_STATISTICS_TILES = dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=32, num_warps=8)
+CODE_AVERAGE_TILES = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_D=32, num_warps=8)
+ROW_SUMS_TILES = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8)
 TOKEN_GRADIENT_TILES = dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=8)
 CODEBOOK_GRADIENT_TILES = dict(BLOCK_N=64, BLOCK_K=32, BLOCK_D=32, num_warps=8)
 
@@ -51,14 +55,16 @@ def available(tokens: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _logit_tile(z_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """L for a (rows x codes) tile, accumulated over slices of the D dimensions."""
+    def _logit_tile(z_ptr, e_ptr, rows, codes, d, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """L for a (rows x codes) tile, accumulated over slices of the D dimensions. `rows` and `codes`
+        are in range: the kernels read a partial tile's surplus rows and codes as real ones (index % n,
+        index % k) and drop their results, so that no load in the innermost loop needs a row or code mask."""
         logits = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for d0 in range(0, d, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             dim_ok = dims < d
-            z = tl.load(z_ptr + rows[:, None] * d + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-            e = tl.load(e_ptr + codes[:, None] * d + dims[None, :], mask=code_ok[:, None] & dim_ok[None, :], other=0.0)
+            z = tl.load(z_ptr + rows[:, None] * d + dims[None, :], mask=dim_ok[None, :], other=0.0)
+            e = tl.load(e_ptr + codes[:, None] * d + dims[None, :], mask=dim_ok[None, :], other=0.0)
             logits += tl.dot(z, tl.trans(e), input_precision="ieee")
         return logits
 
@@ -78,7 +84,7 @@ if triton is not None:
         for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
             codes = start + tl.arange(0, BLOCK_K)
             code_ok = codes < k
-            logits = _logit_tile(z_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D)
+            logits = _logit_tile(z_ptr, e_ptr, rows % n, codes % k, d, BLOCK_N, BLOCK_K, BLOCK_D)
             logits = tl.where(code_ok[None, :], logits, float("-inf"))
             tile_max = tl.max(logits, axis=1)
             tile_index = tl.argmax(logits, axis=1, tie_break_left=True).to(tl.int64) + start
@@ -112,9 +118,9 @@ if triton is not None:
         for start in range(0, n, BLOCK_N):
             rows = start + tl.arange(0, BLOCK_N)
             row_ok = rows < n
-            logits = _logit_tile(z_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D)
-            row_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
-            log_sum = tl.load(log_sum_ptr + rows, mask=row_ok, other=0.0)
+            logits = _logit_tile(z_ptr, e_ptr, rows % n, codes % k, d, BLOCK_N, BLOCK_K, BLOCK_D)
+            row_max = tl.load(max_ptr + rows % n)
+            log_sum = tl.load(log_sum_ptr + rows % n)
             q = tl.exp((logits - row_max[:, None]) * inv_temperature - log_sum[:, None])
             total += tl.sum(tl.where(row_ok[:, None], q, 0.0), axis=0)
         tl.store(average_ptr + codes, total / n, mask=code_ok)
@@ -163,8 +169,8 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         split = tl.program_id(1)
-        row_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        log_sharp_sum = tl.load(log_sharp_sum_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        row_max = tl.load(max_ptr + rows % n)[:, None]
+        log_sharp_sum = tl.load(log_sharp_sum_ptr + rows % n)[:, None]
         sample_weight = tl.load(sample_weight_ptr)
         soft_sum = tl.zeros((BLOCK_N,), tl.float32)
         soft_dot = tl.zeros((BLOCK_N,), tl.float32)
@@ -175,9 +181,9 @@ if triton is not None:
             codes = start + tl.arange(0, BLOCK_K)
             code_ok = codes < k
             valid = row_ok[:, None] & code_ok[None, :]
-            shifted = _logit_tile(z_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D) - row_max
+            shifted = _logit_tile(z_ptr, e_ptr, rows % n, codes % k, d, BLOCK_N, BLOCK_K, BLOCK_D) - row_max
             if SOFT:
-                dots = _logit_tile(g_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D)
+                dots = _logit_tile(g_ptr, e_ptr, rows % n, codes % k, d, BLOCK_N, BLOCK_K, BLOCK_D)
                 unnormalised = tl.where(valid, tl.exp(tl.maximum(shifted, exp_floor)), 0.0)
                 soft_sum += tl.sum(unnormalised, axis=1)
                 soft_dot += tl.sum(dots * unnormalised, axis=1)
@@ -186,7 +192,7 @@ if triton is not None:
                 sharp = tl.where(valid, tl.exp(log_sharp), 0.0)
                 weights = log_sharp * -sample_weight
                 if CODE_WEIGHT:
-                    weights += tl.load(code_weight_ptr + codes, mask=code_ok, other=0.0)[None, :]
+                    weights += tl.load(code_weight_ptr + codes % k)[None, :]
                 sharp_sum += tl.sum(sharp, axis=1)
                 sharp_dot += tl.sum(weights * sharp, axis=1)
         out = sums_ptr + split * n + rows
@@ -205,22 +211,22 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         split = tl.program_id(1)
-        row_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        log_soft_sum = tl.load(log_soft_sum_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        soft_centre = tl.load(soft_centre_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        log_sharp_sum = tl.load(log_sharp_sum_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        sharp_centre = tl.load(sharp_centre_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        row_max = tl.load(max_ptr + rows % n)[:, None]
+        log_soft_sum = tl.load(log_soft_sum_ptr + rows % n)[:, None]
+        soft_centre = tl.load(soft_centre_ptr + rows % n)[:, None]
+        log_sharp_sum = tl.load(log_sharp_sum_ptr + rows % n)[:, None]
+        sharp_centre = tl.load(sharp_centre_ptr + rows % n)[:, None]
         scaled_sample_weight = tl.load(scaled_sample_weight_ptr)
         total = tl.zeros((BLOCK_N, DIMS), tl.float32)
         first = split * codes_per_split
         for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
             codes = start + tl.arange(0, BLOCK_K)
             code_ok = codes < k
-            shifted = _logit_tile(z_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D) - row_max
+            shifted = _logit_tile(z_ptr, e_ptr, rows % n, codes % k, d, BLOCK_N, BLOCK_K, BLOCK_D) - row_max
             dots = shifted
             if SOFT:
-                dots = _logit_tile(g_ptr, e_ptr, rows, codes, row_ok, code_ok, d, BLOCK_N, BLOCK_K, BLOCK_D)
-            code_term = tl.load(code_term_ptr + codes, mask=code_ok, other=0.0)[None, :] if CODE_WEIGHT else 0.0
+                dots = _logit_tile(g_ptr, e_ptr, rows % n, codes % k, d, BLOCK_N, BLOCK_K, BLOCK_D)
+            code_term = tl.load(code_term_ptr + codes % k)[None, :] if CODE_WEIGHT else 0.0
             grad = _logit_gradient(shifted, dots, row_ok[:, None] & code_ok[None, :], log_soft_sum, soft_centre, log_sharp_sum,
                                    sharp_centre, code_term, inv_temperature, scaled_sample_weight, exp_floor, SOFT, ENTROPY, CODE_WEIGHT)
             total += tl.dot(grad, _whole_rows(e_ptr, codes, code_ok, d, DIMS), input_precision="ieee")
@@ -238,23 +244,23 @@ if triton is not None:
         dims = tl.arange(0, DIMS)
         out = out_ptr + codes[:, None] * d + dims[None, :]
         out_ok = code_ok[:, None] & (dims < d)[None, :]
-        code_term = tl.load(code_term_ptr + codes, mask=code_ok, other=0.0)[:, None] if CODE_WEIGHT else 0.0
+        code_term = tl.load(code_term_ptr + codes % k)[:, None] if CODE_WEIGHT else 0.0
         scaled_sample_weight = tl.load(scaled_sample_weight_ptr)
         total = tl.load(out, mask=out_ok, other=0.0)
         for start in range(0, n, BLOCK_N):
             rows = start + tl.arange(0, BLOCK_N)
             row_ok = rows < n
-            row_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)[None, :]
-            shifted = _logit_tile(e_ptr, z_ptr, codes, rows, code_ok, row_ok, d, BLOCK_K, BLOCK_N, BLOCK_D) - row_max
+            row_max = tl.load(max_ptr + rows % n)[None, :]
+            shifted = _logit_tile(e_ptr, z_ptr, codes % k, rows % n, d, BLOCK_K, BLOCK_N, BLOCK_D) - row_max
             dots = shifted
             if SOFT:
-                dots = _logit_tile(e_ptr, g_ptr, codes, rows, code_ok, row_ok, d, BLOCK_K, BLOCK_N, BLOCK_D)
+                dots = _logit_tile(e_ptr, g_ptr, codes % k, rows % n, d, BLOCK_K, BLOCK_N, BLOCK_D)
             grad = _logit_gradient(
                 shifted, dots, code_ok[:, None] & row_ok[None, :],
-                tl.load(log_soft_sum_ptr + rows, mask=row_ok, other=0.0)[None, :],
-                tl.load(soft_centre_ptr + rows, mask=row_ok, other=0.0)[None, :],
-                tl.load(log_sharp_sum_ptr + rows, mask=row_ok, other=0.0)[None, :],
-                tl.load(sharp_centre_ptr + rows, mask=row_ok, other=0.0)[None, :],
+                tl.load(log_soft_sum_ptr + rows % n)[None, :],
+                tl.load(soft_centre_ptr + rows % n)[None, :],
+                tl.load(log_sharp_sum_ptr + rows % n)[None, :],
+                tl.load(sharp_centre_ptr + rows % n)[None, :],
                 code_term, inv_temperature, scaled_sample_weight, exp_floor, SOFT, ENTROPY, CODE_WEIGHT,
             )
             total += tl.dot(grad, _whole_rows(z_ptr, rows, row_ok, d, DIMS), input_precision="ieee")
@@ -264,11 +270,11 @@ def row_statistics(tokens: Tensor, codebook: Tensor, temperature: float) -> tupl
     """(indices, max_logit, log_sharp_sum, token_entropy) of (N, D) fp32 tokens against a (K, D) codebook."""
     n, d = tokens.shape
     k = codebook.shape[0]
-    row_tiles, splits, codes_per_split = _split_codes(tokens, n, k, ROW_TILES)
+    row_tiles, splits, codes_per_split = _split_codes(tokens, n, k, ROW_STATISTICS_TILES)
     partial = torch.empty(3, splits, n, dtype=torch.float32, device=tokens.device)
     split_indices = torch.empty(splits, n, dtype=torch.long, device=tokens.device)
     _row_statistics_kernel[(row_tiles, splits)](
-        tokens.contiguous(), codebook.contiguous(), partial, split_indices, n, k, d, codes_per_split, 1.0 / temperature, **ROW_TILES,
+        tokens.contiguous(), codebook.contiguous(), partial, split_indices, n, k, d, codes_per_split, 1.0 / temperature, **ROW_STATISTICS_TILES,
     )
     # The ranges merged as the kernel merges its tiles: the first range holding the maximum gives the
     # index (argmax returns the first of equal values), and the sums move to the overall maximum.
@@ -289,8 +295,8 @@ def code_averages(tokens: Tensor, codebook: Tensor, temperature: float, max_logi
     n, d = tokens.shape
     k = codebook.shape[0]
     average = torch.empty(k, dtype=torch.float32, device=tokens.device)
-    _code_average_kernel[(triton.cdiv(k, ROW_TILES["BLOCK_K"]),)](
-        tokens.contiguous(), codebook.contiguous(), max_logit, log_sharp_sum, average, n, k, d, 1.0 / temperature, **ROW_TILES,
+    _code_average_kernel[(triton.cdiv(k, CODE_AVERAGE_TILES["BLOCK_K"]),)](
+        tokens.contiguous(), codebook.contiguous(), max_logit, log_sharp_sum, average, n, k, d, 1.0 / temperature, **CODE_AVERAGE_TILES,
     )
     return average
 
@@ -324,11 +330,11 @@ def logit_gradients(tokens: Tensor, codebook: Tensor, temperature: float, max_lo
     sample_weight = tokens.new_zeros(()) if sample_weight is None else sample_weight.float()
 
     # The centres of both softmax Jacobians, divided by the probability sums as computed (see chunked.py).
-    row_tiles, splits, codes_per_split = _split_codes(tokens, n, k, ROW_TILES)
+    row_tiles, splits, codes_per_split = _split_codes(tokens, n, k, ROW_SUMS_TILES)
     sums = torch.empty(4, splits, n, dtype=torch.float32, device=tokens.device)
     _row_sums_kernel[(row_tiles, splits)](
         tokens, gradient, codebook, max_logit, log_sharp_sum, code_weight, sums, n, k, d, codes_per_split,
-        1.0 / temperature, sample_weight, exp_floor, **flags, **ROW_TILES,
+        1.0 / temperature, sample_weight, exp_floor, **flags, **ROW_SUMS_TILES,
     )
     soft_sum, soft_dot, sharp_sum, sharp_dot = sums.sum(1)  # over the splits, in a fixed order
     scale = 1.0 / (n * temperature)
