@@ -77,6 +77,25 @@ def peak_gib(fn, device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def perceptual_loss_overrides(tmp: Path, overrides: list[str]) -> list[str]:
+    """The real step has its LPIPS-VGG term, whose cost does not depend on the weights: without the
+    VGG16 file in torch.hub's checkpoint folder (or an override naming one), a stand-in with random
+    weights (the convolutions LPIPS reads) is written for the step to load. LPIPS is required, so that a
+    missing `lpips` package fails rather than measure a step without it."""
+    import torch
+    import torchvision
+
+    if any("lpips_backbone_path=" in override for override in overrides) or (
+            Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth").is_file():
+        SETTINGS["lpips_backbone"] = "given"
+        return ["loss.perceptual_required=true"]
+    stand_in = tmp / "vgg16-stand-in.pth"
+    features = torchvision.models.vgg16().features.state_dict()
+    torch.save({f"features.{name}": weight for name, weight in features.items()}, stand_in)
+    SETTINGS["lpips_backbone"] = "stand-in VGG16 with random weights"
+    return [f"loss.lpips_backbone_path={stand_in}", "loss.perceptual_required=true"]
+
+
 def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: list[str]) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
@@ -88,6 +107,8 @@ def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: 
     figures = {}
     scale = ["model_scale=paper", "codebook_size=16384", "train.precision=bf16"] if real else ["train.precision=fp32"]
     with tempfile.TemporaryDirectory() as tmp:
+        if real:
+            scale += perceptual_loss_overrides(Path(tmp), overrides)
         for micro_batch in (4, 32):
             with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
                 cfg = compose("train", overrides=[*scale, "logger=none", "eval.rfid=false", "train.steps=10",
