@@ -7,7 +7,7 @@ and the tiny tokenizer trained from the shards (the real main job) with its logg
 Run from the repository root: python -m benchmarks.bench_data [images] [workers] [train_steps]
 """
 
-import json
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -19,6 +19,8 @@ from PIL import Image
 from skimage import data as skdata
 from torch.utils.data import DataLoader
 
+from benchmarks.arguments import at_least
+from benchmarks.bench_train import logged_throughput, timed_training_args
 from ibq.data import build_image_folder, build_shards
 from ibq.data.pack import pack
 from ibq.data.positions import PositionSampler
@@ -66,17 +68,22 @@ def main(images: int = 2000, workers: int = 2, train_steps: int = 150) -> None:
 
         run_dir = Path(tmp) / "train"
         command = [sys.executable, "-m", "ibq.cli.train", "data=shards", f"data.sources.main.urls={shards}",
-                   f"data.num_workers={workers}", "data.val.limit=16", f"train.steps={train_steps}", "train.log_every=25",
-                   "logger=none", "eval.rfid=false", f"hydra.run.dir={run_dir}"]
+                   f"data.num_workers={workers}", "data.val.limit=16", *timed_training_args(train_steps),
+                   f"hydra.run.dir={run_dir}"]
         subprocess.run(command, check=True, capture_output=True)
-        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = [line for line in lines if "throughput/data_wait_share" in line][1:]  # the first window starts the workers
+        train_rate, wait_share = logged_throughput(run_dir)
     print(f"loader_folder_images_per_s: {folder_rate:.1f}")
     print(f"loader_shards_images_per_s: {shard_rate:.1f}")
     print(f"loader_shards_over_folder: {shard_rate / folder_rate:.3f}")
-    print(f"tiny_train_from_shards_images_per_s: {sum(l['throughput/images_per_s'] for l in timed) / len(timed):.1f}")
-    print(f"tiny_train_from_shards_data_wait_share: {sum(l['throughput/data_wait_share'] for l in timed) / len(timed):.4f}")
+    print(f"tiny_train_from_shards_images_per_s: {train_rate:.1f}")
+    print(f"tiny_train_from_shards_data_wait_share: {wait_share:.4f}")
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # Each loader is timed over images / 8 - 2 batches after its first.
+    parser.add_argument("images", nargs="?", type=at_least(3 * BATCH), default=2000, help="JPEGs written and packed")
+    parser.add_argument("workers", nargs="?", type=at_least(0), default=2, help="loader workers")
+    parser.add_argument("train_steps", nargs="?", type=at_least(2), default=150, help="steps of the training from shards")
+    args = parser.parse_args()
+    main(args.images, args.workers, args.train_steps)

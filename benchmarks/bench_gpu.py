@@ -40,6 +40,9 @@ def smaller_is_better(key: str) -> bool:
     return any(part in key for part in SMALLER_IS_BETTER)
 # What the measured code did, for the header line rather than a figure.
 SETTINGS: dict[str, object] = {}
+# The value of a figure this device cannot give, so that every figure has its line.
+CUDA_ONLY = "skipped (CUDA only: torch.cuda's peak memory)"
+NO_PEAK_TFLOPS = "skipped (no peak TFLOP/s known for this device: --peak-tflops)"
 
 
 # -- measured in a worker process, against whichever `ibq` is on sys.path -------------------------------
@@ -133,15 +136,15 @@ def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: 
 
             seconds = timed(one_step, device, repeats=10 if real else 3, warmup=3 if real else 1)
             figures[f"tokenizer_step_images_per_s_mb{micro_batch}"] = micro_batch / seconds
-            if micro_batch == 32 and device.type == "cuda":
-                figures["tokenizer_step_peak_gib_mb32"] = peak_gib(one_step, device)
+            if micro_batch == 32:
+                figures["tokenizer_step_peak_gib_mb32"] = peak_gib(one_step, device) if device.type == "cuda" else CUDA_ONLY
             else:
                 with FlopCounterMode(display=False) as counter:
                     one_step()
                 flop_per_image = counter.get_total_flops() / micro_batch
                 SETTINGS["tokenizer_tflop_per_image"] = round(flop_per_image / 1e12, 4)
-                if peak_tflops:
-                    figures["tokenizer_step_mfu_mb4"] = micro_batch / seconds * flop_per_image / (peak_tflops * 1e12)
+                figures["tokenizer_step_mfu_mb4"] = (micro_batch / seconds * flop_per_image / (peak_tflops * 1e12)
+                                                     if peak_tflops else NO_PEAK_TFLOPS)
             SETTINGS["lpips"] = training.lpips is not None
             SETTINGS["acceleration"] = training.acceleration.record() if hasattr(training, "acceleration") else None
             del training
@@ -199,8 +202,7 @@ def ibq_figures(device, real: bool) -> dict:
         "ibq_chunked_over_dense_time_k262144": chunked / dense,
         "ibq_k1048576_over_k262144_time": chunked_large / chunked,
     }
-    if device.type == "cuda":
-        figures["ibq_chunked_peak_gib_k262144"] = peak_gib(fwd_bwd(chunked_small), device)
+    figures["ibq_chunked_peak_gib_k262144"] = peak_gib(fwd_bwd(chunked_small), device) if device.type == "cuda" else CUDA_ONLY
     return figures
 
 
@@ -270,8 +272,7 @@ def ar_train_figures(device, real: bool, peak_tflops: float | None) -> dict:
         parameters = sum(p.numel() for p in model.parameters())
         tokens_per_s = micro_batch * model.block_size / seconds
         figures[f"ar_train_{scale}_tokens_per_s"] = tokens_per_s
-        if peak_tflops:
-            figures[f"ar_train_{scale}_mfu"] = 6 * parameters * tokens_per_s / (peak_tflops * 1e12)
+        figures[f"ar_train_{scale}_mfu"] = 6 * parameters * tokens_per_s / (peak_tflops * 1e12) if peak_tflops else NO_PEAK_TFLOPS
         del model, optimizer
     SETTINGS["ar_train_attention"] = "flash only" if device.type == "cuda" else "any"
     return figures
@@ -334,12 +335,17 @@ def ratio(key: str, new: float, old: float) -> float:
 
 
 def best_of(runs: list[dict]) -> dict:
-    """The runs' header and, per figure, its best value over the runs."""
+    """The runs' header and, per figure, its best value over the runs (a skipped figure's reason is the
+    same in every run)."""
     figures = {}
     for key in runs[0]["figures"]:
         values = [run["figures"][key] for run in runs]
         figures[key] = min(values) if smaller_is_better(key) else max(values)
     return {"header": runs[0]["header"], "figures": figures}
+
+
+def shown(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:.4g}"
 
 
 def main() -> None:
@@ -375,13 +381,13 @@ def main() -> None:
 
     print(f"bench_gpu: {header(current)}, parts={','.join(args.only)}")
     if baseline:
-        print(f"bench_gpu baseline {args.baseline}: {header(baseline)}")
+        print(f"bench_gpu_baseline: ref={args.baseline}, {header(baseline)}")
     for key, value in current["figures"].items():
-        print(f"{key}: {value:.4g}")
+        print(f"{key}: {shown(value)}")
         old = baseline["figures"].get(key) if baseline else None
         if old is not None:
-            print(f"{key}_baseline: {old:.4g}")
-            if old and value:
+            print(f"{key}_baseline: {shown(old)}")
+            if not isinstance(old, str) and not isinstance(value, str) and old and value:
                 print(f"{key}_vs_baseline: {ratio(key, value, old):.3g}")
 
 

@@ -7,22 +7,33 @@
 3. Every quantizer at K = 16384 side by side (D = 256; LFQ with 14 sign bits, FSQ with its default
    levels for 16384, so neither needs a projection).
 
+`--size tiny` runs the same at N = 64, D = 32 and K = 4096, 16384 and 1024, in seconds (CI keeps it alive).
 Inputs follow IBQ's initialisation: codebook N(0, 1), z N(0, 1); the upstream gradient of z_q is N(0, 1).
-Run from the repository root: python -m benchmarks.bench_quantizers [--chunk-size 8192] [--skip-dense]
+Each figure is one `key: value` line, times in ms (the median of the timed passes), memory in MiB.
+
+Run from the repository root: python -m benchmarks.bench_quantizers [--size tiny] [--chunk-size 8192] [--skip-dense]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import multiprocessing
 import statistics
-import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-TOKENS_SHAPE = (4, 16, 16)  # batch, height, width: N = 1024 tokens
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.arguments import at_least
+
+# (batch, height, width) of the tokens, D, K of parts 1, 2 and 3, and the default chunk size.
+SIZES = {
+    "real": {"tokens": (4, 16, 16), "dim": 256, "k_paper": 262144, "k_max": 2**20, "k_lineup": 16384, "chunk": 8192},
+    "tiny": {"tokens": (1, 8, 8), "dim": 32, "k_paper": 4096, "k_max": 16384, "k_lineup": 1024, "chunk": 512},
+}
+IBQ = "ibq.quantizers.IBQ"
+MIB = 2**20
 
 
 def _status_kib(field: str) -> int:
@@ -41,14 +52,14 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def worker(spec: dict) -> dict:
+def worker(target: str, tokens_shape: tuple[int, int, int], warmup: int, repeats: int, kwargs: dict) -> dict:
     """Build one quantizer, then time `repeats` forward + backward passes after `warmup` untimed ones."""
     import torch
     from hydra.utils import get_class
 
     torch.manual_seed(0)
-    quantizer = get_class(spec["target"])(**spec["kwargs"]).train()
-    batch, height, width = TOKENS_SHAPE
+    quantizer = get_class(target)(**kwargs).train()
+    batch, height, width = tokens_shape
     z = torch.randn(batch, quantizer.dim, height, width)
     upstream = torch.randn_like(z)
 
@@ -60,86 +71,95 @@ def worker(spec: dict) -> dict:
         ((out.z_q * upstream).sum() + out.loss).backward()
         return time.perf_counter() - started
 
-    for _ in range(spec["warmup"]):
+    for _ in range(warmup):
         step()
     quantizer.zero_grad(set_to_none=True)
     peak_was_reset = _reset_peak_rss()
     baseline_kib = _status_kib("VmRSS")
-    timings = [step() for _ in range(spec["repeats"])]
+    timings = [step() for _ in range(repeats)]
     peak_kib = _status_kib("VmHWM")
     return {
-        "seconds": statistics.median(timings),
-        "peak_added_bytes": (peak_kib - baseline_kib) * 1024,
-        "peak_bytes": peak_kib * 1024,
-        "baseline_bytes": baseline_kib * 1024,
+        "ms": statistics.median(timings) * 1e3,
+        "peak_added_mib": (peak_kib - baseline_kib) / 1024,
+        "process_peak_mib": peak_kib / 1024,
         "peak_was_reset": peak_was_reset,
         "threads": torch.get_num_threads(),
     }
 
 
-def measure(target: str, warmup: int = 0, repeats: int = 1, **kwargs) -> dict:
-    spec = {"target": target, "kwargs": kwargs, "warmup": warmup, "repeats": repeats}
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_quantizers", "--worker", json.dumps(spec)],
-        cwd=REPO_ROOT, capture_output=True, text=True,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"worker for {target} {kwargs} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+class FreshProcesses:
+    """Runs each measurement in a process of its own, forked from a server that has imported torch once
+    (a fresh interpreter per measurement would spend seconds importing it each time)."""
+
+    def __init__(self, tokens_shape: tuple[int, int, int]):
+        self.tokens_shape = tokens_shape
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(["torch", "hydra.utils", "ibq.quantizers"])
+
+    def measure(self, target: str, warmup: int = 0, repeats: int = 1, **kwargs) -> dict:
+        with ProcessPoolExecutor(max_workers=1, mp_context=self.context, max_tasks_per_child=1) as pool:
+            try:
+                return pool.submit(worker, target, self.tokens_shape, warmup, repeats, kwargs).result()
+            except BrokenProcessPool:
+                sys.exit(f"error: the process measuring {target} {kwargs} died (out of memory? "
+                         f"the dense IBQ at the real size needs ~8 GB: --skip-dense)")
 
 
-def gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.3f} GiB"
+def print_figures(name: str, codebook_size: int, result: dict) -> None:
+    print(f"{name}_fwd_bwd_ms_k{codebook_size}: {result['ms']:.3f}")
+    print(f"{name}_peak_mib_k{codebook_size}: {result['peak_added_mib']:.1f}")
+    print(f"{name}_process_peak_mib_k{codebook_size}: {result['process_peak_mib']:.1f}")
 
 
-def main(chunk_size: int, skip_dense: bool) -> None:
-    ibq = "ibq.quantizers.IBQ"
-    k_paper, dim = 262144, 256
-    print(f"IBQ forward+backward, K={k_paper}, D={dim}, N={TOKENS_SHAPE[0] * TOKENS_SHAPE[1] * TOKENS_SHAPE[2]} tokens, "
-          f"chunk_size={chunk_size}, each in a fresh process")
-    chunked = measure(ibq, codebook_size=k_paper, dim=dim, chunk_size=chunk_size)
-    print(f"  chunked: {chunked['seconds']:.2f} s, peak added {gib(chunked['peak_added_bytes'])} "
-          f"(process peak {gib(chunked['peak_bytes'])}, torch threads {chunked['threads']})")
-    if not skip_dense:
-        dense = measure(ibq, codebook_size=k_paper, dim=dim)
-        print(f"  dense:   {dense['seconds']:.2f} s, peak added {gib(dense['peak_added_bytes'])} "
-              f"(process peak {gib(dense['peak_bytes'])})")
-        if not (dense["peak_was_reset"] and chunked["peak_was_reset"]):
-            print("  note: /proc/self/clear_refs was not writable, so peaks include the setup's")
-        print(f"ibq_chunked_peak_memory_ratio: {chunked['peak_added_bytes'] / dense['peak_added_bytes']:.4f}")
-        print(f"ibq_chunked_time_ratio: {chunked['seconds'] / dense['seconds']:.4f}")
+def main(size: str, chunk_size: int | None, skip_dense: bool) -> None:
+    from ibq.quantizers.fsq import resolve_levels
 
-    k_max = 2**20
-    largest = measure(ibq, codebook_size=k_max, dim=dim, chunk_size=chunk_size)
-    print(f"IBQ chunked, K={k_max}, D={dim}: {largest['seconds']:.2f} s, peak added {gib(largest['peak_added_bytes'])}, "
-          f"process peak {gib(largest['peak_bytes'])}")
-    print(f"ibq_chunked_2pow20_seconds: {largest['seconds']:.2f}")
-    print(f"ibq_chunked_2pow20_process_peak_gib: {largest['peak_bytes'] / 2**30:.3f}")
+    sizes = SIZES[size]
+    chunk_size = chunk_size or sizes["chunk"]
+    dim, k_paper, k_max, k_lineup = sizes["dim"], sizes["k_paper"], sizes["k_max"], sizes["k_lineup"]
+    processes = FreshProcesses(sizes["tokens"])
+    batch, height, width = sizes["tokens"]
+    print(f"tokens: {batch * height * width}")
+    print(f"dim: {dim}")
+    print(f"chunk_size: {chunk_size}")
 
-    k_small = 16384
+    chunked = processes.measure(IBQ, codebook_size=k_paper, dim=dim, chunk_size=chunk_size)
+    print(f"torch_threads: {chunked['threads']}")
+    print_figures("ibq_chunked", k_paper, chunked)
+    if skip_dense:
+        for key in (f"ibq_dense_fwd_bwd_ms_k{k_paper}", f"ibq_dense_peak_mib_k{k_paper}", f"ibq_dense_process_peak_mib_k{k_paper}",
+                    "ibq_chunked_peak_memory_ratio", "ibq_chunked_time_ratio"):
+            print(f"{key}: skipped (--skip-dense)")
+    else:
+        dense = processes.measure(IBQ, codebook_size=k_paper, dim=dim)
+        print_figures("ibq_dense", k_paper, dense)
+        print(f"ibq_chunked_peak_memory_ratio: {chunked['peak_added_mib'] / dense['peak_added_mib']:.4f}")
+        print(f"ibq_chunked_time_ratio: {chunked['ms'] / dense['ms']:.4f}")
+    print(f"peak_rss_reset: {'yes' if chunked['peak_was_reset'] else 'no (/proc/self/clear_refs not writable: peaks include the setup)'}")
+
+    largest = processes.measure(IBQ, codebook_size=k_max, dim=dim, chunk_size=chunk_size)
+    print_figures("ibq_chunked", k_max, largest)
+
+    # LFQ with log2(K) sign bits and FSQ with its default levels for K: neither needs a projection.
     lineup = [
-        ("ibq (dense)", ibq, dict(dim=dim)),
-        ("ibq (chunked)", ibq, dict(dim=dim, chunk_size=min(chunk_size, k_small))),
+        ("ibq_dense", IBQ, dict(dim=dim)),
+        ("ibq_chunked", IBQ, dict(dim=dim, chunk_size=min(chunk_size, k_lineup))),
         ("vq", "ibq.quantizers.VQ", dict(dim=dim)),
         ("ema_vq", "ibq.quantizers.EMAVQ", dict(dim=dim)),
-        ("l2_vq (8-dim lookup)", "ibq.quantizers.L2VQ", dict(dim=dim)),
+        ("l2_vq", "ibq.quantizers.L2VQ", dict(dim=dim)),  # its default 8-dim lookup
         ("simvq", "ibq.quantizers.SimVQ", dict(dim=dim)),
-        ("lfq (14 bits)", "ibq.quantizers.LFQ", dict(dim=14)),
-        ("fsq (8,8,8,8,4)", "ibq.quantizers.FSQ", dict(dim=5)),
+        ("lfq", "ibq.quantizers.LFQ", dict(dim=k_lineup.bit_length() - 1)),
+        ("fsq", "ibq.quantizers.FSQ", dict(dim=len(resolve_levels(k_lineup, None)))),
     ]
-    print(f"Every quantizer, K={k_small}, forward+backward (median of 3 after 1 warm-up), peak added")
+    print("lineup_timing: median of 3 after 1 warm-up")
     for name, target, kwargs in lineup:
-        result = measure(target, warmup=1, repeats=3, codebook_size=k_small, **kwargs)
-        print(f"  {name:<22} {result['seconds'] * 1000:9.1f} ms   {result['peak_added_bytes'] / 2**20:8.1f} MiB")
+        print_figures(name, k_lineup, processes.measure(target, warmup=1, repeats=3, codebook_size=k_lineup, **kwargs))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chunk-size", type=int, default=8192)
-    parser.add_argument("--skip-dense", action="store_true", help="skip the dense K=262144 run (~8 GB, minutes on CPU)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=tuple(SIZES), default="real", help="real: the paper's sizes; tiny: CI's")
+    parser.add_argument("--chunk-size", type=at_least(1), help="codes per slice of chunked IBQ (default: 8192; tiny: 512)")
+    parser.add_argument("--skip-dense", action="store_true", help="skip the dense IBQ at K=262144 (~8 GB, minutes on CPU)")
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-    else:
-        main(args.chunk_size, args.skip_dense)
+    main(args.size, args.chunk_size, args.skip_dense)

@@ -1,11 +1,13 @@
 """Stage-II sampling speed: the KV cache's speedup at the tiny scale, and tokens/s per model scale.
 
-The speedup compares sampling 256 tokens (tiny layout on a 16x16 grid, CFG) with and without the cache.
+The speedup compares sampling 256 tokens (tiny layout on a 16x16 grid, CFG) with and without the cache
+(--speedup-tokens: fewer, in seconds; without the cache the cost grows with their square).
 Tokens/s counts generated image tokens (a CFG pair counts once) over a shorter run at each scale that
 fits here; on CPU only tiny and B run, larger scales are skipped with a note. On CUDA sampling runs
 under bf16 autocast.
 
-Run from the repository root: python -m benchmarks.bench_sampling [--batch 8] [--threads 1]
+Run from the repository root: python -m benchmarks.bench_sampling [--batch 8] [--threads 1] [--tokens 32]
+    [--speedup-tokens 256]
 """
 
 import argparse
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from benchmarks.arguments import at_least
 from ibq.generation import sample
 from ibq.models.transformer import Transformer
 
@@ -58,28 +61,35 @@ def fits(scale: str, device: torch.device, batch: int) -> tuple[bool, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=8, help="images per batch; CFG doubles the model's batch")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens per image for the per-scale tokens/s")
+    parser.add_argument("--batch", type=at_least(1), default=8, help="images per batch; CFG doubles the model's batch")
+    parser.add_argument("--threads", type=at_least(0), default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--tokens", type=at_least(1), default=32, help="tokens per image for the per-scale tokens/s")
+    parser.add_argument("--speedup-tokens", type=at_least(1), default=256,
+                        help="tokens per image for the KV cache's speedup at the tiny scale (its block size)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device: {device}  torch_threads: {torch.get_num_threads()}  batch: {args.batch} (x2 with CFG)")
+    print(f"device: {device}")
+    print(f"torch_threads: {torch.get_num_threads()}")
+    print(f"batch: {args.batch}")  # images; CFG runs the model on twice as many
 
     # On CUDA, bf16 attention runs on cuDNN, which builds a plan per new key length: the first pass over
     # all lengths is many times slower, so the warm-up there covers every length that is timed.
     full_warmup = device.type == "cuda"
-    tiny = build("tiny", device, block_size=256)
-    timed_sample(tiny, args.batch, 256 if full_warmup else 8, use_cache=True, device=device)
+    length = args.speedup_tokens
+    tiny = build("tiny", device, block_size=length)
+    timed_sample(tiny, args.batch, length if full_warmup else min(8, length), use_cache=True, device=device)
     if full_warmup:
-        timed_sample(tiny, args.batch, 256, use_cache=False, device=device)
-    cached = timed_sample(tiny, args.batch, 256, use_cache=True, device=device)
-    uncached = timed_sample(tiny, args.batch, 256, use_cache=False, device=device)
-    print(f"tiny_256_tokens_cached_s: {cached:.2f}")
-    print(f"tiny_256_tokens_uncached_s: {uncached:.2f}")
+        timed_sample(tiny, args.batch, length, use_cache=False, device=device)
+    cached = timed_sample(tiny, args.batch, length, use_cache=True, device=device)
+    uncached = timed_sample(tiny, args.batch, length, use_cache=False, device=device)
+    print(f"tiny_{length}_tokens_cached_s: {cached:.4g}")
+    print(f"tiny_{length}_tokens_uncached_s: {uncached:.4g}")
     print(f"ar_kv_cache_speedup: {uncached / cached:.1f}")
-    print(f"ar_tokens_per_s_tiny: {args.batch * 256 / cached:.0f}  (256 tokens, block_size 256)")
+    print(f"ar_tokens_per_s_tiny: {args.batch * length / cached:.0f}")
+
+    print(f"tokens_per_image: {args.tokens}")  # of each larger scale's tokens/s
 
     for scale in ("B", "L", "XL", "XXL"):
         ok, why = fits(scale, device, args.batch)
@@ -89,7 +99,7 @@ def main() -> None:
         model = build(scale, device)
         timed_sample(model, args.batch, args.tokens if full_warmup else 2, use_cache=True, device=device)
         seconds = timed_sample(model, args.batch, args.tokens, use_cache=True, device=device)
-        print(f"ar_tokens_per_s_{scale}: {args.batch * args.tokens / seconds:.1f}  ({args.tokens} tokens)")
+        print(f"ar_tokens_per_s_{scale}: {args.batch * args.tokens / seconds:.1f}")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

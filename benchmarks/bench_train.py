@@ -15,31 +15,44 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.arguments import at_least
 from benchmarks.bench_gpu import checkout
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def throughput(code: Path, steps: int, warmup_lines: int = 1) -> tuple[float, float]:
+def timed_training_args(steps: int) -> list[str]:
+    """Overrides of a run whose logged throughput windows are averaged by `logged_throughput`: every 25
+    steps, or every half of a shorter run, so that at least one window follows the first."""
+    return [f"train.steps={steps}", f"train.log_every={max(1, min(25, steps // 2))}", "logger=none", "eval.rfid=false"]
+
+
+def logged_throughput(run_dir: Path) -> tuple[float, float]:
+    """(images/s, data-wait share) of a finished run, averaged over its logged windows but the first,
+    which includes the start (compilation, loader workers)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [line for line in lines if "throughput/images_per_s" in line][1:]
+    images_per_s = sum(line["throughput/images_per_s"] for line in timed) / len(timed)
+    wait_share = sum(line["throughput/data_wait_share"] for line in timed) / len(timed)
+    return images_per_s, wait_share
+
+
+def throughput(code: Path, steps: int) -> tuple[float, float]:
     """(images/s, data-wait share) of one run of the code in `code`."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "bench"
-        command = [sys.executable, "-m", "ibq.cli.train", f"train.steps={steps}", "train.log_every=25",
-                   "logger=none", "eval.rfid=false", "data.val_crops_per_photo=1", f"hydra.run.dir={run_dir}"]
+        command = [sys.executable, "-m", "ibq.cli.train", *timed_training_args(steps), "data.val_crops_per_photo=1",
+                   f"hydra.run.dir={run_dir}"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
         subprocess.run(command, check=True, capture_output=True, cwd=code, env=env)
-        lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = [l for l in lines if "throughput/images_per_s" in l][warmup_lines:]
-    images_per_s = sum(l["throughput/images_per_s"] for l in timed) / len(timed)
-    wait_share = sum(l["throughput/data_wait_share"] for l in timed) / len(timed)
-    return images_per_s, wait_share
+        return logged_throughput(run_dir)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("steps", nargs="?", type=int, default=150)
+    parser.add_argument("steps", nargs="?", type=at_least(2), default=150)
     parser.add_argument("--baseline", help="git ref or folder of the code to compare with")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each code with --baseline (the best counts)")
+    parser.add_argument("--rounds", type=at_least(1), default=3, help="runs of each code with --baseline (the best counts)")
     args = parser.parse_args()
     if not args.baseline:
         images_per_s, wait_share = throughput(REPO, args.steps)

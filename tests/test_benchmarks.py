@@ -1,0 +1,133 @@
+"""Every benchmark in benchmarks/ runs at its smallest size and prints the `key: value` lines its readers
+rely on, so that none rots unnoticed (bench_gpu above all: it is run unchanged on a GPU node).
+bench_kernels is run by test_ibq_chunked.py, which asserts its figures."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cli_env
+
+pytestmark = pytest.mark.slow
+
+LINE = re.compile(r"([A-Za-z0-9_]+): (\S.*)")
+SKIPPED = re.compile(r"skipped \(.+\)")
+# README's "GPU figures": the names an open GPU issue reads. On CPU some are skipped with their reason.
+GPU_FIGURES = ("tokenizer_step_images_per_s_mb4", "tokenizer_step_images_per_s_mb32", "tokenizer_step_peak_gib_mb32",
+               "tokenizer_step_mfu_mb4", "ibq_chunked_over_dense_time_k262144", "ibq_chunked_peak_gib_k262144",
+               "ibq_k1048576_over_k262144_time", "ar_sample_B_b32_tokens_per_s", "ar_kv_cache_speedup_B_b32",
+               "ar_train_B_mfu", "ar_train_XL_mfu")
+
+
+def run_benchmark(name: str, *args: str) -> dict[str, str]:
+    """The benchmark's stdout as {key: value}; every line must be one `key: value` pair, each key once."""
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=cli_env())
+    assert result.returncode == 0, f"{name} {' '.join(args)} failed:\n{result.stderr[-3000:]}"
+    lines = {}
+    for line in result.stdout.splitlines():
+        match = LINE.fullmatch(line)
+        assert match, f"{name} printed a line that is not one `key: value` pair: {line!r}"
+        key, value = match.groups()
+        assert key not in lines, f"{name} printed {key} twice"
+        lines[key] = value
+    return lines
+
+
+def measured(lines: dict[str, str], key: str, minimum: float = 0.0, above: bool = True) -> float:
+    """The finite number on the line `key`, checked to be above (or at least) `minimum`."""
+    assert key in lines, f"no `{key}:` line in {sorted(lines)}"
+    value = float(lines[key])
+    assert math.isfinite(value) and (value > minimum if above else value >= minimum), f"{key}: {value}"
+    return value
+
+
+def measured_or_skipped(lines: dict[str, str], key: str) -> None:
+    """A figure this machine may not give: a positive number or `skipped (<reason>)`."""
+    assert key in lines, f"no `{key}:` line in {sorted(lines)}"
+    if not SKIPPED.fullmatch(lines[key]):
+        measured(lines, key)
+
+
+def test_bench_gpu_prints_every_gpu_figure():
+    lines = run_benchmark("bench_gpu")
+    assert "sizes=tiny" in lines["bench_gpu"] or "sizes=real" in lines["bench_gpu"]
+    for key in GPU_FIGURES:
+        measured_or_skipped(lines, key)
+    for key in ("tokenizer_step_images_per_s_mb4", "tokenizer_step_images_per_s_mb32", "ibq_dense_ms_k262144",
+                "ibq_chunked_ms_k262144", "ibq_chunked_over_dense_time_k262144", "ibq_k1048576_over_k262144_time",
+                "ar_sample_B_b32_tokens_per_s", "ar_sample_B_b32_ms_per_step", "ar_kv_cache_speedup_B_b32",
+                "ar_train_B_tokens_per_s", "ar_train_XL_tokens_per_s"):
+        measured(lines, key)  # on every device
+
+
+def test_bench_gpu_compares_with_a_baseline_folder():
+    """The repository itself is a valid baseline folder: each figure gets its `_baseline` and a positive
+    `_vs_baseline` ratio, measured in the same run."""
+    lines = run_benchmark("bench_gpu", "--baseline", str(REPO), "--only", "ibq")
+    assert lines["bench_gpu_baseline"].startswith(f"ref={REPO}, device=")
+    figures = [key for key in lines if key.startswith("ibq_") and not key.endswith(("_baseline", "_vs_baseline"))]
+    assert "ibq_chunked_over_dense_time_k262144" in figures
+    for key in figures:
+        if SKIPPED.fullmatch(lines[key]):
+            assert lines[f"{key}_baseline"] == lines[key]
+        else:
+            measured(lines, f"{key}_baseline")
+            measured(lines, f"{key}_vs_baseline")
+
+
+def test_bench_train():
+    lines = run_benchmark("bench_train", "4")
+    measured(lines, "tiny_train_images_per_s")
+    assert 0 <= measured(lines, "tiny_train_data_wait_share", above=False) <= 1
+
+
+def test_bench_fid():
+    lines = run_benchmark("bench_fid", "--samples", "512", "--dim", "256", "--repeats", "1")
+    measured(lines, "torch_threads")
+    measured(lines, "fid")
+    measured(lines, "frechet_distance_256_seconds")
+
+
+def test_bench_quantizers():
+    lines = run_benchmark("bench_quantizers", "--size", "tiny")
+    assert lines["peak_rss_reset"] in ("yes", "no (/proc/self/clear_refs not writable: peaks include the setup)")
+    for key in ("ibq_chunked_fwd_bwd_ms_k4096", "ibq_dense_fwd_bwd_ms_k4096", "ibq_chunked_fwd_bwd_ms_k16384",
+                "ibq_chunked_peak_memory_ratio", "ibq_chunked_time_ratio"):
+        measured(lines, key)
+    for key in ("ibq_chunked_peak_mib_k4096", "ibq_dense_peak_mib_k4096", "ibq_chunked_peak_mib_k16384",
+                "ibq_chunked_process_peak_mib_k16384"):
+        measured(lines, key, above=False)
+    for quantizer in ("ibq_dense", "ibq_chunked", "vq", "ema_vq", "l2_vq", "simvq", "lfq", "fsq"):
+        measured(lines, f"{quantizer}_fwd_bwd_ms_k1024")
+        measured(lines, f"{quantizer}_peak_mib_k1024", above=False)
+
+
+def test_bench_sampling():
+    lines = run_benchmark("bench_sampling", "--batch", "1", "--tokens", "2", "--speedup-tokens", "16")
+    assert lines["device"] in ("cpu", "cuda")
+    for key in ("tiny_16_tokens_cached_s", "tiny_16_tokens_uncached_s", "ar_kv_cache_speedup", "ar_tokens_per_s_tiny"):
+        measured(lines, key)
+    for scale in ("B", "L", "XL", "XXL"):
+        measured_or_skipped(lines, f"ar_tokens_per_s_{scale}")
+
+
+def test_bench_data():
+    lines = run_benchmark("bench_data", "48", "1", "4")  # 48 JPEGs, 1 loader worker, 4 training steps
+    for key in ("loader_folder_images_per_s", "loader_shards_images_per_s", "loader_shards_over_folder",
+                "tiny_train_from_shards_images_per_s"):
+        measured(lines, key)
+    assert 0 <= measured(lines, "tiny_train_from_shards_data_wait_share", above=False) <= 1
+
+
+def test_bench_sweeps():
+    lines = run_benchmark("bench_sweeps")
+    assert lines["jobs"] == "64"
+    measured(lines, "plan_wall_s")
+    measured(lines, "plan_cpu_s")
+    measured(lines, "load_average_1min", above=False)
