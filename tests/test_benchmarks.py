@@ -16,6 +16,7 @@ from conftest import REPO, cli_env
 pytestmark = pytest.mark.slow
 
 LINE = re.compile(r"([A-Za-z0-9_]+): (\S.*)")
+SECOND_PAIR = re.compile(r"\s{2,}[A-Za-z_]\w*: ")  # as in `torch_threads: 2  fid: 301.7`
 SKIPPED = re.compile(r"skipped \(.+\)")
 # README's "GPU figures": the names an open GPU issue reads. On CPU some are skipped with their reason.
 GPU_FIGURES = ("tokenizer_step_images_per_s_mb4", "tokenizer_step_images_per_s_mb32", "tokenizer_step_peak_gib_mb32",
@@ -32,7 +33,7 @@ def run_benchmark(name: str, *args: str) -> dict[str, str]:
     lines = {}
     for line in result.stdout.splitlines():
         match = LINE.fullmatch(line)
-        assert match, f"{name} printed a line that is not one `key: value` pair: {line!r}"
+        assert match and not SECOND_PAIR.search(line), f"{name} printed a line that is not one `key: value` pair: {line!r}"
         key, value = match.groups()
         assert key not in lines, f"{name} printed {key} twice"
         lines[key] = value
