@@ -294,3 +294,20 @@ def test_triton_kernels_compile_for_hopper_without_spilling():
     kernels = ("row_statistics", "code_average", "row_sums", "token_gradient", "codebook_gradient")
     assert {kernel: int(figures[f"{kernel}_spill_bytes"]) for kernel in kernels} == dict.fromkeys(kernels, 0), result.stdout
     assert 0 < float(figures["ibq_fused_ffma_share"]) < 1
+    # triton_ibq.code_splits counts one program per multiprocessor: two would fit at 128 registers or fewer
+    over_token_tiles = ("row_statistics", "row_sums", "token_gradient")
+    assert all(int(figures[f"{kernel}_registers"]) > 128 for kernel in over_token_tiles), result.stdout
+
+
+@pytest.mark.parametrize("multiprocessors", [132, 114, 108])  # H200 and H100 SXM, H100 PCIe, A100
+def test_code_splits_keep_the_gpu_busy(multiprocessors: int):
+    """At the paper's N = 4096 tokens and K = 2^18 codes, each kernel over token tiles cuts its codes into
+    ranges so that its programs fill at least 95 % of the multiprocessors over the waves they take."""
+    pytest.importorskip("triton", reason="Triton is not installed: CPU-only builds of torch come without it")
+    from ibq.quantizers import triton_ibq
+
+    for tiles in (triton_ibq.ROW_STATISTICS_TILES, triton_ibq.ROW_SUMS_TILES, triton_ibq.TOKEN_GRADIENT_TILES):
+        row_tiles, code_tiles = 4096 // tiles["BLOCK_N"], 2**18 // tiles["BLOCK_K"]
+        splits = triton_ibq.code_splits(row_tiles, code_tiles, multiprocessors)
+        waves = -(-row_tiles * splits // multiprocessors)
+        assert row_tiles * splits / (waves * multiprocessors) >= 0.95, (tiles, splits, waves)

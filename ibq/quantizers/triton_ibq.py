@@ -25,6 +25,8 @@ Triton's interpreter (TRITON_INTERPRET=1), which the tests use."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -302,14 +304,26 @@ def code_averages(tokens: Tensor, codebook: Tensor, temperature: float, max_logi
 
 
 def _split_codes(tokens: Tensor, n: int, k: int, tiles: dict) -> tuple[int, int, int]:
-    """(row tiles, splits, codes per split): the token-side kernels share each row tile's codes out over
-    `splits` ranges, since N = 4096 tokens are only 64 row tiles, too few programs to fill a GPU: about
-    2 programs per multiprocessor. Under the interpreter: 2 ranges, so that the split is exercised."""
+    """(row tiles, splits, codes per split): the kernels over token tiles share each tile's codes out over
+    `splits` ranges, since N = 4096 tokens are only 32 to 128 row tiles, too few programs to fill a GPU.
+    Under the interpreter: 2 ranges, so that the split is exercised."""
     row_tiles, code_tiles = triton.cdiv(n, tiles["BLOCK_N"]), triton.cdiv(k, tiles["BLOCK_K"])
-    programs = 2 * torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 2 * row_tiles
-    splits = max(1, min(code_tiles, triton.cdiv(programs, row_tiles)))
+    if tokens.is_cuda:
+        splits = code_splits(row_tiles, code_tiles, torch.cuda.get_device_properties(tokens.device).multi_processor_count)
+    else:
+        splits = min(2, code_tiles)
     codes_per_split = triton.cdiv(code_tiles, splits) * tiles["BLOCK_K"]
     return row_tiles, triton.cdiv(k, codes_per_split), codes_per_split  # no range left empty
+
+
+@functools.lru_cache
+def code_splits(row_tiles: int, code_tiles: int, multiprocessors: int) -> int:
+    """How many code ranges each row tile's work is cut into. A program holds a multiprocessor alone
+    (over 128 registers per thread at 8 warps: python -m benchmarks.bench_kernels), so with s ranges
+    the kernel runs ceil(row_tiles * s / multiprocessors) waves of programs that each take 1 / s of the
+    codes: the fewest ranges that minimise that product, among up to 8 waves' worth."""
+    most = min(code_tiles, 8 * triton.cdiv(multiprocessors, row_tiles))
+    return min(range(1, most + 1), key=lambda splits: (triton.cdiv(row_tiles * splits, multiprocessors) / splits, splits))
 
 
 def logit_gradients(tokens: Tensor, codebook: Tensor, temperature: float, max_logit: Tensor, log_sharp_sum: Tensor,
