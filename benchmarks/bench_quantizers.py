@@ -21,8 +21,6 @@ import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from benchmarks.arguments import at_least
@@ -87,6 +85,10 @@ def worker(target: str, tokens_shape: tuple[int, int, int], warmup: int, repeats
     }
 
 
+def _measure_into(sender, *args) -> None:
+    sender.send(worker(*args))
+
+
 class FreshProcesses:
     """Runs each measurement in a process of its own, forked from a server that has imported torch once
     (a fresh interpreter per measurement would spend seconds importing it each time)."""
@@ -97,12 +99,20 @@ class FreshProcesses:
         self.context.set_forkserver_preload(["torch", "hydra.utils", "ibq.quantizers"])
 
     def measure(self, target: str, warmup: int = 0, repeats: int = 1, **kwargs) -> dict:
-        with ProcessPoolExecutor(max_workers=1, mp_context=self.context, max_tasks_per_child=1) as pool:
-            try:
-                return pool.submit(worker, target, self.tokens_shape, warmup, repeats, kwargs).result()
-            except BrokenProcessPool:
-                sys.exit(f"error: the process measuring {target} {kwargs} died (out of memory? "
-                         f"the dense IBQ at the real size needs ~8 GB: --skip-dense)")
+        receiver, sender = self.context.Pipe(duplex=False)
+        process = self.context.Process(target=_measure_into,
+                                       args=(sender, target, self.tokens_shape, warmup, repeats, kwargs))
+        process.start()
+        sender.close()  # so that the receiver sees the end if the process dies without sending
+        try:
+            return receiver.recv()
+        except EOFError:
+            process.join()
+            why = (f"was killed by signal {-process.exitcode} (out of memory? the dense IBQ at the real size "
+                   f"needs ~8 GB: --skip-dense)" if process.exitcode < 0 else "failed (its traceback is above)")
+            sys.exit(f"error: the process measuring {target} {kwargs} {why}")
+        finally:
+            process.join()
 
 
 def print_figures(name: str, codebook_size: int, result: dict) -> None:
