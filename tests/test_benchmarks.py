@@ -132,3 +132,18 @@ def test_bench_sweeps():
     measured(lines, "plan_wall_s")
     measured(lines, "plan_cpu_s")
     measured(lines, "load_average_1min", above=False)
+
+
+def test_bench_gpu_ratios_are_above_one_when_the_new_code_is_better():
+    """Times, memory and time ratios improve when they shrink, whatever size their name ends in; the best
+    of several rounds is their smallest value."""
+    from benchmarks.bench_gpu import best_of, ratio
+
+    for key in ("ibq_chunked_over_dense_time_k262144", "ibq_chunked_peak_gib_k262144", "tokenizer_step_peak_gib_mb32",
+                "ibq_k1048576_over_k262144_time", "ar_sample_B_b32_ms_per_step", "ibq_dense_ms_k262144"):
+        assert ratio(key, 1.0, 2.0) == 2.0, key
+    for key in ("tokenizer_step_images_per_s_mb4", "ar_kv_cache_speedup_B_b32", "ar_train_B_mfu", "ar_sample_B_b32_tokens_per_s"):
+        assert ratio(key, 1.0, 2.0) == 0.5, key
+    rounds = [{"header": {}, "figures": {"tokenizer_step_peak_gib_mb32": 3.0, "tokenizer_step_images_per_s_mb4": 1.0}},
+              {"header": {}, "figures": {"tokenizer_step_peak_gib_mb32": 2.0, "tokenizer_step_images_per_s_mb4": 5.0}}]
+    assert best_of(rounds)["figures"] == {"tokenizer_step_peak_gib_mb32": 2.0, "tokenizer_step_images_per_s_mb4": 5.0}
