@@ -34,15 +34,15 @@ PARTS = ("tokenizer", "ibq", "ar_sample", "ar_train")
 PEAK_TFLOPS = {"H200": 790.0, "H100": 989.0, "A100": 312.0}
 # Figures where smaller is better (the name holds one of these): their ratio to the baseline is old / new.
 SMALLER_IS_BETTER = ("_peak_gib", "_over_dense_time", "_over_k262144_time", "_ms_per_step", "_ms_k262144")
-
-
-def smaller_is_better(key: str) -> bool:
-    return any(part in key for part in SMALLER_IS_BETTER)
 # What the measured code did, for the header line rather than a figure.
 SETTINGS: dict[str, object] = {}
 # The value of a figure this device cannot give, so that every figure has its line.
 CUDA_ONLY = "skipped (CUDA only: torch.cuda's peak memory)"
 NO_PEAK_TFLOPS = "skipped (no peak TFLOP/s known for this device: --peak-tflops)"
+
+
+def smaller_is_better(key: str) -> bool:
+    return any(part in key for part in SMALLER_IS_BETTER)
 
 
 # -- measured in a worker process, against whichever `ibq` is on sys.path -------------------------------
