@@ -92,8 +92,9 @@ def perceptual_loss_overrides(tmp: Path, overrides: list[str]) -> list[str]:
     import torch
     import torchvision
 
-    if any("lpips_backbone_path=" in override for override in overrides) or (
-            Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth").is_file():
+    from ibq.metrics.lpips import resolve_backbone
+
+    if any("lpips_backbone_path=" in override for override in overrides) or resolve_backbone("vgg", None).is_file():
         SETTINGS["lpips_backbone"] = "given"
         return ["loss.perceptual_required=true"]
     stand_in = tmp / "vgg16-stand-in.pth"

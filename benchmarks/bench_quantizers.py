@@ -106,13 +106,13 @@ class FreshProcesses:
         sender.close()  # so that the receiver sees the end if the process dies without sending
         try:
             return receiver.recv()
-        except EOFError:
-            process.join()
-            why = (f"was killed by signal {-process.exitcode} (out of memory? the dense IBQ at the real size "
-                   f"needs ~8 GB: --skip-dense)" if process.exitcode < 0 else "failed (its traceback is above)")
-            sys.exit(f"error: the process measuring {target} {kwargs} {why}")
+        except EOFError:  # it died without sending
+            pass
         finally:
             process.join()
+        why = (f"was killed by signal {-process.exitcode} (out of memory? the dense IBQ at the real size "
+               f"needs ~8 GB: --skip-dense)" if process.exitcode < 0 else "failed (its traceback is above)")
+        sys.exit(f"error: the process measuring {target} {kwargs} {why}")
 
 
 def print_figures(name: str, codebook_size: int, result: dict) -> None:
