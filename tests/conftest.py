@@ -116,6 +116,33 @@ def record_host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return reads
 
 
+@pytest.fixture
+def whole_graph():
+    """compile(fn) -> (compiled fn, the graphs Dynamo made of it). fullgraph=True, so a graph break raises;
+    the backend runs each traced graph as it is, so what torch.compile hands Inductor on CUDA is checked
+    on CPU without generating kernels."""
+    import torch
+
+    def compile_whole(fn):
+        graphs = []
+
+        def keep(graph_module, example_inputs):
+            graphs.append(graph_module)
+            return graph_module.forward
+
+        return torch.compile(fn, backend=keep, fullgraph=True), graphs
+
+    torch._dynamo.reset()
+    yield compile_whole
+    torch._dynamo.reset()
+
+
+def graph_host_reads(graph_module) -> list[str]:
+    """The traced graph's reads of a value back to the host: Dynamo keeps `.item()` inside the graph, where
+    it would wait for the device, and CUDA graphs step aside for it."""
+    return [node.format_node() for node in graph_module.graph.nodes if node.op == "call_method" and node.target in HOST_READS]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 

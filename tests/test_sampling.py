@@ -3,6 +3,7 @@ import logging
 import pytest
 import torch
 
+from conftest import graph_host_reads
 from ibq.errors import UserError
 from ibq.generation import filter_logits, sample
 from ibq.models.transformer import Transformer
@@ -128,24 +129,13 @@ def test_cuda_graph_sampler_draws_the_dynamic_cache_tokens():
         assert torch.equal(sample(model, LABELS, seed=7, cfg_scale=2.5), dynamic)
 
 
-HOST_READS = {"item", "tolist", "cpu", "numpy"}
-
-
-def test_the_static_step_traces_as_one_graph_for_every_position(model):
+def test_the_static_step_traces_as_one_graph_for_every_position(model, whole_graph):
     """On CUDA the sampler compiles the static step with fullgraph=True and replays it as a CUDA graph: a
     graph break would fail there, a graph per position would record a new CUDA graph at every token, and
-    a value read back to the host (`.item()`, which Dynamo keeps inside the graph) makes CUDA graphs step
-    aside. Dynamo traces the same way on CPU, so all three are checked here through a backend that runs
-    the traced graph as it is, with the traced step's logits equal to the eager step's."""
-    graphs = []
-
-    def count_graphs(graph_module: torch.fx.GraphModule, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
+    a value read back to the host makes CUDA graphs step aside. Dynamo traces the same way on CPU, so all
+    three are checked here, with the traced step's logits equal to the eager step's."""
+    traced_step, graphs = whole_graph(model.step)
     labels = torch.tensor(LABELS + [model.null_class] * len(LABELS))
-    torch._dynamo.reset()
-    traced_step = torch.compile(model.step, backend=count_graphs, fullgraph=True)
     model.eval()
     model.setup_cache(len(labels), static=True)
     try:
@@ -158,7 +148,5 @@ def test_the_static_step_traces_as_one_graph_for_every_position(model):
     finally:
         model.reset_cache()
         model.train()
-        torch._dynamo.reset()
     assert len(graphs) == 1
-    host_reads = [node.format_node() for node in graphs[0].graph.nodes if node.op == "call_method" and node.target in HOST_READS]
-    assert not host_reads
+    assert graph_host_reads(graphs[0]) == []

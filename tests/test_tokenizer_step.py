@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import record_host_reads
+from conftest import graph_host_reads, record_host_reads
 import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
 from ibq.config import CONF_DIR
 from ibq.engine.train_tokenizer import TokenizerTraining
@@ -87,3 +87,25 @@ def test_the_step_never_waits_for_the_gpu(tmp_path: Path):
             training._step(step, batches, autocast)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_compiled_networks_trace_as_one_graph_each(tmp_path: Path, whole_graph):
+    """train.compile compiles the encoder, the decoder (with and without activation checkpointing), the
+    discriminator and LPIPS. Each must trace whole, with no value read back to the host: a graph break
+    would cut it into graphs with Python between them, launched one after the other. Traced, each gives
+    its eager output."""
+    import lpips
+
+    training = tiny_training(tmp_path)
+    tokenizer = training.tokenizer
+    perceptual = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval().requires_grad_(False)  # random backbone
+    images = micro_batches(training)[0]
+    latents = tokenizer.encoder(images)
+    networks = [(tokenizer.encoder, (images,)), (tokenizer.decoder, (latents,)), (training.discriminator, (images,)), (perceptual, (images, images.flip(0)))]
+    for checkpointing in (False, True):
+        tokenizer.set_activation_checkpointing(checkpointing)
+        for network, inputs in networks[: 2 if checkpointing else None]:
+            traced, graphs = whole_graph(network)
+            name = f"{type(network).__name__} (activation checkpointing {checkpointing})"
+            assert torch.equal(traced(*inputs), network(*inputs)), name
+            assert len(graphs) == 1 and graph_host_reads(graphs[0]) == [], name
