@@ -132,9 +132,9 @@ def whole_graph():
 
         return torch.compile(fn, backend=keep, fullgraph=True), graphs
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     yield compile_whole
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 def graph_host_reads(graph_module) -> list[str]:
