@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ibq.errors import UserError
-from ibq.runs.record import run_dirname
+from ibq.runs.record import run_dirname, run_name
 
 
 def find_conf_dir() -> Path:
@@ -31,9 +31,11 @@ def find_conf_dir() -> Path:
 CONF_DIR = find_conf_dir()
 SWEEPS_DIR = CONF_DIR / "sweep"
 
-# Resolvers the primary configs use: a run directory's name, and a cluster preset's run mode (its jobs
-# are submitted as a sweep; a dry run, which only builds on the meta device, runs here as -m says).
+# Resolvers the primary configs use: a run directory's name, the name of the run a job reads (for its
+# output folder), and a cluster preset's run mode (its jobs are submitted as a sweep; a dry run, which
+# only builds on the meta device, runs here as -m says).
 OmegaConf.register_new_resolver("ibq.dirname", run_dirname, replace=True)
+OmegaConf.register_new_resolver("ibq.run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("ibq.submit_mode", lambda dry_run: None if dry_run else "MULTIRUN", replace=True)
 
 

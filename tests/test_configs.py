@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
 from ibq.data.shards import ShardStream
 from ibq.config import build
-from ibq.engine.distributed import plan_batches
+from ibq.engine.ranks import plan_batches
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir() and not d.is_symlink())

@@ -16,7 +16,7 @@ import torch
 
 from conftest import ONE_CROP_PER_PHOTO, REPO, BackgroundRun, children, cli_env, error_line, read_jsonl, train, train_args
 from ibq.data.positions import PositionSampler
-from ibq.engine.distributed import BatchLayout, check_deepspeed, deepspeed_config, detect_ranks, plan_batches
+from ibq.engine.ranks import BatchLayout, check_deepspeed, deepspeed_config, detect_ranks, plan_batches
 from ibq.errors import UserError
 
 # Generator losses are sums of per-image means when the GAN is off and the quantizer is VQ, so two

@@ -64,6 +64,17 @@ def test_shell_completion_answers_with_the_groups():
     assert {"quantizer=ibq", "quantizer=vq", "quantizer=lfq"} <= set(query.stdout.split())
 
 
+@pytest.mark.parametrize("app", ["ibq.cli.train", "ibq.cli.train_ar", "ibq.cli.eval", "ibq.cli.sample", "ibq.cli.tokenize"])
+def test_an_app_loads_without_torch_so_completion_and_help_answer_at_once(app: str):
+    """Completion, --help and --cfg load the app's module and compose its config, nothing more: torch,
+    which takes seconds to import, is loaded by the job that uses it."""
+    heavy = ("torch", "scipy", "deepspeed", "wandb")
+    code = f"import sys, {app}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=cli_env())
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split() == [], f"importing {app} loads {loaded.stdout.strip()}"
+
+
 @pytest.mark.parametrize(
     ("values", "expected"),
     [

@@ -22,7 +22,7 @@ import torch
 from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, QUICK, REPO, cli_env, error_line, read_jsonl, run_cli
 from ibq.cli.callbacks import count_jobs, unusable_directory
 from ibq.engine.checkpoint import load_checkpoint, non_finite_tensors, save_checkpoint, stop_if_state_not_finite
-from ibq.engine.distributed import Ranks
+from ibq.engine.ranks import Ranks
 from ibq.engine.session import RunSession
 from ibq.errors import Terminated, TrainingDiverged, UserError
 from ibq.runs.lock import RunLock

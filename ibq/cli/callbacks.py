@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ibq.engine.distributed import detect_ranks
+from ibq.engine.ranks import detect_ranks
 
 JOBS_DIR = ".jobs"
 

@@ -22,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ibq.config import check_values, fail, one_line, parse
-from ibq.engine.checkpoint import locate_run
-from ibq.engine.distributed import check_deepspeed, detect_ranks, plan_batches
+from ibq.engine.ranks import check_deepspeed, detect_ranks, plan_batches
 from ibq.errors import UserError, check_positive_int
 
 SUBMITIT_LAUNCHERS = ("submitit_slurm", "submitit_local")
@@ -136,6 +135,8 @@ def check_run_inputs(cfg: DictConfig, config_name: str) -> None:
     for key, kind, required in RUN_INPUTS.get(config_name, []):
         path = OmegaConf.select(cfg, key, default=None)  # None for ??? too
         if path is not None or required:
+            from ibq.engine.checkpoint import locate_run  # here, not at import: its module loads torch
+
             locate_run(path, key, kind, outside_a_run=key == "checkpoint")
 
 

@@ -20,7 +20,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from ibq.cli.callbacks import JobFailed
 from ibq.cli.checks import check_job
 from ibq.config import fail, missing_config_line, one_line
-from ibq.engine.distributed import detect_ranks
+from ibq.engine.ranks import detect_ranks
 from ibq.errors import Terminated, TrainingDiverged, UserError, interruption, unset_key
 from ibq.runs.lock import RunLock
 from ibq.runs.record import RunRecord, run_choices, sweep_group

@@ -4,7 +4,7 @@ in the evaluated run (see ibq.engine.evaluation_run); this module composes, call
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -12,10 +12,11 @@ from omegaconf import DictConfig
 
 from ibq.cli.common import entry_point
 from ibq.config import CONF_DIR, fail
-from ibq.engine import evaluation_run
-from ibq.engine.evaluation_run import Evaluation
 from ibq.errors import UserError
 from ibq.runs.record import group_choices
+
+if TYPE_CHECKING:
+    from ibq.engine.evaluation_run import Evaluation
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -69,6 +70,8 @@ def generation_lines(evaluation: Evaluation, cfg: DictConfig) -> list[str]:
 
 def evaluate(cfg: DictConfig, choices: dict) -> list[str]:
     """The evaluation's summary lines."""
+    from ibq.engine import evaluation_run  # here, not at import: completion and --help start without torch
+
     evaluation = evaluation_run.evaluate(cfg, choices)
     return (generation_lines if cfg.samples else reconstruction_lines)(evaluation, cfg)
 

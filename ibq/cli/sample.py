@@ -7,27 +7,25 @@ import json
 import zipfile
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import hydra
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from ibq.cli.common import entry_point, guarded, save_hydra_files
-from ibq.config import CONF_DIR
 from ibq.cli.eval import generation_lines
-from ibq.engine.build import resolve_device, resolve_precision
-from ibq.engine.evaluation_run import check_settings, evaluate_generation
-from ibq.engine.media import save_grid
-from ibq.engine.train_ar import ARRun, load_ar_run, sample_images
+from ibq.config import CONF_DIR
 from ibq.errors import check_positive_int
-from ibq.generation.sampling import check_labels, check_sampling_args
-from ibq.metrics.adm import to_adm_array
 from ibq.runs.record import atomic_write, write_json
+
+if TYPE_CHECKING:
+    from ibq.engine.train_ar import ARRun
 
 
 def sampling_settings(cfg: DictConfig, run: ARRun) -> dict:
     """The run's sampling settings, with those given on the command line replacing them."""
+    from ibq.generation.sampling import check_sampling_args
+
     settings = OmegaConf.to_container(run.config.sampling)
     settings.update({key: value for key, value in OmegaConf.to_container(cfg.sampling).items() if value is not None})
     check_sampling_args(**settings)
@@ -36,6 +34,8 @@ def sampling_settings(cfg: DictConfig, run: ARRun) -> dict:
 
 def eval_config(cfg: DictConfig, run: ARRun, samples: Path) -> DictConfig:
     """ibq-eval's settings (conf/eval.yaml) for these samples and this run, with ours on top."""
+    from ibq.engine.evaluation_run import check_settings
+
     base = OmegaConf.load(CONF_DIR / "eval.yaml")
     for key in ("defaults", "hydra"):
         base.pop(key)
@@ -59,6 +59,18 @@ def write_adm_npz(images_npy: Path, path: Path) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
 @guarded
 def main(cfg: DictConfig, out_dir: Path) -> None:
+    # The engine and torch are imported here, not with the module: completion and --help start without them.
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from ibq.engine.build import resolve_device, resolve_precision
+    from ibq.engine.evaluation_run import evaluate_generation
+    from ibq.engine.media import save_grid
+    from ibq.engine.train_ar import load_ar_run, sample_images
+    from ibq.generation.sampling import check_labels
+    from ibq.metrics.adm import to_adm_array
+
     for key in ("samples_per_class", "batch_size"):
         check_positive_int(key, cfg[key])
     device = resolve_device(cfg.device)

@@ -10,13 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ibq.cli.common import entry_point, guarded, save_hydra_files
 from ibq.config import CONF_DIR, build
-from ibq.data.batches import indexed_train
-from ibq.data.splits import data_identity
-from ibq.engine.build import resolve_device
-from ibq.engine.tokens import MANIFEST, load_tokenizer_run, run_name, write_token_shards
 from ibq.errors import check_positive_int
-
-OmegaConf.register_new_resolver("ibq.run_name", run_name, replace=True)
 
 
 def data_config(cfg: DictConfig, tokenizer_config: DictConfig) -> DictConfig:
@@ -32,6 +26,12 @@ def data_config(cfg: DictConfig, tokenizer_config: DictConfig) -> DictConfig:
 @hydra.main(config_path=str(CONF_DIR), config_name="tokenize", version_base="1.3")
 @guarded
 def main(cfg: DictConfig, run_dir: Path) -> None:
+    # The engine and torch are imported here, not with the module: completion and --help start without them.
+    from ibq.data.batches import indexed_train
+    from ibq.data.splits import data_identity
+    from ibq.engine.build import resolve_device
+    from ibq.engine.tokens import MANIFEST, load_tokenizer_run, write_token_shards
+
     for key in ("batch_size", "shard_size"):
         check_positive_int(key, cfg[key])
     if cfg.samples is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from ibq.cli.common import entry_point, guarded, run_training
@@ -14,6 +13,8 @@ from ibq.config import CONF_DIR, build
 
 def dry_run(cfg: DictConfig) -> None:
     """Build the models on the meta device (no memory, no data) and report their sizes."""
+    import torch  # here, not at import: completion and --help start without it
+
     with torch.device("meta"):
         tokenizer = build(cfg.model, quantizer=build(cfg.quantizer))
         discriminator = build(cfg.discriminator)

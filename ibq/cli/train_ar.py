@@ -5,21 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ibq.cli.common import entry_point, guarded, run_training
 from ibq.config import CONF_DIR, build
-from ibq.engine.tokens import run_name
 from ibq.errors import UserError
-
-OmegaConf.register_new_resolver("ibq.run_name", run_name, replace=True)
 
 
 def dry_run(cfg: DictConfig) -> None:
     """Build the transformer on the meta device (no memory, no data, no tokenizer) and report its size."""
     if "transformer" not in cfg:
         raise UserError("this model_scale has no stage-II transformer: choose model_scale=tiny, B, L, XL or XXL")
+    import torch  # here, not at import: completion and --help start without it
+
     with torch.device("meta"):
         model = build(cfg.transformer)
     t = cfg.transformer

@@ -21,6 +21,7 @@ import torch
 
 from ibq.engine import distributed
 from ibq.engine.distributed import any_rank
+from ibq.engine.ranks import Ranks
 from ibq.runs.record import timestamp
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class RequeueSignal:
 
 
 def checkpoint_or_leave(step: int, steps: int, checkpoint_every: int, save, requeue: RequeueSignal,
-                        device: torch.device, ranks: distributed.Ranks, session, logged: bool) -> bool:
+                        device: torch.device, ranks: Ranks, session, logged: bool) -> bool:
     """The end of a training step on every rank: the periodic (and the final) checkpoint; on a pending
     requeue signal, a checkpoint at this step unless one was just written, then the exit for requeue.
     `logged`: this step's figures were read on the host. Returns whether `save(step)` wrote a checkpoint."""
@@ -131,7 +132,7 @@ def checkpoint_or_leave(step: int, steps: int, checkpoint_every: int, save, requ
     return saved
 
 
-def leave_for_requeue(step: int, requeue: RequeueSignal, ranks: distributed.Ranks, session) -> NoReturn:
+def leave_for_requeue(step: int, requeue: RequeueSignal, ranks: Ranks, session) -> NoReturn:
     """Every rank, after the checkpoint at `step`: rank 0 requeues through submitit and records it in
     run.json (its RunSession's record); then all leave."""
     record, mirror = session.record, session.mirror

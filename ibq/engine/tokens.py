@@ -30,11 +30,6 @@ from ibq.runs.record import save_npy, timestamp, write_json
 MANIFEST = "manifest.json"
 
 
-def run_name(path: str | None) -> str:
-    """A run directory's last component, for default output folders (`none` when no run is given)."""
-    return Path(str(path)).name if path else "none"
-
-
 @dataclass
 class TokenizerRun:
     run_dir: Path

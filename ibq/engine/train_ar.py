@@ -34,6 +34,7 @@ from ibq.engine.build import resolve_precision
 from ibq.engine.checkpoint import CHECKPOINT, DivergenceWatch, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
+from ibq.engine.ranks import check_deepspeed, deepspeed_config, detect_ranks, job_layout, plan_batches
 from ibq.engine.session import RunSession
 from ibq.engine.tokens import TokenizerRun, TokenShards, check_shards, load_tokenizer_run, read_manifest
 from ibq.errors import UserError, check_positive_int
@@ -130,10 +131,10 @@ class ARTraining:
         check_ar_keys(cfg)
         ar = cfg.ar_train
         self.run_dir = run_dir
-        self.ranks = distributed.detect_ranks()
-        self.layout = distributed.plan_batches(ar.batch_size, ar.micro_batch_size, self.ranks.world_size, section="ar_train")
+        self.ranks = detect_ranks()
+        self.layout = plan_batches(ar.batch_size, ar.micro_batch_size, self.ranks.world_size, section="ar_train")
         self.deepspeed_options = OmegaConf.to_container(cfg.deepspeed, resolve=True)
-        distributed.check_deepspeed(self.deepspeed_options, ar.precision, section="ar_train")
+        check_deepspeed(self.deepspeed_options, ar.precision, section="ar_train")
         self.zero_stage = self.deepspeed_options.get("stage")
         self.device = distributed.device_for(self.ranks, ar.device)
         self.dtype = resolve_precision(ar.precision, self.device)
@@ -186,7 +187,7 @@ class ARTraining:
 
     def _wrap(self):
         if self.zero_stage is not None:
-            config = distributed.deepspeed_config(self.deepspeed_options, self.layout, gradient_clipping=self.cfg.ar_optim.grad_clip)
+            config = deepspeed_config(self.deepspeed_options, self.layout, gradient_clipping=self.cfg.ar_optim.grad_clip)
             return distributed.deepspeed_engine(self.model, self.optimizer, config)
         if self.ranks.world_size == 1:
             return self.model
@@ -276,7 +277,7 @@ class ARTraining:
             self.identity, choices, overrides, "generator", self.start_step, self.signature, group,
             tokenizer={"run_dir": str(self.tokenizer_run.run_dir), **self.tokenizer_run.describe()},
             tokens=self.cfg.tokens,
-            distributed=distributed.job_layout(self.ranks, self.layout, self.zero_stage),
+            distributed=job_layout(self.ranks, self.layout, self.zero_stage),
         )
         return self.session.run(self._train)
 

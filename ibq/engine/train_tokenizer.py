@@ -36,6 +36,7 @@ from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
 from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
+from ibq.engine.ranks import check_deepspeed, deepspeed_config, detect_ranks, job_layout, plan_batches
 from ibq.engine.session import RunSession
 from ibq.errors import UserError, check_positive_int
 from ibq.losses import LeCAM, hinge_d_loss, non_saturating_g_loss
@@ -71,10 +72,10 @@ class TokenizerTraining:
         check_training_keys(cfg)
         cfg = tokenizer_identity(cfg)
         self.cfg, self.run_dir = cfg, run_dir
-        self.ranks = distributed.detect_ranks()
-        self.layout = distributed.plan_batches(cfg.train.batch_size, cfg.train.micro_batch_size, self.ranks.world_size)
+        self.ranks = detect_ranks()
+        self.layout = plan_batches(cfg.train.batch_size, cfg.train.micro_batch_size, self.ranks.world_size)
         self.deepspeed_options = OmegaConf.to_container(cfg.deepspeed, resolve=True)
-        distributed.check_deepspeed(self.deepspeed_options, cfg.train.precision)
+        check_deepspeed(self.deepspeed_options, cfg.train.precision)
         self.zero_stage = self.deepspeed_options.get("stage")
         self.device = distributed.device_for(self.ranks, cfg.train.device)
         self.dtype = resolve_precision(cfg.train.precision, self.device)
@@ -134,7 +135,7 @@ class TokenizerTraining:
         )
 
     def _deepspeed_engines(self):
-        config = distributed.deepspeed_config(self.deepspeed_options, self.layout)
+        config = deepspeed_config(self.deepspeed_options, self.layout)
         generator = distributed.deepspeed_engine(self.tokenizer, self.opt_g, config)
         critic = distributed.deepspeed_engine(self.discriminator, self.opt_d, config)
         if self.zero_stage == 3:
@@ -271,7 +272,7 @@ class TokenizerTraining:
                     own.append(line.pop("step"), line)
         self.session.open(
             self.cfg, choices, overrides, "tokenizer", self.start_step, self.signature, group,
-            distributed=distributed.job_layout(self.ranks, self.layout, self.zero_stage), parent=self.parent,
+            distributed=job_layout(self.ranks, self.layout, self.zero_stage), parent=self.parent,
             **({"extends": self.extends} if self.extends else {}),
             acceleration=self.acceleration.record(),
         )

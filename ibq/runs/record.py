@@ -52,6 +52,11 @@ def run_dirname(overrides: str) -> str:
     return overrides.replace('"', "").replace("/", "_") or "default"
 
 
+def run_name(path: str | None) -> str:
+    """A run directory's last component, for default output folders (`none` when no run is given)."""
+    return Path(str(path)).name if path else "none"
+
+
 def sweep_group(sweep_dir: str | os.PathLike) -> str:
     """The W&B group of a sweep's runs: its folder's name and a hash of its absolute path, so that two
     sweeps in folders of the same name (…/a/sweep, …/b/sweep) never share a group."""
