@@ -19,6 +19,7 @@ from ibq.errors import UserError, check_positive_int
 # another one, since its previous incarnation's port may still be in TIME_WAIT.
 PORT_BASE, PORT_SPAN = 20000, 30000
 
+
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0
