@@ -122,6 +122,7 @@ def gather_objects(obj) -> list:
     return out
 
 
+# -- DeepSpeed ---------------------------------------------------------------------------------------
 def deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
     """DeepSpeed's engine around `model` and its torch optimizer, in the job's process group."""
     if next(model.parameters()).device.type == "cpu":
