@@ -14,8 +14,8 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from ibq.engine.distributed import shutdown
-from ibq.engine.ranks import Ranks
 from ibq.engine.preemption import RequeueRefused, StoppedAtCheckpoint
+from ibq.engine.ranks import Ranks
 from ibq.errors import Terminated, TrainingDiverged, UserError, interruption
 from ibq.runs.record import MetricsLog, RunRecord
 from ibq.runs.wandb_mirror import NullMirror, open_mirror
