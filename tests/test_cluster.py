@@ -218,10 +218,15 @@ def test_crashed_job_is_reported_failed_with_its_log(slurm, tmp_path: Path):
         (["cluster.tasks_per_node=2", "train.micro_batch_size=3"], "not divisible by train.micro_batch_size=3 x world size 2 = 6"),
         (["deepspeed=zero3", "+deepspeed.zero_optimization.round_robin_gradients=true"],
          "deepspeed=zero3 does not support deepspeed.zero_optimization.round_robin_gradients"),
+        # what the training job itself refuses, from its config alone
+        (["train.precision=fp8"], "train.precision='fp8' is invalid; valid: auto, fp32, bf16, fp16"),
+        (["quantizer.entropy_temperature=0,0.01"], "quantizer.entropy_temperature=0 is invalid: it must be > 0"),
+        (["quantizer=lfq", "codebook_size=256,1000"], "quantizer.codebook_size=1000 is invalid for lfq: it must be a power of two"),
     ],
 )
 def test_bad_cluster_settings_get_one_line_and_submit_nothing(slurm, tmp_path: Path, overrides: list[str], expected: str):
-    result = submit(["-m", "cluster=slurm", "quantizer=ibq,vq", *overrides, *SHORT, f"hydra.sweep.dir={tmp_path / 'sweep'}"], timeout=120)
+    quantizers = [] if any(o.startswith("quantizer=") for o in overrides) else ["quantizer=ibq,vq"]
+    result = submit(["-m", "cluster=slurm", *quantizers, *overrides, *SHORT, f"hydra.sweep.dir={tmp_path / 'sweep'}"], timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and expected in line, line
@@ -270,9 +275,9 @@ def test_a_failed_job_is_told_in_one_line():
 def test_only_swept_placement_and_checked_keys_multiply_the_checked_jobs():
     from ibq.cli.checks import checked_variants
 
-    overrides = ["quantizer=ibq,vq", "codebook_size=256,1024", "cluster=slurm", "cluster.tasks_per_node=1,2", "seed=0",
-                 "optim.lr=interval(1e-5,1e-3)"]
+    overrides = ["logger=none,wandb", "codebook_size=256,1024", "cluster=slurm", "cluster.tasks_per_node=1,2", "seed=0",
+                 "optim.lr=interval(1e-5,1e-3)", "quantizer=ibq,lfq"]
     assert checked_variants(overrides) == [
-        ["quantizer=ibq", "cluster=slurm", "seed=0", f"codebook_size={size}", f"cluster.tasks_per_node={tasks}"]
-        for size in (256, 1024) for tasks in (1, 2)
+        ["logger=none", "cluster=slurm", "seed=0", f"codebook_size={size}", f"cluster.tasks_per_node={tasks}", f"quantizer={name}"]
+        for size in (256, 1024) for tasks in (1, 2) for name in ("ibq", "lfq")
     ]

@@ -209,9 +209,12 @@ def test_two_ranks_stop_on_the_signal_resume_and_match_one_process(small_tokeniz
         (["cluster=local_parallel", "cluster.tasks_per_node=3"], "ar_train.batch_size=16 (the global batch) is not divisible by the world size 3"),
         (["deepspeed=zero2", "ar_train.precision=fp16"], "ar_train.precision=fp16 with deepspeed=zero2 is not supported"),
         (["deepspeed=zero1", "+deepspeed.config.gradient_clipping=2.0"], "deepspeed.config.gradient_clipping is set from ibq's own keys"),
+        # the job's own refusals, before the run it reads is even looked for
+        (["ar_train.precision=fp8"], "ar_train.precision='fp8' is invalid; valid: auto, fp32, bf16, fp16"),
+        (["transformer.heads=5"], "with transformer.heads=5 is invalid: width must be heads x a head size divisible by 4"),
     ],
 )
-def test_a_layout_the_ranks_cannot_run_is_refused_before_launch(tmp_path: Path, overrides: list[str], expected: str):
+def test_what_the_job_would_refuse_is_refused_before_launch(tmp_path: Path, overrides: list[str], expected: str):
     line = error_line(run_cli(IBQ_TRAIN_AR + ["tokenizer_run=/nowhere", *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}"]))
     assert expected in line, line
     assert not (tmp_path / "sweep").exists()

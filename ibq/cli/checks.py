@@ -1,5 +1,7 @@
 """Checks inside Hydra's flow, after composition and before anything is written or submitted: the
-values of the config (ibq.config.check_values), where the jobs run and how their batch is laid out.
+values of the config (ibq.config.check_values), where the jobs run and how their batch is laid out, and
+what a training job refuses in its config alone (its engine's check_config: keys, precision and the
+models the config describes, built on the meta device).
 
 The ConfigChecks callback (every primary config names it under hydra.callbacks) checks a run before
 Hydra makes its folder, and a multirun up front, one composition per combination of the swept keys that can
@@ -12,6 +14,7 @@ import os
 import shutil
 import subprocess
 from functools import lru_cache
+from importlib import import_module
 
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
@@ -29,7 +32,10 @@ SUBMITIT_LAUNCHERS = ("submitit_slurm", "submitit_local")
 # Swept overrides under these roots can change a job's resources, batch or checked values; the others
 # (quantizer, logger, ...) cannot, so the checks compose one job per combination of the former only.
 CHECKED_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "experiment", "sweep", "hydra",
-                 "seed", "codebook_size", "optim", "ar_optim", "data", "run_dir", "checkpoint", "tokenizer_run", "init_from")
+                 "seed", "codebook_size", "optim", "ar_optim", "data", "run_dir", "checkpoint", "tokenizer_run", "init_from",
+                 "quantizer", "model", "discriminator", "transformer", "eval")
+# The engine module whose check_config(cfg) a training app's job passes before it runs or is submitted.
+CONFIG_CHECKS = {"train": "ibq.engine.train_tokenizer", "train_ar": "ibq.engine.train_ar"}
 # The config node with each training app's batch and precision keys.
 BATCH_SECTIONS = {"train": "train", "train_ar": "ar_train"}
 # The runs each app reads: (key, the kind of run it names (engine.checkpoint.RUN_KINDS), whether it is
@@ -141,10 +147,12 @@ def check_run_inputs(cfg: DictConfig, config_name: str) -> None:
 
 
 def check_job(cfg: DictConfig, config_name: str, submitting: bool = False) -> None:
-    """A job's values, cluster preset, batch layout (cfg[section]), DeepSpeed options and the runs it
-    reads; with `submitting`, also what Slurm must offer."""
+    """A job's values, cluster preset, batch layout (cfg[section]), DeepSpeed options, its engine's
+    checks and the runs it reads; with `submitting`, also what Slurm must offer."""
     check_values(cfg)
     check_layout(cfg, config_name, submitting)
+    if config_name in CONFIG_CHECKS:  # loads torch: only when a job is about to run or be submitted
+        import_module(CONFIG_CHECKS[config_name]).check_config(cfg)
     check_run_inputs(cfg, config_name)
 
 

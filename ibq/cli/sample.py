@@ -73,7 +73,7 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     for key in ("samples_per_class", "batch_size"):
         check_positive_int(key, cfg[key])
     device = resolve_device(cfg.device)
-    dtype = resolve_precision(cfg.precision, device)
+    dtype = resolve_precision(cfg.precision, device, "precision")
     run = load_ar_run(None if OmegaConf.is_missing(cfg, "run_dir") else cfg.run_dir, device)
     settings = sampling_settings(cfg, run)
     classes = torch.arange(run.model.num_classes) if cfg.classes is None else torch.tensor(list(cfg.classes), dtype=torch.long)

@@ -8,16 +8,14 @@ import hydra
 from omegaconf import DictConfig
 
 from ibq.cli.common import entry_point, guarded, run_training
-from ibq.config import CONF_DIR, build
+from ibq.config import CONF_DIR
 
 
 def dry_run(cfg: DictConfig) -> None:
     """Build the models on the meta device (no memory, no data) and report their sizes."""
-    import torch  # here, not at import: completion and --help start without it
+    from ibq.engine.train_tokenizer import meta_models  # here, not at import: completion and --help start without torch
 
-    with torch.device("meta"):
-        tokenizer = build(cfg.model, quantizer=build(cfg.quantizer))
-        discriminator = build(cfg.discriminator)
+    tokenizer, discriminator = meta_models(cfg)
     counts = tokenizer.parameter_counts()
     counts["discriminator"] = sum(p.numel() for p in discriminator.parameters())
     print(f"codebook: {cfg.quantizer.codebook_size} codes x {cfg.quantizer.dim} dims; downsampling x{tokenizer.downsample_factor}")

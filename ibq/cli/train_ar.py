@@ -8,18 +8,14 @@ import hydra
 from omegaconf import DictConfig
 
 from ibq.cli.common import entry_point, guarded, run_training
-from ibq.config import CONF_DIR, build
-from ibq.errors import UserError
+from ibq.config import CONF_DIR
 
 
 def dry_run(cfg: DictConfig) -> None:
-    """Build the transformer on the meta device (no memory, no data, no tokenizer) and report its size."""
-    if "transformer" not in cfg:
-        raise UserError("this model_scale has no stage-II transformer: choose model_scale=tiny, B, L, XL or XXL")
-    import torch  # here, not at import: completion and --help start without it
+    """Report the size of the transformer, built on the meta device (no memory, no data, no tokenizer)."""
+    from ibq.engine.train_ar import meta_transformer  # here, not at import: completion and --help start without torch
 
-    with torch.device("meta"):
-        model = build(cfg.transformer)
+    model = meta_transformer(cfg)
     t = cfg.transformer
     print(f"transformer: depth {t.depth}, width {t.width}, heads {t.heads}, {t.block_size} tokens from {t.vocab_size} codes, {t.num_classes} classes")
     for name, count in model.parameter_counts().items():

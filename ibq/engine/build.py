@@ -17,12 +17,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 on GPU and fp32 on CPU; fp16 needs a GPU."""
+def check_precision(name: str, key: str) -> None:
+    if name != "auto" and name not in PRECISIONS:
+        raise UserError(f"{key}={name!r} is invalid; valid: auto, {', '.join(PRECISIONS)}")
+
+
+def resolve_precision(name: str, device: torch.device, key: str) -> torch.dtype:
+    """'auto' is bf16 on GPU and fp32 on CPU; fp16 needs a GPU. `key` names the setting in errors."""
+    check_precision(name, key)
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in PRECISIONS:
-        raise UserError(f"train.precision={name!r} is invalid; valid: auto, {', '.join(PRECISIONS)}")
     if name == "fp16" and device.type != "cuda":
-        raise UserError("train.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
+        raise UserError(f"{key}=fp16 needs a CUDA device; on CPU use fp32 or bf16")
     return PRECISIONS[name]

@@ -30,7 +30,7 @@ from ibq.data.splits import data_identity
 from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.config import build
-from ibq.engine.build import resolve_precision
+from ibq.engine.build import check_precision, resolve_precision
 from ibq.engine.checkpoint import CHECKPOINT, DivergenceWatch, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
@@ -63,6 +63,19 @@ def check_ar_keys(cfg: DictConfig) -> None:
     for key in ("lr", "grad_clip"):
         if not isinstance(cfg.ar_optim[key], (int, float)) or cfg.ar_optim[key] <= 0:
             raise UserError(f"ar_optim.{key}={cfg.ar_optim[key]!r} is invalid: it must be a positive number")
+
+
+def meta_transformer(cfg: DictConfig) -> Transformer:
+    """The transformer the config describes, on the meta device: no memory, no data, no tokenizer."""
+    with torch.device("meta"):
+        return build(cfg.transformer)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """What this job refuses in its config alone (train_tokenizer.check_config says when it runs)."""
+    check_ar_keys(cfg)
+    check_precision(cfg.ar_train.precision, "ar_train.precision")
+    meta_transformer(cfg)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -137,7 +150,7 @@ class ARTraining:
         check_deepspeed(self.deepspeed_options, ar.precision, section="ar_train")
         self.zero_stage = self.deepspeed_options.get("stage")
         self.device = distributed.device_for(self.ranks, ar.device)
-        self.dtype = resolve_precision(ar.precision, self.device)
+        self.dtype = resolve_precision(ar.precision, self.device, "ar_train.precision")
         seed_everything(cfg.seed)
 
         self.tokenizer_run = load_tokenizer_run(cfg.tokenizer_run, self.device)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -30,7 +31,7 @@ from ibq.data.shards import merge_states
 from ibq.engine import distributed
 from ibq.engine.acceleration import StepAcceleration, match_parameter_layout_
 from ibq.config import build
-from ibq.engine.build import resolve_precision
+from ibq.engine.build import check_precision, resolve_precision
 from ibq.engine.checkpoint import DivergenceWatch, check_tensors, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
@@ -58,6 +59,28 @@ def check_training_keys(cfg: DictConfig) -> None:
         raise UserError(f"optim.lr={cfg.optim.lr!r} is invalid: it must be a positive number")
 
 
+def check_resolution(resolution: int, downsample_factor: int) -> None:
+    if resolution % downsample_factor:
+        raise UserError(f"data.resolution={resolution} must be a multiple of the tokenizer's downsampling factor {downsample_factor}")
+
+
+def meta_models(cfg: DictConfig) -> tuple[nn.Module, nn.Module]:
+    """The tokenizer and discriminator the config describes, on the meta device: no memory, no data."""
+    with torch.device("meta"):
+        return build(cfg.model, quantizer=build(cfg.quantizer)), build(cfg.discriminator)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """What this job refuses in its config alone, wherever it runs: its keys, precision and step switches,
+    and the models the config describes. cli.checks runs it before the run's folder is made and before a
+    sweep is submitted, so that a bad value is one line here rather than a failed job on the cluster."""
+    check_training_keys(cfg)
+    check_precision(cfg.train.precision, "train.precision")
+    StepAcceleration.from_config(cfg.train, torch.device("meta"))  # the values; `auto` is resolved on the job's device
+    tokenizer, _ = meta_models(cfg)
+    check_resolution(cfg.data.resolution, tokenizer.downsample_factor)
+
+
 def load_parent(init_from: str) -> dict:
     """The tokenizer run (trained or imported) whose weights start a fine-tuning run: where it is, what it
     is, and its checkpoint's state."""
@@ -78,7 +101,7 @@ class TokenizerTraining:
         check_deepspeed(self.deepspeed_options, cfg.train.precision)
         self.zero_stage = self.deepspeed_options.get("stage")
         self.device = distributed.device_for(self.ranks, cfg.train.device)
-        self.dtype = resolve_precision(cfg.train.precision, self.device)
+        self.dtype = resolve_precision(cfg.train.precision, self.device, "train.precision")
         parent = load_parent(cfg.init_from) if cfg.get("init_from") is not None else None  # fine-tuning
         self.acceleration = StepAcceleration.from_config(cfg.train, self.device)
         self.signature = signature(cfg)
@@ -87,9 +110,7 @@ class TokenizerTraining:
         self.data = build(cfg.data, seed=cfg.seed)
         trainable(self.data, cfg.data)
         self.tokenizer = build(cfg.model, quantizer=build(cfg.quantizer)).to(self.device)
-        factor = self.tokenizer.downsample_factor
-        if cfg.data.resolution % factor:
-            raise UserError(f"data.resolution={cfg.data.resolution} must be a multiple of the tokenizer's downsampling factor {factor}")
+        check_resolution(cfg.data.resolution, self.tokenizer.downsample_factor)
         self.discriminator = build(cfg.discriminator).to(self.device)
         self.lecam = LeCAM(cfg.loss.lecam_decay).to(self.device)
         self.lpips = try_load_lpips(cfg.loss.perceptual_net, cfg.loss.lpips_backbone_path, cfg.loss.perceptual_required)
