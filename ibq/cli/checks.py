@@ -1,6 +1,6 @@
 """Checks inside Hydra's flow, after composition and before anything is written or submitted: the
 values of the config (ibq.config.check_values), where the jobs run and how their batch is laid out, and
-what a training job refuses in its config alone (its engine's check_config: keys, precision and the
+what a training job refuses in its config alone (ibq.engine.job_config: keys, precision and the
 models the config describes, built on the meta device).
 
 The ConfigChecks callback (every primary config names it under hydra.callbacks) checks a run before
@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 from functools import lru_cache
-from importlib import import_module
 
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
@@ -34,8 +33,8 @@ SUBMITIT_LAUNCHERS = ("submitit_slurm", "submitit_local")
 CHECKED_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "experiment", "sweep", "hydra",
                  "seed", "codebook_size", "optim", "ar_optim", "data", "run_dir", "checkpoint", "tokenizer_run", "init_from",
                  "quantizer", "model", "discriminator", "transformer", "eval")
-# The engine module whose check_config(cfg) a training app's job passes before it runs or is submitted.
-CONFIG_CHECKS = {"train": "ibq.engine.train_tokenizer", "train_ar": "ibq.engine.train_ar"}
+# The function of ibq.engine.job_config (which loads torch) that checks each training app's job.
+JOB_CHECKS = {"train": "check_tokenizer_job", "train_ar": "check_ar_job"}
 # The config node with each training app's batch and precision keys.
 BATCH_SECTIONS = {"train": "train", "train_ar": "ar_train"}
 # The runs each app reads: (key, the kind of run it names (engine.checkpoint.RUN_KINDS), whether it is
@@ -151,8 +150,10 @@ def check_job(cfg: DictConfig, config_name: str, submitting: bool = False) -> No
     checks and the runs it reads; with `submitting`, also what Slurm must offer."""
     check_values(cfg)
     check_layout(cfg, config_name, submitting)
-    if config_name in CONFIG_CHECKS:  # loads torch: only when a job is about to run or be submitted
-        import_module(CONFIG_CHECKS[config_name]).check_config(cfg)
+    if config_name in JOB_CHECKS:  # imported here: only when a job is about to run or be submitted
+        from ibq.engine import job_config
+
+        getattr(job_config, JOB_CHECKS[config_name])(cfg)
     check_run_inputs(cfg, config_name)
 
 

@@ -13,7 +13,7 @@ from ibq.config import CONF_DIR
 
 def dry_run(cfg: DictConfig) -> None:
     """Build the models on the meta device (no memory, no data) and report their sizes."""
-    from ibq.engine.train_tokenizer import meta_models  # here, not at import: completion and --help start without torch
+    from ibq.engine.job_config import meta_models  # here, not at import: completion and --help start without torch
 
     tokenizer, discriminator = meta_models(cfg)
     counts = tokenizer.parameter_counts()

@@ -13,7 +13,7 @@ from ibq.config import CONF_DIR
 
 def dry_run(cfg: DictConfig) -> None:
     """Report the size of the transformer, built on the meta device (no memory, no data, no tokenizer)."""
-    from ibq.engine.train_ar import meta_transformer  # here, not at import: completion and --help start without torch
+    from ibq.engine.job_config import meta_transformer  # here, not at import: completion and --help start without torch
 
     model = meta_transformer(cfg)
     t = cfg.transformer

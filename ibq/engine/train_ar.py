@@ -30,52 +30,21 @@ from ibq.data.splits import data_identity
 from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.config import build
-from ibq.engine.build import check_precision, resolve_precision
+from ibq.engine.build import resolve_precision
+from ibq.engine.job_config import check_ar_keys
 from ibq.engine.checkpoint import CHECKPOINT, DivergenceWatch, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.ranks import check_deepspeed, deepspeed_config, detect_ranks, job_layout, plan_batches
 from ibq.engine.session import RunSession
 from ibq.engine.tokens import TokenizerRun, TokenShards, check_shards, load_tokenizer_run, read_manifest
-from ibq.errors import UserError, check_positive_int
+from ibq.errors import UserError
 from ibq.generation.sampling import sample
 from ibq.models.transformer import Transformer, next_token_loss
 from ibq.runs.record import STAGE_I_KEYS, config_differences, merge_results, result_config, signature, without_keys
 
 # Keys that change how a run reports, not what it trains: left out of its signature, so a resume may change them.
 REPORTING_KEYS = ("log_every", "checkpoint_every", "grid_classes")
-
-
-def check_ar_keys(cfg: DictConfig) -> None:
-    if "transformer" not in cfg:
-        raise UserError("this model_scale has no stage-II transformer: choose model_scale=tiny, B, L, XL or XXL")
-    ar = cfg.ar_train
-    for key in ("batch_size", "log_every", "checkpoint_every", "epochs"):
-        check_positive_int(f"ar_train.{key}", ar[key])
-    if ar.steps is not None:
-        check_positive_int("ar_train.steps", ar.steps)
-    if not isinstance(ar.grid_classes, int) or ar.grid_classes < 0:
-        raise UserError(f"ar_train.grid_classes={ar.grid_classes!r} is invalid: it must be an integer >= 0 (0: no sample grid)")
-    if not 0 <= ar.warmup_epochs < ar.epochs:
-        raise UserError(f"ar_train.warmup_epochs={ar.warmup_epochs} is invalid: it must be in [0, ar_train.epochs={ar.epochs})")
-    if not 0 <= ar.final_lr_ratio <= 1:
-        raise UserError(f"ar_train.final_lr_ratio={ar.final_lr_ratio} is invalid: it must be in [0, 1]")
-    for key in ("lr", "grad_clip"):
-        if not isinstance(cfg.ar_optim[key], (int, float)) or cfg.ar_optim[key] <= 0:
-            raise UserError(f"ar_optim.{key}={cfg.ar_optim[key]!r} is invalid: it must be a positive number")
-
-
-def meta_transformer(cfg: DictConfig) -> Transformer:
-    """The transformer the config describes, on the meta device: no memory, no data, no tokenizer."""
-    with torch.device("meta"):
-        return build(cfg.transformer)
-
-
-def check_config(cfg: DictConfig) -> None:
-    """What this job refuses in its config alone (train_tokenizer.check_config says when it runs)."""
-    check_ar_keys(cfg)
-    check_precision(cfg.ar_train.precision, "ar_train.precision")
-    meta_transformer(cfg)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

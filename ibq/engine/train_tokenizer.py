@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -31,7 +30,8 @@ from ibq.data.shards import merge_states
 from ibq.engine import distributed
 from ibq.engine.acceleration import StepAcceleration, match_parameter_layout_
 from ibq.config import build
-from ibq.engine.build import check_precision, resolve_precision
+from ibq.engine.build import resolve_precision
+from ibq.engine.job_config import check_resolution, check_training_keys
 from ibq.engine.checkpoint import DivergenceWatch, check_tensors, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
@@ -39,7 +39,7 @@ from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.ranks import check_deepspeed, deepspeed_config, detect_ranks, job_layout, plan_batches
 from ibq.engine.session import RunSession
-from ibq.errors import UserError, check_positive_int
+from ibq.errors import UserError
 from ibq.losses import LeCAM, hinge_d_loss, non_saturating_g_loss
 from ibq.metrics.codebook import CodebookHistogram
 from ibq.metrics.fid import load_fid_network
@@ -48,37 +48,6 @@ from ibq.runs.record import MetricsLog, RunRecord, config_differences, merge_res
 from ibq.runs.usage import save_usage
 
 log = logging.getLogger(__name__)
-
-
-def check_training_keys(cfg: DictConfig) -> None:
-    for key in ("train.steps", "train.batch_size", "train.log_every", "train.checkpoint_every", "eval.batch_size"):
-        check_positive_int(key, OmegaConf.select(cfg, key))
-    if not isinstance(cfg.eval.every, int) or cfg.eval.every < 0:
-        raise UserError(f"eval.every={cfg.eval.every!r} is invalid: it must be 0 (only at the end) or a positive integer")
-    if not isinstance(cfg.optim.lr, (int, float)) or cfg.optim.lr <= 0:
-        raise UserError(f"optim.lr={cfg.optim.lr!r} is invalid: it must be a positive number")
-
-
-def check_resolution(resolution: int, downsample_factor: int) -> None:
-    if resolution % downsample_factor:
-        raise UserError(f"data.resolution={resolution} must be a multiple of the tokenizer's downsampling factor {downsample_factor}")
-
-
-def meta_models(cfg: DictConfig) -> tuple[nn.Module, nn.Module]:
-    """The tokenizer and discriminator the config describes, on the meta device: no memory, no data."""
-    with torch.device("meta"):
-        return build(cfg.model, quantizer=build(cfg.quantizer)), build(cfg.discriminator)
-
-
-def check_config(cfg: DictConfig) -> None:
-    """What this job refuses in its config alone, wherever it runs: its keys, precision and step switches,
-    and the models the config describes. cli.checks runs it before the run's folder is made and before a
-    sweep is submitted, so that a bad value is one line here rather than a failed job on the cluster."""
-    check_training_keys(cfg)
-    check_precision(cfg.train.precision, "train.precision")
-    StepAcceleration.from_config(cfg.train, torch.device("meta"))  # the values; `auto` is resolved on the job's device
-    tokenizer, _ = meta_models(cfg)
-    check_resolution(cfg.data.resolution, tokenizer.downsample_factor)
 
 
 def load_parent(init_from: str) -> dict:

@@ -1,0 +1,80 @@
+"""What a training job refuses in its config alone, wherever it runs: its keys, its precision and step
+switches, and the models the config describes, built on the meta device (no memory, no data).
+
+cli.checks runs these before a run's folder is made and before a sweep is submitted, so that a bad value
+is one line on the submitting machine rather than a failed job on the cluster. The module loads torch and
+the models only, not the engine's data, metrics or DeepSpeed: a refusal takes seconds."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ibq.config import build
+from ibq.engine.acceleration import StepAcceleration
+from ibq.engine.build import check_precision
+from ibq.errors import UserError, check_positive_int
+from ibq.models.transformer import Transformer
+
+
+# -- stage I: ibq-train ------------------------------------------------------------------------------------
+def check_training_keys(cfg: DictConfig) -> None:
+    for key in ("train.steps", "train.batch_size", "train.log_every", "train.checkpoint_every", "eval.batch_size"):
+        check_positive_int(key, OmegaConf.select(cfg, key))
+    if not isinstance(cfg.eval.every, int) or cfg.eval.every < 0:
+        raise UserError(f"eval.every={cfg.eval.every!r} is invalid: it must be 0 (only at the end) or a positive integer")
+    if not isinstance(cfg.optim.lr, (int, float)) or cfg.optim.lr <= 0:
+        raise UserError(f"optim.lr={cfg.optim.lr!r} is invalid: it must be a positive number")
+
+
+def check_resolution(resolution: int, downsample_factor: int) -> None:
+    if resolution % downsample_factor:
+        raise UserError(f"data.resolution={resolution} must be a multiple of the tokenizer's downsampling factor {downsample_factor}")
+
+
+def meta_models(cfg: DictConfig) -> tuple[nn.Module, nn.Module]:
+    """The tokenizer and the discriminator the config describes, on the meta device."""
+    with torch.device("meta"):
+        return build(cfg.model, quantizer=build(cfg.quantizer)), build(cfg.discriminator)
+
+
+def check_tokenizer_job(cfg: DictConfig) -> None:
+    check_training_keys(cfg)
+    check_precision(cfg.train.precision, "train.precision")
+    StepAcceleration.from_config(cfg.train, torch.device("meta"))  # the values; `auto` is resolved on the job's device
+    tokenizer, _ = meta_models(cfg)
+    check_resolution(cfg.data.resolution, tokenizer.downsample_factor)
+
+
+# -- stage II: ibq-train-ar --------------------------------------------------------------------------------
+def check_ar_keys(cfg: DictConfig) -> None:
+    if "transformer" not in cfg:
+        raise UserError("this model_scale has no stage-II transformer: choose model_scale=tiny, B, L, XL or XXL")
+    ar = cfg.ar_train
+    for key in ("batch_size", "log_every", "checkpoint_every", "epochs"):
+        check_positive_int(f"ar_train.{key}", ar[key])
+    if ar.steps is not None:
+        check_positive_int("ar_train.steps", ar.steps)
+    if not isinstance(ar.grid_classes, int) or ar.grid_classes < 0:
+        raise UserError(f"ar_train.grid_classes={ar.grid_classes!r} is invalid: it must be an integer >= 0 (0: no sample grid)")
+    if not 0 <= ar.warmup_epochs < ar.epochs:
+        raise UserError(f"ar_train.warmup_epochs={ar.warmup_epochs} is invalid: it must be in [0, ar_train.epochs={ar.epochs})")
+    if not 0 <= ar.final_lr_ratio <= 1:
+        raise UserError(f"ar_train.final_lr_ratio={ar.final_lr_ratio} is invalid: it must be in [0, 1]")
+    for key in ("lr", "grad_clip"):
+        if not isinstance(cfg.ar_optim[key], (int, float)) or cfg.ar_optim[key] <= 0:
+            raise UserError(f"ar_optim.{key}={cfg.ar_optim[key]!r} is invalid: it must be a positive number")
+
+
+def meta_transformer(cfg: DictConfig) -> Transformer:
+    """The transformer the config describes, on the meta device (no tokenizer either)."""
+    with torch.device("meta"):
+        return build(cfg.transformer)
+
+
+def check_ar_job(cfg: DictConfig) -> None:
+    check_ar_keys(cfg)
+    check_precision(cfg.ar_train.precision, "ar_train.precision")
+    meta_transformer(cfg)
+
