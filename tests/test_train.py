@@ -173,6 +173,7 @@ def test_dry_run_reports_paper_parameter_counts(tmp_path: Path):
         (["train.precision=fp8"], "train.precision='fp8' is invalid"),
         (["train.foo=1"], "Could not override 'train.foo'"),
         (["train.steps=abc"], "train.steps='abc' is invalid: it must be a positive integer"),
+        (["model.embed_dim=???"], "model.embed_dim is not set: add model.embed_dim=<value> to the command line"),
         (["train.batch_size=0"], "train.batch_size=0 is invalid"),
     ],
 )

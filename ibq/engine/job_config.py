@@ -7,15 +7,36 @@ the models only, not the engine's data, metrics or DeepSpeed: a refusal takes se
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from ibq.config import build
 from ibq.engine.acceleration import StepAcceleration
 from ibq.engine.build import check_precision
-from ibq.errors import UserError, check_positive_int
+from ibq.errors import UserError, check_positive_int, unset_key
 from ibq.models.transformer import Transformer
+
+
+def unset_keys(node: DictConfig | ListConfig, path: str) -> Iterator[str]:
+    """The ??? keys under `node`, in config order, without resolving interpolations."""
+    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+        full = f"{path}.{key}" if isinstance(node, DictConfig) else f"{path}[{key}]"
+        if OmegaConf.is_missing(node, key):
+            yield full
+        elif not OmegaConf.is_interpolation(node, key) and OmegaConf.is_config(node[key]):
+            yield from unset_keys(node[key], full)
+
+
+def check_set(cfg: DictConfig, roots: tuple[str, ...]) -> None:
+    """The first ??? key under the config nodes that the job reads, as one line naming it (building a
+    model from the node would name the key that refers to it instead)."""
+    for root in roots:
+        first = next(unset_keys(cfg[root], root), None) if root in cfg else None
+        if first is not None:
+            raise unset_key(first)
 
 
 # -- stage I: ibq-train ------------------------------------------------------------------------------------
@@ -40,6 +61,7 @@ def meta_models(cfg: DictConfig) -> tuple[nn.Module, nn.Module]:
 
 
 def check_tokenizer_job(cfg: DictConfig) -> None:
+    check_set(cfg, ("model", "quantizer", "discriminator", "train", "eval", "optim", "data"))
     check_training_keys(cfg)
     check_precision(cfg.train.precision, "train.precision")
     StepAcceleration.from_config(cfg.train, torch.device("meta"))  # the values; `auto` is resolved on the job's device
@@ -74,6 +96,7 @@ def meta_transformer(cfg: DictConfig) -> Transformer:
 
 
 def check_ar_job(cfg: DictConfig) -> None:
+    check_set(cfg, ("transformer", "ar_train", "ar_optim"))
     check_ar_keys(cfg)
     check_precision(cfg.ar_train.precision, "ar_train.precision")
     meta_transformer(cfg)
