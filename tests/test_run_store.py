@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, QUICK, REPO, cli_env, error_line, read_jsonl, run_cli
+from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, QUICK, BackgroundRun, error_line, read_jsonl, run_cli
 from ibq.cli.callbacks import count_jobs, unusable_directory
 from ibq.engine.checkpoint import load_checkpoint, non_finite_tensors, save_checkpoint, stop_if_state_not_finite
 from ibq.engine.ranks import Ranks
@@ -281,19 +280,19 @@ def test_second_writer_is_refused_and_ctrl_c_ends_the_run_interrupted(tmp_path: 
     # A long run holds the directory: a second writer is refused before it writes; Ctrl-C ends it "interrupted".
     longer = tmp_path / "longer"
     args = IBQ_TRAIN + QUICK + [ONE_CROP_PER_PHOTO, "train.steps=100000", "eval.rfid=false", f"hydra.run.dir={longer}"]
-    first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    first = BackgroundRun(args)
+    deadline = time.time() + 300
+    while not (longer / "metrics.jsonl").exists() and time.time() < deadline and first.process.poll() is None:
+        time.sleep(0.1)
+    assert (longer / "metrics.jsonl").exists(), first.result(timeout=1).stderr[-3000:]
+    second = run_cli(args, timeout=300)
+    assert f"is in use by process {first.process.pid}" in error_line(second)
+    first.process.send_signal(signal.SIGINT)
     try:
-        deadline = time.time() + 300
-        while not (longer / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
-            time.sleep(0.1)
-        assert (longer / "metrics.jsonl").exists()
-        second = run_cli(args, timeout=300)
-        assert f"is in use by process {first.pid}" in error_line(second)
-        first.send_signal(signal.SIGINT)
-        _, stderr = first.communicate(timeout=120)
+        first.process.wait(timeout=120)
     finally:
-        first.kill()
-    assert first.returncode == 130
+        stderr = first.result(timeout=1).stderr
+    assert first.process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")
     record = json.loads((longer / "run.json").read_text())
     assert record["status"] == "interrupted" and record["ended"]
@@ -314,19 +313,25 @@ def test_sweep_counts_its_jobs_as_the_basic_sweeper_makes_them():
 
 @pytest.mark.slow
 def test_sweep_goes_on_past_a_failed_job_and_says_which_failed(tmp_path: Path):
+    # A photo scikit-image does not ship passes the checks before the sweep (they read no data) and fails job 1.
     sweep_dir = tmp_path / "sweep"
-    result = run_cli(IBQ_TRAIN + ["-m", "train.steps=0,2", "train.log_every=1", "logger=none", "eval.rfid=false",
-                                  ONE_CROP_PER_PHOTO, f"hydra.sweep.dir={sweep_dir}"], timeout=600)
+    result = run_cli(IBQ_TRAIN + ["-m", "data.photos=[nope],[astronaut,chelsea]", "train.steps=2", "train.log_every=1", "logger=none",
+                                  "eval.rfid=false", ONE_CROP_PER_PHOTO, f"hydra.sweep.dir={sweep_dir}"], timeout=600)
     assert result.returncode == 1, result.stderr[-3000:]
     out = result.stdout
-    assert "job 1/2: train.steps=0" in out and "job 2/2: train.steps=2" in out
-    assert "job 1/2: failed: train.steps=0 is invalid" in out and "job 2/2: done" in out
+    assert "job 1/2: data.photos=[nope]" in out and "job 2/2: data.photos=[astronaut,chelsea]" in out
+    failure = "failed: data.photos contains 'nope', which scikit-image does not ship"
+    assert f"job 1/2: {failure}" in out and "job 2/2: done" in out
     assert "1 of 2 jobs done, 1 failed" in out
     summary = out.split("jobs done")[1]
-    assert "job 1/2 (train.steps=0 " in summary and "): failed: train.steps=0 is invalid" in summary
-    assert "job 2/2 (train.steps=2 " in summary and "): done" in summary
+    assert "job 1/2 (data.photos=[nope] " in summary and f"): {failure}" in summary
+    assert "job 2/2 (data.photos=[astronaut,chelsea] " in summary and "): done" in summary
     records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/run.json")]
     assert [r["status"] for r in records] == ["completed"]
+    # What the job would refuse from its config alone stops the sweep before it starts.
+    refused = run_cli(IBQ_TRAIN + ["-m", "train.steps=0,2", f"hydra.sweep.dir={tmp_path / 'refused'}"])
+    assert error_line(refused) == "error: train.steps=0 is invalid: it must be a positive integer"
+    assert not (tmp_path / "refused").exists()
 
 
 def test_media_and_arrays_leave_no_temporary_file_when_the_disk_is_full(tmp_path: Path, monkeypatch):
