@@ -11,6 +11,10 @@ STAMP := $(VENV)/.installed
 # torch first, at the version constraints.txt pins (and this machine's pip constraint allows).
 TORCH := torch torchvision
 CONSTRAINTS := constraints.txt
+# pytest-xdist: each test file runs whole in one worker (its module fixtures are made once), and the
+# workers keep both cores of a 2-core machine busy, where one process of one-thread app runs used 1.2.
+WORKERS ?= 2
+PARALLEL := -n $(WORKERS) --dist loadfile
 VENV_LOWEST := .venv-lowest
 STAMP_LOWEST := $(VENV_LOWEST)/.installed
 
@@ -29,10 +33,10 @@ demo: $(STAMP)
 	$(BIN)/ibq-train
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PARALLEL)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" --strict-markers
+	$(BIN)/python -m pytest $(PARALLEL) -m "not slow" --strict-markers
 
 $(STAMP_LOWEST): pyproject.toml constraints-lowest.txt
 	test -x $(VENV_LOWEST)/bin/python || $(PYTHON) -m venv $(VENV_LOWEST)
