@@ -29,6 +29,13 @@ MODEL_APPS = {"ibq.cli.train", "ibq.cli.train_ar", "ibq.cli.eval", "ibq.cli.toke
 _running: dict[str, pytest.Item] = {}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control (`make test &`, a CI runner) starts the suite with SIGINT ignored, and the
+    # apps started here would inherit that: they get Ctrl-C as a terminal delivers it instead.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_runtest_protocol(item: pytest.Item, nextitem) -> None:
     _running["item"] = item
 
@@ -62,10 +69,15 @@ class BackgroundRun:
         self.process = subprocess.Popen(args, cwd=REPO, stdout=self.output, stderr=self.errors, text=True, env=cli_env())
 
     def result(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Its exit status and output; one still running after `timeout` is killed (status -9), so that the
+        caller's assertion shows what it printed."""
         try:
             self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
         finally:
             self.process.kill()  # no-op once it has ended
+            self.process.wait()
         self.output.seek(0)
         self.errors.seek(0)
         return subprocess.CompletedProcess(self.process.args, self.process.returncode, self.output.read(), self.errors.read())

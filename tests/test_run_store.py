@@ -288,11 +288,9 @@ def test_second_writer_is_refused_and_ctrl_c_ends_the_run_interrupted(tmp_path: 
     second = run_cli(args, timeout=300)
     assert f"is in use by process {first.process.pid}" in error_line(second)
     first.process.send_signal(signal.SIGINT)
-    try:
-        first.process.wait(timeout=120)
-    finally:
-        stderr = first.result(timeout=1).stderr
-    assert first.process.returncode == 130, stderr[-3000:]
+    stopped = first.result(timeout=120)
+    stderr = stopped.stderr
+    assert stopped.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")
     record = json.loads((longer / "run.json").read_text())
     assert record["status"] == "interrupted" and record["ended"]
