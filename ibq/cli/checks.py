@@ -29,7 +29,7 @@ from ibq.errors import UserError, check_positive_int
 
 SUBMITIT_LAUNCHERS = ("submitit_slurm", "submitit_local")
 # Swept overrides under these roots can change a job's resources, batch or checked values; the others
-# (quantizer, logger, ...) cannot, so the checks compose one job per combination of the former only.
+# (logger, sampling, ...) cannot, so the checks compose one job per combination of the former only.
 CHECKED_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "experiment", "sweep", "hydra",
                  "seed", "codebook_size", "optim", "ar_optim", "data", "run_dir", "checkpoint", "tokenizer_run", "init_from",
                  "quantizer", "model", "discriminator", "transformer", "eval")

@@ -100,4 +100,3 @@ def check_ar_job(cfg: DictConfig) -> None:
     check_ar_keys(cfg)
     check_precision(cfg.ar_train.precision, "ar_train.precision")
     meta_transformer(cfg)
-

@@ -31,10 +31,10 @@ from ibq.engine import distributed
 from ibq.engine.acceleration import StepAcceleration, match_parameter_layout_
 from ibq.config import build
 from ibq.engine.build import resolve_precision
-from ibq.engine.job_config import check_resolution, check_training_keys
 from ibq.engine.checkpoint import DivergenceWatch, check_tensors, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
+from ibq.engine.job_config import check_resolution, check_training_keys
 from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.ranks import check_deepspeed, deepspeed_config, detect_ranks, job_layout, plan_batches
