@@ -39,6 +39,21 @@ OmegaConf.register_new_resolver("ibq.run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("ibq.submit_mode", lambda dry_run: None if dry_run else "MULTIRUN", replace=True)
 
 
+def keys_with_nodes(keys: list, nodes: list, _root_: DictConfig) -> list[str]:
+    """`keys`, and each of `nodes` with every key inside it as composed: the exclude_keys of
+    hydra.job.config.override_dirname, which Hydra matches exactly, so that no override under
+    cluster (cluster.time_min=1440) or logger (logger.mode=online) names a run directory."""
+    def walk(prefix: str, node) -> list[str]:
+        inner = node.items() if isinstance(node, dict) else []
+        return [prefix] + [key for name, value in inner for key in walk(f"{prefix}.{name}", value)]
+
+    found = [key for name in nodes if name in _root_ for key in walk(name, OmegaConf.to_container(_root_[name]))]
+    return list(keys) + found
+
+
+OmegaConf.register_new_resolver("ibq.keys_with_nodes", keys_with_nodes, replace=True)
+
+
 def open_node() -> DictConfig:
     """An empty node that takes new keys: Hydra's struct mode refuses a dict override with new keys
     (cluster.sbatch={constraint: a100}) in YAML nodes, but keeps this node's flag through merging.

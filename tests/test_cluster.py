@@ -10,9 +10,11 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -203,6 +205,45 @@ def test_crashed_job_is_reported_failed_with_its_log(slurm, tmp_path: Path):
     line = last_line((tmp_path / "submit.log").read_text())
     assert line.startswith(f"error: job {job_id} (task 0) ended FAILED without a result; its log: "), line
     assert Path(line.split("its log: ")[1].split(" ")[0]).is_file()
+
+
+# -- the apps of one process per job ---------------------------------------------------------------
+def app(name: str) -> list[str]:
+    return [sys.executable, "-m", f"ibq.cli.{name}"]
+
+
+def test_tokenize_sample_and_eval_jobs_run_on_slurm_and_say_where_their_results_are(slurm, tmp_path: Path):
+    from ibq.cli.import_official import main as ibq_import
+
+    official = REPO / "tests" / "fixtures" / "official"
+    ibq_import([str(official / "ar_tiny.ckpt"), "--config", str(official / "ar_tiny_config.json"), "-o", str(tmp_path / "imported"), "logger=none"])
+    tokenizer, generator = tmp_path / "imported" / "tokenizer", tmp_path / "imported" / "ar"
+    on_slurm = ["cluster=slurm", "cluster.time_min=10"]  # where a job runs does not name its folder
+    runs = {  # submitted together: the node runs them side by side
+        "tokenize": BackgroundRun(app("tokenize") + ["-m", *on_slurm, f"tokenizer_run={tokenizer}", "samples=16,32",
+                                                     f"hydra.sweep.dir={tmp_path / 'tokenize'}"]),
+        "sample": BackgroundRun(app("sample") + [*on_slurm, f"run_dir={generator}", "samples_per_class=2", "metrics.fid=false",
+                                                 f"hydra.sweep.dir={tmp_path / 'sample'}"]),
+        "eval": BackgroundRun(app("eval") + [*on_slurm, f"run_dir={tokenizer}", "metrics.fid=false", "metrics.lpips=[]",
+                                             f"hydra.sweep.dir={tmp_path / 'eval'}"]),
+    }
+    results = {name: run.result(timeout=600) for name, run in runs.items()}
+    for name, result in results.items():
+        assert result.returncode == 0, f"{name}: {result.stdout[-2000:]}{result.stderr[-2000:]}"
+        logs = list((tmp_path / name).glob(".submitit/*/*_0_log.out"))  # one per Slurm job (task 0: each job has one)
+        assert len(logs) == (2 if name == "tokenize" else 1), logs
+
+    for samples in (16, 32):  # one array of two jobs, each a token folder of its own
+        folder = tmp_path / "tokenize" / f"samples={samples}"
+        assert json.loads((folder / "manifest.json").read_text())["samples"] == samples
+        assert f"samples={samples}): done: {folder}" in results["tokenize"].stdout
+    folder = tmp_path / "sample" / "metrics.fid=False,samples_per_class=2"
+    with np.load(folder / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (20, 8, 8, 3) and npz["arr_0"].dtype == np.uint8
+    assert f"): done: {folder}" in results["sample"].stdout
+    evaluated = json.loads((tokenizer / "results.json").read_text())  # into the evaluated run
+    assert evaluated["eval/weights"] == "ema" and evaluated["psnr"] > 0
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [".jobs", ".submitit", "multirun.yaml"]
 
 
 # -- refused before submission ---------------------------------------------------------------------

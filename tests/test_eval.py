@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, error_line, read_jsonl, run_cli, train, wandb_records
+from conftest import REPO, cli_env, error_line, read_jsonl, run_cli, train, wandb_records
 from ibq.cli import eval as eval_app
 from ibq.config import build
 from ibq.engine.evaluate import GenerationEvaluator
@@ -246,6 +247,25 @@ def test_cli_prints_one_line_and_exits_nonzero(run_copy: Path, tmp_path: Path):
     line = error_line(run_cli(IBQ_EVAL + [f"run_dir={run_copy}", "codebook_size=256", f"reference.cache_dir={cache}"]))
     assert "quantizer.codebook_size: 1024 -> 256" in line
     assert run_files(run_copy) == before and not cache.exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_goes_on_past_a_failed_evaluation_and_the_working_directory_stays(run_copy: Path, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    quick = ["metrics.fid=false", "metrics.lpips=[]"]
+    result = run_cli(IBQ_EVAL + ["-m", f"run_dir={run_copy}", "weights=both,ema", *quick, f"hydra.sweep.dir={sweep}"])
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"sweep {sweep}: 1 of 2 jobs done, 1 failed" in result.stdout
+    assert "job 1/2 (" in result.stdout and "): failed: weights='both' is invalid; valid: ema, live" in result.stdout
+    assert json.loads((run_copy / "results.json").read_text())["eval/weights"] == "ema"
+    assert sorted(path.name for path in sweep.iterdir()) == [".jobs", "multirun.yaml"]  # no empty job folders
+
+    elsewhere = tmp_path / "elsewhere"  # ibq-eval's run folder is the working directory, which it leaves in place
+    elsewhere.mkdir()
+    result = subprocess.run(IBQ_EVAL + [f"run_dir={run_copy}", "weights=live", *quick], cwd=elsewhere, capture_output=True,
+                            text=True, timeout=600, env=cli_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert elsewhere.is_dir() and json.loads((run_copy / "results.json").read_text())["eval/weights"] == "live"
 
 
 # ---------------------------------------------------------------------------------------------------- generation

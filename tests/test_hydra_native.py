@@ -148,3 +148,30 @@ def test_a_search_has_no_plan_ahead():
 
     with pytest.raises(UserError, match="this sweep is a search .OptunaSweeper.: its trials are chosen as it runs"):
         expand(["sweep=lr_entropy_search"])
+
+
+@pytest.mark.parametrize(("config_name", "overrides"), [
+    ("train", ["seed=3"]),
+    ("train_ar", ["seed=3", "tokenizer_run=x"]),
+    ("tokenize", ["seed=3", "tokenizer_run=x"]),
+    ("sample", ["seed=3", "run_dir=x"]),
+])
+def test_where_a_run_runs_or_logs_does_not_name_its_directory(config_name: str, overrides: list[str]):
+    """A job resubmitted with a longer time limit or another partition resumes the same run directory."""
+    placement = ["cluster=slurm", "cluster.time_min=2880", "cluster.partition=gpu", "cluster.sbatch={exclusive: true}",
+                 "+cluster.sbatch.mail-type=END"]
+    logging = ["logger.mode=online", "logger.tags=[a,b]"] if config_name.startswith("train") else []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=[*placement, *logging, *overrides], return_hydra_config=True)
+    assert cfg.hydra.job.override_dirname == "seed=3"
+
+
+@pytest.mark.parametrize("config_name", ["tokenize", "sample", "eval"])
+def test_an_app_of_one_process_refuses_a_job_of_several(config_name: str):
+    from ibq.cli.checks import check_job
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=["cluster=local_parallel", "cluster.tasks_per_node=2"])
+    app = {"tokenize": "ibq-tokenize", "sample": "ibq-sample", "eval": "ibq-eval"}[config_name]
+    with pytest.raises(UserError, match=rf"^cluster=local_parallel gives each job 2 processes, but {app} runs in one: use cluster.nodes=1 cluster.tasks_per_node=1"):
+        check_job(cfg, config_name)

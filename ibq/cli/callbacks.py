@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ibq.engine.ranks import detect_ranks
+from ibq.runs.record import write_json
 
 JOBS_DIR = ".jobs"
 
@@ -114,9 +115,12 @@ class SweepProgress(Callback):
         status, reason = outcome(job_return)
         print(f"{self._label(config)}: {status}{': ' + reason if reason else ''}", flush=True)
         record = {"num": config.hydra.job.num, "overrides": list(config.hydra.overrides.task), "status": status, "reason": reason}
+        output_dir = Path(config.hydra.runtime.output_dir)
+        if output_dir.is_dir():  # ibq-eval's stays empty and is gone: its results are in the evaluated run
+            record["output_dir"] = str(output_dir)
         jobs = Path(config.hydra.sweep.dir) / JOBS_DIR
         jobs.mkdir(parents=True, exist_ok=True)
-        (jobs / f"{config.hydra.job.num}.json").write_text(json.dumps(record))
+        write_json(jobs / f"{config.hydra.job.num}.json", record)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -127,7 +131,10 @@ class SweepProgress(Callback):
         counts = f"{len(records) - len(failed)} of {total} jobs done, {len(failed)} failed" + (f", {unreported} without an outcome" if unreported > 0 else "")
         print(f"\nsweep {sweep_dir}: {counts}", flush=True)
         for record in records:  # every job: a Slurm job's own lines are in its log, not on this console
-            told = f"failed: {record['reason']}" if record["status"] != "done" else "done"
+            if record["status"] != "done":
+                told = f"failed: {record['reason']}"
+            else:
+                told = f"done: {record['output_dir']}" if "output_dir" in record else "done"
             print(f"  job {record['num'] + 1}/{total} ({' '.join(record['overrides'])}): {told}", flush=True)
         if failed or unreported > 0:
             sys.exit(1)

@@ -35,8 +35,9 @@ CHECKED_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "ex
                  "quantizer", "model", "discriminator", "transformer", "eval")
 # The function of ibq.engine.job_config (which loads torch) that checks each training app's job.
 JOB_CHECKS = {"train": "check_tokenizer_job", "train_ar": "check_ar_job"}
-# The config node with each training app's batch and precision keys.
+# The config node with each training app's batch and precision keys; the other apps run one process per job.
 BATCH_SECTIONS = {"train": "train", "train_ar": "ar_train"}
+APPS = {"train": "ibq-train", "train_ar": "ibq-train-ar", "tokenize": "ibq-tokenize", "sample": "ibq-sample", "eval": "ibq-eval"}
 # The runs each app reads: (key, the kind of run it names (engine.checkpoint.RUN_KINDS), whether it is
 # required). ibq-sample's folder lies inside its run_dir, so a missing run must be refused before Hydra makes it.
 RUN_INPUTS = {
@@ -159,7 +160,7 @@ def check_job(cfg: DictConfig, config_name: str, submitting: bool = False) -> No
 
 def check_layout(cfg: DictConfig, config_name: str, submitting: bool) -> None:
     cluster, section = cfg.get("cluster"), BATCH_SECTIONS.get(config_name)
-    if cluster is None or section not in cfg:
+    if cluster is None:
         return
     try:
         ranks = world_size(cluster)
@@ -167,6 +168,13 @@ def check_layout(cfg: DictConfig, config_name: str, submitting: bool) -> None:
             check_node_layout(cluster)
             if submitting and cluster.launcher == "submitit_slurm":
                 check_slurm(cluster)
+        if section is None:  # an app of one process per job: every rank would do the whole job again
+            if ranks != 1:
+                raise UserError(
+                    f"cluster={cluster.name} gives each job {ranks} processes, but {APPS[config_name]} runs in one: "
+                    f"use cluster.nodes=1 cluster.tasks_per_node=1 (with cluster.gpus_per_node=1 for a GPU)"
+                )
+            return
         batch = cfg[section]
         plan_batches(batch.batch_size, batch.micro_batch_size, ranks, section=section)
         if "deepspeed" in cfg:

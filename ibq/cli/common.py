@@ -101,9 +101,10 @@ def error_line(error: Exception) -> tuple[str, int] | None:
 
 
 def remove_empty_folders(run_dir: Path) -> None:
-    """`run_dir` if empty, then each empty folder above it down to two levels below the working directory."""
+    """`run_dir` if empty, then each empty folder above it down to two levels below the working directory
+    (never the working directory itself, ibq-eval's hydra.run.dir)."""
     cwd, folder = Path.cwd().resolve(), run_dir.resolve()
-    while folder.is_dir() and not any(folder.iterdir()):
+    while folder.is_dir() and not any(folder.iterdir()) and not cwd.is_relative_to(folder):
         folder.rmdir()
         folder = folder.parent
         if not folder.is_relative_to(cwd) or len(folder.relative_to(cwd).parts) < 2:

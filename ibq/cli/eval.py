@@ -10,9 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ibq.cli.common import entry_point
-from ibq.config import CONF_DIR, fail
-from ibq.errors import UserError
+from ibq.cli.common import entry_point, guarded
+from ibq.config import CONF_DIR
 from ibq.runs.record import group_choices
 
 if TYPE_CHECKING:
@@ -77,18 +76,10 @@ def evaluate(cfg: DictConfig, choices: dict) -> list[str]:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    hydra_config = HydraConfig.get()
-    output_dir = Path(hydra_config.runtime.output_dir)
-    try:
-        lines = evaluate(cfg, group_choices(hydra_config.runtime.choices))
-    except (UserError, FileNotFoundError) as error:
-        fail(str(error))
-    finally:
-        # Hydra creates its output folder (a multirun job's) before the job starts; results never go there.
-        if output_dir != Path.cwd() and output_dir.is_dir() and not any(output_dir.iterdir()):
-            output_dir.rmdir()
-    print("\n".join(lines))
+@guarded
+def main(cfg: DictConfig, output_dir: Path) -> None:
+    # Results go into the evaluated run; guarded() removes the job's own folder, which stays empty.
+    print("\n".join(evaluate(cfg, group_choices(HydraConfig.get().runtime.choices))))
 
 
 cli = entry_point(main)

@@ -185,7 +185,7 @@ class Base:
         with read_write(self.task), open_dict(self.task):
             del self.task["hydra"]
         self.needs_hydra = "${hydra:" in OmegaConf.to_yaml(self.task)
-        self.dirname_conf = OmegaConf.to_container(cfg.hydra.job.config.override_dirname)
+        self.dirname_conf = OmegaConf.to_container(cfg.hydra.job.config.override_dirname, resolve=True)
         self.naming = OmegaConf.create(
             {"hydra": {"job": OmegaConf.to_container(cfg.hydra.job, resolve=False),
                        "sweep": {"subdir": OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]}}}
