@@ -112,11 +112,21 @@ def available(group_dir: Path) -> list[str]:
     return sorted(p.stem for p in group_dir.glob("*.yaml"))
 
 
+def unparsable(line: str, error: Exception) -> UserError:
+    """An override Hydra's grammar refuses, named; a value with '=' in it, as in every run directory named
+    after its overrides (outputs/multirun/<time>/codebook_size=1024), is told the quotes it needs."""
+    message = f"cannot parse the override {line!r}: {one_line(str(error))}"
+    key, _, value = line.partition("=")
+    if "=" in value:
+        message += f"; a value with '=' in it must be quoted: '{key}=\"{value}\"' (several: '{key}=\"<first>\",\"<second>\"')"
+    return UserError(message)
+
+
 def parse(arg: str):
     try:
         return OverridesParser.create().parse_override(arg)
     except HydraException as error:
-        raise UserError(f"cannot parse the override {arg!r}: {one_line(str(error))}") from None
+        raise unparsable(arg, error) from None
 
 
 def group_choices(argv: list[str], conf_dir: Path):

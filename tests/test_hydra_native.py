@@ -175,3 +175,20 @@ def test_an_app_of_one_process_refuses_a_job_of_several(config_name: str):
     app = {"tokenize": "ibq-tokenize", "sample": "ibq-sample", "eval": "ibq-eval"}[config_name]
     with pytest.raises(UserError, match=rf"^cluster=local_parallel gives each job 2 processes, but {app} runs in one: use cluster.nodes=1 cluster.tasks_per_node=1"):
         check_job(cfg, config_name)
+
+
+def test_a_run_directory_named_after_its_overrides_is_told_the_quotes_it_needs(monkeypatch, capsys):
+    from ibq.cli import eval as eval_app
+
+    run_dir = "outputs/multirun/2026-11-30_10-00-00/codebook_size=1024,quantizer=vq"
+    monkeypatch.setattr(sys, "argv", ["ibq-eval", f"run_dir={run_dir}"])
+    with pytest.raises(SystemExit) as exited:
+        eval_app.cli()
+    assert exited.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: cannot parse the override 'run_dir={run_dir}': mismatched input '='")
+    assert line.endswith(f"""a value with '=' in it must be quoted: 'run_dir="{run_dir}"' (several: 'run_dir="<first>","<second>"')""")
+
+    quoted = subprocess.run([sys.executable, "-m", "ibq.cli.sweep", "plan", f'init_from="{run_dir}"'], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env=cli_env())
+    assert quoted.returncode == 0 and f"every job: init_from={run_dir}\n" in quoted.stdout, quoted.stderr  # one path, one job

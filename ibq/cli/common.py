@@ -19,7 +19,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 
 from ibq.cli.callbacks import JobFailed
 from ibq.cli.checks import check_job
-from ibq.config import fail, missing_config_line, one_line
+from ibq.config import fail, missing_config_line, one_line, unparsable
 from ibq.engine.ranks import detect_ranks
 from ibq.errors import Terminated, TrainingDiverged, UserError, interruption, unset_key
 from ibq.runs.lock import RunLock
@@ -71,7 +71,9 @@ def entry_point(hydra_main):
             fail(str(error))
         except MissingConfigException as error:
             fail(missing_config_line(error))
-        except (ConfigCompositionException, OverrideParseException) as error:
+        except OverrideParseException as error:
+            fail(str(unparsable(error.override, error)))
+        except ConfigCompositionException as error:
             fail(one_line(f"{error}\n{error.__cause__ or ''}"))
         except (FailedJobError, UncompletedJobError) as error:
             fail(failure_line(error), 1)

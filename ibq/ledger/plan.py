@@ -21,7 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ibq.config import (CONF_DIR, SWEEPS_DIR, apply_overrides, available, check_group_choices, first_of_each_sweep, one_line,
-                        overrides_dirname, sweep_jobs)
+                        overrides_dirname, sweep_jobs, unparsable)
 from ibq.errors import UserError
 from ibq.ledger.cost import Estimate, Throughput, estimate
 from ibq.runs.record import STAGE_II_KEYS, parent_directory, run_choices, signature
@@ -102,7 +102,7 @@ def parse(line: str, parser: OverridesParser):
     try:
         return parser.parse_override(line)
     except HydraException as error:
-        raise UserError(f"cannot parse the override {line!r}: {one_line(str(error))}") from None
+        raise unparsable(line, error) from None
 
 
 def composed(config_name: str, overrides: list[str]) -> DictConfig:
