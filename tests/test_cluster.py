@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import IBQ_TRAIN, IBQ_TRAIN_AR, ONE_CROP_PER_PHOTO, REPO, SMALL_AR, BackgroundRun, cli_env, read_jsonl, require_slow_mark
+from conftest import (IBQ_TRAIN, IBQ_TRAIN_AR, ONE_CROP_PER_PHOTO, REPO, SMALL_AR, BackgroundRun, cli_env, read_jsonl,
+                      require_slow_mark, run_cli)
 
 pytestmark = pytest.mark.slow
 SHORT = ["train.log_every=1", "logger=none", ONE_CROP_PER_PHOTO, "eval.rfid=false"]
@@ -212,12 +213,19 @@ def app(name: str) -> list[str]:
     return [sys.executable, "-m", f"ibq.cli.{name}"]
 
 
-def test_tokenize_sample_and_eval_jobs_run_on_slurm_and_say_where_their_results_are(slurm, tmp_path: Path):
+@pytest.fixture(scope="module")
+def imported_ar(tmp_path_factory) -> Path:
+    """The official tiny AR fixture imported: <path>/tokenizer and <path>/ar."""
     from ibq.cli.import_official import main as ibq_import
 
-    official = REPO / "tests" / "fixtures" / "official"
-    ibq_import([str(official / "ar_tiny.ckpt"), "--config", str(official / "ar_tiny_config.json"), "-o", str(tmp_path / "imported"), "logger=none"])
-    tokenizer, generator = tmp_path / "imported" / "tokenizer", tmp_path / "imported" / "ar"
+    official, imported = REPO / "tests" / "fixtures" / "official", tmp_path_factory.mktemp("imported") / "ar_tiny"
+    ibq_import([str(official / "ar_tiny.ckpt"), "--config", str(official / "ar_tiny_config.json"), "-o", str(imported), "logger=none"])
+    return imported
+
+
+def test_tokenize_sample_and_eval_jobs_run_on_slurm_and_say_where_their_results_are(slurm, imported_ar: Path, tmp_path: Path):
+    run_copy = shutil.copytree(imported_ar, tmp_path / "imported")  # the evaluation writes into its tokenizer run
+    tokenizer, generator = run_copy / "tokenizer", run_copy / "ar"
     on_slurm = ["cluster=slurm", "cluster.time_min=10"]  # where a job runs does not name its folder
     runs = {  # submitted together: the node runs them side by side
         "tokenize": BackgroundRun(app("tokenize") + ["-m", *on_slurm, f"tokenizer_run={tokenizer}", "samples=16,32",
@@ -272,6 +280,21 @@ def test_bad_cluster_settings_get_one_line_and_submit_nothing(slurm, tmp_path: P
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and expected in line, line
     assert not (tmp_path / "sweep").exists()  # holds the submitit folder of anything submitted
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    (["sample", "run_dir={generator}", "sampling.top_p=0.9,2"], "sampling.top_p=2 is invalid: it must be in (0, 1] (1: off)"),
+    (["eval", "run_dir={tokenizer}", "weights=ema,both"], "weights='both' is invalid; valid: ema, live"),
+    (["tokenize", "tokenizer_run={tokenizer}", "shard_size=64,0"], "shard_size=0 is invalid: it must be a positive integer"),
+])
+def test_a_bad_value_in_any_job_of_a_work_app_sweep_submits_nothing(slurm, imported_ar: Path, tmp_path: Path, command: list[str],
+                                                                    expected: str):
+    name, *overrides = command
+    paths = {"generator": imported_ar / "ar", "tokenizer": imported_ar / "tokenizer"}
+    result = run_cli(app(name) + ["-m", "cluster=slurm", *(o.format(**paths) for o in overrides), f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                     timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {expected}", result.stderr[-2000:]
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_slurm_without_sbatch_is_one_line_and_inspection_works(tmp_path: Path):

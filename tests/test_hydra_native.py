@@ -192,3 +192,23 @@ def test_a_run_directory_named_after_its_overrides_is_told_the_quotes_it_needs(m
     quoted = subprocess.run([sys.executable, "-m", "ibq.cli.sweep", "plan", f'init_from="{run_dir}"'], cwd=REPO, capture_output=True,
                             text=True, timeout=120, env=cli_env())
     assert quoted.returncode == 0 and f"every job: init_from={run_dir}\n" in quoted.stdout, quoted.stderr  # one path, one job
+
+
+@pytest.mark.parametrize(("config_name", "overrides", "expected"), [
+    ("sample", ["sampling.top_p=2"], "sampling.top_p=2 is invalid: it must be in (0, 1] (1: off)"),
+    ("sample", ["sampling.temperature=0"], "sampling.temperature=0 is invalid: it must be > 0"),
+    ("sample", ["precision=fp8"], "precision='fp8' is invalid; valid: auto, fp32, bf16, fp16"),
+    ("sample", ["samples_per_class=0"], "samples_per_class=0 is invalid: it must be a positive integer"),
+    ("sample", ["run_dir=x", "reference.split=nope"], "reference.split='nope' is invalid; valid: val, train"),  # of the scoring ibq-eval
+    ("eval", ["weights=both"], "weights='both' is invalid; valid: ema, live"),
+    ("eval", ["metrics.lpips=[vgg,squeeze]"], "metrics.lpips contains 'squeeze'; valid backbones: vgg, alex"),
+    ("tokenize", ["shard_size=0"], "shard_size=0 is invalid: it must be a positive integer"),
+])
+def test_what_a_job_of_one_process_refuses_is_refused_before_it_runs(config_name: str, overrides: list[str], expected: str):
+    from ibq.cli.checks import check_job
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides)
+    with pytest.raises(UserError) as refused:
+        check_job(cfg, config_name)  # before the runs it reads are looked for
+    assert str(refused.value) == expected

@@ -1,7 +1,7 @@
 """Checks inside Hydra's flow, after composition and before anything is written or submitted: the
 values of the config (ibq.config.check_values), where the jobs run and how their batch is laid out, and
-what a training job refuses in its config alone (ibq.engine.job_config: keys, precision and the
-models the config describes, built on the meta device).
+what a job refuses in its config alone (JOB_CHECKS; for the training apps, ibq.engine.job_config: keys,
+precision and the models the config describes, built on the meta device).
 
 The ConfigChecks callback (every primary config names it under hydra.callbacks) checks a run before
 Hydra makes its folder, and a multirun up front, one composition per combination of the swept keys that can
@@ -9,6 +9,7 @@ change a job's placement or checked values; each job checks itself again when it
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import shutil
@@ -29,12 +30,21 @@ from ibq.errors import UserError, check_positive_int
 
 SUBMITIT_LAUNCHERS = ("submitit_slurm", "submitit_local")
 # Swept overrides under these roots can change a job's resources, batch or checked values; the others
-# (logger, sampling, ...) cannot, so the checks compose one job per combination of the former only.
+# (logger, loss weights, ...) cannot, so the checks compose one job per combination of the former only.
 CHECKED_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "experiment", "sweep", "hydra",
                  "seed", "codebook_size", "optim", "ar_optim", "data", "run_dir", "checkpoint", "tokenizer_run", "init_from",
-                 "quantizer", "model", "discriminator", "transformer", "eval")
-# The function of ibq.engine.job_config (which loads torch) that checks each training app's job.
-JOB_CHECKS = {"train": "check_tokenizer_job", "train_ar": "check_ar_job"}
+                 "quantizer", "model", "discriminator", "transformer", "eval",
+                 "samples", "samples_per_class", "batch_size", "shard_size", "precision", "sampling", "metrics", "reference",
+                 "weights", "wandb_mode")
+# module:function that checks each app's job from its config alone; imported only when a job is about to run
+# or be submitted (they load torch).
+JOB_CHECKS = {
+    "train": "ibq.engine.job_config:check_tokenizer_job",
+    "train_ar": "ibq.engine.job_config:check_ar_job",
+    "tokenize": "ibq.cli.tokenize:check_tokenize_job",
+    "sample": "ibq.cli.sample:check_sample_job",
+    "eval": "ibq.engine.evaluation_run:check_settings",
+}
 # The config node with each training app's batch and precision keys; the other apps run one process per job.
 BATCH_SECTIONS = {"train": "train", "train_ar": "ar_train"}
 APPS = {"train": "ibq-train", "train_ar": "ibq-train-ar", "tokenize": "ibq-tokenize", "sample": "ibq-sample", "eval": "ibq-eval"}
@@ -151,10 +161,9 @@ def check_job(cfg: DictConfig, config_name: str, submitting: bool = False) -> No
     checks and the runs it reads; with `submitting`, also what Slurm must offer."""
     check_values(cfg)
     check_layout(cfg, config_name, submitting)
-    if config_name in JOB_CHECKS:  # imported here: only when a job is about to run or be submitted
-        from ibq.engine import job_config
-
-        getattr(job_config, JOB_CHECKS[config_name])(cfg)
+    if config_name in JOB_CHECKS:
+        module, function = JOB_CHECKS[config_name].split(":")
+        getattr(importlib.import_module(module), function)(cfg)
     check_run_inputs(cfg, config_name)
 
 

@@ -31,7 +31,11 @@ def sampling_settings(cfg: DictConfig, run: ARRun) -> dict:
     return settings
 
 
-def eval_config(cfg: DictConfig, run: ARRun, samples: Path) -> DictConfig:
+def scored(cfg: DictConfig) -> bool:
+    return cfg.metrics.fid or cfg.metrics.inception_weights_path is not None
+
+
+def eval_config(cfg: DictConfig, run_dir: Path, samples: Path) -> DictConfig:
     """ibq-eval's settings (conf/eval.yaml) for these samples and this run, with ours on top."""
     from ibq.engine.evaluation_run import check_settings
 
@@ -40,9 +44,23 @@ def eval_config(cfg: DictConfig, run: ARRun, samples: Path) -> DictConfig:
         base.pop(key)
     ours = {node: {k: v for k, v in OmegaConf.to_container(cfg[node]).items() if v is not None} for node in ("metrics", "reference")}
     ours["metrics"]["is"] = cfg.metrics.inception_weights_path is not None
-    eval_cfg = OmegaConf.merge(base, ours, {"samples": str(samples), "run_dir": str(run.run_dir), "device": cfg.device, "wandb_mode": cfg.wandb_mode})
+    eval_cfg = OmegaConf.merge(base, ours, {"samples": str(samples), "run_dir": str(run_dir), "device": cfg.device, "wandb_mode": cfg.wandb_mode})
     check_settings(eval_cfg)
     return eval_cfg
+
+
+def check_sample_job(cfg: DictConfig) -> None:
+    """What the job refuses from its config alone (checks.JOB_CHECKS: before a sweep is submitted, and when the job
+    starts); the classes and the run's own sampling settings are checked against the run once it is loaded."""
+    from ibq.engine.build import check_precision
+    from ibq.generation.sampling import check_sampling_args
+
+    for key in ("samples_per_class", "batch_size"):
+        check_positive_int(key, cfg[key])
+    check_precision(cfg.precision, "precision")
+    check_sampling_args(**{key: value for key, value in OmegaConf.to_container(cfg.sampling).items() if value is not None})
+    if scored(cfg) and not OmegaConf.is_missing(cfg, "run_dir"):
+        eval_config(cfg, Path(cfg.run_dir), Path("samples.npz"))
 
 
 def write_adm_npz(images_npy: Path, path: Path) -> None:
@@ -70,8 +88,6 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     from ibq.generation.sampling import check_labels
     from ibq.metrics.adm import to_adm_array
 
-    for key in ("samples_per_class", "batch_size"):
-        check_positive_int(key, cfg[key])
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device, "precision")
     run = load_ar_run(None if OmegaConf.is_missing(cfg, "run_dir") else cfg.run_dir, device)
@@ -79,9 +95,8 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     classes = torch.arange(run.model.num_classes) if cfg.classes is None else torch.tensor(list(cfg.classes), dtype=torch.long)
     check_labels(classes, run.model.num_classes)
     labels = classes.repeat_interleave(cfg.samples_per_class)
-    scored = cfg.metrics.fid or cfg.metrics.inception_weights_path is not None
     samples_path = out_dir / "samples.npz"
-    eval_cfg = eval_config(cfg, run, samples_path) if scored else None
+    eval_cfg = eval_config(cfg, run.run_dir, samples_path) if scored(cfg) else None
 
     save_hydra_files(cfg, out_dir)
     side = run.config.data.resolution

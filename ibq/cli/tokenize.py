@@ -23,6 +23,14 @@ def data_config(cfg: DictConfig, tokenizer_config: DictConfig) -> DictConfig:
     return data
 
 
+def check_tokenize_job(cfg: DictConfig) -> None:
+    """What the job refuses from its config alone (checks.JOB_CHECKS: before a sweep is submitted, and when the job starts)."""
+    for key in ("batch_size", "shard_size"):
+        check_positive_int(key, cfg[key])
+    if cfg.samples is not None:
+        check_positive_int("samples", cfg.samples)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="tokenize", version_base="1.3")
 @guarded
 def main(cfg: DictConfig, run_dir: Path) -> None:
@@ -32,10 +40,6 @@ def main(cfg: DictConfig, run_dir: Path) -> None:
     from ibq.engine.build import resolve_device
     from ibq.engine.tokens import MANIFEST, load_tokenizer_run, write_token_shards
 
-    for key in ("batch_size", "shard_size"):
-        check_positive_int(key, cfg[key])
-    if cfg.samples is not None:
-        check_positive_int("samples", cfg.samples)
     device = resolve_device(cfg.device)
     tokenizer_run = load_tokenizer_run(cfg.tokenizer_run, device)
     data = data_config(cfg, tokenizer_run.config)

@@ -27,16 +27,18 @@ from ibq.models.transformer import Transformer
 log = logging.getLogger(__name__)
 
 
-def check_sampling_args(cfg_scale: float, temperature: float, top_k: int, top_p: float) -> None:
-    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+def check_sampling_args(cfg_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
+                        top_p: float | None = None) -> None:
+    """The settings given (None: not given, e.g. ibq-sample's keys that keep the run's value)."""
+    if cfg_scale is not None and (not math.isfinite(cfg_scale) or cfg_scale < 0):
         raise UserError(f"sampling.cfg_scale={cfg_scale} is invalid: it must be >= 0 (1: no guidance)")
-    if 0 < cfg_scale < 1:
+    if cfg_scale is not None and 0 < cfg_scale < 1:
         note_guidance_below_one(cfg_scale)
-    if not math.isfinite(temperature) or temperature <= 0:
+    if temperature is not None and (not math.isfinite(temperature) or temperature <= 0):
         raise UserError(f"sampling.temperature={temperature} is invalid: it must be > 0")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
         raise UserError(f"sampling.top_k={top_k!r} is invalid: it must be an integer >= 0 (0: off)")
-    if not 0 < top_p <= 1:
+    if top_p is not None and not 0 < top_p <= 1:
         raise UserError(f"sampling.top_p={top_p} is invalid: it must be in (0, 1] (1: off)")
 
 
