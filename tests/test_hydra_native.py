@@ -212,3 +212,18 @@ def test_what_a_job_of_one_process_refuses_is_refused_before_it_runs(config_name
     with pytest.raises(UserError) as refused:
         check_job(cfg, config_name)  # before the runs it reads are looked for
     assert str(refused.value) == expected
+
+
+def test_cfg_hydra_resolve_says_which_job_key_it_cannot_show(monkeypatch, capsys):
+    from ibq.cli import train as train_app
+
+    monkeypatch.setattr(sys, "argv", ["ibq-train", "cluster=slurm", "--cfg", "hydra", "--resolve"])
+    with pytest.raises(SystemExit) as exited:
+        train_app.cli()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --cfg hydra --resolve: Hydra's config refers to cluster.time_min, a key of the job's config, which --cfg hydra "
+        "leaves out; --cfg all --resolve shows both resolved")
+    monkeypatch.setattr(sys, "argv", ["ibq-train", "cluster=slurm", "--cfg", "all", "--resolve"])
+    train_app.cli()
+    assert OmegaConf.create(capsys.readouterr().out).hydra.launcher.timeout_min == 60

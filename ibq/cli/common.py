@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import OmegaConf
-from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
 from ibq.cli.callbacks import JobFailed
 from ibq.cli.checks import check_job
@@ -77,6 +77,14 @@ def entry_point(hydra_main):
             fail(one_line(f"{error}\n{error.__cause__ or ''}"))
         except (FailedJobError, UncompletedJobError) as error:
             fail(failure_line(error), 1)
+        except InterpolationKeyError as error:
+            # Hydra shows its own node without the job's keys, which the cluster presets and run folders refer to.
+            missing = re.search(r"Interpolation key '([^']+)' not found", str(error))
+            shows_hydra = any(flag in ("--cfg", "-c") and shown == "hydra" for flag, shown in zip(sys.argv, sys.argv[1:]))
+            if not (shows_hydra and "--resolve" in sys.argv and missing):
+                raise
+            fail(f"--cfg hydra --resolve: Hydra's config refers to {missing.group(1)}, a key of the job's config, which "
+                 f"--cfg hydra leaves out; --cfg all --resolve shows both resolved")
         except Exception as error:
             if not raised_in_a_job(error):
                 raise
