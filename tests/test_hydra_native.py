@@ -192,6 +192,7 @@ def test_a_run_directory_named_after_its_overrides_is_told_the_quotes_it_needs(m
     quoted = subprocess.run([sys.executable, "-m", "ibq.cli.sweep", "plan", f'init_from="{run_dir}"'], cwd=REPO, capture_output=True,
                             text=True, timeout=120, env=cli_env())
     assert quoted.returncode == 0 and f"every job: init_from={run_dir}\n" in quoted.stdout, quoted.stderr  # one path, one job
+    assert f"""plan: ibq-train -m 'init_from="{run_dir}"'\n""" in quoted.stdout  # a command to copy, quotes and all
 
 
 @pytest.mark.parametrize(("config_name", "overrides", "expected"), [

@@ -157,6 +157,15 @@ def test_completed_run_hook_finds_a_finished_signature_elsewhere(tmp_path):
     assert completed_run("def", [tmp_path]) is None
 
 
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`ibq-sweep table … | head -1`: the reader is gone before the table is written."""
+    root = seeded_sweep(tmp_path / "sweep")
+    table = subprocess.Popen(IBQ_SWEEP + ["table", str(root)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=cli_env())
+    table.stdout.close()
+    assert table.wait(timeout=120) == 0 and table.stderr.read() == ""
+
+
 # -- one-line errors --------------------------------------------------------------------------------------
 def no_wandb_env(tmp_path: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}

@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,12 @@ def fail(message: str, code: int = 2):
 
 def shown(overrides: list[str]) -> str:
     return " ".join(o.replace('"', "") for o in overrides)
+
+
+def command_line(plan) -> str:
+    """The sweep's command as a shell takes it: an override quoted for Hydra (a run directory with '=' in it) keeps
+    its quotes inside the shell's."""
+    return f"{ENTRY_SCRIPTS[plan.config_name]} -m {shlex.join(plan.hydra_overrides + plan.arguments)}"
 
 
 def hours(value: float | None) -> str:
@@ -63,7 +71,7 @@ def search_roots(args) -> list[Path]:
 
 def show_plan(plan, completed: dict) -> None:
     new = [j for j in plan.jobs if j.signature not in completed]
-    print(f"plan: {ENTRY_SCRIPTS[plan.config_name]} -m {shown(plan.hydra_overrides + plan.arguments)}")
+    print(f"plan: {command_line(plan)}")
     print(f"  {len(plan.jobs)} jobs: {len(plan.jobs) - len(new)} already completed, {len(new)} to run")
     common = plan.common_overrides()
     if common:
@@ -336,7 +344,7 @@ def cmd_report(args) -> int:
     if sweep is not None:
         lines.insert(0, f"directory: {sweep.directory}")
         if sweep.plan:
-            lines.append(f"command: {ENTRY_SCRIPTS[sweep.plan.config_name]} -m {shown(sweep.plan.hydra_overrides + sweep.plan.arguments)}")
+            lines.append(f"command: {command_line(sweep.plan)}")
         lines.append("jobs: " + ", ".join(f"{n} {state}" for state, n in sweep.counts().items()))
         problems = [f"{s.state}: {shown(s.overrides)}" + (f" ({s.reason})" if s.reason else "") for s in sweep.jobs if s.state != "done"]
     parts = sections(lines, table, plots, problems)
@@ -476,6 +484,9 @@ def main(argv: list[str] | None = None) -> None:
         code = COMMANDS[args.command](args)
     except UserError as error:
         fail(str(error))
+    except BrokenPipeError:  # `ibq-sweep table … | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        code = 0
     sys.exit(code)
 
 
