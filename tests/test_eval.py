@@ -253,19 +253,24 @@ def test_cli_prints_one_line_and_exits_nonzero(run_copy: Path, tmp_path: Path):
 def test_a_sweep_goes_on_past_a_failed_evaluation_and_the_working_directory_stays(run_copy: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
     quick = ["metrics.fid=false", "metrics.lpips=[]"]
-    result = run_cli(IBQ_EVAL + ["-m", f"run_dir={run_copy}", "weights=both,ema", *quick, f"hydra.sweep.dir={sweep}"])
+    # A checkpoint that does not fit the size asked for is found when the job loads it, not before.
+    result = run_cli(IBQ_EVAL + ["-m", f"run_dir={run_copy}", "codebook_size=256,1024", "weights=live", *quick, f"hydra.sweep.dir={sweep}"])
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"sweep {sweep}: 1 of 2 jobs done, 1 failed" in result.stdout
-    assert "job 1/2 (" in result.stdout and "): failed: weights='both' is invalid; valid: ema, live" in result.stdout
-    assert json.loads((run_copy / "results.json").read_text())["eval/weights"] == "ema"
+    assert "job 1/2 (" in result.stdout and "): failed: checkpoint " in result.stdout and "quantizer.codebook_size: 1024 -> 256" in result.stdout
+    assert json.loads((run_copy / "results.json").read_text())["eval/weights"] == "live"
     assert sorted(path.name for path in sweep.iterdir()) == [".jobs", "multirun.yaml"]  # no empty job folders
+    # What the config alone shows is refused for every job before the first runs.
+    refused = run_cli(IBQ_EVAL + ["-m", f"run_dir={run_copy}", "weights=ema,both", *quick, f"hydra.sweep.dir={tmp_path / 'refused'}"])
+    assert refused.returncode == 2 and refused.stderr.strip() == "error: weights='both' is invalid; valid: ema, live"
+    assert not (tmp_path / "refused").exists()
 
     elsewhere = tmp_path / "elsewhere"  # ibq-eval's run folder is the working directory, which it leaves in place
     elsewhere.mkdir()
-    result = subprocess.run(IBQ_EVAL + [f"run_dir={run_copy}", "weights=live", *quick], cwd=elsewhere, capture_output=True,
+    result = subprocess.run(IBQ_EVAL + [f"run_dir={run_copy}", "weights=ema", *quick], cwd=elsewhere, capture_output=True,
                             text=True, timeout=600, env=cli_env())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert elsewhere.is_dir() and json.loads((run_copy / "results.json").read_text())["eval/weights"] == "live"
+    assert elsewhere.is_dir() and json.loads((run_copy / "results.json").read_text())["eval/weights"] == "ema"
 
 
 # ---------------------------------------------------------------------------------------------------- generation
