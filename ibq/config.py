@@ -30,6 +30,8 @@ def find_conf_dir() -> Path:
 
 CONF_DIR = find_conf_dir()
 SWEEPS_DIR = CONF_DIR / "sweep"
+# The console script of each primary config.
+APPS = {"train": "ibq-train", "train_ar": "ibq-train-ar", "tokenize": "ibq-tokenize", "sample": "ibq-sample", "eval": "ibq-eval"}
 
 # Resolvers the primary configs use: a run directory's name, the name of the run a job reads (for its
 # output folder), and a cluster preset's run mode (its jobs are submitted as a sweep; a dry run, which

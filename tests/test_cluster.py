@@ -253,6 +253,12 @@ def test_tokenize_sample_and_eval_jobs_run_on_slurm_and_say_where_their_results_
     assert evaluated["eval/weights"] == "ema" and evaluated["psnr"] > 0
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [".jobs", ".submitit", "multirun.yaml"]
 
+    status = run_cli(app("sweep") + ["status", str(tmp_path / "tokenize")])  # the ledger reads these sweeps' job outcomes
+    assert status.returncode == 0 and status.stdout.startswith(f"sweep {tmp_path / 'tokenize'}: 2 of 2 jobs done, 0 failed\n"), status
+    assert f"samples=32): done: {tmp_path / 'tokenize' / 'samples=32'}" in status.stdout
+    table = run_cli(app("sweep") + ["table", str(tmp_path / "eval")])
+    assert table.returncode == 2 and table.stderr.startswith(f"error: {tmp_path / 'eval'} is a sweep of ibq-eval, whose jobs leave no training runs")
+
 
 # -- refused before submission ---------------------------------------------------------------------
 @pytest.mark.parametrize(

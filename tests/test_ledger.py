@@ -166,6 +166,28 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     assert table.wait(timeout=120) == 0 and table.stderr.read() == ""
 
 
+def test_status_of_a_tokenize_sweep_lists_its_jobs_outcomes(tmp_path):
+    sweep = tmp_path / "tokens"
+    (sweep / ".jobs").mkdir(parents=True)
+    hydra = {"job": {"config_name": "tokenize"}, "overrides": {"task": ["tokenizer_run=run", "samples=16,32,64"], "hydra": []},
+             "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None}}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": hydra, "tokenizer_run": "run"}))
+    records = [{"num": 0, "overrides": ["tokenizer_run=run", "samples=16"], "status": "done", "reason": "", "output_dir": "/x/samples=16"},
+               {"num": 1, "overrides": ["tokenizer_run=run", "samples=32"], "status": "failed", "reason": "disk full"}]
+    for record in records:
+        (sweep / ".jobs" / f"{record['num']}.json").write_text(json.dumps(record))
+    status = sweep_cli(["status", str(sweep)])
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines() == [
+        f"sweep {sweep}: 1 of 3 jobs done, 1 failed, 1 not ended yet (pending, running, or ended without an outcome: see .submitit/)",
+        "  job 1/3 (tokenizer_run=run samples=16): done: /x/samples=16",
+        "  job 2/3 (tokenizer_run=run samples=32): failed: disk full",
+    ]
+    line = error_line(sweep_cli(["retry", str(sweep)]))
+    assert line == (f"error: {sweep} is a sweep of ibq-tokenize, whose jobs leave no training runs: ibq-sweep status lists its jobs; "
+                    "table, plot, report and retry take sweeps of ibq-train and ibq-train-ar")
+
+
 # -- one-line errors --------------------------------------------------------------------------------------
 def no_wandb_env(tmp_path: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}

@@ -124,17 +124,28 @@ class SweepProgress(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        records = sorted((json.loads(path.read_text()) for path in (sweep_dir / JOBS_DIR).glob("*.json")), key=lambda r: r["num"])
-        total = self.total or len(records)
-        failed = [r for r in records if r["status"] != "done"]
-        unreported = total - len(records)
-        counts = f"{len(records) - len(failed)} of {total} jobs done, {len(failed)} failed" + (f", {unreported} without an outcome" if unreported > 0 else "")
-        print(f"\nsweep {sweep_dir}: {counts}", flush=True)
-        for record in records:  # every job: a Slurm job's own lines are in its log, not on this console
-            if record["status"] != "done":
-                told = f"failed: {record['reason']}"
-            else:
-                told = f"done: {record['output_dir']}" if "output_dir" in record else "done"
-            print(f"  job {record['num'] + 1}/{total} ({' '.join(record['overrides'])}): {told}", flush=True)
-        if failed or unreported > 0:
+        records = job_records(sweep_dir)
+        # every job: a Slurm job's own lines are in its log, not on this console
+        print("\n" + "\n".join(outcome_lines(sweep_dir, records, self.total or len(records), "without an outcome")), flush=True)
+        if any(r["status"] != "done" for r in records) or len(records) < (self.total or 0):
             sys.exit(1)
+
+
+def job_records(sweep_dir: Path) -> list[dict]:
+    """The outcomes SweepProgress recorded, in job order."""
+    return sorted((json.loads(path.read_text()) for path in (sweep_dir / JOBS_DIR).glob("*.json")), key=lambda r: r["num"])
+
+
+def outcome_lines(sweep_dir: Path, records: list[dict], total: int, unreported_as: str) -> list[str]:
+    """The sweep's counts, then each recorded job: done (with its folder) or failed with its reason."""
+    failed = sum(r["status"] != "done" for r in records)
+    unreported = total - len(records)
+    counts = f"{len(records) - failed} of {total} jobs done, {failed} failed" + (f", {unreported} {unreported_as}" if unreported > 0 else "")
+    lines = [f"sweep {sweep_dir}: {counts}"]
+    for record in records:
+        if record["status"] != "done":
+            told = f"failed: {record['reason']}"
+        else:
+            told = f"done: {record['output_dir']}" if "output_dir" in record else "done"
+        lines.append(f"  job {record['num'] + 1}/{total} ({' '.join(record['overrides'])}): {told}")
+    return lines

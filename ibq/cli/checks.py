@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ibq.config import check_values, fail, one_line, parse
+from ibq.config import APPS, check_values, fail, one_line, parse
 from ibq.engine.ranks import check_deepspeed, detect_ranks, plan_batches
 from ibq.errors import UserError, check_positive_int
 
@@ -47,7 +47,6 @@ JOB_CHECKS = {
 }
 # The config node with each training app's batch and precision keys; the other apps run one process per job.
 BATCH_SECTIONS = {"train": "train", "train_ar": "ar_train"}
-APPS = {"train": "ibq-train", "train_ar": "ibq-train-ar", "tokenize": "ibq-tokenize", "sample": "ibq-sample", "eval": "ibq-eval"}
 # The runs each app reads: (key, the kind of run it names (engine.checkpoint.RUN_KINDS), whether it is
 # required). ibq-sample's folder lies inside its run_dir, so a missing run must be refused before Hydra makes it.
 RUN_INPUTS = {

@@ -22,7 +22,7 @@ from pathlib import Path
 from ibq.errors import UserError
 
 DEFAULT_RUNS = Path("outputs")
-ENTRY_SCRIPTS = {"train": "ibq-train", "train_ar": "ibq-train-ar"}  # primary config -> console script
+ENTRY_SCRIPTS = {"train": "ibq-train", "train_ar": "ibq-train-ar"}  # the apps whose sweeps the ledger reads (ibq.config.APPS)
 PLOT_METRICS = ("codebook/utilization", "rfid")  # final values against the x factor
 CURVE_METRICS = ("loss/g", "codebook/utilization")  # over the steps, where runs logged them at two steps or more
 
@@ -159,9 +159,12 @@ def load(args):
 def cmd_status(args) -> int:
     if args.source == "wandb":
         return wandb_status(args)
-    from ibq.ledger.sweep import RETRYABLE, progress
+    from ibq.ledger.sweep import RETRYABLE, OtherAppSweep, progress
 
-    sweep = load(args)
+    try:
+        sweep = load(args)
+    except OtherAppSweep as other:
+        return other_app_status(other.directory)
     counts = ", ".join(f"{n} {state}" for state, n in sweep.counts().items())
     print(f"sweep {sweep.directory} (W&B group {sweep.group}): {len(sweep.jobs)} jobs: {counts}")
     for note in sweep.notes:
@@ -178,6 +181,18 @@ def cmd_status(args) -> int:
     retryable = [s for s in sweep.jobs if s.state in RETRYABLE]
     if retryable:
         print(f"{len(retryable)} job(s) can be relaunched: ibq-sweep retry {sweep.directory}")
+    return 0
+
+
+def other_app_status(directory: Path) -> int:
+    """A sweep of ibq-tokenize, ibq-sample or ibq-eval: the outcome each job recorded as it ended (cli.callbacks)."""
+    from omegaconf import OmegaConf
+
+    from ibq.cli.callbacks import count_jobs, job_records, outcome_lines
+
+    records = job_records(directory)
+    total = count_jobs(OmegaConf.load(directory / "multirun.yaml")) or len(records)
+    print("\n".join(outcome_lines(directory, records, total, "not ended yet (pending, running, or ended without an outcome: see .submitit/)")))
     return 0
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ibq.config import APPS
 from ibq.errors import UserError
+from ibq.ledger.cost import KINDS
 from ibq.ledger.liveness import run_process_alive
 from ibq.ledger.plan import Job, Plan, expand
 from ibq.ledger.runs import Run, completed_runs, load_json, load_run, read_json, run_dirs
@@ -82,9 +84,20 @@ class Sweep:
         )
 
 
+class OtherAppSweep(UserError):
+    """A sweep of an app whose jobs leave no training runs (ibq-tokenize, ibq-sample, ibq-eval)."""
+
+    def __init__(self, directory: Path, config_name: str):
+        super().__init__(f"{directory} is a sweep of {APPS.get(config_name, config_name)}, whose jobs leave no training runs: "
+                         f"ibq-sweep status lists its jobs; table, plot, report and retry take sweeps of ibq-train and ibq-train-ar")
+        self.directory, self.config_name = directory, config_name
+
+
 def plan_from_multirun(directory: Path) -> Plan:
     recorded = OmegaConf.load(directory / "multirun.yaml")
     hydra = recorded.hydra
+    if str(hydra.job.config_name) not in KINDS:
+        raise OtherAppSweep(directory, str(hydra.job.config_name))
     arguments = [str(o) for o in hydra.overrides.hydra] + [str(o) for o in hydra.overrides.task]
     params = {str(k): str(v) for k, v in (hydra.sweeper.params or {}).items()}
     plan = expand(arguments, config_name=str(hydra.job.config_name), sweeper_params=params)
@@ -99,6 +112,8 @@ def read_ledger(directory: Path) -> tuple[Plan | None, dict[str, str], list[str]
     if (directory / "multirun.yaml").exists():
         try:
             return plan_from_multirun(directory), {}, []
+        except OtherAppSweep:
+            raise
         except UserError as error:
             return None, {}, [f"the sweep's jobs cannot be expanded again from multirun.yaml ({error}); listing its runs only"]
     return None, {}, []
