@@ -5,7 +5,9 @@ with nothing written, and the key mapping of every released size on the meta dev
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -297,3 +299,18 @@ def test_a_fine_tuning_parent_is_part_of_the_signature_as_an_absolute_path(tmp_p
     own = tokenizer_identity(composed(["init_from=runs/parent"], "train").cfg)
     assert own.init_from == str(tmp_path / "runs" / "parent")
     assert signature(own) != signature(tokenizer_identity(composed([], "train").cfg))
+
+
+@pytest.mark.slow
+def test_interrupted_sampling_leaves_no_partial_images(imported: Path, tmp_path: Path):
+    out = tmp_path / "samples"
+    sampling = BackgroundRun([sys.executable, "-m", "ibq.cli.sample", f"run_dir={imported / 'ar' / 'ar'}", "samples_per_class=5000",
+                              "metrics.fid=false", f"hydra.run.dir={out}"])
+    partial, deadline = out / ".samples.npy", time.time() + 120
+    while not partial.exists() and time.time() < deadline and sampling.process.poll() is None:
+        time.sleep(0.05)
+    assert partial.exists()
+    sampling.process.send_signal(signal.SIGINT)
+    result = sampling.result(timeout=120)
+    assert result.returncode == 130 and "error: interrupted (Ctrl-C): run the same command again to start it again" in result.stderr
+    assert not partial.exists() and not (out / "samples.npz").exists()

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
 from ibq.cli.callbacks import JobFailed
-from ibq.cli.checks import check_job
+from ibq.cli.checks import BATCH_SECTIONS, check_job
 from ibq.config import fail, missing_config_line, one_line, unparsable
 from ibq.engine.ranks import detect_ranks
 from ibq.errors import Terminated, TrainingDiverged, UserError, interruption, unset_key
@@ -140,7 +140,8 @@ def guarded(task):
             return task(cfg, run_dir)  # what a search sweeper optimises (objective_values), else None
         except KeyboardInterrupt as interrupt:
             terminated = isinstance(interrupt, Terminated)
-            fail(f"{interruption(interrupt)}: run the same command again to resume from the last checkpoint", 143 if terminated else 130)
+            again = "resume from the last checkpoint" if hydra.job.config_name in BATCH_SECTIONS else "start it again"  # training or not
+            fail(f"{interruption(interrupt)}: run the same command again to {again}", 143 if terminated else 130)
         except Exception as error:
             told = error_line(error)
             if not in_sweep:

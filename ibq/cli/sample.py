@@ -100,15 +100,19 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
 
     save_hydra_files(cfg, out_dir)
     side = run.config.data.resolution
-    images_npy = out_dir / ".samples.npy"
-    images = np.lib.format.open_memmap(images_npy, mode="w+", dtype=np.uint8, shape=(len(labels), side, side, 3))
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    for start in tqdm(range(0, len(labels), cfg.batch_size), desc="sample", dynamic_ncols=True):
-        batch = labels[start : start + cfg.batch_size].to(device)
-        images[start : start + len(batch)] = to_adm_array(sample_images(run.model, run.tokenizer_run, batch, settings, generator, dtype))
-    grid = torch.from_numpy(np.array(images[: cfg.grid_samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    images.flush()
-    del images
+    images_npy = out_dir / ".samples.npy"  # the images as they are drawn (50k at 256 px: 9.8 GB), gone if the job stops early
+    try:
+        images = np.lib.format.open_memmap(images_npy, mode="w+", dtype=np.uint8, shape=(len(labels), side, side, 3))
+        generator = torch.Generator(device).manual_seed(cfg.seed)
+        for start in tqdm(range(0, len(labels), cfg.batch_size), desc="sample", dynamic_ncols=True):
+            batch = labels[start : start + cfg.batch_size].to(device)
+            images[start : start + len(batch)] = to_adm_array(sample_images(run.model, run.tokenizer_run, batch, settings, generator, dtype))
+        grid = torch.from_numpy(np.array(images[: cfg.grid_samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        images.flush()
+        del images
+    except BaseException:
+        images_npy.unlink(missing_ok=True)
+        raise
     write_adm_npz(images_npy, samples_path)
     save_grid(grid, out_dir / "grid.png", nrow=min(cfg.samples_per_class, 16))
 
