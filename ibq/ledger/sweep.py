@@ -90,7 +90,7 @@ class OtherAppSweep(UserError):
     def __init__(self, directory: Path, config_name: str):
         super().__init__(f"{directory} is a sweep of {APPS.get(config_name, config_name)}, whose jobs leave no training runs: "
                          f"ibq-sweep status lists its jobs; table, plot, report and retry take sweeps of ibq-train and ibq-train-ar")
-        self.directory, self.config_name = directory, config_name
+        self.directory = directory
 
 
 def plan_from_multirun(directory: Path) -> Plan:
