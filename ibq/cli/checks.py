@@ -37,7 +37,7 @@ CHECKED_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "ex
                  "samples", "samples_per_class", "batch_size", "shard_size", "precision", "sampling", "metrics", "reference",
                  "weights", "wandb_mode")
 # module:function that checks each app's job from its config alone; imported only when a job is about to run
-# or be submitted (they load torch).
+# or be submitted (most load torch).
 JOB_CHECKS = {
     "train": "ibq.engine.job_config:check_tokenizer_job",
     "train_ar": "ibq.engine.job_config:check_ar_job",
