@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -379,6 +380,50 @@ def test_adm_npz_rejects_other_files_and_arrays(tmp_path: Path):
     with pytest.raises(UserError, match=r"shape \(4, 4, 3\)"):
         save_adm_npz(tmp_path / "bad.npz", np.zeros((4, 4, 3), dtype=np.uint8))
     assert not (tmp_path / "bad.npz").exists()
+
+
+def sample_part(folder: Path, part: int, parts: int, images: np.ndarray, **identity) -> Path:
+    """A part as ibq-sample leaves it: samples.npz beside its results.json."""
+    record = {"run_signature": "abc", "step": 7, "sampling": {"cfg_scale": 2.0}, "seed": 0, "batch_size": 4, "classes": [0, 1],
+              "samples_per_class": 3, "parts": parts, "part": part, **identity}
+    (folder / f"part={part}").mkdir(parents=True)
+    (folder / f"part={part}" / "results.json").write_text(json.dumps(record))
+    return save_adm_npz(folder / f"part={part}" / "samples.npz", images)
+
+
+def test_the_parts_of_a_split_sampling_are_read_as_one_set_in_part_order(tmp_path: Path):
+    from ibq.engine.evaluation_run import open_samples
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    for part in (2, 0, 1):  # written in any order
+        sample_part(tmp_path / "sweep", part, 3, images[2 * part : 2 * part + 2])
+    samples = open_samples(tmp_path / "sweep")
+    assert len(samples) == 6 and samples.resolution == (4, 4) and samples.batch_count(3) == 3
+    torch.testing.assert_close(torch.cat(list(samples.batches(3))), torch.from_numpy(images).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize(("layout", "expected"), [
+    ("missing", "lacks part 1 of parts=3: run ibq-sample with part=1 and the same settings"),
+    ("other_seed", "holds samples of 2 different samplings (runs, settings or parts)"),
+    ("twice", "holds part 0 twice"),
+    ("bare_file", "has no results.json beside it"),
+    ("empty", "holds no samples.npz"),
+])
+def test_an_incomplete_or_mixed_set_of_parts_is_refused(tmp_path: Path, layout: str, expected: str):
+    from ibq.engine.evaluation_run import open_samples
+
+    images, folder = np.zeros((2, 4, 4, 3), dtype=np.uint8), tmp_path / "sweep"
+    folder.mkdir()
+    if layout in ("missing", "other_seed"):
+        sample_part(folder, 0, 3, images)
+        sample_part(folder, 2, 3, images, **({"seed": 1} if layout == "other_seed" else {}))
+    elif layout == "twice":
+        sample_part(folder / "a", 0, 1, images)
+        sample_part(folder / "b", 0, 1, images)
+    elif layout == "bare_file":
+        save_adm_npz(folder / "x" / "samples.npz", images)
+    with pytest.raises(UserError, match=re.escape(expected)):
+        open_samples(folder)
 
 
 # ----------------------------------------------------------------------------------------- reference statistics

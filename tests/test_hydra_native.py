@@ -200,6 +200,7 @@ def test_a_run_directory_named_after_its_overrides_is_told_the_quotes_it_needs(m
     ("sample", ["sampling.temperature=0"], "sampling.temperature=0 is invalid: it must be > 0"),
     ("sample", ["precision=fp8"], "precision='fp8' is invalid; valid: auto, fp32, bf16, fp16"),
     ("sample", ["samples_per_class=0"], "samples_per_class=0 is invalid: it must be a positive integer"),
+    ("sample", ["parts=4", "part=4"], "part=4 is invalid: with parts=4 it must be an integer in 0..3"),
     ("sample", ["run_dir=x", "reference.split=nope"], "reference.split='nope' is invalid; valid: val, train"),  # of the scoring ibq-eval
     ("eval", ["weights=both"], "weights='both' is invalid; valid: ema, live"),
     ("eval", ["metrics.lpips=[vgg,squeeze]"], "metrics.lpips contains 'squeeze'; valid backbones: vgg, alex"),

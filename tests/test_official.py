@@ -314,3 +314,41 @@ def test_interrupted_sampling_leaves_no_partial_images(imported: Path, tmp_path:
     result = sampling.result(timeout=120)
     assert result.returncode == 130 and "error: interrupted (Ctrl-C): run the same command again to start it again" in result.stderr
     assert not partial.exists() and not (out / "samples.npz").exists()
+
+
+@pytest.mark.slow
+def test_a_sampling_split_over_jobs_is_the_sampling_and_is_scored_as_one_set(imported: Path, tmp_path: Path, monkeypatch):
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+
+    from ibq.config import CONF_DIR
+    from ibq.engine.evaluation_run import evaluate_generation
+    from ibq.metrics import networks
+    from ibq.metrics.adm import save_adm_npz
+    from test_eval import StandInNetwork
+
+    app, sampling = [sys.executable, "-m", "ibq.cli.sample"], [f"run_dir={imported / 'ar' / 'ar'}", "samples_per_class=3", "batch_size=5"]
+    whole = BackgroundRun(app + sampling + [f"hydra.run.dir={tmp_path / 'whole'}", "metrics.fid=false"])
+    split = run_cli(app + ["-m", *sampling, "parts=2", "part=0,1", f"hydra.sweep.dir={tmp_path / 'parts'}"])
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert f"once every part is drawn: ibq-eval samples={tmp_path / 'parts'} run_dir=" in split.stdout  # no gFID of half a set
+    assert whole.result().returncode == 0
+    drawn = [np.load(tmp_path / "parts" / f"batch_size=5,part={part},parts=2,samples_per_class=3" / "samples.npz")["arr_0"]
+             for part in (0, 1)]
+    unsplit = np.load(tmp_path / "whole" / "samples.npz")["arr_0"]
+    # Part 0 holds the first 15 of the 30 labels and draws with seed 0 x 2 + 0, as the unsplit sampling does; part 1 with seed 1.
+    assert [len(part) for part in drawn] == [15, 15]
+    np.testing.assert_array_equal(drawn[0], unsplit[:15])
+    assert not np.array_equal(drawn[1], unsplit[15:])
+
+    network = StandInNetwork()
+    monkeypatch.setattr(networks, "load_fid_network", lambda path=None, device="cpu": network)
+    joined = save_adm_npz(tmp_path / "joined.npz", np.concatenate(drawn))
+    scores = {}
+    for name, samples in (("parts", tmp_path / "parts"), ("joined", joined)):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("eval", overrides=[f"samples={samples}", "data=photos", "metrics.is=false", "reference.limit=16",
+                                             f"reference.cache_dir={tmp_path / 'cache'}", f"output={tmp_path / name}.json"])
+        scores[name] = evaluate_generation(cfg, {"data": "photos"}).results
+    # The same images in the same order; only the float64 sums run over other batches (one file's batches end at its end).
+    assert scores["parts"]["eval/samples"] == 30 and scores["parts"]["gfid"] == pytest.approx(scores["joined"]["gfid"], rel=1e-12)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from ibq.cli.common import entry_point, guarded, save_hydra_files
 from ibq.cli.eval import generation_lines
 from ibq.config import CONF_DIR
-from ibq.errors import check_positive_int
+from ibq.errors import UserError, check_positive_int
 from ibq.runs.record import atomic_write, write_json
 
 if TYPE_CHECKING:
@@ -32,7 +32,8 @@ def sampling_settings(cfg: DictConfig, run: ARRun) -> dict:
 
 
 def scored(cfg: DictConfig) -> bool:
-    return cfg.metrics.fid or cfg.metrics.inception_weights_path is not None
+    """Whether the job scores its samples: a part of a split sampling leaves that to ibq-eval over all parts."""
+    return cfg.parts == 1 and (cfg.metrics.fid or cfg.metrics.inception_weights_path is not None)
 
 
 def eval_config(cfg: DictConfig, run_dir: Path, samples: Path) -> DictConfig:
@@ -55,8 +56,10 @@ def check_sample_job(cfg: DictConfig) -> None:
     from ibq.engine.build import check_precision
     from ibq.generation.sampling import check_sampling_args
 
-    for key in ("samples_per_class", "batch_size"):
+    for key in ("samples_per_class", "batch_size", "parts"):
         check_positive_int(key, cfg[key])
+    if isinstance(cfg.part, bool) or not isinstance(cfg.part, int) or not 0 <= cfg.part < cfg.parts:
+        raise UserError(f"part={cfg.part!r} is invalid: with parts={cfg.parts} it must be an integer in 0..{cfg.parts - 1}")
     check_precision(cfg.precision, "precision")
     check_sampling_args(**{key: value for key, value in OmegaConf.to_container(cfg.sampling).items() if value is not None})
     if scored(cfg) and not OmegaConf.is_missing(cfg, "run_dir"):
@@ -94,7 +97,10 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     settings = sampling_settings(cfg, run)
     classes = torch.arange(run.model.num_classes) if cfg.classes is None else torch.tensor(list(cfg.classes), dtype=torch.long)
     check_labels(classes, run.model.num_classes)
-    labels = classes.repeat_interleave(cfg.samples_per_class)
+    every_label = classes.repeat_interleave(cfg.samples_per_class)
+    labels = every_label.tensor_split(cfg.parts)[cfg.part]
+    if len(labels) == 0:
+        raise UserError(f"part={cfg.part} of parts={cfg.parts} holds no sample: the sampling has {len(every_label)} in all")
     samples_path = out_dir / "samples.npz"
     eval_cfg = eval_config(cfg, run.run_dir, samples_path) if scored(cfg) else None
 
@@ -103,7 +109,7 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     images_npy = out_dir / ".samples.npy"  # the images as they are drawn (50k at 256 px: 9.8 GB), gone if the job stops early
     try:
         images = np.lib.format.open_memmap(images_npy, mode="w+", dtype=np.uint8, shape=(len(labels), side, side, 3))
-        generator = torch.Generator(device).manual_seed(cfg.seed)
+        generator = torch.Generator(device).manual_seed(cfg.seed * cfg.parts + cfg.part)
         for start in tqdm(range(0, len(labels), cfg.batch_size), desc="sample", dynamic_ncols=True):
             batch = labels[start : start + cfg.batch_size].to(device)
             images[start : start + len(batch)] = to_adm_array(sample_images(run.model, run.tokenizer_run, batch, settings, generator, dtype))
@@ -123,6 +129,8 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
         "sampling": settings,
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
+        "part": cfg.part,
+        "parts": cfg.parts,
         "samples": len(labels),
         "classes": classes.tolist(),
         "samples_per_class": cfg.samples_per_class,
@@ -132,6 +140,8 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     print(f"\nibq-sample: {len(labels)} samples of {run.run_dir} (step {run.step}), " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     print(f"  samples (ADM .npz)    {samples_path}")
     print(f"  grid                  {out_dir / 'grid.png'}")
+    if cfg.parts > 1:
+        print(f"  {f'part {cfg.part} of {cfg.parts}':<22}once every part is drawn: ibq-eval samples={out_dir.parent} run_dir={run.run_dir}")
     if eval_cfg is not None:
         print("\n".join(generation_lines(evaluate_generation(eval_cfg, choices={}, job_type="sample"), eval_cfg)))
         scores = json.loads((run.run_dir / "results.json").read_text())  # where ibq-eval records them

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from ibq.engine.build import resolve_device
 from ibq.engine.checkpoint import TOKENIZER_WEIGHTS, LoadedRun, load_run
 from ibq.engine.evaluate import GenerationEvaluator, ReconstructionEvaluator, real_feature_stats
 from ibq.errors import UserError, check_positive_int, unset_key
-from ibq.metrics.adm import AdmSamples
+from ibq.metrics.adm import AdmSampleParts, AdmSamples
 from ibq.metrics.fid import FID_FEATURE_DIM
 from ibq.metrics.lpips import BACKBONE_FILES
 from ibq.metrics.networks import FID_NETWORKS, REQUIRABLE, EvaluationNetworks
@@ -287,7 +286,48 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> Evaluation:
 # ---------------------------------------------------------------------------------------------------- generation
 
 
-def reference_data_config(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None, samples: AdmSamples) -> DictConfig:
+# What the parts of one ibq-sample sampling share (keys of each part's results.json).
+SAMPLING_IDENTITY = ("run_signature", "step", "sampling", "seed", "batch_size", "classes", "samples_per_class", "parts")
+
+
+def sample_parts(folder: Path) -> list[Path]:
+    """The samples.npz of each part of one ibq-sample sampling below `folder` (part=0..parts-1, each beside its
+    results.json), in part order; a missing, repeated or foreign part is refused."""
+    records = {}
+    for npz in sorted(folder.rglob("samples.npz")):
+        record = npz.parent / "results.json"
+        if not record.is_file():
+            raise UserError(f"samples={folder}: {npz} has no results.json beside it; a folder holds the parts of one ibq-sample "
+                            f"sampling (part=0..parts-1), a single file is given as samples=<file.npz>")
+        records[npz] = json.loads(record.read_text())
+    if not records:
+        raise UserError(f"samples={folder} holds no samples.npz: give an ADM .npz or the folder of an ibq-sample sampling")
+    kinds = {json.dumps({key: r.get(key) for key in SAMPLING_IDENTITY}, sort_keys=True) for r in records.values()}
+    if len(kinds) > 1:
+        raise UserError(f"samples={folder} holds samples of {len(kinds)} different samplings (runs, settings or parts): "
+                        f"give the folder of one, e.g. the sweep folder of its parts")
+    parts, by_part = next(iter(records.values())).get("parts", 1), {}
+    for npz, record in records.items():
+        part = record.get("part", 0)
+        if part in by_part:
+            raise UserError(f"samples={folder} holds part {part} twice: {by_part[part]} and {npz}")
+        by_part[part] = npz
+    missing = [str(part) for part in range(parts) if part not in by_part]
+    if missing:
+        raise UserError(f"samples={folder} lacks part {', '.join(missing)} of parts={parts}: run ibq-sample with part={missing[0]} "
+                        f"and the same settings")
+    return [by_part[part] for part in range(parts)]
+
+
+def open_samples(path: Path) -> AdmSamples | AdmSampleParts:
+    """samples=: an ADM .npz, or a folder of ibq-sample's parts, read in part order as one set."""
+    if path.is_dir():
+        return AdmSampleParts([AdmSamples(npz) for npz in sample_parts(path)], path)
+    return AdmSamples(path)
+
+
+def reference_data_config(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None,
+                          samples: AdmSamples | AdmSampleParts) -> DictConfig:
     """The real set's data config: the command line's data= choice (its ??? resolution: the samples'), or the run's."""
     if choices.get("data"):
         data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=False))
@@ -305,7 +345,7 @@ def reference_data_config(cfg: DictConfig, choices: dict, train_cfg: DictConfig 
     )
 
 
-def reference_stats(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None, samples: AdmSamples, network,
+def reference_stats(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None, samples: AdmSamples | AdmSampleParts, network,
                     device: torch.device, seed: int, batch_size: int) -> tuple[ReferenceStats, bool | None]:
     """From reference.stats, or computed on the real set and cached; also whether the cache had them."""
     if cfg.reference.stats:
@@ -339,7 +379,7 @@ def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval") 
     """`job_type`: `sample` when ibq-sample scores its own samples."""
     if cfg.checkpoint:
         raise UserError("checkpoint= is for reconstruction; generation takes samples= (and run_dir= to record into a run)")
-    samples = AdmSamples(Path(cfg.samples).expanduser())
+    samples = open_samples(Path(cfg.samples).expanduser())
     run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else None
     if run_dir is not None and not run_dir.is_dir():
         raise UserError(f"run_dir={run_dir} does not exist: point it at the run directory whose samples these are")
@@ -363,7 +403,7 @@ def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval") 
     if networks.fid is not None:
         reference, cached = reference_stats(cfg, choices, train_cfg, samples, networks.fid, device, seed, batch_size)
     evaluator = GenerationEvaluator(device, networks.fid, networks.inception, cfg.metrics.is_splits, cfg.metrics.is_shuffle)
-    metrics = evaluator(samples.batches(batch_size), reference, total=math.ceil(len(samples) / batch_size))
+    metrics = evaluator(samples.batches(batch_size), reference, total=samples.batch_count(batch_size))
     results = {
         **{key: None for key in ("gfid", "is")},
         **metrics,

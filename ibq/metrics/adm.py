@@ -90,6 +90,9 @@ class AdmSamples:
     def resolution(self) -> tuple[int, int]:
         return self.shape[1], self.shape[2]
 
+    def batch_count(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
     def batches(self, batch_size: int) -> Iterator[Tensor]:
         image_bytes = int(np.prod(self.shape[1:]))
         with zipfile.ZipFile(self.path) as archive, archive.open(ARRAY_MEMBER) as member:
@@ -102,3 +105,28 @@ class AdmSamples:
                     raise UserError(f"{self.path}: arr_0 ends after {complete} of {len(self)} images (truncated file)")
                 array = np.frombuffer(buffer, dtype=np.uint8).reshape(count, *self.shape[1:])
                 yield torch.from_numpy(array.copy()).permute(0, 3, 1, 2)
+
+
+class AdmSampleParts:
+    """Several ADM sample files read as one set, in the order given: the parts of a sampling split over jobs.
+    `path` names the set (the folder the parts came from)."""
+
+    def __init__(self, files: list[AdmSamples], path: str | os.PathLike):
+        self.files, self.path = files, Path(path)
+        sizes = sorted({f"{f.resolution[0]}x{f.resolution[1]}" for f in files})
+        if len(sizes) > 1:
+            raise UserError(f"{self.path}: its sample files have different sizes ({', '.join(sizes)})")
+
+    def __len__(self) -> int:
+        return sum(len(f) for f in self.files)
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return self.files[0].resolution
+
+    def batch_count(self, batch_size: int) -> int:
+        return sum(f.batch_count(batch_size) for f in self.files)
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        for samples in self.files:  # a batch never spans two files: FID and IS see the same images in the same order
+            yield from samples.batches(batch_size)
