@@ -284,6 +284,31 @@ def untrained_copy(run_dir: Path, destination: Path) -> Path:
 
 
 @pytest.mark.slow
+def test_interrupted_tokenizing_continues_after_its_written_shards(tokenizer_run: Path, token_shards: Path, tmp_path: Path):
+    tokens = tmp_path / "tokens"
+    command = IBQ_TOKENIZE + [f"tokenizer_run={tokenizer_run}", "samples=2048", "shard_size=1000", f"hydra.run.dir={tokens}"]
+    first = BackgroundRun(command)
+    deadline = time.time() + 300
+    while not (tokens / "progress.json").exists() and time.time() < deadline and first.process.poll() is None:
+        time.sleep(0.05)
+    first.process.send_signal(signal.SIGINT)  # after the first of three shards
+    stopped = first.result(timeout=300)
+    assert stopped.returncode == 130 and not (tokens / "manifest.json").exists(), stopped.stderr[-2000:]
+    written = json.loads((tokens / "progress.json").read_text())["shards"]
+    assert 1 <= len(written) < 3
+
+    result = run_cli(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{len(written)} of 3 shards are already written; continuing after them" in result.stderr
+    assert not (tokens / "progress.json").exists()
+    ours, reference = (json.loads((folder / "manifest.json").read_text()) for folder in (tokens, token_shards))
+    assert {k: v for k, v in ours.items() if k != "created"} == {k: v for k, v in reference.items() if k != "created"}
+    for shard in ours["shards"]:  # the same shards as one uninterrupted pass
+        for kind in ("tokens", "labels"):
+            np.testing.assert_array_equal(np.load(tokens / shard[kind]), np.load(token_shards / shard[kind]))
+
+
+@pytest.mark.slow
 def test_token_shards_hold_the_tokenizers_tokens(tokenizer_run: Path, token_shards: Path):
     manifest = json.loads((token_shards / "manifest.json").read_text())
     assert manifest["samples"] == 2048 and manifest["grid"] == [8, 8] and manifest["num_classes"] == 18

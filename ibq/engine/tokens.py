@@ -5,11 +5,13 @@ EMA weights; stage II encodes and decodes with those EMA weights, frozen. Token 
 classes of the first `samples` items of a training stream (by sample position, as the on-the-fly path reads
 them), in .npy files that are memory-mapped, plus manifest.json, which names the tokenizer run's signature
 and step, its codebook size, the token grid and the dataset. The manifest is written last: a directory
-without one is incomplete."""
+without one is incomplete, and its progress.json lists the shards written so far, after which the same
+command continues."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +30,9 @@ from ibq.errors import UserError
 from ibq.runs.record import save_npy, timestamp, write_json
 
 MANIFEST = "manifest.json"
+PROGRESS = "progress.json"  # the shards written so far, until the manifest replaces it
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,10 +99,23 @@ def write_token_shards(
     dtype = token_dtype(tokenizer_run.codebook_size)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest lands
+    # What the shards depend on, as JSON reads it back: a run stopped after some shards (Ctrl-C, a requeue)
+    # continues after them when started again with the same tokenizer, data and counts.
+    identity = json.loads(json.dumps({"tokenizer": tokenizer_run.describe(), "grid": [side, side], "data": data_config, "seed": seed,
+                                      "samples": samples, "shard_size": shard_size, "dtype": dtype.name}, default=str))
+    progress_path = output_dir / PROGRESS
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}  # written atomically
+    shards = progress.get("shards", []) if progress.get("identity") == identity else []
+    if not all((output_dir / shard[kind]).is_file() for shard in shards for kind in ("tokens", "labels")):
+        shards = []
+    kept = {shard[kind] for shard in shards for kind in ("tokens", "labels")}
     for stale in output_dir.glob("*-*.npy"):
-        stale.unlink()
-    shards, highest_label = [], -1
-    for first in range(0, samples, shard_size):
+        if stale.name not in kept:
+            stale.unlink()
+    highest_label = progress.get("highest_label", -1) if shards else -1
+    if shards:
+        log.info("%d of %d shards are already written; continuing after them", len(shards), -(-samples // shard_size))
+    for first in range(len(shards) * shard_size, samples, shard_size):
         count = min(shard_size, samples - first)
         tokens, labels = np.empty((count, side * side), dtype=dtype), np.empty(count, dtype=np.int32)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=PositionSampler(first, first + count), num_workers=num_workers)
@@ -111,6 +129,7 @@ def write_token_shards(
         save_npy(output_dir / names["labels"], labels)
         shards.append({**names, "count": count})
         highest_label = max(highest_label, int(labels.max()))
+        write_json(progress_path, {"identity": identity, "shards": shards, "highest_label": highest_label})
 
     manifest = {
         "tokenizer": {"run_dir": str(tokenizer_run.run_dir), **tokenizer_run.describe()},
@@ -124,13 +143,14 @@ def write_token_shards(
         "created": timestamp(),
     }
     write_json(output_dir / MANIFEST, manifest)
+    progress_path.unlink()
     return manifest
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
     path = Path(directory).expanduser() / MANIFEST
     if not path.is_file():
-        raise UserError(f"tokens={directory} holds no {MANIFEST}: write token shards with ibq-tokenize (an interrupted one leaves none)")
+        raise UserError(f"tokens={directory} holds no {MANIFEST}: write token shards with ibq-tokenize (an interrupted one leaves none, and continues when run again)")
     return json.loads(path.read_text())
 
 
