@@ -295,7 +295,7 @@ def test_interrupted_tokenizing_continues_after_its_written_shards(tokenizer_run
     stopped = first.result(timeout=300)
     assert stopped.returncode == 130 and not (tokens / "manifest.json").exists(), stopped.stderr[-2000:]
     written = json.loads((tokens / "progress.json").read_text())["shards"]
-    assert 1 <= len(written) < 3
+    assert 0 < len(written) < 3
 
     result = run_cli(command)
     assert result.returncode == 0, result.stderr[-3000:]
