@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from ibq.errors import UserError
 from ibq.quantizers import IBQ
 from ibq.quantizers.chunked import chunked_ibq
 
@@ -30,9 +31,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 @pytest.fixture(autouse=True)
 def triton_kernels_when_interpreted(monkeypatch: pytest.MonkeyPatch):
     if INTERPRETED:
-        from ibq.quantizers import triton_ibq
+        from ibq.quantizers import chunked
 
-        monkeypatch.setattr(triton_ibq, "available", lambda tokens: True)
+        monkeypatch.setattr(chunked, "use_triton", lambda tokens, kernels: True)
 
 
 def reference_ibq(z, codebook, *, double_quant_weight, commitment_weight, codebook_weight, entropy_weight,
@@ -119,12 +120,13 @@ def test_chunked_equals_dense(chunk_size, scale):
     assert_gradients_close(grad_codebook_chunked, grad_codebook_dense)
 
 
-def assert_chunked_equals_dense_at_paper_beta(codebook_size: int, dim: int, shape: tuple, chunk_size: int, device: str = "cpu"):
+def assert_chunked_equals_dense_at_paper_beta(codebook_size: int, dim: int, shape: tuple, chunk_size: int, device: str = "cpu",
+                                              chunk_kernels: str = "torch"):
     """Same indices, statistics, loss and gradients as dense IBQ, with the paper's beta and temperature."""
     weights = dict(WEIGHTS, commitment_weight=0.25, codebook_weight=1.0, entropy_temperature=0.01, entropy_weight=0.05)
     torch.manual_seed(3)
     dense = IBQ(codebook_size, dim, **weights).to(device)
-    chunked = IBQ(codebook_size, dim, **weights, chunk_size=chunk_size).to(device)
+    chunked = IBQ(codebook_size, dim, **weights, chunk_size=chunk_size, chunk_kernels=chunk_kernels).to(device)
     chunked.load_state_dict(dense.state_dict())
     z, upstream = (t.to(device) for t in inputs(4, 0.5, shape=shape))
     out_dense, grad_z_dense, grad_codebook_dense = run(dense, z, upstream)
@@ -206,7 +208,8 @@ def test_chunked_runs_without_autograd():
     torch.testing.assert_close(out.loss, out_dense.loss, rtol=1e-5, atol=1e-6)
 
 
-def assert_as_accurate_as_dense_near_a_shared_direction(side: int, k: int, dim: int, chunk_size: int, device: str = "cpu"):
+def assert_as_accurate_as_dense_near_a_shared_direction(side: int, k: int, dim: int, chunk_size: int, device: str = "cpu",
+                                                        chunk_kernels: str = "torch"):
     """T = 0.01, codes near a shared direction (|L| ~ 70, logits a few T apart, as in a trained codebook):
     the chunked fp32 gradient is within 2x the dense fp32 gradient's distance from an fp64 evaluation of
     the formula."""
@@ -224,7 +227,8 @@ def assert_as_accurate_as_dense_near_a_shared_direction(side: int, k: int, dim: 
     ((z_q * upstream.double()).sum() + loss).backward()
 
     def relative_error(chunk_size):
-        quantizer = IBQ(k, dim, **weights, chunk_size=chunk_size).to(device)
+        kernels = {} if chunk_size is None else {"chunk_kernels": chunk_kernels}
+        quantizer = IBQ(k, dim, **weights, chunk_size=chunk_size, **kernels).to(device)
         quantizer.codebook.weight.data.copy_(codebook)
         _, grad_z, grad_codebook = run(quantizer, z.to(device), upstream.to(device))
         return [float((grad.cpu().double() - exact).norm() / exact.norm())
@@ -264,12 +268,14 @@ def test_triton_kernels_under_the_interpreter():
     assert result.returncode == 0 and "5 passed" in result.stdout, result.stdout[-3000:]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: there chunked IBQ runs as Triton kernels")
-def test_triton_kernels_equal_dense_on_cuda():
-    pytest.importorskip("triton", reason="Triton is not installed")
-    assert_chunked_equals_dense_at_paper_beta(3000, 64, (4, 64, 8, 8), chunk_size=512, device="cuda")
-    assert_as_accurate_as_dense_near_a_shared_direction(16, 16384, 256, chunk_size=8192, device="cuda")
-    quantizer = IBQ(3000, 64, **WEIGHTS, chunk_size=512).cuda()
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("chunk_kernels", ["torch", "triton"])
+def test_chunked_ibq_on_cuda_equals_dense_and_never_waits(chunk_kernels):
+    if chunk_kernels == "triton":
+        pytest.importorskip("triton", reason="Triton is not installed")
+    assert_chunked_equals_dense_at_paper_beta(3000, 64, (4, 64, 8, 8), chunk_size=512, device="cuda", chunk_kernels=chunk_kernels)
+    assert_as_accurate_as_dense_near_a_shared_direction(16, 16384, 256, chunk_size=8192, device="cuda", chunk_kernels=chunk_kernels)
+    quantizer = IBQ(3000, 64, **WEIGHTS, chunk_size=512, chunk_kernels=chunk_kernels).cuda()
     z, upstream = (t.cuda() for t in inputs(7, shape=(4, 64, 8, 8)))
     run(quantizer, z, upstream)
     torch.cuda.synchronize()
@@ -278,6 +284,18 @@ def test_triton_kernels_equal_dense_on_cuda():
         run(quantizer, z, upstream)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_chunk_kernels_are_checked_and_triton_is_the_torch_path_off_cuda():
+    with pytest.raises(UserError, match=r"quantizer.chunk_kernels='cuda' is invalid; valid: torch, triton"):
+        IBQ(K, D, chunk_size=16, chunk_kernels="cuda")
+    torch.manual_seed(0)
+    plain = IBQ(K, D, **WEIGHTS, chunk_size=16)
+    asked = IBQ(K, D, **WEIGHTS, chunk_size=16, chunk_kernels="triton")
+    asked.load_state_dict(plain.state_dict())
+    z, upstream = inputs(8)
+    for expected, actual in zip(run(plain, z, upstream)[1:], run(asked, z, upstream)[1:]):
+        assert torch.equal(actual, expected)
 
 
 

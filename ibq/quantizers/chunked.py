@@ -24,6 +24,16 @@ ENTROPY_EPS = 1e-5
 EXP_FLOOR = -50.0
 
 
+# How the slices are computed: "torch" runs cuBLAS (or CPU) GEMMs on each slice; "triton" runs the fused
+# kernels of ibq.quantizers.triton_ibq where the tokens are on CUDA (the torch slices elsewhere), which
+# keep no slice of logits in memory but were measured slower on an H200 (README, "GPU figures").
+KERNELS = ("torch", "triton")
+
+
+def use_triton(tokens: Tensor, kernels: str) -> bool:
+    return kernels == "triton" and triton_ibq.available(tokens)
+
+
 def codebook_slices(codebook_size: int, chunk_size: int):
     for start in range(0, codebook_size, chunk_size):
         yield start, min(start + chunk_size, codebook_size)
@@ -187,9 +197,10 @@ def _logit_gradients(tokens, codebook, temperature, chunk_size, max_logit, log_s
 
 class _ChunkedIBQ(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int):
+    def forward(ctx, tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int, kernels: str):
         ctx.set_materialize_grads(False)
-        if triton_ibq.available(tokens):  # fused kernels on a GPU: no logits in memory at all
+        fused = use_triton(tokens, kernels)
+        if fused:  # fused kernels on a GPU: no logits in memory at all
             indices, max_logit, log_sharp_sum, token_entropy = triton_ibq.row_statistics(tokens, codebook, temperature)
             average = triton_ibq.code_averages(tokens, codebook, temperature, max_logit, log_sharp_sum)
         else:
@@ -199,7 +210,7 @@ class _ChunkedIBQ(torch.autograd.Function):
         codebook_entropy = -(average * (average + ENTROPY_EPS).log()).sum()
         z_q = codebook[indices]
         ctx.save_for_backward(tokens, codebook, indices, max_logit, log_sharp_sum, average)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.fused = temperature, chunk_size, fused
         ctx.mark_non_differentiable(indices)
         # z_q (straight-through, gradients through p) and z_hard (selected code only) share a value.
         return z_q, z_q.clone(), indices, sample_entropy, codebook_entropy
@@ -207,12 +218,11 @@ class _ChunkedIBQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z_q, grad_z_hard, _grad_indices, grad_sample_entropy, grad_codebook_entropy):
         tokens, codebook, indices, max_logit, log_sharp_sum, average = ctx.saved_tensors
-        temperature, chunk_size = ctx.temperature, ctx.chunk_size
-        fused = triton_ibq.available(tokens)
+        temperature, chunk_size, fused = ctx.temperature, ctx.chunk_size, ctx.fused
         # The entropies' incoming gradients, None where unused. On a GPU they stay there (reading one would
         # wait for the device), so a zero one costs some arithmetic; on the host a zero one skips its term.
         sample_weight, codebook_weight = grad_sample_entropy, grad_codebook_entropy
-        if not fused:
+        if not (fused or tokens.is_cuda):
             sample_weight, codebook_weight = _value_unless_zero(sample_weight), _value_unless_zero(codebook_weight)
         soft_path = grad_z_q is not None
         entropy_path = sample_weight is not None or codebook_weight is not None
@@ -223,7 +233,7 @@ class _ChunkedIBQ(torch.autograd.Function):
             # onehot^T G: the forward value of (onehot - sg(p) + p) is the one-hot.
             grad_codebook.index_add_(0, indices, sum(selected))
         if not (soft_path or entropy_path):
-            return None, grad_codebook, None, None
+            return None, grad_codebook, None, None, None
 
         # d H(qbar) / d qbar_k times the incoming gradient: the codebook entropy's weight of code k.
         code_weight = None
@@ -236,13 +246,14 @@ class _ChunkedIBQ(torch.autograd.Function):
         else:
             grad_tokens = _logit_gradients(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum, grad_z_q,
                                            sample_weight, code_weight, grad_codebook)
-        return grad_tokens, grad_codebook, None, None
+        return grad_tokens, grad_codebook, None, None, None
 
 
-def chunked_ibq(tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int):
-    """IBQ on (N, D) tokens with a (K, D) codebook, `chunk_size` codes at a time.
+def chunked_ibq(tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int, kernels: str = "torch"):
+    """IBQ on (N, D) tokens with a (K, D) codebook, `chunk_size` codes at a time, computed by `kernels`
+    (KERNELS).
 
     Returns (z_q, z_hard, indices, sample_entropy, codebook_entropy), equal in value and gradient to
     the dense computation: z_q = (onehot - sg(p) + p) E, z_hard = E[indices], and the MAGVIT-v2 entropy
     terms mean_n H(q_n) and H(mean_n q_n)."""
-    return _ChunkedIBQ.apply(tokens, codebook, temperature, chunk_size)
+    return _ChunkedIBQ.apply(tokens, codebook, temperature, chunk_size, kernels)

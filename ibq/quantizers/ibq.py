@@ -7,7 +7,8 @@ released code: beta=0.25 sits on the codebook term; the paper's Eq. 10 puts it o
 term instead (commitment_weight=0.25, codebook_weight=1.0).
 
 `chunk_size=None` computes the tokens x K logits at once; an integer computes the same values and
-gradients over codebook slices of that many codes (ibq.quantizers.chunked), for K up to 2^20.
+gradients over codebook slices of that many codes (ibq.quantizers.chunked), for K up to 2^20, with
+`chunk_kernels` "torch" (GEMMs per slice) or "triton" (fused kernels on CUDA).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from ibq.errors import UserError, check_positive_int
 from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, to_tokens
-from ibq.quantizers.chunked import ENTROPY_EPS, chunked_ibq
+from ibq.quantizers.chunked import ENTROPY_EPS, KERNELS, chunked_ibq
 
 
 def entropy_terms(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -46,6 +47,7 @@ class IBQ(Quantizer):
         sample_entropy_weight: float = 1.0,
         codebook_entropy_weight: float = 1.0,
         chunk_size: int | None = None,
+        chunk_kernels: str = "torch",
     ):
         super().__init__()
         self.codebook_size = check_positive_int("quantizer.codebook_size", codebook_size)
@@ -54,6 +56,8 @@ class IBQ(Quantizer):
             raise UserError(f"quantizer.entropy_temperature={entropy_temperature} is invalid: it must be > 0")
         if chunk_size is not None:
             check_positive_int("quantizer.chunk_size", chunk_size)
+        if chunk_kernels not in KERNELS:
+            raise UserError(f"quantizer.chunk_kernels={chunk_kernels!r} is invalid; valid: {', '.join(KERNELS)}")
         self.double_quant_weight = double_quant_weight
         self.commitment_weight = commitment_weight
         self.codebook_weight = codebook_weight
@@ -62,6 +66,7 @@ class IBQ(Quantizer):
         self.sample_entropy_weight = sample_entropy_weight
         self.codebook_entropy_weight = codebook_entropy_weight
         self.chunk_size = chunk_size
+        self.chunk_kernels = chunk_kernels
         # N(0, 1), as nn.Embedding's default: the released IBQ uses no other initialisation.
         self.codebook = nn.Embedding(codebook_size, dim)
 
@@ -84,7 +89,7 @@ class IBQ(Quantizer):
             z_q, z_hard, indices, sample_entropy, codebook_entropy = self._dense(tokens)
         else:
             z_q, z_hard, indices, sample_entropy, codebook_entropy = chunked_ibq(
-                tokens, self.codebook.weight, self.entropy_temperature, self.chunk_size
+                tokens, self.codebook.weight, self.entropy_temperature, self.chunk_size, self.chunk_kernels
             )
 
         double_quant = F.mse_loss(z_q, tokens)
