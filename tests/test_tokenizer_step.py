@@ -7,16 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import graph_host_reads, record_host_reads
 import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
 from ibq.config import CONF_DIR
+from ibq.engine.acceleration import StepAcceleration
 from ibq.engine.train_tokenizer import TokenizerTraining
+from ibq.errors import UserError
 
 
 def tiny_training(tmp_path: Path, *overrides: str) -> TokenizerTraining:
+    """On CPU, where these tests make their images, also on a machine with a GPU (an override may move it)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["logger=none", "eval.rfid=false", "data.val_crops_per_photo=1", "train.steps=4", *overrides])
+        cfg = compose("train", overrides=["logger=none", "eval.rfid=false", "data.val_crops_per_photo=1", "train.steps=4",
+                                          "train.device=cpu", *overrides])
     return TokenizerTraining(cfg, tmp_path / "run")
 
 
@@ -72,6 +77,23 @@ def test_the_step_options_give_the_plain_step_losses(tmp_path: Path, monkeypatch
     first, second = first_losses(optimised)
     assert first == pytest.approx(plain[0], rel=1e-5, abs=1e-6)
     assert second == pytest.approx(plain[1], rel=2e-2, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("train", "expected"),
+    [
+        ({}, {"cpu": (False, False), "cuda": (True, True)}),
+        ({"compile": False}, {"cpu": (False, False), "cuda": (False, False)}),  # eager GroupNorm is slow in NHWC
+        ({"compile": True}, {"cpu": (True, True), "cuda": (True, True)}),
+        ({"channels_last": True}, {"cpu": (False, True), "cuda": (True, True)}),
+    ],
+)
+def test_channels_last_follows_compilation_unless_set(train: dict, expected: dict):
+    for device, (compiled, channels_last) in expected.items():
+        acceleration = StepAcceleration.from_config(OmegaConf.create(train), torch.device(device))
+        assert (acceleration.compile, acceleration.channels_last) == (compiled, channels_last), device
+    with pytest.raises(UserError, match=r"train.channels_last='yes' is invalid: valid are auto \(on where compiled\), true, false"):
+        StepAcceleration.from_config(OmegaConf.create({"channels_last": "yes"}), torch.device("cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CUDA reports its own synchronisations")

@@ -1,8 +1,11 @@
 """How the tokenizer step uses its device: channels_last, torch.compile and activation checkpointing.
 
-`train.channels_last` and `train.compile` default to `auto`: on for CUDA, off on CPU, where neither
-pays (tiny tokenizer, batch 8, one thread on a shared 2-core machine: channels_last 23.1 images/s
-against 25.7; Inductor took 7 minutes to compile the step, which then ran no faster). Activation
+`train.compile` defaults to `auto`: on for CUDA, off on CPU, where it does not pay (Inductor took 7
+minutes to compile the tiny step on a shared 2-core machine, which then ran no faster).
+`train.channels_last` defaults to `auto`: on where the step is compiled. Eager, PyTorch's GroupNorm
+reads NHWC inputs slowly: on an H200 the paper's eager step ran at 49.0 images/s at micro-batch 32 with
+channels_last, where an earlier version's NCHW step ran at 59.1; on CPU the tiny step at 23.1 against
+25.7. Activation
 checkpointing trades a second forward pass of the tokenizer's blocks for their activations' memory:
 off unless asked. The run record holds the resolved switches (`acceleration` in run.json)."""
 
@@ -19,13 +22,14 @@ from ibq.errors import UserError
 SWITCHES = {"compile": "auto", "channels_last": "auto", "activation_checkpointing": False}
 
 
-def _switch(train: DictConfig, key: str, device: torch.device) -> bool:
+def _switch(train: DictConfig, key: str, auto: bool) -> bool:
     value = train.get(key, SWITCHES[key])
     if value == "auto":
-        return device.type == "cuda"
+        return auto
     if isinstance(value, bool):
         return value
-    raise UserError(f"train.{key}={value!r} is invalid: valid are auto (on for CUDA), true, false")
+    meaning = "on for CUDA" if key == "compile" else "on where compiled"
+    raise UserError(f"train.{key}={value!r} is invalid: valid are auto ({meaning}), true, false")
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,9 @@ class StepAcceleration:
 
     @classmethod
     def from_config(cls, train: DictConfig, device: torch.device) -> StepAcceleration:
-        return cls(**{key: _switch(train, key, device) for key in SWITCHES})
+        compiled = _switch(train, "compile", device.type == "cuda")
+        return cls(compile=compiled, channels_last=_switch(train, "channels_last", compiled),
+                   activation_checkpointing=_switch(train, "activation_checkpointing", False))
 
     def record(self) -> dict[str, bool]:
         return asdict(self)
