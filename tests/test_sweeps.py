@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import REPO, cli_env, run_cli
 from ibq.ledger.plan import CONF_DIR, expand
@@ -153,6 +154,20 @@ def test_plan_signatures_equal_a_full_composition():
         cfg = composed(*job.overrides)
         assert cfg.quantizer.dim == cfg.model.embed_dim
         assert signature(without_keys(cfg, STAGE_II_KEYS)) == job.signature, job.overrides  # as TokenizerTraining signs
+
+
+def test_how_a_step_uses_its_device_neither_signs_nor_names_a_run():
+    """The device keys change how a step is computed, not its result: a run resumes under other values,
+    also a run from before quantizer.chunk_kernels existed (the key absent from its config)."""
+    plain = composed("quantizer.chunk_size=64")
+    device_keys = ["train.compile=true", "train.channels_last=false", "train.activation_checkpointing=true",
+                   "quantizer.chunk_kernels=triton"]
+    cfg = composed("quantizer.chunk_size=64", *device_keys)
+    older = OmegaConf.to_container(plain, resolve=True)
+    del older["quantizer"]["chunk_kernels"]
+    older = OmegaConf.create(older)
+    assert signature(cfg) == signature(plain) == signature(older)
+    assert expand(device_keys).jobs[0].subdir == expand([]).jobs[0].subdir
 
 
 def test_plan_of_64_jobs_marks_completed_ones(tmp_path):

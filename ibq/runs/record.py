@@ -31,7 +31,7 @@ def timestamp() -> str:
 NON_RESULT_KEYS = ("run_dir", "logger", "cluster", "dry_run", "objectives", "train.log_every", "train.checkpoint_every", "data.num_workers",
                    "data.read_timeout_s", "eval.every",
                    "train.extend_from",
-                   "train.compile", "train.channels_last", "train.activation_checkpointing")
+                   "train.compile", "train.channels_last", "train.activation_checkpointing", "quantizer.chunk_kernels")
 # Top-level keys whose value another key holds (quantizer.codebook_size follows codebook_size; a mismatch is
 # refused): the signature hashes the value once, where the model reads it.
 REPEATED_KEYS = ("codebook_size",)
