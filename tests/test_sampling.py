@@ -1,3 +1,4 @@
+import copy
 import logging
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 
 from conftest import graph_host_reads
 from ibq.errors import UserError
-from ibq.generation import filter_logits, sample
+from ibq.generation import filter_logits, hold_linear_weights_in, sample
 from ibq.models.transformer import Transformer
 
 
@@ -119,6 +120,18 @@ def test_bad_sampling_input_is_one_clear_line(model, settings, message):
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_linear_weights_held_in_the_autocast_dtype_draw_the_same_tokens(model, static):
+    """What ibq-sample does in bf16: the products autocast would have cast are the same bits."""
+    held = hold_linear_weights_in(copy.deepcopy(model), torch.bfloat16)
+    assert held.head.weight.dtype == held.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert held.tok_embed.weight.dtype == held.class_embed.weight.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = sample(model, LABELS, seed=7, cfg_scale=2.5, static=static)
+        assert torch.equal(sample(held, LABELS, seed=7, cfg_scale=2.5, static=static), expected)
+    model.reset_cache()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the CUDA-graph step is CUDA's default")
 def test_cuda_graph_sampler_draws_the_dynamic_cache_tokens():
     torch.manual_seed(0)
@@ -127,6 +140,11 @@ def test_cuda_graph_sampler_draws_the_dynamic_cache_tokens():
     dynamic = sample(model, LABELS, seed=7, cfg_scale=2.5, static=False)
     for _ in range(2):  # compiled and captured, then replayed
         assert torch.equal(sample(model, LABELS, seed=7, cfg_scale=2.5), dynamic)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as ibq-sample draws in bf16
+        dynamic = sample(model, LABELS, seed=7, cfg_scale=2.5, static=False)
+        held = hold_linear_weights_in(model, torch.bfloat16)
+        for _ in range(2):
+            assert torch.equal(sample(held, LABELS, seed=7, cfg_scale=2.5), dynamic)
 
 
 def greedy_static_decoding(model, step) -> torch.Tensor:

@@ -88,12 +88,13 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     from ibq.engine.evaluation_run import evaluate_generation
     from ibq.engine.media import save_grid
     from ibq.engine.train_ar import load_ar_run, sample_images
-    from ibq.generation.sampling import check_labels
+    from ibq.generation.sampling import check_labels, hold_linear_weights_in
     from ibq.metrics.adm import to_adm_array
 
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device, "precision")
     run = load_ar_run(None if OmegaConf.is_missing(cfg, "run_dir") else cfg.run_dir, device)
+    hold_linear_weights_in(run.model, dtype)  # the model only samples, under autocast to `dtype`
     settings = sampling_settings(cfg, run)
     classes = torch.arange(run.model.num_classes) if cfg.classes is None else torch.tensor(list(cfg.classes), dtype=torch.long)
     check_labels(classes, run.model.num_classes)

@@ -19,7 +19,7 @@ import math
 from functools import lru_cache
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ibq.errors import UserError
 from ibq.models.transformer import Transformer
@@ -141,6 +141,18 @@ def sample(
         if use_cache and not static:
             model.reset_cache()
     return tokens
+
+
+def hold_linear_weights_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Every nn.Linear's weight and bias in `dtype`, for a model that only samples, under autocast to that
+    dtype: autocast would cast them to it at every call, so the products are the same, bit for bit, and
+    each token's step reads half the bytes of weights (inside a CUDA graph autocast's cast is not cached
+    between tokens: every step would read the fp32 weights and write their copy). Embeddings and norms
+    keep their dtype, and so the residual stream its precision."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.to(dtype)
+    return model
 
 
 def compiled_step(model: Transformer):
