@@ -33,7 +33,7 @@ PARTS = ("tokenizer", "ibq", "ar_sample", "ar_train")
 # H200: 790 is the basis of the figures these benchmarks were set against.
 PEAK_TFLOPS = {"H200": 790.0, "H100": 989.0, "A100": 312.0}
 # Figures where smaller is better (the name holds one of these): their ratio to the baseline is old / new.
-SMALLER_IS_BETTER = ("_peak_gib", "_over_dense_time", "_over_k262144_time", "_ms_per_step", "_ms_k262144")
+SMALLER_IS_BETTER = ("_peak_gib", "_over_dense_time", "_over_k262144_time", "_ms_per_step", "_ms_k262144", "_first_s")
 # What the measured code did, for the header line rather than a figure.
 SETTINGS: dict[str, object] = {}
 # The value of a figure this device cannot give, so that every figure has its line.
@@ -113,7 +113,11 @@ def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: 
     from ibq.engine.train_tokenizer import TokenizerTraining
 
     figures = {}
-    scale = ["model_scale=paper", "codebook_size=16384", "train.precision=bf16"] if real else ["train.precision=fp32"]
+    # Older code chose codebook_size as a config group, whose option names Hydra takes as strings only.
+    codebook = "codebook_size='16384'" if (conf_dir() / "codebook_size").is_dir() else "codebook_size=16384"
+    # The photos' shorter side is given for older code, which did not raise it to 3x the resolution itself.
+    scale = (["model_scale=paper", codebook, "train.precision=bf16", "data.shorter_side=768"] if real
+             else ["train.precision=fp32"])
     with tempfile.TemporaryDirectory() as tmp:
         if real:
             scale += perceptual_loss_overrides(Path(tmp), overrides)
@@ -135,7 +139,9 @@ def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: 
                 args = (next(step), images, None, autocast) if takes_last_good else (next(step), images, autocast)
                 training._step(*args)
 
-            seconds = timed(one_step, device, repeats=10 if real else 3, warmup=3 if real else 1)
+            first = timed(one_step, device, repeats=1, warmup=0)  # with torch.compile: its compilation
+            figures[f"tokenizer_step_first_s_mb{micro_batch}"] = first
+            seconds = timed(one_step, device, repeats=10 if real else 3, warmup=2 if real else 0)
             figures[f"tokenizer_step_images_per_s_mb{micro_batch}"] = micro_batch / seconds
             if micro_batch == 32:
                 figures["tokenizer_step_peak_gib_mb32"] = peak_gib(one_step, device) if device.type == "cuda" else CUDA_ONLY
@@ -154,16 +160,16 @@ def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: 
     return figures
 
 
-def chunked_ibq_path(device) -> str:
-    """What chunked IBQ runs on this device in the measured code: the fused Triton kernels (forward, and
-    backward since they exist) or the torch slice loops."""
+def chunked_ibq_path(device, quantizer) -> str:
+    """What chunked IBQ runs by default on this device in the measured code: the fused Triton kernels
+    (forward, and backward since they exist) or the torch slice loops."""
     import torch
 
     try:
         from ibq.quantizers import triton_ibq
     except ImportError:  # code from before the kernels
         return "torch"
-    if not triton_ibq.available(torch.empty(0, device=device)):
+    if getattr(quantizer, "chunk_kernels", "triton") != "triton" or not triton_ibq.available(torch.empty(0, device=device)):
         return "torch"
     return "triton fwd+bwd" if hasattr(triton_ibq, "logit_gradients") else "triton fwd, torch bwd"
 
@@ -187,16 +193,16 @@ def ibq_figures(device, real: bool) -> dict:
             quantizer.codebook.weight.grad = None
         return call
 
-    def quantizer(size, chunk_size):
+    def quantizer(size, chunk_size, **options):
         torch.manual_seed(0)
-        return IBQ(size, dim, chunk_size=chunk_size).to(device)
+        return IBQ(size, dim, chunk_size=chunk_size, **options).to(device)
 
     repeats = 5 if real else 2
     dense = timed(fwd_bwd(quantizer(small, None)), device, repeats)
     chunked_small = quantizer(small, chunk)
     chunked = timed(fwd_bwd(chunked_small), device, repeats)
     chunked_large = timed(fwd_bwd(quantizer(large, 4 * chunk)), device, repeats)
-    SETTINGS["ibq"] = f"N={tokens} D={dim} K={small},{large} chunk={chunk},{4 * chunk} fp32 ({chunked_ibq_path(device)})"
+    SETTINGS["ibq"] = f"N={tokens} D={dim} K={small},{large} chunk={chunk},{4 * chunk} fp32 ({chunked_ibq_path(device, chunked_small)})"
     figures = {
         "ibq_dense_ms_k262144": dense * 1e3,
         "ibq_chunked_ms_k262144": chunked * 1e3,
@@ -204,6 +210,10 @@ def ibq_figures(device, real: bool) -> dict:
         "ibq_k1048576_over_k262144_time": chunked_large / chunked,
     }
     figures["ibq_chunked_peak_gib_k262144"] = peak_gib(fwd_bwd(chunked_small), device) if device.type == "cuda" else CUDA_ONLY
+    if "chunk_kernels" in inspect.signature(IBQ).parameters and device.type == "cuda":
+        fused = quantizer(small, chunk, chunk_kernels="triton")
+        figures["ibq_triton_ms_k262144"] = timed(fwd_bwd(fused), device, repeats) * 1e3
+        figures["ibq_triton_peak_gib_k262144"] = peak_gib(fwd_bwd(fused), device)
     return figures
 
 
@@ -229,7 +239,15 @@ def ar_sample_figures(device, real: bool) -> dict:
     model = ar_model("B", device, real).eval()
     batch = 32 if real else 4
     labels = torch.arange(batch, device=device) % model.num_classes
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    try:  # the model as ibq-sample holds it, in code that does so
+        from ibq.generation import hold_linear_weights_in
+    except ImportError:
+        SETTINGS["ar_sample_weights"] = "fp32 under autocast"
+    else:
+        hold_linear_weights_in(model, dtype)
+        SETTINGS["ar_sample_weights"] = f"linear layers in {str(dtype).removeprefix('torch.')}"
 
     def run(use_cache: bool):
         def call():
@@ -319,7 +337,8 @@ def checkout(baseline: str, into: Path) -> Path:
     return into / "baseline"
 
 
-def measure(code: Path, args: argparse.Namespace) -> dict:
+def measure(code: Path, args: argparse.Namespace) -> dict | str:
+    """The worker's figures, or the end of its error output."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--only", ",".join(args.only), "--size", args.size]
     if args.peak_tflops:
         command += ["--peak-tflops", str(args.peak_tflops)]
@@ -327,7 +346,7 @@ def measure(code: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, cwd=code, env=env, capture_output=True, text=True)
     if result.returncode:
-        sys.exit(f"error: the benchmark failed for the code in {code}:\n{result.stderr[-3000:]}")
+        return result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -368,14 +387,26 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.only, args.size, args.peak_tflops, args.override)))
         return
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         codes = {"current": REPO, **({"baseline": checkout(args.baseline, Path(tmp))} if args.baseline else {})}
         runs = {name: [] for name in codes}
         for _ in range(args.rounds):
             for name, code in codes.items():
-                runs[name].append(measure(code, args))
+                if name in failed:
+                    continue
+                run = measure(code, args)
+                if isinstance(run, str):
+                    failed[name] = run
+                    print(f"bench_gpu: the {name} code failed in {code}:\n{run}", file=sys.stderr)
+                    if name == "current":
+                        sys.exit(f"error: the benchmark failed for the code in {code}")
+                    continue
+                runs[name].append(run)
+                # At once on stderr, so that a run stopped later (a time limit) keeps what was measured.
+                print(f"bench_gpu: {name} measured: {json.dumps(run)}", file=sys.stderr, flush=True)
     current = best_of(runs["current"])
-    baseline = best_of(runs["baseline"]) if args.baseline else None
+    baseline = best_of(runs["baseline"]) if runs.get("baseline") else None
 
     def header(run: dict) -> str:
         return ", ".join(f"{k}={v}" for k, v in run["header"].items())
@@ -383,6 +414,8 @@ def main() -> None:
     print(f"bench_gpu: {header(current)}, parts={','.join(args.only)}")
     if baseline:
         print(f"bench_gpu_baseline: ref={args.baseline}, {header(baseline)}")
+    elif "baseline" in failed:
+        print(f"bench_gpu_baseline: ref={args.baseline}, failed (its error is on stderr)")
     for key, value in current["figures"].items():
         print(f"{key}: {shown(value)}")
         old = baseline["figures"].get(key) if baseline else None
@@ -390,6 +423,8 @@ def main() -> None:
             print(f"{key}_baseline: {shown(old)}")
             if not isinstance(old, str) and not isinstance(value, str) and old and value:
                 print(f"{key}_vs_baseline: {ratio(key, value, old):.3g}")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_bench_gpu_prints_every_gpu_figure():
     assert "sizes=tiny" in lines["bench_gpu"] or "sizes=real" in lines["bench_gpu"]
     for key in GPU_FIGURES:
         measured_or_skipped(lines, key)
-    for key in ("tokenizer_step_images_per_s_mb4", "tokenizer_step_images_per_s_mb32", "ibq_dense_ms_k262144",
+    for key in ("tokenizer_step_images_per_s_mb4", "tokenizer_step_images_per_s_mb32", "tokenizer_step_first_s_mb4", "ibq_dense_ms_k262144",
                 "ibq_chunked_ms_k262144", "ibq_chunked_over_dense_time_k262144", "ibq_k1048576_over_k262144_time",
                 "ar_sample_B_b32_tokens_per_s", "ar_sample_B_b32_ms_per_step", "ar_kv_cache_speedup_B_b32",
                 "ar_train_B_tokens_per_s", "ar_train_XL_tokens_per_s"):
@@ -80,6 +80,21 @@ def test_bench_gpu_compares_with_a_baseline_folder():
         else:
             measured(lines, f"{key}_baseline")
             measured(lines, f"{key}_vs_baseline")
+
+
+def test_bench_gpu_keeps_the_figures_of_this_code_when_the_baseline_fails(tmp_path):
+    """A GPU node's time is short: a baseline that cannot run loses none of this code's figures, which
+    also reach stderr as each code is measured, and the exit status says that the comparison failed."""
+    (tmp_path / "ibq").mkdir()
+    (tmp_path / "ibq" / "__init__.py").write_text("raise ImportError('a baseline that cannot be imported')\n")
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--only", "ibq", "--baseline", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=cli_env())
+    assert result.returncode == 1
+    assert "a baseline that cannot be imported" in result.stderr and "bench_gpu: current measured: {" in result.stderr
+    lines = dict(LINE.fullmatch(line).groups() for line in result.stdout.splitlines())
+    assert lines["bench_gpu_baseline"] == f"ref={tmp_path}, failed (its error is on stderr)"
+    measured(lines, "ibq_chunked_over_dense_time_k262144")
+    assert not any(key.endswith(("_baseline", "_vs_baseline")) for key in lines if key != "bench_gpu_baseline")
 
 
 def test_bench_train():
