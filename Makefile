@@ -1,6 +1,7 @@
 # `make demo`: set up and run the main job; `make test`: set up and run the test suite;
-# `make test-fast`: the same without the tests that start a model app or use Slurm (marked slow).
-# Both create .venv when it is missing and install what they need, at the versions of constraints.txt:
+# `make test-fast`: the same without the tests that start a model app or use Slurm (marked slow);
+# `make gpu-check` on a GPU node: the CUDA-only tests and the GPU benchmark.
+# Each creates .venv when it is missing and install what they need, at the versions of constraints.txt:
 # those the whole suite was last green with. `make constraints` runs the suite and, when it passes,
 # writes the versions installed in .venv there. `make test-lowest` runs the fast tier in .venv-lowest, with
 # ibq's dependencies at the lower bounds of pyproject.toml (constraints-lowest.txt).
@@ -18,7 +19,7 @@ PARALLEL := -n $(WORKERS) --dist loadfile
 VENV_LOWEST := .venv-lowest
 STAMP_LOWEST := $(VENV_LOWEST)/.installed
 
-.PHONY: demo test test-fast test-lowest install constraints slurm-up slurm-down slurm-status bench clean
+.PHONY: demo test test-fast test-lowest install constraints slurm-up slurm-down slurm-status bench gpu-check clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,5 +67,9 @@ slurm-status:
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_train
 
+# On a GPU node: the CUDA-only tests and bench_gpu, logs in gpu-check/ (BASELINE=<git ref> compares).
+gpu-check: $(STAMP)
+	BASELINE=$(BASELINE) PYTHON=$(BIN)/python bash scripts/gpu_check.sh gpu-check
+
 clean:
-	rm -rf outputs multirun
+	rm -rf outputs multirun gpu-check

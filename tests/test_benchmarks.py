@@ -97,6 +97,20 @@ def test_bench_gpu_keeps_the_figures_of_this_code_when_the_baseline_fails(tmp_pa
     assert not any(key.endswith(("_baseline", "_vs_baseline")) for key in lines if key != "bench_gpu_baseline")
 
 
+def test_the_gpu_check_script_runs_its_steps_and_keeps_their_logs(tmp_path):
+    """scripts/gpu_check.sh (make gpu-check), as on a GPU node but with one bench_gpu part: without a CUDA
+    device its tests are skipped and bench_gpu runs at its tiny sizes."""
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=cli_env(PYTHON=sys.executable, PARTS="ibq", GPU_CHECK_S="300"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {path.name for path in tmp_path.iterdir()} == {"env.txt", "cuda_tests.txt", "bench_ibq.txt"}
+    tests = (tmp_path / "cuda_tests.txt").read_text()
+    assert re.search(r"\d+ skipped", tests) and not re.search(r"failed|error", tests, re.IGNORECASE), tests[-2000:]
+    ibq = dict(LINE.fullmatch(line).groups() for line in (tmp_path / "bench_ibq.txt").read_text().splitlines() if LINE.fullmatch(line))
+    measured(ibq, "ibq_chunked_over_dense_time_k262144")
+    assert "gpu_check: done in" in result.stdout
+
+
 def test_bench_train():
     lines = run_benchmark("bench_train", "4")
     measured(lines, "tiny_train_images_per_s")

@@ -268,6 +268,7 @@ def test_triton_kernels_under_the_interpreter():
     assert result.returncode == 0 and "5 passed" in result.stdout, result.stdout[-3000:]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("chunk_kernels", ["torch", "triton"])
 def test_chunked_ibq_on_cuda_equals_dense_and_never_waits(chunk_kernels):

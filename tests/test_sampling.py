@@ -132,6 +132,7 @@ def test_linear_weights_held_in_the_autocast_dtype_draw_the_same_tokens(model, s
     model.reset_cache()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the CUDA-graph step is CUDA's default")
 def test_cuda_graph_sampler_draws_the_dynamic_cache_tokens():
     torch.manual_seed(0)
