@@ -155,6 +155,9 @@ def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: 
             SETTINGS["lpips"] = training.lpips is not None
             SETTINGS["acceleration"] = training.acceleration.record() if hasattr(training, "acceleration") else None
             del training
+            # A run compiles for its one micro-batch: without this, Dynamo would recompile the next size's
+            # step with a dynamic batch dimension, which no run uses.
+            torch.compiler.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return figures
