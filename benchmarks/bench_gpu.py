@@ -11,7 +11,7 @@ Each code version runs in its own process (python benchmarks/bench_gpu.py --work
 version's `ibq` first on sys.path), so neither sees the other's compiled kernels or memory.
 
 Run from the repository root: python -m benchmarks.bench_gpu [--baseline ef75447] [--rounds 3]
-    [--only tokenizer,ibq,ar_sample,ar_train] [--override=++train.compile=false]
+    [--only tokenizer,ibq,ar_sample,ar_train] [--override=++train.compile=false] [--profile 25]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ PEAK_TFLOPS = {"H200": 790.0, "H100": 989.0, "A100": 312.0}
 SMALLER_IS_BETTER = ("_peak_gib", "_over_dense_time", "_over_k262144_time", "_ms_per_step", "_ms_k262144", "_first_s")
 # What the measured code did, for the header line rather than a figure.
 SETTINGS: dict[str, object] = {}
+# --profile N: the N operators taking the most time in one further call of each measured step, on stderr.
+PROFILE_ROWS = 0
 # The value of a figure this device cannot give, so that every figure has its line.
 CUDA_ONLY = "skipped (CUDA only: torch.cuda's peak memory)"
 NO_PEAK_TFLOPS = "skipped (no peak TFLOP/s known for this device: --peak-tflops)"
@@ -72,6 +74,24 @@ def timed(fn, device, repeats: int, warmup: int = 2) -> float:
         fn()
     synchronize(device)
     return (time.perf_counter() - start) / repeats
+
+
+def profiled(name: str, fn, device) -> None:
+    """With --profile: one more call of `fn` under torch.profiler, its operators by their own time on the
+    device (on CPU, the host), as a table on stderr."""
+    if not PROFILE_ROWS:
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as profiler:
+        fn()
+        synchronize(device)
+    order = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=order, row_limit=PROFILE_ROWS)
+    print(f"bench_gpu profile of {name} (one call, by {order}):\n{table}", file=sys.stderr)
 
 
 def peak_gib(fn, device) -> float:
@@ -142,6 +162,7 @@ def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: 
             first = timed(one_step, device, repeats=1, warmup=0)  # with torch.compile: its compilation
             figures[f"tokenizer_step_first_s_mb{micro_batch}"] = first
             seconds = timed(one_step, device, repeats=10 if real else 3, warmup=2 if real else 0)
+            profiled(f"tokenizer_step_mb{micro_batch}", one_step, device)
             figures[f"tokenizer_step_images_per_s_mb{micro_batch}"] = micro_batch / seconds
             if micro_batch == 32:
                 figures["tokenizer_step_peak_gib_mb32"] = peak_gib(one_step, device) if device.type == "cuda" else CUDA_ONLY
@@ -204,6 +225,7 @@ def ibq_figures(device, real: bool) -> dict:
     dense = timed(fwd_bwd(quantizer(small, None)), device, repeats)
     chunked_small = quantizer(small, chunk)
     chunked = timed(fwd_bwd(chunked_small), device, repeats)
+    profiled("ibq_chunked_k262144", fwd_bwd(chunked_small), device)
     chunked_large = timed(fwd_bwd(quantizer(large, 4 * chunk)), device, repeats)
     SETTINGS["ibq"] = f"N={tokens} D={dim} K={small},{large} chunk={chunk},{4 * chunk} fp32 ({chunked_ibq_path(device, chunked_small)})"
     figures = {
@@ -259,6 +281,7 @@ def ar_sample_figures(device, real: bool) -> dict:
         return call
 
     cached = timed(run(True), device, repeats=3 if real else 2)
+    profiled("ar_sample_B_b32", run(True), device)
     recomputed = timed(run(False), device, repeats=1, warmup=1)
     return {
         "ar_sample_B_b32_tokens_per_s": batch * model.block_size / cached,
@@ -291,6 +314,7 @@ def ar_train_figures(device, real: bool, peak_tflops: float | None) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
         seconds = timed(step, device, repeats=10 if real else 2)
+        profiled(f"ar_train_{scale}", step, device)
         parameters = sum(p.numel() for p in model.parameters())
         tokens_per_s = micro_batch * model.block_size / seconds
         figures[f"ar_train_{scale}_tokens_per_s"] = tokens_per_s
@@ -300,9 +324,11 @@ def ar_train_figures(device, real: bool, peak_tflops: float | None) -> dict:
     return figures
 
 
-def worker(parts: list[str], size: str, peak_tflops: float | None, overrides: list[str]) -> dict:
+def worker(parts: list[str], size: str, peak_tflops: float | None, overrides: list[str], profile_rows: int) -> dict:
     import torch
 
+    global PROFILE_ROWS
+    PROFILE_ROWS = profile_rows
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     real = size == "real" or (size == "auto" and device.type == "cuda")
     if device.type == "cuda" and peak_tflops is None:
@@ -346,10 +372,14 @@ def measure(code: Path, args: argparse.Namespace) -> dict | str:
     if args.peak_tflops:
         command += ["--peak-tflops", str(args.peak_tflops)]
     command += [f"--override={override}" for override in args.override]
+    if args.profile:
+        command += ["--profile", str(args.profile)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, cwd=code, env=env, capture_output=True, text=True)
     if result.returncode:
         return result.stderr[-3000:]
+    if args.profile:
+        print(f"bench_gpu: the worker's stderr for the code in {code}, with its profiles:\n{result.stderr}", file=sys.stderr)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -382,13 +412,15 @@ def main() -> None:
                              "e.g. --override=++train.compile=false")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measurements of each code, alternating, the best counting (on a shared machine: 3)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after measuring, profile one more call of each step and print its N costliest operators to stderr")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     unknown = sorted(set(args.only) - set(PARTS))
     if unknown:
         sys.exit(f"error: --only {','.join(unknown)} is invalid: valid parts are {', '.join(PARTS)}")
     if args.worker:
-        print(json.dumps(worker(args.only, args.size, args.peak_tflops, args.override)))
+        print(json.dumps(worker(args.only, args.size, args.peak_tflops, args.override, args.profile)))
         return
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:

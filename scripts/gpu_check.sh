@@ -4,7 +4,7 @@
 # lent for a short time returns whatever finished. Writes one log per step into the folder given (default
 # gpu-check/) and prints them as they run.
 #   bash scripts/gpu_check.sh [folder]          BASELINE=<git ref or folder> compares with older code
-#   GPU_CHECK_S=540 PARTS="ibq ar_sample" bash scripts/gpu_check.sh
+#   GPU_CHECK_S=540 PARTS="ibq ar_sample" BENCH_ARGS="--profile 25" bash scripts/gpu_check.sh
 set -o pipefail
 out="${1:-gpu-check}"
 mkdir -p "$out"
@@ -30,7 +30,8 @@ bench() {
     return
   fi
   echo "gpu_check: $name, at most ${seconds}s, started at $((SECONDS - start))s"
-  timeout "$seconds" "$python" -m benchmarks.bench_gpu ${BASELINE:+--baseline "$BASELINE"} "$@" 2>&1 | tee "$out/bench_$name.txt"
+  # shellcheck disable=SC2086  # BENCH_ARGS: several arguments
+  timeout "$seconds" "$python" -m benchmarks.bench_gpu ${BASELINE:+--baseline "$BASELINE"} $BENCH_ARGS "$@" 2>&1 | tee "$out/bench_$name.txt"
 }
 for part in ${PARTS:-ibq ar_train ar_sample tokenizer_eager tokenizer}; do
   case $part in

@@ -97,6 +97,14 @@ def test_bench_gpu_keeps_the_figures_of_this_code_when_the_baseline_fails(tmp_pa
     assert not any(key.endswith(("_baseline", "_vs_baseline")) for key in lines if key != "bench_gpu_baseline")
 
 
+def test_bench_gpu_profiles_the_measured_steps_on_stderr():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--only", "ibq", "--profile", "5"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env=cli_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bench_gpu profile of ibq_chunked_k262144 (one call, by self_" in result.stderr and "aten::mm" in result.stderr
+    assert all(LINE.fullmatch(line) for line in result.stdout.splitlines())  # the figures' lines as without it
+
+
 def test_the_gpu_check_script_runs_its_steps_and_keeps_their_logs(tmp_path):
     """scripts/gpu_check.sh (make gpu-check), as on a GPU node but with one bench_gpu part: without a CUDA
     device its tests are skipped and bench_gpu runs at its tiny sizes."""
