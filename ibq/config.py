@@ -42,7 +42,8 @@ OmegaConf.register_new_resolver("ibq.submit_mode", lambda dry_run: None if dry_r
 
 
 def keys_with_nodes(keys: list, nodes: list, _root_: DictConfig) -> list[str]:
-    """`keys`, and each of `nodes` with every key inside it as composed: the exclude_keys of
+    """`keys`, and each of `nodes` with every key inside it as composed or named by the command line's
+    overrides (a deleted one, ~cluster.account, is no longer in the composed node): the exclude_keys of
     hydra.job.config.override_dirname, which Hydra matches exactly, so that no override under
     cluster (cluster.time_min=1440) or logger (logger.mode=online) names a run directory."""
     def walk(prefix: str, node) -> list[str]:
@@ -50,7 +51,8 @@ def keys_with_nodes(keys: list, nodes: list, _root_: DictConfig) -> list[str]:
         return [prefix] + [key for name, value in inner for key in walk(f"{prefix}.{name}", value)]
 
     found = [key for name in nodes if name in _root_ for key in walk(name, OmegaConf.to_container(_root_[name]))]
-    return list(keys) + found
+    overridden = [line.lstrip("~+").split("=", 1)[0] for line in OmegaConf.select(_root_, "hydra.overrides.task", default=None) or []]
+    return list(keys) + found + [key for key in overridden if key.split(".")[0] in nodes and key not in found]
 
 
 OmegaConf.register_new_resolver("ibq.keys_with_nodes", keys_with_nodes, replace=True)

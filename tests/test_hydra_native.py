@@ -159,7 +159,7 @@ def test_a_search_has_no_plan_ahead():
 def test_where_a_run_runs_or_logs_does_not_name_its_directory(config_name: str, overrides: list[str]):
     """A job resubmitted with a longer time limit or another partition resumes the same run directory."""
     placement = ["cluster=slurm", "cluster.time_min=2880", "cluster.partition=gpu", "cluster.sbatch={exclusive: true}",
-                 "+cluster.sbatch.mail-type=END"]
+                 "+cluster.sbatch.mail-type=END", "~cluster.mem_gb"]
     logging = ["logger.mode=online", "logger.tags=[a,b]"] if config_name.startswith("train") else []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=[*placement, *logging, *overrides], return_hydra_config=True)
