@@ -33,7 +33,7 @@ bench() {
   # shellcheck disable=SC2086  # BENCH_ARGS: several arguments
   timeout "$seconds" "$python" -m benchmarks.bench_gpu ${BASELINE:+--baseline "$BASELINE"} $BENCH_ARGS "$@" 2>&1 | tee "$out/bench_$name.txt"
 }
-for part in ${PARTS:-ibq ar_train ar_sample tokenizer_eager tokenizer}; do
+for part in ${PARTS:-ibq ar_sample tokenizer tokenizer_eager ar_train}; do
   case $part in
     tokenizer_eager) bench "$part" 150 --only tokenizer --override=++train.compile=false ;;
     tokenizer) bench "$part" 400 --only tokenizer ;;

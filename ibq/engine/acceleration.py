@@ -11,6 +11,7 @@ off unless asked. The run record holds the resolved switches (`acceleration` in 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,6 +19,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ibq.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SWITCHES = {"compile": "auto", "channels_last": "auto", "activation_checkpointing": False}
 
@@ -61,6 +64,8 @@ class StepAcceleration:
     def compile_modules(self, *modules: nn.Module | None) -> None:
         """Compiles each module's forward in place (its state_dict keys stay as they are)."""
         if self.compile:
+            log.info("train.compile: the networks are compiled during the first step, which takes minutes on a "
+                     "GPU (train.compile=false runs them eagerly)")
             for module in modules:
                 if module is not None:
                     module.compile()
