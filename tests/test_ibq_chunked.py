@@ -287,6 +287,17 @@ def test_chunked_ibq_on_cuda_equals_dense_and_never_waits(chunk_kernels):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("used", ["z_q only", "loss only", "entropy off"])
+def test_torch_slices_equal_dense_with_the_entropy_weights_kept_on_the_device(monkeypatch, used):
+    """The torch slices' backward as it runs on CUDA, where the entropies' incoming gradients stay tensors
+    (zero ones included), checked here on CPU."""
+    from ibq.quantizers import chunked
+
+    monkeypatch.setattr(chunked, "weights_stay_on_device", lambda tokens, fused: True)
+    test_chunked_gradients_when_only_some_outputs_are_used(used)
+    assert_chunked_equals_dense_at_paper_beta(1000, 32, (4, 32, 8, 8), chunk_size=96)
+
+
 def test_chunk_kernels_are_checked_and_triton_is_the_torch_path_off_cuda():
     with pytest.raises(UserError, match=r"quantizer.chunk_kernels='cuda' is invalid; valid: torch, triton"):
         IBQ(K, D, chunk_size=16, chunk_kernels="cuda")

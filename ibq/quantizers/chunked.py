@@ -34,6 +34,12 @@ def use_triton(tokens: Tensor, kernels: str) -> bool:
     return kernels == "triton" and triton_ibq.available(tokens)
 
 
+def weights_stay_on_device(tokens: Tensor, fused: bool) -> bool:
+    """Whether the backward pass keeps the entropies' incoming gradients as tensors: on a GPU reading one
+    would wait for the device, so a zero one costs some arithmetic; on the host a zero one skips its term."""
+    return fused or tokens.is_cuda
+
+
 def codebook_slices(codebook_size: int, chunk_size: int):
     for start in range(0, codebook_size, chunk_size):
         yield start, min(start + chunk_size, codebook_size)
@@ -219,10 +225,9 @@ class _ChunkedIBQ(torch.autograd.Function):
     def backward(ctx, grad_z_q, grad_z_hard, _grad_indices, grad_sample_entropy, grad_codebook_entropy):
         tokens, codebook, indices, max_logit, log_sharp_sum, average = ctx.saved_tensors
         temperature, chunk_size, fused = ctx.temperature, ctx.chunk_size, ctx.fused
-        # The entropies' incoming gradients, None where unused. On a GPU they stay there (reading one would
-        # wait for the device), so a zero one costs some arithmetic; on the host a zero one skips its term.
+        # The entropies' incoming gradients, None where unused.
         sample_weight, codebook_weight = grad_sample_entropy, grad_codebook_entropy
-        if not (fused or tokens.is_cuda):
+        if not weights_stay_on_device(tokens, fused):
             sample_weight, codebook_weight = _value_unless_zero(sample_weight), _value_unless_zero(codebook_weight)
         soft_path = grad_z_q is not None
         entropy_path = sample_weight is not None or codebook_weight is not None
