@@ -1,7 +1,7 @@
 # `make demo`: set up and run the main job; `make test`: set up and run the test suite;
 # `make test-fast`: the same without the tests that start a model app or use Slurm (marked slow);
 # `make gpu-check` on a GPU node: the CUDA-only tests and the GPU benchmark.
-# Each creates .venv when it is missing and install what they need, at the versions of constraints.txt:
+# Each creates .venv when it is missing and installs what it needs, at the versions of constraints.txt:
 # those the whole suite was last green with. `make constraints` runs the suite and, when it passes,
 # writes the versions installed in .venv there. `make test-lowest` runs the fast tier in .venv-lowest, with
 # ibq's dependencies at the lower bounds of pyproject.toml (constraints-lowest.txt).

@@ -43,7 +43,7 @@ OmegaConf.register_new_resolver("ibq.submit_mode", lambda dry_run: None if dry_r
 
 def keys_with_nodes(keys: list, nodes: list, _root_: DictConfig) -> list[str]:
     """`keys`, and each of `nodes` with every key inside it as composed or named by the command line's
-    overrides (a deleted one, ~cluster.account, is no longer in the composed node): the exclude_keys of
+    overrides (a deleted one, ~cluster.mem_gb, is no longer in the composed node): the exclude_keys of
     hydra.job.config.override_dirname, which Hydra matches exactly, so that no override under
     cluster (cluster.time_min=1440) or logger (logger.mode=online) names a run directory."""
     def walk(prefix: str, node) -> list[str]:

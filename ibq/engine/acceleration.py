@@ -5,9 +5,8 @@ minutes to compile the tiny step on a shared 2-core machine, which then ran no f
 `train.channels_last` defaults to `auto`: on where the step is compiled. Eager, PyTorch's GroupNorm
 reads NHWC inputs slowly: on an H200 the paper's eager step ran at 49.0 images/s at micro-batch 32 with
 channels_last, where an earlier version's NCHW step ran at 59.1; on CPU the tiny step at 23.1 against
-25.7. Activation
-checkpointing trades a second forward pass of the tokenizer's blocks for their activations' memory:
-off unless asked. The run record holds the resolved switches (`acceleration` in run.json)."""
+25.7. Activation checkpointing trades a second forward pass of the tokenizer's blocks for their
+activations' memory: off unless asked. The run record holds the resolved switches (`acceleration` in run.json)."""
 
 from __future__ import annotations
 
