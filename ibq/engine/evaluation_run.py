@@ -25,7 +25,7 @@ from ibq.metrics.fid import FID_FEATURE_DIM
 from ibq.metrics.lpips import BACKBONE_FILES
 from ibq.metrics.networks import FID_NETWORKS, REQUIRABLE, EvaluationNetworks
 from ibq.metrics.reference import ReferenceCache, ReferenceStats, dataset_name, load_reference_npz, reference_key
-from ibq.runs.record import NON_RESULT_KEYS, MetricsLog, RunRecord, config_differences, merge_results, timestamp
+from ibq.runs.record import MetricsLog, RunRecord, config_differences, merge_results, timestamp, without_non_result_keys
 from ibq.runs.wandb_mirror import open_evaluation_mirror
 
 log = logging.getLogger("ibq.eval")
@@ -138,15 +138,15 @@ def check_checkpoint_fits(path: Path, state: dict[str, torch.Tensor], merged: Di
         extra = sorted(set(found) - set(expected))
         if extra:
             problem = f"the checkpoint's tensor {extra[0]} has no place in the model"
-    evaluated = {node: OmegaConf.to_container(merged[node], resolve=True) for node in ("model", "quantizer")}
+    # As a checkpoint's config holds them: without the keys that leave the result as it is.
+    evaluated = without_non_result_keys({node: OmegaConf.to_container(merged[node], resolve=True) for node in ("model", "quantizer")})
     trained_quantizer = trained_config.get("quantizer", {}).get("_target_")
     if problem is None and trained_quantizer and trained_quantizer != evaluated["quantizer"]["_target_"]:
         problem = f"it was trained with {trained_quantizer}, not {evaluated['quantizer']['_target_']}"
     if problem:
-        changed = [  # a checkpoint's config holds no key that leaves the result as it is (NON_RESULT_KEYS)
+        changed = [
             line for node in ("model", "quantizer")
             for line in config_differences(trained_config.get(node, {}), evaluated[node], f"{node}.")
-            if line.split(":")[0] not in NON_RESULT_KEYS
         ]
         differs = f" (checkpoint -> evaluated: {'; '.join(changed[:3])})" if changed else ""
         raise UserError(f"checkpoint {path} does not fit the config it is evaluated with{differs}: {problem}")

@@ -126,6 +126,11 @@ def result_config(cfg: DictConfig) -> dict:
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in REPEATED_KEYS:
         container.pop(key, None)
+    return without_non_result_keys(container)
+
+
+def without_non_result_keys(container: dict) -> dict:
+    """`container` (a plain config, or some of its top-level nodes) without NON_RESULT_KEYS, in place."""
     for dotted in NON_RESULT_KEYS:
         *parents, leaf = dotted.split(".")
         node = container
