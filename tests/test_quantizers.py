@@ -2,7 +2,6 @@
 
 import inspect
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,11 +9,11 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from ibq.config import CONF_DIR  # also registers the resolvers the primary configs use
 from ibq.errors import UserError
 from ibq.quantizers import EMAVQ, FSQ, IBQ, L2VQ, LFQ, VQ, SimVQ
 from ibq.quantizers.fsq import DEFAULT_LEVELS
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 K, D = 64, 8
 
 # name -> (factory, parameters that must receive a gradient)
