@@ -186,7 +186,7 @@ def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: 
 
 def chunked_ibq_path(device, quantizer) -> str:
     """What chunked IBQ runs by default on this device in the measured code: the fused Triton kernels
-    (forward, and backward since they exist) or the torch slice loops."""
+    (forward, and backward since they exist) or torch's GEMMs and elementwise ops."""
     import torch
 
     try:

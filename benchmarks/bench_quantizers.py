@@ -169,7 +169,7 @@ def main(size: str, chunk_size: int | None, skip_dense: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=tuple(SIZES), default="real", help="real: the paper's sizes; tiny: CI's")
-    parser.add_argument("--chunk-size", type=at_least(1), help="codes per slice of chunked IBQ (default: 8192; tiny: 512)")
+    parser.add_argument("--chunk-size", type=at_least(1), help="chunked IBQ's chunk_size: logits held per token (default: 8192; tiny: 512)")
     parser.add_argument("--skip-dense", action="store_true", help="skip the dense IBQ at K=262144 (~8 GB, minutes on CPU)")
     args = parser.parse_args()
     main(args.size, args.chunk_size, args.skip_dense)

@@ -163,8 +163,8 @@ def test_chunked_gradients_when_only_some_outputs_are_used(used):
 
 
 def test_equal_codes_give_the_first_index():
-    """The largest code twice, in different slices (under the interpreter: in different code ranges of the
-    Triton kernels): every token next to it takes the first, as argmax over all K does."""
+    """The largest code twice (under the interpreter: in different code ranges of the Triton kernels):
+    every token next to it takes the first, as argmax over all K does."""
     quantizer = IBQ(150, D, chunk_size=64)
     with torch.no_grad():
         quantizer.codebook.weight[[3, 140]] = 10.0
@@ -195,6 +195,32 @@ def test_chunked_keeps_no_tokens_by_codes_tensor_for_backward():
     out.loss.backward()
     assert out.indices.numel() == n
     assert max(saved_sizes) == k * D < n * k  # the codebook itself is the largest saved tensor
+
+
+class LargestTensor(torch.overrides.TorchFunctionMode):
+    """The most values any torch call returns while the mode is on."""
+
+    largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_chunked_holds_a_few_tokens_by_chunk_matrices_at_most():
+    """Forward and backward create nothing larger than four tokens x chunk_size buffers (the logits,
+    their gradient products and two work matrices, stored together), or twice the codebook where blocks
+    are at their smallest (D / 2 tokens)."""
+    n, k = 60, 500
+    for chunk in (64, 8):
+        quantizer = IBQ(k, D, **WEIGHTS, chunk_size=chunk)
+        z, upstream = inputs(8, shape=(3, D, 4, 5))
+        with LargestTensor() as mode:
+            run(quantizer, z, upstream)
+        assert mode.largest <= max(4 * n * chunk, 2 * k * D) < n * k
 
 
 def test_chunked_runs_without_autograd():
@@ -239,7 +265,7 @@ def assert_as_accurate_as_dense_near_a_shared_direction(side: int, k: int, dim: 
 
 
 def test_chunked_gradient_is_as_accurate_as_dense_at_the_released_settings():
-    """D = 256, K = 16384 in two slices."""
+    """D = 256, K = 16384, the 256 tokens in two blocks."""
     assert_as_accurate_as_dense_near_a_shared_direction(16, 16384, 256, chunk_size=8192)
 
 
@@ -288,8 +314,8 @@ def test_chunked_ibq_on_cuda_equals_dense_and_never_waits(chunk_kernels):
 
 
 @pytest.mark.parametrize("used", ["z_q only", "loss only", "entropy off"])
-def test_torch_slices_equal_dense_with_the_entropy_weights_kept_on_the_device(monkeypatch, used):
-    """The torch slices' backward as it runs on CUDA, where the entropies' incoming gradients stay tensors
+def test_torch_blocks_equal_dense_with_the_entropy_weights_kept_on_the_device(monkeypatch, used):
+    """The torch blocks' backward as it runs on CUDA, where the entropies' incoming gradients stay tensors
     (zero ones included), checked here on CPU."""
     from ibq.quantizers import chunked
 

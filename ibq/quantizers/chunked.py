@@ -1,9 +1,11 @@
-"""Codebook-slice computations, so that no tokens x K matrix is ever held.
+"""IBQ and nearest-code search without a tokens x K matrix in memory.
 
 `chunked_ibq` is IBQ's assignment and its softmax / entropy terms, forward and backward, with memory
-O(N * chunk + K * D): the logits of one codebook slice at a time, streamed through an online
-logsumexp, and recomputed in the backward pass instead of being stored. `nearest_code` is the same
-idea for the argmin of the VQ family.
+O(N * chunk + K * D): the logits of one block of tokens against the whole codebook at a time (as many
+values as `chunk` codes' logits for every token), recomputed in the backward pass instead of being
+stored. A block holds whole rows, so each softmax is normalised where it is computed: one GEMM forward
+and four backward (the dense path runs six), and each row's elementwise work is done once.
+`nearest_code` is the argmin of the VQ family over codebook slices.
 
 Notation (per token n and code k): L = z . e (logits), m = max_k L, p = softmax(L) (the straight-through
 distribution, temperature 1) and q = softmax(L / T) (the entropy distribution, temperature T).
@@ -24,9 +26,10 @@ ENTROPY_EPS = 1e-5
 EXP_FLOOR = -50.0
 
 
-# How the slices are computed: "torch" runs cuBLAS (or CPU) GEMMs on each slice; "triton" runs the fused
-# kernels of ibq.quantizers.triton_ibq where the tokens are on CUDA (the torch slices elsewhere), which
-# keep no slice of logits in memory but were measured slower on an H200 (README, "GPU figures").
+# What computes chunked IBQ: "torch" runs cuBLAS (or CPU) GEMMs and torch's elementwise ops on each block
+# of tokens; "triton" runs the fused kernels of ibq.quantizers.triton_ibq where the tokens are on CUDA (the
+# torch blocks elsewhere), which keep no logits in memory but were measured slower on an H200 (README,
+# "GPU figures").
 KERNELS = ("torch", "triton")
 
 
@@ -68,29 +71,37 @@ def nearest_code(tokens: Tensor, codebook: Tensor, chunk_size: int = 8192) -> Te
     return best_index
 
 
-def _logit_slices(tokens: Tensor, codebook: Tensor, chunk_size: int, max_logit: Tensor | None = None, gradient: Tensor | None = None):
-    """(start, stop, logits, gradient_dots) for each slice: logits = tokens @ codebook[start:stop].T, minus
-    `max_logit` when given, and gradient_dots = gradient @ codebook[start:stop].T when a gradient is given.
+def block_rows(tokens: int, codebook_size: int, dim: int, chunk_size: int) -> int:
+    """Tokens per block: tokens * chunk_size / codebook_size, so that a block's logits against the whole
+    codebook hold as many values as `chunk_size` codes' logits for every token, but at least dim / 2: a
+    block's four matrices then hold at most twice the codebook's values, and its GEMMs, whose cost is
+    reading the codebook when a block has few tokens, stay efficient."""
+    return max(1, min(tokens, max(dim // 2, tokens * chunk_size // codebook_size)))
+
+
+def _logit_blocks(tokens: Tensor, codebook: Tensor, chunk_size: int, buffers: int, max_logit: Tensor | None = None,
+                  gradient: Tensor | None = None):
+    """(start, stop, logits, gradient_dots, work) for each block of tokens: logits = tokens[start:stop] @
+    codebook.T, minus `max_logit` when given, gradient_dots = gradient[start:stop] @ codebook.T when a
+    gradient is given, and `buffers` further work matrices of the same shape.
 
     Every pass computes the logits with the same GEMM and subtracts the maximum afterwards, so that the
     code that holds the maximum gets a shifted logit of exactly 0 in every pass. A GEMM that adds the shift
     itself (addmm) rounds differently: at |L| ~ 70 that is ~4e-6, which T = 0.01 turns into a 4e-4 error
     in log q and a biased entropy gradient."""
     n, k = tokens.shape[0], codebook.shape[0]
-    buffer = tokens.new_empty(n * min(chunk_size, k))
-    gradient_buffer = None if gradient is None else gradient.new_empty(n * min(chunk_size, k))
-    for start, stop in codebook_slices(k, chunk_size):
-        block = codebook[start:stop].t()
-        logits = torch.mm(tokens, block, out=_rows(buffer, n, stop - start))
+    rows = block_rows(n, k, codebook.shape[1], chunk_size)
+    count = 1 + (gradient is not None) + buffers
+    storage = tokens.new_empty(count, rows * k)
+    codebook_t = codebook.t()
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        matrices = [_rows(storage[i], stop - start, k) for i in range(count)]
+        logits = torch.mm(tokens[start:stop], codebook_t, out=matrices.pop(0))
         if max_logit is not None:
-            logits.sub_(max_logit[:, None])
-        dots = None if gradient is None else torch.mm(gradient, block, out=_rows(gradient_buffer, n, stop - start))
-        yield start, stop, logits, dots
-
-
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum_k a_nk b_nk in one pass (a batched GEMV)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+            logits.sub_(max_logit[start:stop, None])
+        dots = None if gradient is None else torch.mm(gradient[start:stop], codebook_t, out=matrices.pop(0))
+        yield start, stop, logits, dots, matrices
 
 
 def _log_sharp(shifted: Tensor, log_sharp_sum: Tensor, temperature: float) -> Tensor:
@@ -99,45 +110,30 @@ def _log_sharp(shifted: Tensor, log_sharp_sum: Tensor, temperature: float) -> Te
     return torch.add(-log_sharp_sum[:, None], shifted, alpha=1 / temperature, out=shifted).clamp_(min=EXP_FLOOR)
 
 
-def _entropy_weights(log_sharp: Tensor, code_weight: Tensor | None, sample_weight: float) -> Tensor:
+def _entropy_weights(log_sharp: Tensor, code_weight: Tensor | None, sample_weight) -> Tensor:
     """w_k - g_s log q_nk in place of `log_sharp`: what q_nk multiplies in the entropy terms' dLoss/dL,
     up to a constant per row (which the softmax Jacobian removes)."""
     weights = log_sharp.mul_(-sample_weight)
     return weights if code_weight is None else weights.add_(code_weight)
 
 
-def _argmax_and_sharp_normaliser(tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int):
-    """First pass: argmax_k L, m = max_k L and log sum_k exp((L - m) / T), the sum kept online
-    (rescaled whenever a later slice raises the maximum)."""
-    n = tokens.shape[0]
-    ones = tokens.new_ones(min(chunk_size, codebook.shape[0]))
-    for start, stop, logits, _ in _logit_slices(tokens, codebook, chunk_size):
-        chunk_max, chunk_index = logits.max(1)
-        if start == 0:
-            max_logit, indices, sharp_sum = chunk_max, chunk_index, tokens.new_zeros(n)
-        else:
-            # Strictly greater: ties keep the earlier code, as argmax over all K does.
-            indices = torch.where(chunk_max > max_logit, chunk_index + start, indices)
-            new_max = torch.maximum(max_logit, chunk_max)
-            sharp_sum.mul_(((max_logit - new_max) / temperature).exp())
-            max_logit = new_max
-        sharp = logits.sub_(max_logit[:, None]).div_(temperature).clamp_(min=EXP_FLOOR).exp_()
-        sharp_sum.add_(torch.mv(sharp, ones[: stop - start]))
-    return indices, max_logit, sharp_sum.log()
-
-
-def _sharp_statistics(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum):
-    """Second pass: qbar_k = mean_n q_nk and the per-token entropies H(q_n) = -sum_k q_nk log q_nk."""
+def _row_statistics(tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int):
+    """argmax_k L, m = max_k L, log sum_k exp((L - m) / T), qbar_k = mean_n q_nk and the per-token
+    entropies H(q_n) = -sum_k q_nk log q_nk, one block of tokens at a time."""
     n, k = tokens.shape[0], codebook.shape[0]
-    average, token_entropy = tokens.new_empty(k), tokens.new_zeros(n)
+    indices, max_logit = tokens.new_empty(n, dtype=torch.long), tokens.new_empty(n)
+    log_sharp_sum, token_entropy, average = tokens.new_empty(n), tokens.new_empty(n), tokens.new_zeros(k)
     ones = tokens.new_ones(n)
-    work_buffer = tokens.new_empty(n * min(chunk_size, k))
-    for start, stop, shifted, _ in _logit_slices(tokens, codebook, chunk_size, max_logit):
-        log_sharp = _log_sharp(shifted, log_sharp_sum, temperature)
-        sharp = torch.exp(log_sharp, out=_rows(work_buffer, n, stop - start))
-        torch.mv(sharp.t(), ones, out=average[start:stop])
-        token_entropy.sub_(_row_dot(sharp, log_sharp))
-    return average.div_(n), token_entropy
+    for start, stop, logits, _, (work,) in _logit_blocks(tokens, codebook, chunk_size, buffers=1):
+        torch.max(logits, 1, out=(max_logit[start:stop], indices[start:stop]))  # ties: the first code, as argmax
+        shifted = logits.sub_(max_logit[start:stop, None])
+        unnormalised = torch.div(shifted, temperature, out=work).clamp_(min=EXP_FLOOR).exp_()
+        torch.log(unnormalised.sum(1), out=log_sharp_sum[start:stop])
+        log_sharp = _log_sharp(shifted, log_sharp_sum[start:stop], temperature)
+        sharp = torch.exp(log_sharp, out=work)
+        average.addmv_(sharp.t(), ones[: stop - start])
+        torch.neg(log_sharp.mul_(sharp).sum(1), out=token_entropy[start:stop])
+    return indices, max_logit, log_sharp_sum, average.div_(n), token_entropy
 
 
 def _value_unless_zero(gradient: Tensor | None) -> float | None:
@@ -146,58 +142,39 @@ def _value_unless_zero(gradient: Tensor | None) -> float | None:
 
 def _logit_gradients(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum, grad_z_q, sample_weight, code_weight,
                      grad_codebook):
-    """The backward pass through the logits, slice by slice: returns dLoss/dtokens and adds dLoss/dcodebook
-    to `grad_codebook` (when given). `grad_z_q` is the gradient of the straight-through z_q, `sample_weight`
-    that of the sample entropy, `code_weight` w_k = dLoss/dqbar_k; None where unused."""
-    n, k = tokens.shape[0], codebook.shape[0]
+    """The backward pass through the logits, one block of tokens at a time: returns dLoss/dtokens and adds
+    dLoss/dcodebook to `grad_codebook` (when given). `grad_z_q` is the gradient of the straight-through
+    z_q, `sample_weight` that of the sample entropy, `code_weight` w_k = dLoss/dqbar_k; None where unused.
+
+    Both softmax Jacobians are centred on weighted means under the probabilities as computed:
+    sum_k p_nk G_n.e_k / sum_k p_nk and sum_k q_nk x_nk / sum_k q_nk with x_nk = w_k - g_s log q_nk.
+    Dividing by the sums as computed, not taking them for 1, keeps each row of dLoss/dL summing to zero
+    in fp32, and so do the row sums taken with sum() (pairwise, where a GEMV accumulates K terms in
+    turn): otherwise the direction all codes share (|L| ~ 70 where T = 0.01 resolves differences of 0.01)
+    leaks into the gradient."""
+    n = tokens.shape[0]
     soft_path, entropy_path = grad_z_q is not None, sample_weight is not None or code_weight is not None
     sample_weight = 0.0 if sample_weight is None else sample_weight
-    # Each slice gives L - m and, on the straight-through path, G . e_k for the gradient G of z_q.
-    work_buffer = tokens.new_empty(n * min(chunk_size, k))
-
-    # Pass 1: the centres of both softmax Jacobians, as weighted means under the probabilities this
-    # pass computes: sum_k p_nk G_n.e_k / sum_k p_nk and sum_k q_nk x_nk / sum_k q_nk with
-    # x_nk = w_k - g_s log q_nk. Dividing by the sums as computed, not taking them for 1,
-    # keeps each row of dLoss/dL summing to zero in fp32, and so do the row sums taken with sum()
-    # (pairwise, where mv and bmm accumulate K terms in turn): otherwise the direction all codes share
-    # (|L| ~ 70 where T = 0.01 resolves differences of 0.01) leaks into the gradient.
-    soft_sum, soft_dot = tokens.new_zeros(n), tokens.new_zeros(n)
-    sharp_sum, sharp_dot = tokens.new_zeros(n), tokens.new_zeros(n)
-    for start, stop, shifted, dots in _logit_slices(tokens, codebook, chunk_size, max_logit, grad_z_q):
-        work = _rows(work_buffer, n, stop - start)
-        if soft_path:
-            unnormalised = torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_()
-            soft_sum.add_(unnormalised.sum(1))
-            soft_dot.add_(dots.mul_(unnormalised).sum(1))
-        if entropy_path:
-            log_sharp = _log_sharp(shifted, log_sharp_sum, temperature)
-            sharp = torch.exp(log_sharp, out=work)
-            sharp_sum.add_(sharp.sum(1))
-            code_slice = None if code_weight is None else code_weight[start:stop]
-            sharp_dot.add_(_entropy_weights(log_sharp, code_slice, sample_weight).mul_(sharp).sum(1))
-    log_soft_sum, soft_centre = soft_sum.log(), soft_dot / soft_sum
-
-    # Pass 2: dLoss/dL of the slice, then its products with the codebook and with the tokens.
-    # Entropy part: q_nk (x_nk - centre_n) / (N T).
+    # Entropy part of dLoss/dL: q_nk (x_nk - centre_n) / (N T).
     scale = 1.0 / (n * temperature)
-    sharp_centre = (sharp_dot / sharp_sum * scale)[:, None] if entropy_path else None
-    code_term = None if code_weight is None else code_weight * scale
-    grad_tokens = torch.zeros_like(tokens)
-    for start, stop, shifted, dots in _logit_slices(tokens, codebook, chunk_size, max_logit, grad_z_q):
-        work = _rows(work_buffer, n, stop - start)
+    grad_tokens = torch.empty_like(tokens)
+    for start, stop, shifted, dots, (work, product) in _logit_blocks(tokens, codebook, chunk_size, 2, max_logit, grad_z_q):
         grad_logits = None
-        if soft_path:
-            probs = torch.sub(shifted, log_soft_sum[:, None], out=work).clamp_(min=EXP_FLOOR).exp_()
-            grad_logits = dots.sub_(soft_centre[:, None]).mul_(probs)
-        if entropy_path:
-            log_sharp = _log_sharp(shifted, log_sharp_sum, temperature)
+        if soft_path:  # p_nk (G_n.e_k - centre_n), in place of the dots
+            unnormalised = torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_()
+            soft_sum = unnormalised.sum(1, keepdim=True)
+            soft_centre = torch.mul(dots, unnormalised, out=product).sum(1, keepdim=True).div_(soft_sum)
+            grad_logits = dots.sub_(soft_centre).mul_(unnormalised.div_(soft_sum))
+        if entropy_path:  # in place of the logits
+            log_sharp = _log_sharp(shifted, log_sharp_sum[start:stop], temperature)
             sharp = torch.exp(log_sharp, out=work)
-            code_slice = None if code_term is None else code_term[start:stop]
-            term = _entropy_weights(log_sharp, code_slice, sample_weight * scale).sub_(sharp_centre)
-            grad_logits = sharp.mul_(term) if grad_logits is None else grad_logits.addcmul_(sharp, term)
-        grad_tokens.addmm_(grad_logits, codebook[start:stop])
+            weights = _entropy_weights(log_sharp, code_weight, sample_weight)
+            sharp_centre = torch.mul(weights, sharp, out=product).sum(1, keepdim=True).div_(sharp.sum(1, keepdim=True))
+            centred = weights.sub_(sharp_centre)
+            grad_logits = centred.mul_(sharp).mul_(scale) if grad_logits is None else grad_logits.addcmul_(centred, sharp, value=scale)
+        torch.mm(grad_logits, codebook, out=grad_tokens[start:stop])
         if grad_codebook is not None:
-            grad_codebook[start:stop].addmm_(grad_logits.t(), tokens)
+            grad_codebook.addmm_(grad_logits.t(), tokens[start:stop])
     return grad_tokens
 
 
@@ -210,8 +187,7 @@ class _ChunkedIBQ(torch.autograd.Function):
             indices, max_logit, log_sharp_sum, token_entropy = triton_ibq.row_statistics(tokens, codebook, temperature)
             average = triton_ibq.code_averages(tokens, codebook, temperature, max_logit, log_sharp_sum)
         else:
-            indices, max_logit, log_sharp_sum = _argmax_and_sharp_normaliser(tokens, codebook, temperature, chunk_size)
-            average, token_entropy = _sharp_statistics(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum)
+            indices, max_logit, log_sharp_sum, average, token_entropy = _row_statistics(tokens, codebook, temperature, chunk_size)
         sample_entropy = token_entropy.mean()
         codebook_entropy = -(average * (average + ENTROPY_EPS).log()).sum()
         z_q = codebook[indices]

@@ -7,8 +7,8 @@ released code: beta=0.25 sits on the codebook term; the paper's Eq. 10 puts it o
 term instead (commitment_weight=0.25, codebook_weight=1.0).
 
 `chunk_size=None` computes the tokens x K logits at once; an integer computes the same values and
-gradients over codebook slices of that many codes (ibq.quantizers.chunked), for K up to 2^20, with
-`chunk_kernels` "torch" (GEMMs per slice) or "triton" (fused kernels on CUDA).
+gradients holding at most tokens x chunk_size logits (ibq.quantizers.chunked), for K up to 2^20, with
+`chunk_kernels` "torch" (GEMMs per block of tokens) or "triton" (fused kernels on CUDA).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Triton kernels for chunked IBQ on a GPU, forward and backward (ibq.quantizers.chunked's notation).
 
-`chunked.py` streams codebook slices through torch: each slice's logits are written to memory and read
+`chunked.py` runs blocks of tokens through torch: each block's logits are written to memory and read
 back by a handful of passes (max, exp, sums). Here one kernel per pass computes a tile of logits with
 `tl.dot` and reduces it in registers, so no logits ever reach memory:
 
@@ -329,7 +329,7 @@ def code_splits(row_tiles: int, code_tiles: int, multiprocessors: int) -> int:
 def logit_gradients(tokens: Tensor, codebook: Tensor, temperature: float, max_logit: Tensor, log_sharp_sum: Tensor,
                     grad_z_q: Tensor | None, sample_weight: Tensor | None, code_weight: Tensor | None, exp_floor: float,
                     grad_codebook: Tensor | None) -> Tensor:
-    """The backward pass through the logits, chunked.py's two passes fused: returns dLoss/dtokens and adds
+    """The backward pass through the logits, chunked.py's elementwise passes fused: returns dLoss/dtokens and adds
     dLoss/dcodebook to `grad_codebook` (when given). `grad_z_q` is the gradient of the straight-through
     z_q, `sample_weight` (0-d) that of the sample entropy, `code_weight` w_k = dLoss/dqbar_k; None where
     unused, and one of the three in use. All stay on the device: nothing here waits for it."""
