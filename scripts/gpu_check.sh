@@ -33,9 +33,11 @@ bench() {
   # shellcheck disable=SC2086  # BENCH_ARGS: several arguments
   timeout "$seconds" "$python" -m benchmarks.bench_gpu ${BASELINE:+--baseline "$BASELINE"} $BENCH_ARGS "$@" 2>&1 | tee "$out/bench_$name.txt"
 }
-for part in ${PARTS:-ibq ar_sample tokenizer tokenizer_eager ar_train}; do
+for part in ${PARTS:-ibq ar_sample tokenizer tokenizer_norms tokenizer_eager ar_train}; do
   case $part in
     tokenizer_eager) bench "$part" 150 --only tokenizer --override=++train.compile=false ;;
+    # eager, GroupNorm + SiLU recomputed in the backward pass (code older than that option fails it)
+    tokenizer_norms) bench "$part" 150 --only tokenizer --override=++train.compile=false --override=++train.activation_checkpointing=norms ;;
     tokenizer) bench "$part" 400 --only tokenizer ;;
     *) bench "$part" 150 --only "$part" ;;
   esac

@@ -59,6 +59,7 @@ def first_losses(training: TokenizerTraining, steps: int = 2, device: str = "cpu
     "switches",
     [
         ["train.channels_last=true", "train.activation_checkpointing=true"],
+        ["train.activation_checkpointing=norms"],
         # Inductor's CPU code generation takes minutes for this step on 2 cores (and does not pay on
         # CPU, hence auto = CUDA only): here dynamo and AOTAutograd trace the step and run their graphs
         # eagerly, which checks the compiled step's structure and values, not Inductor's kernels.
@@ -96,6 +97,15 @@ def test_channels_last_follows_compilation_unless_set(train: dict, expected: dic
         StepAcceleration.from_config(OmegaConf.create({"channels_last": "yes"}), torch.device("cpu"))
 
 
+def test_activation_checkpointing_names_what_is_recomputed():
+    def recomputed(value):
+        return StepAcceleration.from_config(OmegaConf.create({"activation_checkpointing": value}), torch.device("cpu")).activation_checkpointing
+
+    assert [recomputed(value) for value in (False, "none", "norms", "blocks", True)] == ["none", "none", "norms", "blocks", "blocks"]
+    with pytest.raises(UserError, match=r"train.activation_checkpointing='all' is invalid: valid are none, norms, blocks"):
+        recomputed("all")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: Inductor's CUDA kernels")
 def test_the_compiled_step_gives_the_eager_losses_on_cuda(tmp_path: Path):
@@ -104,7 +114,7 @@ def test_the_compiled_step_gives_the_eager_losses_on_cuda(tmp_path: Path):
     second's within 2% (Adam's first update, as above)."""
     eager = first_losses(tiny_training(tmp_path / "eager", "train.device=cuda", "train.compile=false", "train.precision=fp32"), device="cuda")
     compiled = tiny_training(tmp_path / "compiled", "train.device=cuda", "train.compile=true", "train.precision=fp32")
-    assert compiled.acceleration.record() == {"compile": True, "channels_last": True, "activation_checkpointing": False}
+    assert compiled.acceleration.record() == {"compile": True, "channels_last": True, "activation_checkpointing": "none"}
     first, second = first_losses(compiled, device="cuda")
     assert first == pytest.approx(eager[0], rel=2e-3, abs=1e-5)
     assert second == pytest.approx(eager[1], rel=2e-2, abs=1e-4)
@@ -127,7 +137,7 @@ def test_the_step_never_waits_for_the_gpu(tmp_path: Path):
 
 
 def test_the_compiled_networks_trace_as_one_graph_each(tmp_path: Path, whole_graph):
-    """train.compile compiles the encoder, the decoder (with and without activation checkpointing), the
+    """train.compile compiles the encoder, the decoder (with each activation checkpointing), the
     discriminator and LPIPS. Each must trace whole, with no value read back to the host: a graph break
     would cut it into graphs with Python between them, launched one after the other. Traced, each gives
     its eager output."""
@@ -139,9 +149,9 @@ def test_the_compiled_networks_trace_as_one_graph_each(tmp_path: Path, whole_gra
     images = micro_batches(training)[0]
     latents = tokenizer.encoder(images)
     networks = [(tokenizer.encoder, (images,)), (tokenizer.decoder, (latents,)), (training.discriminator, (images,)), (perceptual, (images, images.flip(0)))]
-    for checkpointing in (False, True):
+    for checkpointing in ("none", "norms", "blocks"):
         tokenizer.set_activation_checkpointing(checkpointing)
-        for network, inputs in networks[: 2 if checkpointing else None]:
+        for network, inputs in networks[: 2 if checkpointing != "none" else None]:
             traced, graphs = whole_graph(network)
             name = f"{type(network).__name__} (activation checkpointing {checkpointing})"
             assert torch.equal(traced(*inputs), network(*inputs)), name

@@ -5,8 +5,10 @@ minutes to compile the tiny step on a shared 2-core machine, which then ran no f
 `train.channels_last` defaults to `auto`: on where the step is compiled. Eager, PyTorch's GroupNorm
 reads NHWC inputs slowly: on an H200 the paper's eager step ran at 49.0 images/s at micro-batch 32 with
 channels_last, where an earlier version's NCHW step ran at 59.1; on CPU the tiny step at 23.1 against
-25.7. Activation checkpointing trades a second forward pass of the tokenizer's blocks for their
-activations' memory: off unless asked. The run record holds the resolved switches (`acceleration` in run.json)."""
+25.7. `train.activation_checkpointing` trades compute for activation memory, off unless asked: `norms`
+recomputes each GroupNorm + SiLU pair in the backward pass (one memory-bound pass more, where their fp32
+outputs are most of what a block keeps), `blocks` (or true) every block (a second forward pass). The run
+record holds the resolved switches (`acceleration` in run.json)."""
 
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ibq.errors import UserError
+from ibq.models.tokenizer import RECOMPUTE
 
 log = logging.getLogger(__name__)
 
-SWITCHES = {"compile": "auto", "channels_last": "auto", "activation_checkpointing": False}
+SWITCHES = {"compile": "auto", "channels_last": "auto", "activation_checkpointing": "none"}
 
 
 def _switch(train: DictConfig, key: str, auto: bool) -> bool:
@@ -34,19 +37,29 @@ def _switch(train: DictConfig, key: str, auto: bool) -> bool:
     raise UserError(f"train.{key}={value!r} is invalid: valid are auto ({meaning}), true, false")
 
 
+def _recompute(train: DictConfig) -> str:
+    value = train.get("activation_checkpointing", SWITCHES["activation_checkpointing"])
+    if isinstance(value, bool):
+        return "blocks" if value else "none"
+    if value not in RECOMPUTE:
+        raise UserError(f"train.activation_checkpointing={value!r} is invalid: valid are {', '.join(RECOMPUTE)} "
+                        "(false: none, true: blocks)")
+    return value
+
+
 @dataclass(frozen=True)
 class StepAcceleration:
     compile: bool
     channels_last: bool
-    activation_checkpointing: bool
+    activation_checkpointing: str  # one of RECOMPUTE
 
     @classmethod
     def from_config(cls, train: DictConfig, device: torch.device) -> StepAcceleration:
         compiled = _switch(train, "compile", device.type == "cuda")
         return cls(compile=compiled, channels_last=_switch(train, "channels_last", compiled),
-                   activation_checkpointing=_switch(train, "activation_checkpointing", False))
+                   activation_checkpointing=_recompute(train))
 
-    def record(self) -> dict[str, bool]:
+    def record(self) -> dict[str, bool | str]:
         return asdict(self)
 
     @property

@@ -14,8 +14,21 @@ from ibq.errors import UserError
 from ibq.quantizers.base import QuantizerOutput
 
 
+# What the backward pass recomputes instead of keeping (train.activation_checkpointing): nothing; each
+# GroupNorm + SiLU pair, whose two fp32 outputs are most of a block's activations and cost one
+# memory-bound pass to redo; or every block, a second forward pass of the networks.
+RECOMPUTE = ("none", "norms", "blocks")
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=min(32, channels), num_channels=channels, eps=1e-6, affine=True)
+
+
+def norm_act(norm: nn.Module, act: nn.Module, x: Tensor, recompute: bool) -> Tensor:
+    """act(norm(x)); with `recompute` (in training) only x is kept for the backward pass."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(lambda h: act(norm(h)), x, use_reentrant=False)
+    return act(norm(x))
 
 
 class ResBlock(nn.Module):
@@ -31,9 +44,12 @@ class ResBlock(nn.Module):
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.recompute_norms = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.shortcut(x) + self.branch(x)
+        norm1, act1, conv1, norm2, act2, dropout, conv2 = self.branch
+        h = conv1(norm_act(norm1, act1, x, self.recompute_norms))
+        return self.shortcut(x) + conv2(dropout(norm_act(norm2, act2, h, self.recompute_norms)))
 
 
 class AttnBlock(nn.Module):
@@ -81,6 +97,12 @@ def run_blocks(blocks: nn.Module, h: Tensor, checkpointing: bool) -> Tensor:
     return h
 
 
+def run_out(out: nn.Sequential, h: Tensor, recompute_norms: bool) -> Tensor:
+    """The closing GroupNorm, SiLU and convolution."""
+    norm, act, conv = out
+    return conv(norm_act(norm, act, h, recompute_norms))
+
+
 def stage(in_ch: int, out_ch: int, num_blocks: int, attention: bool, dropout: float) -> nn.ModuleList:
     layers = nn.ModuleList()
     for i in range(num_blocks):
@@ -117,13 +139,13 @@ class Encoder(nn.Module):
             self.levels.append(blocks)
         self.mid = middle(channels, dropout)
         self.out = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, z_channels, 3, padding=1))
-        self.checkpointing = False
+        self.checkpointing = self.recompute_norms = False
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
         for blocks in self.levels:
             h = run_blocks(blocks, h, self.checkpointing)
-        return self.out(run_blocks(self.mid, h, self.checkpointing))
+        return run_out(self.out, run_blocks(self.mid, h, self.checkpointing), self.recompute_norms)
 
 
 class Decoder(nn.Module):
@@ -149,13 +171,13 @@ class Decoder(nn.Module):
                 blocks.append(Upsample(channels))
             self.levels.append(blocks)
         self.out = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.checkpointing = False
+        self.checkpointing = self.recompute_norms = False
 
     def forward(self, z: Tensor) -> Tensor:
         h = run_blocks(self.mid, self.conv_in(z), self.checkpointing)
         for blocks in self.levels:
             h = run_blocks(blocks, h, self.checkpointing)
-        return self.out(h)
+        return run_out(self.out, h, self.recompute_norms)
 
 
 class Tokenizer(nn.Module):
@@ -175,8 +197,14 @@ class Tokenizer(nn.Module):
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, decoder.conv_in.in_channels, 1)
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        self.encoder.checkpointing = self.decoder.checkpointing = enabled
+    def set_activation_checkpointing(self, recompute: str) -> None:
+        """What the backward pass recomputes: one of RECOMPUTE."""
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"activation checkpointing {recompute!r}: valid are {', '.join(RECOMPUTE)}")
+        self.encoder.checkpointing = self.decoder.checkpointing = recompute == "blocks"
+        for module in self.modules():
+            if isinstance(module, (ResBlock, Encoder, Decoder)):
+                module.recompute_norms = recompute == "norms"
 
     @property
     def downsample_factor(self) -> int:
