@@ -236,9 +236,15 @@ def ibq_figures(device, real: bool) -> dict:
     }
     figures["ibq_chunked_peak_gib_k262144"] = peak_gib(fwd_bwd(chunked_small), device) if device.type == "cuda" else CUDA_ONLY
     if "chunk_kernels" in inspect.signature(IBQ).parameters and device.type == "cuda":
-        fused = quantizer(small, chunk, chunk_kernels="triton")
-        figures["ibq_triton_ms_k262144"] = timed(fwd_bwd(fused), device, repeats) * 1e3
-        figures["ibq_triton_peak_gib_k262144"] = peak_gib(fwd_bwd(fused), device)
+        from ibq.quantizers.chunked import KERNELS
+
+        for kernels in ("triton", "triton_rows"):
+            if kernels in KERNELS:
+                other = quantizer(small, chunk, chunk_kernels=kernels)
+                figures[f"ibq_{kernels}_ms_k262144"] = timed(fwd_bwd(other), device, repeats) * 1e3
+                figures[f"ibq_{kernels}_over_dense_time_k262144"] = figures[f"ibq_{kernels}_ms_k262144"] / (dense * 1e3)
+                figures[f"ibq_{kernels}_peak_gib_k262144"] = peak_gib(fwd_bwd(other), device)
+                profiled(f"ibq_{kernels}_k262144", fwd_bwd(other), device)
     return figures
 
 

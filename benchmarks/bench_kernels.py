@@ -8,6 +8,8 @@ D counted D / BLOCK_D times). A Hopper multiprocessor issues one instruction per
 runs as many fp32 FMAs, so that share bounds the fraction of fp32 peak a kernel can reach; weighted by
 each kernel's share of the flops it is the bound for forward + backward. Static figures, the same on
 every run: they compare tile choices where no GPU is at hand, and say nothing of memory or latency.
+The row kernels of `chunk_kernels=triton_rows`, which stream memory around cuBLAS's products: registers
+and spills only.
 Run from the repository root: python -m benchmarks.bench_kernels [--dim 256]
 """
 
@@ -36,6 +38,12 @@ KERNELS = {
     "row_sums": (triton_ibq._row_sums_kernel, triton_ibq.ROW_SUMS_TILES, ALL_PATHS, 4),
     "token_gradient": (triton_ibq._token_gradient_kernel, triton_ibq.TOKEN_GRADIENT_TILES, ALL_PATHS, 6),
     "codebook_gradient": (triton_ibq._codebook_gradient_kernel, triton_ibq.CODEBOOK_GRADIENT_TILES, ALL_PATHS, 6),
+}
+# The row kernels of chunk_kernels=triton_rows stream memory and leave the products to cuBLAS: registers
+# and spills only.
+ROW_KERNELS = {
+    "block_statistics": (triton_ibq._block_statistics_kernel, {}),
+    "block_gradient": (triton_ibq._block_gradient_kernel, ALL_PATHS),
 }
 
 
@@ -114,6 +122,10 @@ def main() -> None:
         issued += kernel_flops / share
         flops += kernel_flops
     print(f"ibq_fused_ffma_share: {flops / issued:.3f}")
+    for name, (kernel, constants) in ROW_KERNELS.items():
+        registers, spilled = registers_and_spills(compile_for_hopper(kernel, triton_ibq.ROW_TILES, constants, args.dim))
+        print(f"{name}_registers: {registers}")
+        print(f"{name}_spill_bytes: {spilled}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def triton_kernels_when_interpreted(monkeypatch: pytest.MonkeyPatch):
     if INTERPRETED:
         from ibq.quantizers import chunked
 
-        monkeypatch.setattr(chunked, "use_triton", lambda tokens, kernels: True)
+        monkeypatch.setattr(chunked, "use_triton", lambda tokens, kernels: kernels != "triton_rows")
+        monkeypatch.setattr(chunked, "use_row_kernels", lambda tokens, kernels: kernels == "triton_rows")
 
 
 def reference_ibq(z, codebook, *, double_quant_weight, commitment_weight, codebook_weight, entropy_weight,
@@ -143,12 +144,13 @@ def test_chunked_equals_dense_with_paper_beta_and_more_tokens():
     assert_chunked_equals_dense_at_paper_beta(1000, 32, (4, 32, 8, 8), chunk_size=96)
 
 
+@pytest.mark.parametrize("chunk_kernels", ["torch", "triton_rows"])  # the same off CUDA, except under the interpreter
 @pytest.mark.parametrize("used", ["z_q only", "loss only", "entropy off"])
-def test_chunked_gradients_when_only_some_outputs_are_used(used):
+def test_chunked_gradients_when_only_some_outputs_are_used(used, chunk_kernels):
     weights = dict(WEIGHTS, entropy_weight=0.0) if used == "entropy off" else WEIGHTS
     torch.manual_seed(0)
     dense = IBQ(K, D, **weights)
-    chunked = IBQ(K, D, **weights, chunk_size=10)
+    chunked = IBQ(K, D, **weights, chunk_size=10, chunk_kernels=chunk_kernels)
     chunked.load_state_dict(dense.state_dict())
     z, upstream = inputs(5)
     grads = []
@@ -162,14 +164,17 @@ def test_chunked_gradients_when_only_some_outputs_are_used(used):
     assert_gradients_close(grads[1][1], grads[0][1])
 
 
-def test_equal_codes_give_the_first_index():
-    """The largest code twice (under the interpreter: in different code ranges of the Triton kernels):
-    every token next to it takes the first, as argmax over all K does."""
-    quantizer = IBQ(150, D, chunk_size=64)
+@pytest.mark.parametrize("chunk_kernels", ["torch", "triton_rows"])
+@pytest.mark.parametrize("codes", [(3, 140), (2, 2050), (60, 2100)])
+def test_equal_codes_give_the_first_index(codes, chunk_kernels):
+    """The largest code twice (under the interpreter: in different code ranges of the fused kernels, and
+    in the row kernels' tiles of 2048 codes in the same lane or in different ones): every token next to
+    it takes the first, as argmax over all K does."""
+    quantizer = IBQ(2200, D, chunk_size=64, chunk_kernels=chunk_kernels)
     with torch.no_grad():
-        quantizer.codebook.weight[[3, 140]] = 10.0
+        quantizer.codebook.weight[list(codes)] = 10.0
         out = quantizer(torch.ones(1, D, 2, 2))
-    assert out.indices.flatten().tolist() == [3] * 4
+    assert out.indices.flatten().tolist() == [codes[0]] * 4
 
 
 def test_chunked_function_passes_gradcheck_in_float64():
@@ -280,25 +285,35 @@ def test_triton_kernels_equal_dense():
     assert_as_accurate_as_dense_near_a_shared_direction(9, 100, 48, chunk_size=96)
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 from the start: test_triton_kernels_under_the_interpreter runs it so")
+def test_triton_row_kernels_equal_dense():
+    """The row kernels around the GEMMs (chunk_kernels=triton_rows), forward and backward, under the
+    interpreter: as the fused kernels above. 3000 and 2500 codes: a second, partial tile of codes; 72
+    tokens in blocks of 20 (D / 2), the last partial."""
+    assert_chunked_equals_dense_at_paper_beta(3000, 40, (2, 40, 6, 6), chunk_size=96, chunk_kernels="triton_rows")
+    assert_as_accurate_as_dense_near_a_shared_direction(9, 2500, 48, chunk_size=96, chunk_kernels="triton_rows")
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this is the process it starts")
 def test_triton_kernels_under_the_interpreter():
     """Triton decides at import whether kernels are compiled or interpreted: a fresh process it is. It also
     runs the gradient tests of partly used outputs, which turn the backward kernels' paths on and off, and
-    the test of equal codes."""
+    the tests of equal codes, for the fused kernels and the row kernels."""
     pytest.importorskip("triton", reason="Triton is not installed: CPU-only builds of torch come without it")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
-         "test_triton_kernels_equal_dense or test_chunked_gradients_when_only_some_outputs_are_used or test_equal_codes_give_the_first_index"],
+         "test_triton_kernels_equal_dense or test_triton_row_kernels_equal_dense or test_chunked_gradients_when_only_some_outputs_are_used"
+         " or test_equal_codes_give_the_first_index"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
     )
-    assert result.returncode == 0 and "5 passed" in result.stdout, result.stdout[-3000:]
+    assert result.returncode == 0 and "14 passed" in result.stdout, result.stdout[-3000:]
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("chunk_kernels", ["torch", "triton"])
+@pytest.mark.parametrize("chunk_kernels", ["torch", "triton_rows", "triton"])
 def test_chunked_ibq_on_cuda_equals_dense_and_never_waits(chunk_kernels):
-    if chunk_kernels == "triton":
+    if chunk_kernels != "torch":
         pytest.importorskip("triton", reason="Triton is not installed")
     assert_chunked_equals_dense_at_paper_beta(3000, 64, (4, 64, 8, 8), chunk_size=512, device="cuda", chunk_kernels=chunk_kernels)
     assert_as_accurate_as_dense_near_a_shared_direction(16, 16384, 256, chunk_size=8192, device="cuda", chunk_kernels=chunk_kernels)
@@ -320,7 +335,7 @@ def test_torch_blocks_equal_dense_with_the_entropy_weights_kept_on_the_device(mo
     from ibq.quantizers import chunked
 
     monkeypatch.setattr(chunked, "weights_stay_on_device", lambda tokens, fused: True)
-    test_chunked_gradients_when_only_some_outputs_are_used(used)
+    test_chunked_gradients_when_only_some_outputs_are_used(used, "torch")
     assert_chunked_equals_dense_at_paper_beta(1000, 32, (4, 32, 8, 8), chunk_size=96)
 
 
@@ -347,7 +362,7 @@ def test_triton_kernels_compile_for_hopper_without_spilling():
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0, result.stderr[-3000:]
     figures = dict(line.split(": ", 1) for line in result.stdout.splitlines()[1:])
-    kernels = ("row_statistics", "code_average", "row_sums", "token_gradient", "codebook_gradient")
+    kernels = ("row_statistics", "code_average", "row_sums", "token_gradient", "codebook_gradient", "block_statistics", "block_gradient")
     assert {kernel: int(figures[f"{kernel}_spill_bytes"]) for kernel in kernels} == dict.fromkeys(kernels, 0), result.stdout
     assert 0 < float(figures["ibq_fused_ffma_share"]) < 1
     # triton_ibq.code_splits counts one program per multiprocessor: two would fit at 128 registers or fewer

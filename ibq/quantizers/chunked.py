@@ -27,14 +27,18 @@ EXP_FLOOR = -50.0
 
 
 # What computes chunked IBQ: "torch" runs cuBLAS (or CPU) GEMMs and torch's elementwise ops on each block
-# of tokens; "triton" runs the fused kernels of ibq.quantizers.triton_ibq where the tokens are on CUDA (the
-# torch blocks elsewhere), which keep no logits in memory but were measured slower on an H200 (README,
-# "GPU figures").
-KERNELS = ("torch", "triton")
+# of tokens; "triton_rows" the same GEMMs with the elementwise work of a block in two Triton kernels,
+# where the tokens are on CUDA; "triton" the fused kernels of ibq.quantizers.triton_ibq there, which keep
+# no logits in memory but were measured slower on an H200 (README, "GPU figures"). Off CUDA, torch.
+KERNELS = ("torch", "triton_rows", "triton")
 
 
 def use_triton(tokens: Tensor, kernels: str) -> bool:
     return kernels == "triton" and triton_ibq.available(tokens)
+
+
+def use_row_kernels(tokens: Tensor, kernels: str) -> bool:
+    return kernels == "triton_rows" and triton_ibq.available(tokens)
 
 
 def weights_stay_on_device(tokens: Tensor, fused: bool) -> bool:
@@ -117,22 +121,27 @@ def _entropy_weights(log_sharp: Tensor, code_weight: Tensor | None, sample_weigh
     return weights if code_weight is None else weights.add_(code_weight)
 
 
-def _row_statistics(tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int):
+def _row_statistics(tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int, row_kernels: bool):
     """argmax_k L, m = max_k L, log sum_k exp((L - m) / T), qbar_k = mean_n q_nk and the per-token
     entropies H(q_n) = -sum_k q_nk log q_nk, one block of tokens at a time."""
     n, k = tokens.shape[0], codebook.shape[0]
     indices, max_logit = tokens.new_empty(n, dtype=torch.long), tokens.new_empty(n)
     log_sharp_sum, token_entropy, average = tokens.new_empty(n), tokens.new_empty(n), tokens.new_zeros(k)
     ones = tokens.new_ones(n)
-    for start, stop, logits, _, (work,) in _logit_blocks(tokens, codebook, chunk_size, buffers=1):
-        torch.max(logits, 1, out=(max_logit[start:stop], indices[start:stop]))  # ties: the first code, as argmax
-        shifted = logits.sub_(max_logit[start:stop, None])
-        unnormalised = torch.div(shifted, temperature, out=work).clamp_(min=EXP_FLOOR).exp_()
-        torch.log(unnormalised.sum(1), out=log_sharp_sum[start:stop])
-        log_sharp = _log_sharp(shifted, log_sharp_sum[start:stop], temperature)
-        sharp = torch.exp(log_sharp, out=work)
+    for start, stop, logits, _, work in _logit_blocks(tokens, codebook, chunk_size, buffers=0 if row_kernels else 1):
+        block = slice(start, stop)
+        if row_kernels:
+            sharp = triton_ibq.block_statistics(logits, max_logit[block], indices[block], log_sharp_sum[block], token_entropy[block],
+                                                temperature, EXP_FLOOR)
+        else:
+            torch.max(logits, 1, out=(max_logit[block], indices[block]))  # ties: the first code, as argmax
+            shifted = logits.sub_(max_logit[block, None])
+            unnormalised = torch.div(shifted, temperature, out=work[0]).clamp_(min=EXP_FLOOR).exp_()
+            torch.log(unnormalised.sum(1), out=log_sharp_sum[block])
+            log_sharp = _log_sharp(shifted, log_sharp_sum[block], temperature)
+            sharp = torch.exp(log_sharp, out=work[0])
+            torch.neg(log_sharp.mul_(sharp).sum(1), out=token_entropy[block])  # sharp is kept
         average.addmv_(sharp.t(), ones[: stop - start])
-        torch.neg(log_sharp.mul_(sharp).sum(1), out=token_entropy[start:stop])
     return indices, max_logit, log_sharp_sum, average.div_(n), token_entropy
 
 
@@ -140,11 +149,9 @@ def _value_unless_zero(gradient: Tensor | None) -> float | None:
     return None if gradient is None or float(gradient) == 0.0 else float(gradient)
 
 
-def _logit_gradients(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum, grad_z_q, sample_weight, code_weight,
-                     grad_codebook):
-    """The backward pass through the logits, one block of tokens at a time: returns dLoss/dtokens and adds
-    dLoss/dcodebook to `grad_codebook` (when given). `grad_z_q` is the gradient of the straight-through
-    z_q, `sample_weight` that of the sample entropy, `code_weight` w_k = dLoss/dqbar_k; None where unused.
+def _block_gradient(shifted, dots, work, product, log_sharp_sum, temperature, sample_weight, code_weight, scale):
+    """dLoss/dL of a block from its shifted logits and gradient dots (None without the straight-through
+    path), in place of one of them; `sample_weight` and `code_weight` None where the entropy is unused.
 
     Both softmax Jacobians are centred on weighted means under the probabilities as computed:
     sum_k p_nk G_n.e_k / sum_k p_nk and sum_k q_nk x_nk / sum_k q_nk with x_nk = w_k - g_s log q_nk.
@@ -152,26 +159,39 @@ def _logit_gradients(tokens, codebook, temperature, chunk_size, max_logit, log_s
     in fp32, and so do the row sums taken with sum() (pairwise, where a GEMV accumulates K terms in
     turn): otherwise the direction all codes share (|L| ~ 70 where T = 0.01 resolves differences of 0.01)
     leaks into the gradient."""
+    grad_logits = None
+    if dots is not None:  # p_nk (G_n.e_k - centre_n), in place of the dots
+        unnormalised = torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_()
+        soft_sum = unnormalised.sum(1, keepdim=True)
+        soft_centre = torch.mul(dots, unnormalised, out=product).sum(1, keepdim=True).div_(soft_sum)
+        grad_logits = dots.sub_(soft_centre).mul_(unnormalised.div_(soft_sum))
+    if sample_weight is not None or code_weight is not None:  # q_nk (x_nk - centre_n) / (N T), in place of the logits
+        log_sharp = _log_sharp(shifted, log_sharp_sum, temperature)
+        sharp = torch.exp(log_sharp, out=work)
+        weights = _entropy_weights(log_sharp, code_weight, 0.0 if sample_weight is None else sample_weight)
+        sharp_centre = torch.mul(weights, sharp, out=product).sum(1, keepdim=True).div_(sharp.sum(1, keepdim=True))
+        centred = weights.sub_(sharp_centre)
+        grad_logits = centred.mul_(sharp).mul_(scale) if grad_logits is None else grad_logits.addcmul_(centred, sharp, value=scale)
+    return grad_logits
+
+
+def _logit_gradients(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum, grad_z_q, sample_weight, code_weight,
+                     grad_codebook, row_kernels):
+    """The backward pass through the logits, one block of tokens at a time: returns dLoss/dtokens and adds
+    dLoss/dcodebook to `grad_codebook` (when given). `grad_z_q` is the gradient of the straight-through
+    z_q, `sample_weight` that of the sample entropy, `code_weight` w_k = dLoss/dqbar_k; None where unused.
+    With `row_kernels`, Triton's row kernels compute each block's dLoss/dL (as _block_gradient does)."""
     n = tokens.shape[0]
-    soft_path, entropy_path = grad_z_q is not None, sample_weight is not None or code_weight is not None
-    sample_weight = 0.0 if sample_weight is None else sample_weight
-    # Entropy part of dLoss/dL: q_nk (x_nk - centre_n) / (N T).
-    scale = 1.0 / (n * temperature)
     grad_tokens = torch.empty_like(tokens)
-    for start, stop, shifted, dots, (work, product) in _logit_blocks(tokens, codebook, chunk_size, 2, max_logit, grad_z_q):
-        grad_logits = None
-        if soft_path:  # p_nk (G_n.e_k - centre_n), in place of the dots
-            unnormalised = torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_()
-            soft_sum = unnormalised.sum(1, keepdim=True)
-            soft_centre = torch.mul(dots, unnormalised, out=product).sum(1, keepdim=True).div_(soft_sum)
-            grad_logits = dots.sub_(soft_centre).mul_(unnormalised.div_(soft_sum))
-        if entropy_path:  # in place of the logits
-            log_sharp = _log_sharp(shifted, log_sharp_sum[start:stop], temperature)
-            sharp = torch.exp(log_sharp, out=work)
-            weights = _entropy_weights(log_sharp, code_weight, sample_weight)
-            sharp_centre = torch.mul(weights, sharp, out=product).sum(1, keepdim=True).div_(sharp.sum(1, keepdim=True))
-            centred = weights.sub_(sharp_centre)
-            grad_logits = centred.mul_(sharp).mul_(scale) if grad_logits is None else grad_logits.addcmul_(centred, sharp, value=scale)
+    # The row kernels take the logits unshifted and need no work matrices.
+    blocks = _logit_blocks(tokens, codebook, chunk_size, 0 if row_kernels else 2, None if row_kernels else max_logit, grad_z_q)
+    for start, stop, logits, dots, work in blocks:
+        if row_kernels:
+            grad_logits = triton_ibq.block_gradients(logits, dots, max_logit[start:stop], log_sharp_sum[start:stop], sample_weight,
+                                                     code_weight, temperature, n, EXP_FLOOR)
+        else:
+            grad_logits = _block_gradient(logits, dots, *work, log_sharp_sum[start:stop], temperature, sample_weight, code_weight,
+                                          1.0 / (n * temperature))
         torch.mm(grad_logits, codebook, out=grad_tokens[start:stop])
         if grad_codebook is not None:
             grad_codebook.addmm_(grad_logits.t(), tokens[start:stop])
@@ -182,17 +202,19 @@ class _ChunkedIBQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int, kernels: str):
         ctx.set_materialize_grads(False)
-        fused = use_triton(tokens, kernels)
+        row_kernels = use_row_kernels(tokens, kernels)
+        fused = not row_kernels and use_triton(tokens, kernels)
         if fused:  # fused kernels on a GPU: no logits in memory at all
             indices, max_logit, log_sharp_sum, token_entropy = triton_ibq.row_statistics(tokens, codebook, temperature)
             average = triton_ibq.code_averages(tokens, codebook, temperature, max_logit, log_sharp_sum)
         else:
-            indices, max_logit, log_sharp_sum, average, token_entropy = _row_statistics(tokens, codebook, temperature, chunk_size)
+            indices, max_logit, log_sharp_sum, average, token_entropy = _row_statistics(tokens, codebook, temperature, chunk_size,
+                                                                                       row_kernels)
         sample_entropy = token_entropy.mean()
         codebook_entropy = -(average * (average + ENTROPY_EPS).log()).sum()
         z_q = codebook[indices]
         ctx.save_for_backward(tokens, codebook, indices, max_logit, log_sharp_sum, average)
-        ctx.temperature, ctx.chunk_size, ctx.fused = temperature, chunk_size, fused
+        ctx.temperature, ctx.chunk_size, ctx.fused, ctx.row_kernels = temperature, chunk_size, fused, row_kernels
         ctx.mark_non_differentiable(indices)
         # z_q (straight-through, gradients through p) and z_hard (selected code only) share a value.
         return z_q, z_q.clone(), indices, sample_entropy, codebook_entropy
@@ -203,7 +225,7 @@ class _ChunkedIBQ(torch.autograd.Function):
         temperature, chunk_size, fused = ctx.temperature, ctx.chunk_size, ctx.fused
         # The entropies' incoming gradients, None where unused.
         sample_weight, codebook_weight = grad_sample_entropy, grad_codebook_entropy
-        if not weights_stay_on_device(tokens, fused):
+        if not weights_stay_on_device(tokens, ctx.fused or ctx.row_kernels):
             sample_weight, codebook_weight = _value_unless_zero(sample_weight), _value_unless_zero(codebook_weight)
         soft_path = grad_z_q is not None
         entropy_path = sample_weight is not None or codebook_weight is not None
@@ -226,13 +248,13 @@ class _ChunkedIBQ(torch.autograd.Function):
                                                      sample_weight, code_weight, EXP_FLOOR, grad_codebook)
         else:
             grad_tokens = _logit_gradients(tokens, codebook, temperature, chunk_size, max_logit, log_sharp_sum, grad_z_q,
-                                           sample_weight, code_weight, grad_codebook)
+                                           sample_weight, code_weight, grad_codebook, ctx.row_kernels)
         return grad_tokens, grad_codebook, None, None, None
 
 
 def chunked_ibq(tokens: Tensor, codebook: Tensor, temperature: float, chunk_size: int, kernels: str = "torch"):
-    """IBQ on (N, D) tokens with a (K, D) codebook, `chunk_size` codes at a time, computed by `kernels`
-    (KERNELS).
+    """IBQ on (N, D) tokens with a (K, D) codebook, holding tokens x chunk_size logits at a time,
+    computed by `kernels` (KERNELS).
 
     Returns (z_q, z_hard, indices, sample_entropy, codebook_entropy), equal in value and gradient to
     the dense computation: z_q = (onehot - sg(p) + p) E, z_hard = E[indices], and the MAGVIT-v2 entropy

@@ -268,6 +268,109 @@ if triton is not None:
             total += tl.dot(grad, _whole_rows(z_ptr, rows, row_ok, d, DIMS), input_precision="ieee")
         tl.store(out, total, mask=out_ok)
 
+    # -- row kernels: the elementwise work of chunked.py's blocks, around cuBLAS's GEMMs ---------------
+    # One program per token streams its row of a block's logits (and gradient dots) in tiles of codes,
+    # each lane of a tile keeping its own running sums, reduced once at the end: three reads of the
+    # logits forward and two (with the dots) backward, where torch's elementwise ops pass over them about
+    # ten and twenty times.
+
+    @triton.jit
+    def _block_statistics_kernel(logits_ptr, max_ptr, index_ptr, log_sum_ptr, entropy_ptr, k, inv_temperature, exp_floor,
+                                 BLOCK_K: tl.constexpr):
+        """One token's row: m = max_k L and its first argmax, log sum_k exp((L - m) / T) and H(q_n); q_n is
+        written over the row, for its column sums."""
+        row = tl.program_id(0)
+        logits_ptr += row.to(tl.int64) * k
+        lanes = tl.arange(0, BLOCK_K)
+        lane_max = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+        lane_index = tl.zeros((BLOCK_K,), tl.int64)
+        for start in range(0, k, BLOCK_K):
+            codes = start + lanes
+            logits = tl.load(logits_ptr + codes, mask=codes < k, other=float("-inf"))
+            greater = logits > lane_max  # strictly: each lane keeps its earliest maximum
+            lane_index = tl.where(greater, codes.to(tl.int64), lane_index)
+            lane_max = tl.where(greater, logits, lane_max)
+        row_max = tl.max(lane_max, axis=0)
+        # the first code holding the maximum, as argmax over all K
+        first = tl.min(tl.where(lane_max == row_max, lane_index, k), axis=0)
+        lane_sum = tl.zeros((BLOCK_K,), tl.float32)
+        for start in range(0, k, BLOCK_K):
+            codes = start + lanes
+            shifted = tl.load(logits_ptr + codes, mask=codes < k, other=0.0) - row_max
+            lane_sum += tl.where(codes < k, tl.exp(tl.maximum(shifted * inv_temperature, exp_floor)), 0.0)
+        log_sharp_sum = tl.log(tl.sum(lane_sum, axis=0))
+        lane_entropy = tl.zeros((BLOCK_K,), tl.float32)
+        for start in range(0, k, BLOCK_K):
+            codes = start + lanes
+            log_sharp = _log_sharp(tl.load(logits_ptr + codes, mask=codes < k, other=0.0) - row_max, log_sharp_sum,
+                                   inv_temperature, exp_floor)
+            sharp = tl.exp(log_sharp)
+            lane_entropy += tl.where(codes < k, sharp * log_sharp, 0.0)
+            tl.store(logits_ptr + codes, sharp, mask=codes < k)
+        tl.store(max_ptr + row, row_max)
+        tl.store(index_ptr + row, first)
+        tl.store(log_sum_ptr + row, log_sharp_sum)
+        tl.store(entropy_ptr + row, -tl.sum(lane_entropy, axis=0))
+
+    @triton.jit
+    def _block_gradient_kernel(logits_ptr, dots_ptr, grad_ptr, max_ptr, log_sharp_sum_ptr, code_weight_ptr, sample_weight_ptr,
+                               n, k, inv_temperature, exp_floor, SOFT: tl.constexpr, ENTROPY: tl.constexpr,
+                               CODE_WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One token's row of dLoss/dL, written over `grad_ptr`'s row (the dots' or the logits' buffer: each
+        element is read before it is written). The centres of both softmax Jacobians are divided by the
+        probability sums as computed (see chunked.py)."""
+        row = tl.program_id(0)
+        offset = row.to(tl.int64) * k
+        lanes = tl.arange(0, BLOCK_K)
+        row_max = tl.load(max_ptr + row)
+        log_sharp_sum = tl.load(log_sharp_sum_ptr + row)
+        sample_weight = tl.load(sample_weight_ptr)
+        soft_sum = tl.zeros((BLOCK_K,), tl.float32)
+        soft_dot = tl.zeros((BLOCK_K,), tl.float32)
+        sharp_sum = tl.zeros((BLOCK_K,), tl.float32)
+        sharp_dot = tl.zeros((BLOCK_K,), tl.float32)
+        for start in range(0, k, BLOCK_K):
+            codes = start + lanes
+            valid = codes < k
+            shifted = tl.load(logits_ptr + offset + codes, mask=valid, other=0.0) - row_max
+            if SOFT:
+                dots = tl.load(dots_ptr + offset + codes, mask=valid, other=0.0)
+                unnormalised = tl.where(valid, tl.exp(tl.maximum(shifted, exp_floor)), 0.0)
+                soft_sum += unnormalised
+                soft_dot += dots * unnormalised
+            if ENTROPY:
+                log_sharp = _log_sharp(shifted, log_sharp_sum, inv_temperature, exp_floor)
+                sharp = tl.where(valid, tl.exp(log_sharp), 0.0)
+                weights = log_sharp * -sample_weight
+                if CODE_WEIGHT:
+                    weights += tl.load(code_weight_ptr + codes, mask=valid, other=0.0)
+                sharp_sum += sharp
+                sharp_dot += weights * sharp
+        scale = inv_temperature / n
+        log_soft_sum = 0.0  # each path's own, where it is on
+        soft_centre = 0.0
+        sharp_centre = 0.0
+        if SOFT:
+            soft_total = tl.sum(soft_sum, axis=0)
+            log_soft_sum = tl.log(soft_total)
+            soft_centre = tl.sum(soft_dot, axis=0) / soft_total
+        if ENTROPY:
+            sharp_centre = tl.sum(sharp_dot, axis=0) / tl.sum(sharp_sum, axis=0) * scale
+        for start in range(0, k, BLOCK_K):
+            codes = start + lanes
+            valid = codes < k
+            shifted = tl.load(logits_ptr + offset + codes, mask=valid, other=0.0) - row_max
+            dots = shifted
+            if SOFT:
+                dots = tl.load(dots_ptr + offset + codes, mask=valid, other=0.0)
+            code_term = shifted * 0.0
+            if CODE_WEIGHT:
+                code_term = tl.load(code_weight_ptr + codes, mask=valid, other=0.0) * scale
+            grad = _logit_gradient(shifted, dots, valid, log_soft_sum, soft_centre, log_sharp_sum, sharp_centre, code_term,
+                                   inv_temperature, sample_weight * scale, exp_floor, SOFT, ENTROPY, CODE_WEIGHT)
+            tl.store(grad_ptr + offset + codes, grad, mask=valid)
+
+
 def row_statistics(tokens: Tensor, codebook: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(indices, max_logit, log_sharp_sum, token_entropy) of (N, D) fp32 tokens against a (K, D) codebook."""
     n, d = tokens.shape
@@ -369,3 +472,35 @@ def logit_gradients(tokens: Tensor, codebook: Tensor, temperature: float, max_lo
             **CODEBOOK_GRADIENT_TILES, DIMS=dims,
         )
     return partial.sum(0)
+
+
+# Codes per tile and warps of the row kernels: a tile of 2048 fp32 codes is 8 per thread of 8 warps,
+# loads of 32 bytes per thread.
+ROW_TILES = dict(BLOCK_K=2048, num_warps=8)
+
+
+def block_statistics(logits: Tensor, max_logit: Tensor, indices: Tensor, log_sharp_sum: Tensor, token_entropy: Tensor,
+                     temperature: float, exp_floor: float) -> Tensor:
+    """For a block's (M, K) logits: fills the (M,) max_logit, indices, log_sharp_sum and token_entropy, and
+    returns the logits' buffer holding q = softmax(L / T)."""
+    rows, k = logits.shape
+    _block_statistics_kernel[(rows,)](logits, max_logit, indices, log_sharp_sum, token_entropy, k, 1.0 / temperature, exp_floor,
+                                      **ROW_TILES)
+    return logits
+
+
+def block_gradients(logits: Tensor, dots: Tensor | None, max_logit: Tensor, log_sharp_sum: Tensor, sample_weight: Tensor | None,
+                    code_weight: Tensor | None, temperature: float, tokens: int, exp_floor: float) -> Tensor:
+    """dLoss/dL of a block, (M, K), over the buffer of `dots` (of `logits` where the straight-through
+    gradient is unused), for a batch of `tokens` tokens; arguments as logit_gradients'."""
+    rows, k = logits.shape
+    grad = logits if dots is None else dots
+    flags = dict(SOFT=dots is not None, ENTROPY=sample_weight is not None or code_weight is not None,
+                 CODE_WEIGHT=code_weight is not None)
+    # A path not in use is a flag off: its pointer is never read, so any tensor stands in for it.
+    sample_weight = logits.new_zeros(()) if sample_weight is None else sample_weight.float()
+    code_weight = max_logit if code_weight is None else code_weight.contiguous()
+    _block_gradient_kernel[(rows,)](logits, grad, grad, max_logit, log_sharp_sum, code_weight, sample_weight, tokens, k,
+                                    1.0 / temperature, exp_floor, **flags, **ROW_TILES)
+    return grad
+
