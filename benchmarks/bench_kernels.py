@@ -42,7 +42,10 @@ KERNELS = {
 # The row kernels of chunk_kernels=triton_rows stream memory and leave the products to cuBLAS: registers
 # and spills only.
 ROW_KERNELS = {
-    "block_statistics": (triton_ibq._block_statistics_kernel, {}),
+    "block_max": (triton_ibq._block_max_kernel, {}),
+    "block_sharp_sum": (triton_ibq._block_sharp_sum_kernel, {}),
+    "block_sharp": (triton_ibq._block_sharp_kernel, {}),
+    "block_sums": (triton_ibq._block_sums_kernel, ALL_PATHS),
     "block_gradient": (triton_ibq._block_gradient_kernel, ALL_PATHS),
 }
 

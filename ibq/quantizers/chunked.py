@@ -27,7 +27,7 @@ EXP_FLOOR = -50.0
 
 
 # What computes chunked IBQ: "torch" runs cuBLAS (or CPU) GEMMs and torch's elementwise ops on each block
-# of tokens; "triton_rows" the same GEMMs with the elementwise work of a block in two Triton kernels,
+# of tokens; "triton_rows" the same GEMMs with the elementwise work of a block in Triton's row kernels,
 # where the tokens are on CUDA; "triton" the fused kernels of ibq.quantizers.triton_ibq there, which keep
 # no logits in memory but were measured slower on an H200 (README, "GPU figures"). Off CUDA, torch.
 KERNELS = ("torch", "triton_rows", "triton")

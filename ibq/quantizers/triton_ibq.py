@@ -269,67 +269,84 @@ if triton is not None:
         tl.store(out, total, mask=out_ok)
 
     # -- row kernels: the elementwise work of chunked.py's blocks, around cuBLAS's GEMMs ---------------
-    # One program per token streams its row of a block's logits (and gradient dots) in tiles of codes,
-    # each lane of a tile keeping its own running sums, reduced once at the end: three reads of the
-    # logits forward and two (with the dots) backward, where torch's elementwise ops pass over them about
-    # ten and twenty times.
+    # A program streams one range of codes of one token's row of a block's logits (and gradient dots) in
+    # tiles, each lane of a tile keeping its own running values, reduced at the end; the ranges' results
+    # are merged by torch in a fixed order. Three reads of the logits forward and two (with the dots)
+    # backward, where torch's elementwise ops pass over them about ten and twenty times.
 
     @triton.jit
-    def _block_statistics_kernel(logits_ptr, max_ptr, index_ptr, log_sum_ptr, entropy_ptr, k, inv_temperature, exp_floor,
-                                 BLOCK_K: tl.constexpr):
-        """One token's row: m = max_k L and its first argmax, log sum_k exp((L - m) / T) and H(q_n); q_n is
-        written over the row, for its column sums."""
-        row = tl.program_id(0)
+    def _block_max_kernel(logits_ptr, max_ptr, index_ptr, rows, k, codes_per_split, BLOCK_K: tl.constexpr):
+        """max_k L over one range of a row, and the first code holding it, at [split, row]."""
+        row, split = tl.program_id(0), tl.program_id(1)
         logits_ptr += row.to(tl.int64) * k
         lanes = tl.arange(0, BLOCK_K)
         lane_max = tl.full((BLOCK_K,), float("-inf"), tl.float32)
         lane_index = tl.zeros((BLOCK_K,), tl.int64)
-        for start in range(0, k, BLOCK_K):
+        first = split * codes_per_split
+        for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
             codes = start + lanes
             logits = tl.load(logits_ptr + codes, mask=codes < k, other=float("-inf"))
             greater = logits > lane_max  # strictly: each lane keeps its earliest maximum
             lane_index = tl.where(greater, codes.to(tl.int64), lane_index)
             lane_max = tl.where(greater, logits, lane_max)
-        row_max = tl.max(lane_max, axis=0)
-        # the first code holding the maximum, as argmax over all K
-        first = tl.min(tl.where(lane_max == row_max, lane_index, k), axis=0)
+        range_max = tl.max(lane_max, axis=0)
+        tl.store(max_ptr + split * rows + row, range_max)
+        tl.store(index_ptr + split * rows + row, tl.min(tl.where(lane_max == range_max, lane_index, k), axis=0))
+
+    @triton.jit
+    def _block_sharp_sum_kernel(logits_ptr, max_ptr, sum_ptr, rows, k, codes_per_split, inv_temperature, exp_floor,
+                                BLOCK_K: tl.constexpr):
+        """sum_k exp((L - m) / T) over one range of a row, at [split, row]."""
+        row, split = tl.program_id(0), tl.program_id(1)
+        logits_ptr += row.to(tl.int64) * k
+        row_max = tl.load(max_ptr + row)
+        lanes = tl.arange(0, BLOCK_K)
         lane_sum = tl.zeros((BLOCK_K,), tl.float32)
-        for start in range(0, k, BLOCK_K):
+        first = split * codes_per_split
+        for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
             codes = start + lanes
             shifted = tl.load(logits_ptr + codes, mask=codes < k, other=0.0) - row_max
             lane_sum += tl.where(codes < k, tl.exp(tl.maximum(shifted * inv_temperature, exp_floor)), 0.0)
-        log_sharp_sum = tl.log(tl.sum(lane_sum, axis=0))
-        lane_entropy = tl.zeros((BLOCK_K,), tl.float32)
-        for start in range(0, k, BLOCK_K):
-            codes = start + lanes
-            log_sharp = _log_sharp(tl.load(logits_ptr + codes, mask=codes < k, other=0.0) - row_max, log_sharp_sum,
-                                   inv_temperature, exp_floor)
-            sharp = tl.exp(log_sharp)
-            lane_entropy += tl.where(codes < k, sharp * log_sharp, 0.0)
-            tl.store(logits_ptr + codes, sharp, mask=codes < k)
-        tl.store(max_ptr + row, row_max)
-        tl.store(index_ptr + row, first)
-        tl.store(log_sum_ptr + row, log_sharp_sum)
-        tl.store(entropy_ptr + row, -tl.sum(lane_entropy, axis=0))
+        tl.store(sum_ptr + split * rows + row, tl.sum(lane_sum, axis=0))
 
     @triton.jit
-    def _block_gradient_kernel(logits_ptr, dots_ptr, grad_ptr, max_ptr, log_sharp_sum_ptr, code_weight_ptr, sample_weight_ptr,
-                               n, k, inv_temperature, exp_floor, SOFT: tl.constexpr, ENTROPY: tl.constexpr,
-                               CODE_WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One token's row of dLoss/dL, written over `grad_ptr`'s row (the dots' or the logits' buffer: each
-        element is read before it is written). The centres of both softmax Jacobians are divided by the
-        probability sums as computed (see chunked.py)."""
-        row = tl.program_id(0)
-        offset = row.to(tl.int64) * k
+    def _block_sharp_kernel(logits_ptr, max_ptr, log_sharp_sum_ptr, plogp_ptr, rows, k, codes_per_split, inv_temperature,
+                            exp_floor, BLOCK_K: tl.constexpr):
+        """q over one range of a row, written over its logits, and sum_k q log q there, at [split, row]."""
+        row, split = tl.program_id(0), tl.program_id(1)
+        logits_ptr += row.to(tl.int64) * k
+        row_max = tl.load(max_ptr + row)
+        log_sharp_sum = tl.load(log_sharp_sum_ptr + row)
         lanes = tl.arange(0, BLOCK_K)
+        lane_plogp = tl.zeros((BLOCK_K,), tl.float32)
+        first = split * codes_per_split
+        for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
+            codes = start + lanes
+            shifted = tl.load(logits_ptr + codes, mask=codes < k, other=0.0) - row_max
+            log_sharp = _log_sharp(shifted, log_sharp_sum, inv_temperature, exp_floor)
+            sharp = tl.exp(log_sharp)
+            lane_plogp += tl.where(codes < k, sharp * log_sharp, 0.0)
+            tl.store(logits_ptr + codes, sharp, mask=codes < k)
+        tl.store(plogp_ptr + split * rows + row, tl.sum(lane_plogp, axis=0))
+
+    @triton.jit
+    def _block_sums_kernel(logits_ptr, dots_ptr, max_ptr, log_sharp_sum_ptr, code_weight_ptr, sample_weight_ptr, sums_ptr,
+                           rows, k, codes_per_split, inv_temperature, exp_floor, SOFT: tl.constexpr, ENTROPY: tl.constexpr,
+                           CODE_WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Over one range of a row: sum_k p~_nk, sum_k p~_nk G_n.e_k (p~ = exp(L - m)), sum_k q_nk and
+        sum_k q_nk (w_k - g_s log q_nk), at sums[0..3, split, row]."""
+        row, split = tl.program_id(0), tl.program_id(1)
+        offset = row.to(tl.int64) * k
         row_max = tl.load(max_ptr + row)
         log_sharp_sum = tl.load(log_sharp_sum_ptr + row)
         sample_weight = tl.load(sample_weight_ptr)
+        lanes = tl.arange(0, BLOCK_K)
         soft_sum = tl.zeros((BLOCK_K,), tl.float32)
         soft_dot = tl.zeros((BLOCK_K,), tl.float32)
         sharp_sum = tl.zeros((BLOCK_K,), tl.float32)
         sharp_dot = tl.zeros((BLOCK_K,), tl.float32)
-        for start in range(0, k, BLOCK_K):
+        first = split * codes_per_split
+        for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
             codes = start + lanes
             valid = codes < k
             shifted = tl.load(logits_ptr + offset + codes, mask=valid, other=0.0) - row_max
@@ -346,17 +363,31 @@ if triton is not None:
                     weights += tl.load(code_weight_ptr + codes, mask=valid, other=0.0)
                 sharp_sum += sharp
                 sharp_dot += weights * sharp
-        scale = inv_temperature / n
-        log_soft_sum = 0.0  # each path's own, where it is on
-        soft_centre = 0.0
-        sharp_centre = 0.0
-        if SOFT:
-            soft_total = tl.sum(soft_sum, axis=0)
-            log_soft_sum = tl.log(soft_total)
-            soft_centre = tl.sum(soft_dot, axis=0) / soft_total
-        if ENTROPY:
-            sharp_centre = tl.sum(sharp_dot, axis=0) / tl.sum(sharp_sum, axis=0) * scale
-        for start in range(0, k, BLOCK_K):
+        out = sums_ptr + split * rows + row
+        plane = tl.num_programs(1) * rows
+        tl.store(out, tl.sum(soft_sum, axis=0))
+        tl.store(out + plane, tl.sum(soft_dot, axis=0))
+        tl.store(out + 2 * plane, tl.sum(sharp_sum, axis=0))
+        tl.store(out + 3 * plane, tl.sum(sharp_dot, axis=0))
+
+    @triton.jit
+    def _block_gradient_kernel(logits_ptr, dots_ptr, grad_ptr, max_ptr, log_sharp_sum_ptr, log_soft_sum_ptr, soft_centre_ptr,
+                               sharp_centre_ptr, code_term_ptr, scaled_sample_weight_ptr, k, codes_per_split, inv_temperature,
+                               exp_floor, SOFT: tl.constexpr, ENTROPY: tl.constexpr, CODE_WEIGHT: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+        """dLoss/dL over one range of a row, written over `grad_ptr`'s (the dots' or the logits' buffer: each
+        element is read before it is written)."""
+        row, split = tl.program_id(0), tl.program_id(1)
+        offset = row.to(tl.int64) * k
+        row_max = tl.load(max_ptr + row)
+        log_sharp_sum = tl.load(log_sharp_sum_ptr + row)
+        log_soft_sum = tl.load(log_soft_sum_ptr + row)
+        soft_centre = tl.load(soft_centre_ptr + row)
+        sharp_centre = tl.load(sharp_centre_ptr + row)
+        scaled_sample_weight = tl.load(scaled_sample_weight_ptr)
+        lanes = tl.arange(0, BLOCK_K)
+        first = split * codes_per_split
+        for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
             codes = start + lanes
             valid = codes < k
             shifted = tl.load(logits_ptr + offset + codes, mask=valid, other=0.0) - row_max
@@ -365,9 +396,9 @@ if triton is not None:
                 dots = tl.load(dots_ptr + offset + codes, mask=valid, other=0.0)
             code_term = shifted * 0.0
             if CODE_WEIGHT:
-                code_term = tl.load(code_weight_ptr + codes, mask=valid, other=0.0) * scale
+                code_term = tl.load(code_term_ptr + codes, mask=valid, other=0.0)
             grad = _logit_gradient(shifted, dots, valid, log_soft_sum, soft_centre, log_sharp_sum, sharp_centre, code_term,
-                                   inv_temperature, sample_weight * scale, exp_floor, SOFT, ENTROPY, CODE_WEIGHT)
+                                   inv_temperature, scaled_sample_weight, exp_floor, SOFT, ENTROPY, CODE_WEIGHT)
             tl.store(grad_ptr + offset + codes, grad, mask=valid)
 
 
@@ -479,20 +510,44 @@ def logit_gradients(tokens: Tensor, codebook: Tensor, temperature: float, max_lo
 ROW_TILES = dict(BLOCK_K=2048, num_warps=8)
 
 
+def _row_splits(logits: Tensor) -> tuple[int, int]:
+    """(splits, codes per split) for the row kernels over a block's (M, K) logits: each row cut into ranges
+    of whole tiles, so that the programs number about four per multiprocessor (a block of 128 rows alone
+    would leave a GPU's memory bandwidth mostly unused). Under the interpreter: 2, so that the merge is
+    exercised."""
+    rows, k = logits.shape
+    tiles = triton.cdiv(k, ROW_TILES["BLOCK_K"])
+    wanted = triton.cdiv(4 * torch.cuda.get_device_properties(logits.device).multi_processor_count, rows) if logits.is_cuda else 2
+    codes_per_split = triton.cdiv(tiles, max(1, min(tiles, wanted))) * ROW_TILES["BLOCK_K"]
+    return triton.cdiv(k, codes_per_split), codes_per_split  # no range left empty
+
+
 def block_statistics(logits: Tensor, max_logit: Tensor, indices: Tensor, log_sharp_sum: Tensor, token_entropy: Tensor,
                      temperature: float, exp_floor: float) -> Tensor:
     """For a block's (M, K) logits: fills the (M,) max_logit, indices, log_sharp_sum and token_entropy, and
     returns the logits' buffer holding q = softmax(L / T)."""
     rows, k = logits.shape
-    _block_statistics_kernel[(rows,)](logits, max_logit, indices, log_sharp_sum, token_entropy, k, 1.0 / temperature, exp_floor,
-                                      **ROW_TILES)
+    splits, codes_per_split = _row_splits(logits)
+    grid, common = (rows, splits), (rows, k, codes_per_split)
+    range_max = logits.new_empty(splits, rows)
+    range_index = torch.empty(splits, rows, dtype=torch.long, device=logits.device)
+    _block_max_kernel[grid](logits, range_max, range_index, *common, **ROW_TILES)
+    best = range_max.argmax(0, keepdim=True)  # the first range holding the maximum: argmax over all K's tie rule
+    max_logit.copy_(range_max.gather(0, best)[0])
+    indices.copy_(range_index.gather(0, best)[0])
+    partial = logits.new_empty(splits, rows)
+    _block_sharp_sum_kernel[grid](logits, max_logit, partial, *common, 1.0 / temperature, exp_floor, **ROW_TILES)
+    torch.log(partial.sum(0), out=log_sharp_sum)
+    _block_sharp_kernel[grid](logits, max_logit, log_sharp_sum, partial, *common, 1.0 / temperature, exp_floor, **ROW_TILES)
+    torch.neg(partial.sum(0), out=token_entropy)
     return logits
 
 
 def block_gradients(logits: Tensor, dots: Tensor | None, max_logit: Tensor, log_sharp_sum: Tensor, sample_weight: Tensor | None,
                     code_weight: Tensor | None, temperature: float, tokens: int, exp_floor: float) -> Tensor:
     """dLoss/dL of a block, (M, K), over the buffer of `dots` (of `logits` where the straight-through
-    gradient is unused), for a batch of `tokens` tokens; arguments as logit_gradients'."""
+    gradient is unused), for a batch of `tokens` tokens; arguments as logit_gradients'. The centres of
+    both softmax Jacobians are divided by the probability sums as computed (see chunked.py)."""
     rows, k = logits.shape
     grad = logits if dots is None else dots
     flags = dict(SOFT=dots is not None, ENTROPY=sample_weight is not None or code_weight is not None,
@@ -500,7 +555,14 @@ def block_gradients(logits: Tensor, dots: Tensor | None, max_logit: Tensor, log_
     # A path not in use is a flag off: its pointer is never read, so any tensor stands in for it.
     sample_weight = logits.new_zeros(()) if sample_weight is None else sample_weight.float()
     code_weight = max_logit if code_weight is None else code_weight.contiguous()
-    _block_gradient_kernel[(rows,)](logits, grad, grad, max_logit, log_sharp_sum, code_weight, sample_weight, tokens, k,
-                                    1.0 / temperature, exp_floor, **flags, **ROW_TILES)
+    splits, codes_per_split = _row_splits(logits)
+    grid = (rows, splits)
+    sums = logits.new_empty(4, splits, rows)
+    _block_sums_kernel[grid](logits, grad, max_logit, log_sharp_sum, code_weight, sample_weight, sums, rows, k, codes_per_split,
+                             1.0 / temperature, exp_floor, **flags, **ROW_TILES)
+    soft_sum, soft_dot, sharp_sum, sharp_dot = sums.sum(1)  # over the ranges, in a fixed order
+    scale = 1.0 / (tokens * temperature)
+    _block_gradient_kernel[grid](logits, grad, grad, max_logit, log_sharp_sum, soft_sum.log(), soft_dot / soft_sum,
+                                 sharp_dot / sharp_sum * scale, code_weight * scale, sample_weight * scale, k, codes_per_split,
+                                 1.0 / temperature, exp_floor, **flags, **ROW_TILES)
     return grad
-
