@@ -43,8 +43,7 @@ KERNELS = {
 # and spills only.
 ROW_KERNELS = {
     "block_max": (triton_ibq._block_max_kernel, {}),
-    "block_sharp_sum": (triton_ibq._block_sharp_sum_kernel, {}),
-    "block_sharp": (triton_ibq._block_sharp_kernel, {}),
+    "block_sharp": (triton_ibq._block_sharp_kernel, dict(NORMALISED=True)),
     "block_sums": (triton_ibq._block_sums_kernel, ALL_PATHS),
     "block_gradient": (triton_ibq._block_gradient_kernel, ALL_PATHS),
 }

@@ -157,6 +157,27 @@ if triton is not None:
         return tl.where(valid, grad, 0.0)
 
     @triton.jit
+    def _centre_terms(shifted, dots, valid, log_sharp_sum, code_weight, sample_weight, inv_temperature, exp_floor,
+                      SOFT: tl.constexpr, ENTROPY: tl.constexpr, CODE_WEIGHT: tl.constexpr):
+        """The terms of the four row sums that centre both softmax Jacobians, elementwise (zero outside
+        `valid`, and where a path is off): p~ = exp(L - m), p~ G.e, q and q (w - g_s log q)."""
+        unnormalised = tl.zeros(shifted.shape, tl.float32)
+        soft_term = tl.zeros(shifted.shape, tl.float32)
+        sharp = tl.zeros(shifted.shape, tl.float32)
+        sharp_term = tl.zeros(shifted.shape, tl.float32)
+        if SOFT:
+            unnormalised = tl.where(valid, tl.exp(tl.maximum(shifted, exp_floor)), 0.0)
+            soft_term = dots * unnormalised
+        if ENTROPY:
+            log_sharp = _log_sharp(shifted, log_sharp_sum, inv_temperature, exp_floor)
+            sharp = tl.where(valid, tl.exp(log_sharp), 0.0)
+            weights = log_sharp * -sample_weight
+            if CODE_WEIGHT:
+                weights += code_weight
+            sharp_term = weights * sharp
+        return unnormalised, soft_term, sharp, sharp_term
+
+    @triton.jit
     def _whole_rows(ptr, index, index_ok, d, DIMS: tl.constexpr):
         """Rows `index` of a (rows, d) matrix, all d columns (zero outside)."""
         dims = tl.arange(0, DIMS)
@@ -184,19 +205,18 @@ if triton is not None:
             code_ok = codes < k
             valid = row_ok[:, None] & code_ok[None, :]
             shifted = _logit_tile(z_ptr, e_ptr, rows % n, codes % k, d, BLOCK_N, BLOCK_K, BLOCK_D) - row_max
+            dots = shifted
             if SOFT:
                 dots = _logit_tile(g_ptr, e_ptr, rows % n, codes % k, d, BLOCK_N, BLOCK_K, BLOCK_D)
-                unnormalised = tl.where(valid, tl.exp(tl.maximum(shifted, exp_floor)), 0.0)
-                soft_sum += tl.sum(unnormalised, axis=1)
-                soft_dot += tl.sum(dots * unnormalised, axis=1)
-            if ENTROPY:
-                log_sharp = _log_sharp(shifted, log_sharp_sum, inv_temperature, exp_floor)
-                sharp = tl.where(valid, tl.exp(log_sharp), 0.0)
-                weights = log_sharp * -sample_weight
-                if CODE_WEIGHT:
-                    weights += tl.load(code_weight_ptr + codes % k)[None, :]
-                sharp_sum += tl.sum(sharp, axis=1)
-                sharp_dot += tl.sum(weights * sharp, axis=1)
+            code_weight = 0.0
+            if CODE_WEIGHT:
+                code_weight = tl.load(code_weight_ptr + codes % k)[None, :]
+            terms = _centre_terms(shifted, dots, valid, log_sharp_sum, code_weight, sample_weight, inv_temperature, exp_floor,
+                                  SOFT, ENTROPY, CODE_WEIGHT)
+            soft_sum += tl.sum(terms[0], axis=1)
+            soft_dot += tl.sum(terms[1], axis=1)
+            sharp_sum += tl.sum(terms[2], axis=1)
+            sharp_dot += tl.sum(terms[3], axis=1)
         out = sums_ptr + split * n + rows
         plane = tl.num_programs(1) * n
         tl.store(out, soft_sum, mask=row_ok)
@@ -275,6 +295,22 @@ if triton is not None:
     # backward, where torch's elementwise ops pass over them about ten and twenty times.
 
     @triton.jit
+    def _row_range_tile(logits_ptr, dots_ptr, code_ptr, offset, start, k, row_max, SOFT: tl.constexpr, CODES: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+        """The tile of one row from code `start`: its codes, which of them are < k, L - m, the gradient dots
+        (L - m again where SOFT is off) and a per-code value (0 where CODES is off)."""
+        codes = start + tl.arange(0, BLOCK_K)
+        valid = codes < k
+        shifted = tl.load(logits_ptr + offset + codes, mask=valid, other=0.0) - row_max
+        dots = shifted
+        if SOFT:
+            dots = tl.load(dots_ptr + offset + codes, mask=valid, other=0.0)
+        per_code = shifted * 0.0
+        if CODES:
+            per_code = tl.load(code_ptr + codes, mask=valid, other=0.0)
+        return codes, valid, shifted, dots, per_code
+
+    @triton.jit
     def _block_max_kernel(logits_ptr, max_ptr, index_ptr, rows, k, codes_per_split, BLOCK_K: tl.constexpr):
         """max_k L over one range of a row, and the first code holding it, at [split, row]."""
         row, split = tl.program_id(0), tl.program_id(1)
@@ -294,9 +330,10 @@ if triton is not None:
         tl.store(index_ptr + split * rows + row, tl.min(tl.where(lane_max == range_max, lane_index, k), axis=0))
 
     @triton.jit
-    def _block_sharp_sum_kernel(logits_ptr, max_ptr, sum_ptr, rows, k, codes_per_split, inv_temperature, exp_floor,
-                                BLOCK_K: tl.constexpr):
-        """sum_k exp((L - m) / T) over one range of a row, at [split, row]."""
+    def _block_sharp_kernel(logits_ptr, max_ptr, log_sharp_sum_ptr, out_ptr, rows, k, codes_per_split, inv_temperature,
+                            exp_floor, NORMALISED: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Over one range of a row, at out[split, row]: sum_k exp((L - m) / T); or, NORMALISED (given
+        log sum_k exp((L - m) / T)), sum_k q log q, with q written over the logits."""
         row, split = tl.program_id(0), tl.program_id(1)
         logits_ptr += row.to(tl.int64) * k
         row_max = tl.load(max_ptr + row)
@@ -306,28 +343,14 @@ if triton is not None:
         for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
             codes = start + lanes
             shifted = tl.load(logits_ptr + codes, mask=codes < k, other=0.0) - row_max
-            lane_sum += tl.where(codes < k, tl.exp(tl.maximum(shifted * inv_temperature, exp_floor)), 0.0)
-        tl.store(sum_ptr + split * rows + row, tl.sum(lane_sum, axis=0))
-
-    @triton.jit
-    def _block_sharp_kernel(logits_ptr, max_ptr, log_sharp_sum_ptr, plogp_ptr, rows, k, codes_per_split, inv_temperature,
-                            exp_floor, BLOCK_K: tl.constexpr):
-        """q over one range of a row, written over its logits, and sum_k q log q there, at [split, row]."""
-        row, split = tl.program_id(0), tl.program_id(1)
-        logits_ptr += row.to(tl.int64) * k
-        row_max = tl.load(max_ptr + row)
-        log_sharp_sum = tl.load(log_sharp_sum_ptr + row)
-        lanes = tl.arange(0, BLOCK_K)
-        lane_plogp = tl.zeros((BLOCK_K,), tl.float32)
-        first = split * codes_per_split
-        for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
-            codes = start + lanes
-            shifted = tl.load(logits_ptr + codes, mask=codes < k, other=0.0) - row_max
-            log_sharp = _log_sharp(shifted, log_sharp_sum, inv_temperature, exp_floor)
-            sharp = tl.exp(log_sharp)
-            lane_plogp += tl.where(codes < k, sharp * log_sharp, 0.0)
-            tl.store(logits_ptr + codes, sharp, mask=codes < k)
-        tl.store(plogp_ptr + split * rows + row, tl.sum(lane_plogp, axis=0))
+            if NORMALISED:
+                log_sharp = _log_sharp(shifted, tl.load(log_sharp_sum_ptr + row), inv_temperature, exp_floor)
+                sharp = tl.exp(log_sharp)
+                lane_sum += tl.where(codes < k, sharp * log_sharp, 0.0)
+                tl.store(logits_ptr + codes, sharp, mask=codes < k)
+            else:
+                lane_sum += tl.where(codes < k, tl.exp(tl.maximum(shifted * inv_temperature, exp_floor)), 0.0)
+        tl.store(out_ptr + split * rows + row, tl.sum(lane_sum, axis=0))
 
     @triton.jit
     def _block_sums_kernel(logits_ptr, dots_ptr, max_ptr, log_sharp_sum_ptr, code_weight_ptr, sample_weight_ptr, sums_ptr,
@@ -340,29 +363,20 @@ if triton is not None:
         row_max = tl.load(max_ptr + row)
         log_sharp_sum = tl.load(log_sharp_sum_ptr + row)
         sample_weight = tl.load(sample_weight_ptr)
-        lanes = tl.arange(0, BLOCK_K)
         soft_sum = tl.zeros((BLOCK_K,), tl.float32)
         soft_dot = tl.zeros((BLOCK_K,), tl.float32)
         sharp_sum = tl.zeros((BLOCK_K,), tl.float32)
         sharp_dot = tl.zeros((BLOCK_K,), tl.float32)
         first = split * codes_per_split
         for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
-            codes = start + lanes
-            valid = codes < k
-            shifted = tl.load(logits_ptr + offset + codes, mask=valid, other=0.0) - row_max
-            if SOFT:
-                dots = tl.load(dots_ptr + offset + codes, mask=valid, other=0.0)
-                unnormalised = tl.where(valid, tl.exp(tl.maximum(shifted, exp_floor)), 0.0)
-                soft_sum += unnormalised
-                soft_dot += dots * unnormalised
-            if ENTROPY:
-                log_sharp = _log_sharp(shifted, log_sharp_sum, inv_temperature, exp_floor)
-                sharp = tl.where(valid, tl.exp(log_sharp), 0.0)
-                weights = log_sharp * -sample_weight
-                if CODE_WEIGHT:
-                    weights += tl.load(code_weight_ptr + codes, mask=valid, other=0.0)
-                sharp_sum += sharp
-                sharp_dot += weights * sharp
+            codes, valid, shifted, dots, code_weight = _row_range_tile(logits_ptr, dots_ptr, code_weight_ptr, offset, start, k, row_max,
+                                                                       SOFT, CODE_WEIGHT, BLOCK_K)
+            terms = _centre_terms(shifted, dots, valid, log_sharp_sum, code_weight, sample_weight, inv_temperature, exp_floor,
+                                  SOFT, ENTROPY, CODE_WEIGHT)
+            soft_sum += terms[0]
+            soft_dot += terms[1]
+            sharp_sum += terms[2]
+            sharp_dot += terms[3]
         out = sums_ptr + split * rows + row
         plane = tl.num_programs(1) * rows
         tl.store(out, tl.sum(soft_sum, axis=0))
@@ -385,18 +399,10 @@ if triton is not None:
         soft_centre = tl.load(soft_centre_ptr + row)
         sharp_centre = tl.load(sharp_centre_ptr + row)
         scaled_sample_weight = tl.load(scaled_sample_weight_ptr)
-        lanes = tl.arange(0, BLOCK_K)
         first = split * codes_per_split
         for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
-            codes = start + lanes
-            valid = codes < k
-            shifted = tl.load(logits_ptr + offset + codes, mask=valid, other=0.0) - row_max
-            dots = shifted
-            if SOFT:
-                dots = tl.load(dots_ptr + offset + codes, mask=valid, other=0.0)
-            code_term = shifted * 0.0
-            if CODE_WEIGHT:
-                code_term = tl.load(code_term_ptr + codes, mask=valid, other=0.0)
+            codes, valid, shifted, dots, code_term = _row_range_tile(logits_ptr, dots_ptr, code_term_ptr, offset, start, k, row_max,
+                                                                     SOFT, CODE_WEIGHT, BLOCK_K)
             grad = _logit_gradient(shifted, dots, valid, log_soft_sum, soft_centre, log_sharp_sum, sharp_centre, code_term,
                                    inv_temperature, scaled_sample_weight, exp_floor, SOFT, ENTROPY, CODE_WEIGHT)
             tl.store(grad_ptr + offset + codes, grad, mask=valid)
@@ -536,9 +542,10 @@ def block_statistics(logits: Tensor, max_logit: Tensor, indices: Tensor, log_sha
     max_logit.copy_(range_max.gather(0, best)[0])
     indices.copy_(range_index.gather(0, best)[0])
     partial = logits.new_empty(splits, rows)
-    _block_sharp_sum_kernel[grid](logits, max_logit, partial, *common, 1.0 / temperature, exp_floor, **ROW_TILES)
+    scalars = (1.0 / temperature, exp_floor)
+    _block_sharp_kernel[grid](logits, max_logit, max_logit, partial, *common, *scalars, NORMALISED=False, **ROW_TILES)
     torch.log(partial.sum(0), out=log_sharp_sum)
-    _block_sharp_kernel[grid](logits, max_logit, log_sharp_sum, partial, *common, 1.0 / temperature, exp_floor, **ROW_TILES)
+    _block_sharp_kernel[grid](logits, max_logit, log_sharp_sum, partial, *common, *scalars, NORMALISED=True, **ROW_TILES)
     torch.neg(partial.sum(0), out=token_entropy)
     return logits
 
