@@ -335,7 +335,7 @@ def test_torch_blocks_equal_dense_with_the_entropy_weights_kept_on_the_device(mo
     (zero ones included), checked here on CPU."""
     from ibq.quantizers import chunked
 
-    monkeypatch.setattr(chunked, "weights_stay_on_device", lambda tokens, fused: True)
+    monkeypatch.setattr(chunked, "weights_stay_on_device", lambda tokens, triton: True)
     test_chunked_gradients_when_only_some_outputs_are_used(used, "torch")
     assert_chunked_equals_dense_at_paper_beta(1000, 32, (4, 32, 8, 8), chunk_size=96)
 

@@ -41,10 +41,11 @@ def use_row_kernels(tokens: Tensor, kernels: str) -> bool:
     return kernels == "triton_rows" and triton_ibq.available(tokens)
 
 
-def weights_stay_on_device(tokens: Tensor, fused: bool) -> bool:
+def weights_stay_on_device(tokens: Tensor, triton: bool) -> bool:
     """Whether the backward pass keeps the entropies' incoming gradients as tensors: on a GPU reading one
-    would wait for the device, so a zero one costs some arithmetic; on the host a zero one skips its term."""
-    return fused or tokens.is_cuda
+    would wait for the device, so a zero one costs some arithmetic; Triton's kernels take them as tensors
+    (under the interpreter too); on the host a zero one skips its term."""
+    return triton or tokens.is_cuda
 
 
 def codebook_slices(codebook_size: int, chunk_size: int):
@@ -114,7 +115,7 @@ def _log_sharp(shifted: Tensor, log_sharp_sum: Tensor, temperature: float) -> Te
     return torch.add(-log_sharp_sum[:, None], shifted, alpha=1 / temperature, out=shifted).clamp_(min=EXP_FLOOR)
 
 
-def _entropy_weights(log_sharp: Tensor, code_weight: Tensor | None, sample_weight) -> Tensor:
+def _entropy_weights(log_sharp: Tensor, code_weight: Tensor | None, sample_weight: float | Tensor) -> Tensor:
     """w_k - g_s log q_nk in place of `log_sharp`: what q_nk multiplies in the entropy terms' dLoss/dL,
     up to a constant per row (which the softmax Jacobian removes)."""
     weights = log_sharp.mul_(-sample_weight)
