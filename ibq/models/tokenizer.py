@@ -44,12 +44,13 @@ class ResBlock(nn.Module):
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
-        self.recompute_norms = False
+        self.recompute = "none"  # one of RECOMPUTE, set by Tokenizer.set_activation_checkpointing
 
     def forward(self, x: Tensor) -> Tensor:
         norm1, act1, conv1, norm2, act2, dropout, conv2 = self.branch
-        h = conv1(norm_act(norm1, act1, x, self.recompute_norms))
-        return self.shortcut(x) + conv2(dropout(norm_act(norm2, act2, h, self.recompute_norms)))
+        norms = self.recompute == "norms"
+        h = conv1(norm_act(norm1, act1, x, norms))
+        return self.shortcut(x) + conv2(dropout(norm_act(norm2, act2, h, norms)))
 
 
 class AttnBlock(nn.Module):
@@ -89,18 +90,19 @@ class Upsample(nn.Module):
         return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def run_blocks(blocks: nn.Module, h: Tensor, checkpointing: bool) -> Tensor:
-    """Each block in turn; with checkpointing (in training), its activations are recomputed in the
+def run_blocks(blocks: nn.Module, h: Tensor, recompute: str) -> Tensor:
+    """Each block in turn; with recompute "blocks" (in training), its activations are recomputed in the
     backward pass instead of being kept."""
+    checkpointing = recompute == "blocks" and torch.is_grad_enabled()
     for block in blocks:
-        h = checkpoint(block, h, use_reentrant=False) if checkpointing and torch.is_grad_enabled() else block(h)
+        h = checkpoint(block, h, use_reentrant=False) if checkpointing else block(h)
     return h
 
 
-def run_out(out: nn.Sequential, h: Tensor, recompute_norms: bool) -> Tensor:
+def run_out(out: nn.Sequential, h: Tensor, recompute: str) -> Tensor:
     """The closing GroupNorm, SiLU and convolution."""
     norm, act, conv = out
-    return conv(norm_act(norm, act, h, recompute_norms))
+    return conv(norm_act(norm, act, h, recompute == "norms"))
 
 
 def stage(in_ch: int, out_ch: int, num_blocks: int, attention: bool, dropout: float) -> nn.ModuleList:
@@ -139,13 +141,13 @@ class Encoder(nn.Module):
             self.levels.append(blocks)
         self.mid = middle(channels, dropout)
         self.out = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, z_channels, 3, padding=1))
-        self.checkpointing = self.recompute_norms = False
+        self.recompute = "none"
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
         for blocks in self.levels:
-            h = run_blocks(blocks, h, self.checkpointing)
-        return run_out(self.out, run_blocks(self.mid, h, self.checkpointing), self.recompute_norms)
+            h = run_blocks(blocks, h, self.recompute)
+        return run_out(self.out, run_blocks(self.mid, h, self.recompute), self.recompute)
 
 
 class Decoder(nn.Module):
@@ -171,13 +173,13 @@ class Decoder(nn.Module):
                 blocks.append(Upsample(channels))
             self.levels.append(blocks)
         self.out = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.checkpointing = self.recompute_norms = False
+        self.recompute = "none"
 
     def forward(self, z: Tensor) -> Tensor:
-        h = run_blocks(self.mid, self.conv_in(z), self.checkpointing)
+        h = run_blocks(self.mid, self.conv_in(z), self.recompute)
         for blocks in self.levels:
-            h = run_blocks(blocks, h, self.checkpointing)
-        return run_out(self.out, h, self.recompute_norms)
+            h = run_blocks(blocks, h, self.recompute)
+        return run_out(self.out, h, self.recompute)
 
 
 class Tokenizer(nn.Module):
@@ -201,10 +203,9 @@ class Tokenizer(nn.Module):
         """What the backward pass recomputes: one of RECOMPUTE."""
         if recompute not in RECOMPUTE:
             raise ValueError(f"activation checkpointing {recompute!r}: valid are {', '.join(RECOMPUTE)}")
-        self.encoder.checkpointing = self.decoder.checkpointing = recompute == "blocks"
         for module in self.modules():
             if isinstance(module, (ResBlock, Encoder, Decoder)):
-                module.recompute_norms = recompute == "norms"
+                module.recompute = recompute
 
     @property
     def downsample_factor(self) -> int:
