@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,22 +77,26 @@ class KVCache:
         return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), is_causal=q.shape[2] > 1)
 
 
+class StaticPosition(NamedTuple):
+    """The position a static-cache step decodes, a 0-d device tensor, and its attention mask over the cache
+    slots, made once per step for every layer: (1, length), 0 on the slots it sees, -inf after them (what
+    attention makes of a boolean mask in every layer otherwise)."""
+
+    index: Tensor
+    mask: Tensor
+
+
 class StaticKVCache(KVCache):
-    """The cache at fixed shapes (gpt-fast's): one new position at a time, given as a 0-d device tensor,
-    written with index_copy_, and attention over every slot with the slots after it masked out. Every
-    step is then the same computation on the same tensors, which CUDA graphs can replay."""
+    """The cache at fixed shapes (gpt-fast's): one new position at a time, given on the device, written
+    with index_copy_, and attention over every slot with the slots after it masked out. Every step is then
+    the same computation on the same tensors, which CUDA graphs can replay."""
 
-    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        super().__init__(batch, heads, length, head_dim, dtype, device)
-        self.slots = torch.arange(length, device=device)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: int | Tensor) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: int | StaticPosition) -> Tensor:
         if isinstance(pos, int):  # the prefill, not replayed
             return super().attend(q, k, v, pos)
-        self.keys.index_copy_(2, pos.view(1), k.to(self.keys.dtype))
-        self.values.index_copy_(2, pos.view(1), v.to(self.values.dtype))
-        visible = (self.slots <= pos)[None, :]  # (1, length): this position and the ones before it
-        return F.scaled_dot_product_attention(q, self.keys.to(q.dtype), self.values.to(q.dtype), attn_mask=visible)
+        self.keys.index_copy_(2, pos.index.view(1), k.to(self.keys.dtype))
+        self.values.index_copy_(2, pos.index.view(1), v.to(self.values.dtype))
+        return F.scaled_dot_product_attention(q, self.keys.to(q.dtype), self.values.to(q.dtype), attn_mask=pos.mask.to(q.dtype))
 
 
 @dataclass
@@ -111,7 +116,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width, bias=False)
         self.resid_drop = nn.Dropout(resid_dropout)
 
-    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None = None, pos: int | Tensor = 0) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None = None, pos: int | StaticPosition = 0) -> Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -150,7 +155,7 @@ class Block(nn.Module):
         """(B, C) -> (B, 6, 1, C): gamma1, gamma2, scale1, scale2, shift1, shift2."""
         return self.ada_lin(cond).unflatten(1, (6, 1, -1))
 
-    def forward(self, x: Tensor, modulation: Tensor, rope: Tensor, cache: KVCache | None = None, pos: int | Tensor = 0) -> Tensor:
+    def forward(self, x: Tensor, modulation: Tensor, rope: Tensor, cache: KVCache | None = None, pos: int | StaticPosition = 0) -> Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unbind(1)
         x = x + gamma1 * self.attn(self.attn_norm(x) * (1 + scale1) + shift1, rope, cache, pos)
         return x + gamma2 * self.ffn(self.ffn_norm(x) * (1 + scale2) + shift2)
@@ -237,7 +242,13 @@ class Transformer(nn.Module):
         return cond, [block.modulation(cond) for block in self.blocks], self.head_ada_lin(cond)
 
     def _trunk(self, x: Tensor, block_modulations: list[Tensor], pos: int | Tensor, cached: bool) -> Tensor:
-        rope = self.rope[pos : pos + x.shape[1]] if isinstance(pos, int) else self.rope.index_select(0, pos.view(1))
+        if isinstance(pos, int):
+            rope = self.rope[pos : pos + x.shape[1]]
+        else:
+            rope = self.rope.index_select(0, pos.view(1))
+            after = torch.arange(self.block_size, device=pos.device) > pos
+            mask = torch.zeros(1, self.block_size, dtype=self.decode_state.layers[0].keys.dtype, device=pos.device)
+            pos = StaticPosition(pos, mask.masked_fill(after, float("-inf")))
         layers = self.decode_state.layers if cached else [None] * len(self.blocks)
         x = self.embed_drop(x)
         for block, modulation, cache in zip(self.blocks, block_modulations, layers):
