@@ -11,7 +11,7 @@ Each code version runs in its own process (python benchmarks/bench_gpu.py --work
 version's `ibq` first on sys.path), so neither sees the other's compiled kernels or memory.
 
 Run from the repository root: python -m benchmarks.bench_gpu [--baseline ef75447] [--rounds 3]
-    [--only tokenizer,ibq,ar_sample,ar_train] [--override=++train.compile=false] [--profile 25]
+    [--only tokenizer,ibq,ar_sample,ar_train] [--override=++train.compile=false] [--micro-batches 4] [--profile 25]
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def perceptual_loss_overrides(tmp: Path, overrides: list[str]) -> list[str]:
     return [f"loss.lpips_backbone_path={stand_in}", "loss.perceptual_required=true"]
 
 
-def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: list[str]) -> dict:
+def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: list[str], micro_batches: list[int]) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
     from torch.utils.flop_counter import FlopCounterMode
@@ -141,7 +141,7 @@ def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: 
     with tempfile.TemporaryDirectory() as tmp:
         if real:
             scale += perceptual_loss_overrides(Path(tmp), overrides)
-        for micro_batch in (4, 32):
+        for micro_batch in micro_batches:
             with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
                 cfg = compose("train", overrides=[*scale, "logger=none", "eval.rfid=false", "train.steps=10",
                                                   f"train.batch_size={micro_batch}", "loss.disc_start=0", *overrides])
@@ -166,7 +166,7 @@ def tokenizer_figures(device, real: bool, peak_tflops: float | None, overrides: 
             figures[f"tokenizer_step_images_per_s_mb{micro_batch}"] = micro_batch / seconds
             if micro_batch == 32:
                 figures["tokenizer_step_peak_gib_mb32"] = peak_gib(one_step, device) if device.type == "cuda" else CUDA_ONLY
-            else:
+            elif micro_batch == 4:
                 with FlopCounterMode(display=False) as counter:
                     one_step()
                 flop_per_image = counter.get_total_flops() / micro_batch
@@ -330,7 +330,8 @@ def ar_train_figures(device, real: bool, peak_tflops: float | None) -> dict:
     return figures
 
 
-def worker(parts: list[str], size: str, peak_tflops: float | None, overrides: list[str], profile_rows: int) -> dict:
+def worker(parts: list[str], size: str, peak_tflops: float | None, overrides: list[str], micro_batches: list[int],
+           profile_rows: int) -> dict:
     import torch
 
     global PROFILE_ROWS
@@ -342,7 +343,7 @@ def worker(parts: list[str], size: str, peak_tflops: float | None, overrides: li
         peak_tflops = next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
     figures = {}
     if "tokenizer" in parts:
-        figures.update(tokenizer_figures(device, real, peak_tflops, overrides))
+        figures.update(tokenizer_figures(device, real, peak_tflops, overrides, micro_batches))
     if "ibq" in parts:
         figures.update(ibq_figures(device, real))
     if "ar_sample" in parts:
@@ -378,6 +379,7 @@ def measure(code: Path, args: argparse.Namespace) -> dict | str:
     if args.peak_tflops:
         command += ["--peak-tflops", str(args.peak_tflops)]
     command += [f"--override={override}" for override in args.override]
+    command += ["--micro-batches", ",".join(map(str, args.micro_batches))]
     if args.profile:
         command += ["--profile", str(args.profile)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
@@ -416,6 +418,8 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[],
                         help="a Hydra override for the tokenizer step, for both codes (++key=value adds a key the baseline lacks), "
                              "e.g. --override=++train.compile=false")
+    parser.add_argument("--micro-batches", default=[4, 32], type=lambda s: [int(n) for n in s.split(",")],
+                        help="the tokenizer step's micro-batches (comma-separated; the step is compiled for each)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measurements of each code, alternating, the best counting (on a shared machine: 3)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -426,7 +430,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: --only {','.join(unknown)} is invalid: valid parts are {', '.join(PARTS)}")
     if args.worker:
-        print(json.dumps(worker(args.only, args.size, args.peak_tflops, args.override, args.profile)))
+        print(json.dumps(worker(args.only, args.size, args.peak_tflops, args.override, args.micro_batches, args.profile)))
         return
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:

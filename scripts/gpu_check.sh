@@ -20,7 +20,8 @@ left() { local rest=$((budget - (SECONDS - start))); echo $((rest < $1 ? rest : 
 
 timeout "$(left 240)" "$python" -m pytest -m cuda -v -p no:cacheprovider -rs --durations=10 --continue-on-collection-errors tests 2>&1 | tee "$out/cuda_tests.txt"
 
-# name, cap in seconds, bench_gpu's arguments
+# name, cap in seconds, bench_gpu's arguments; side by side with BASELINE when given (compared=false: the
+# current code only, for variants of a step whose baseline figure another part measures)
 bench() {
   local name=$1 seconds
   seconds=$(left "$2")
@@ -30,15 +31,19 @@ bench() {
     return
   fi
   echo "gpu_check: $name, at most ${seconds}s, started at $((SECONDS - start))s"
+  local baseline=${BASELINE:+--baseline "$BASELINE"}
+  [ "${compared:-true}" = true ] || baseline=
   # shellcheck disable=SC2086  # BENCH_ARGS: several arguments
-  timeout "$seconds" "$python" -m benchmarks.bench_gpu ${BASELINE:+--baseline "$BASELINE"} $BENCH_ARGS "$@" 2>&1 | tee "$out/bench_$name.txt"
+  timeout "$seconds" "$python" -m benchmarks.bench_gpu $baseline $BENCH_ARGS "$@" 2>&1 | tee "$out/bench_$name.txt"
 }
-for part in ${PARTS:-ibq ar_sample tokenizer tokenizer_norms tokenizer_eager ar_train}; do
+for part in ${PARTS:-ibq ar_sample tokenizer tokenizer_graphs tokenizer_norms ar_train tokenizer_eager}; do
   case $part in
-    tokenizer_eager) bench "$part" 150 --only tokenizer --override=++train.compile=false ;;
-    # eager, GroupNorm + SiLU recomputed in the backward pass (code older than that option fails it)
-    tokenizer_norms) bench "$part" 150 --only tokenizer --override=++train.compile=false --override=++train.activation_checkpointing=norms ;;
     tokenizer) bench "$part" 400 --only tokenizer ;;
+    # the compiled step replayed as CUDA graphs, at the micro-batch where launching kernels costs most
+    tokenizer_graphs) compared=false bench "$part" 200 --only tokenizer --micro-batches 4 --override=++train.compile=reduce-overhead ;;
+    # compiled, GroupNorm + SiLU recomputed in the backward pass: the memory at micro-batch 32
+    tokenizer_norms) compared=false bench "$part" 250 --only tokenizer --micro-batches 32 --override=++train.activation_checkpointing=norms ;;
+    tokenizer_eager) bench "$part" 150 --only tokenizer --override=++train.compile=false ;;
     *) bench "$part" 150 --only "$part" ;;
   esac
 done

@@ -119,6 +119,32 @@ def test_the_gpu_check_script_runs_its_steps_and_keeps_their_logs(tmp_path):
     assert "gpu_check: done in" in result.stdout
 
 
+def test_the_gpu_check_compares_only_the_default_steps_with_the_baseline(tmp_path):
+    """Which bench_gpu arguments each part of the GPU check passes (a stand-in python prints them): the
+    variants of the tokenizer step run without the baseline, whose figures the main part measures."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\necho "args: $*"\n')
+    stand_in.chmod(0o755)
+    logs = tmp_path / "logs"
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", str(logs)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env=cli_env(PYTHON=str(stand_in), PARTS="tokenizer tokenizer_graphs tokenizer_norms",
+                                        BASELINE="ef75447", BENCH_ARGS="--profile 5"))
+    assert result.returncode == 0, result.stderr
+
+    def arguments(part: str) -> str:
+        return (logs / f"bench_{part}.txt").read_text().strip().removeprefix("args: -m benchmarks.bench_gpu ")
+
+    assert arguments("tokenizer") == "--baseline ef75447 --profile 5 --only tokenizer"
+    assert arguments("tokenizer_graphs") == "--profile 5 --only tokenizer --micro-batches 4 --override=++train.compile=reduce-overhead"
+    assert arguments("tokenizer_norms") == "--profile 5 --only tokenizer --micro-batches 32 --override=++train.activation_checkpointing=norms"
+
+
+def test_bench_gpu_measures_the_micro_batches_asked_for():
+    lines = run_benchmark("bench_gpu", "--only", "tokenizer", "--micro-batches", "4")
+    measured(lines, "tokenizer_step_images_per_s_mb4")
+    assert not any(key.endswith("mb32") for key in lines)
+
+
 def test_bench_train():
     lines = run_benchmark("bench_train", "4")
     measured(lines, "tiny_train_images_per_s")

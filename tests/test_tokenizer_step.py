@@ -92,9 +92,30 @@ def test_the_step_options_give_the_plain_step_losses(tmp_path: Path, monkeypatch
 def test_channels_last_follows_compilation_unless_set(train: dict, expected: dict):
     for device, (compiled, channels_last) in expected.items():
         acceleration = StepAcceleration.from_config(OmegaConf.create(train), torch.device(device))
-        assert (acceleration.compile, acceleration.channels_last) == (compiled, channels_last), device
+        assert (acceleration.compiled, acceleration.channels_last) == (compiled, channels_last), device
     with pytest.raises(UserError, match=r"train.channels_last='yes' is invalid: valid are auto \(on where compiled\), true, false"):
         StepAcceleration.from_config(OmegaConf.create({"channels_last": "yes"}), torch.device("cpu"))
+
+
+def test_compile_takes_torch_compile_modes():
+    def mode(value, device="cpu"):
+        return StepAcceleration.from_config(OmegaConf.create({"compile": value}), torch.device(device))
+
+    assert [mode(value).compile for value in (False, "none", True, "default", "reduce-overhead", "max-autotune")] == [
+        "none", "none", "default", "default", "reduce-overhead", "max-autotune"]
+    assert (mode("auto").compile, mode("auto", "cuda").compile) == ("none", "default")
+    assert mode("reduce-overhead").channels_last and not mode("none", "cuda").channels_last
+    with pytest.raises(UserError, match=r"train.compile='maybe' is invalid: valid are auto \(default on CUDA, none elsewhere\), "
+                                        r"none, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs \(false: none, true: default\)"):
+        mode("maybe")
+
+
+def test_the_compile_mode_reaches_torch_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **options: modes.append((type(module).__name__, options)))
+    training = tiny_training(tmp_path, "train.compile=reduce-overhead")
+    assert training.acceleration.record()["compile"] == "reduce-overhead"
+    assert modes == [(name, {"mode": "reduce-overhead"}) for name in ("Encoder", "Decoder", "PatchDiscriminator")]  # no LPIPS weights here
 
 
 def test_activation_checkpointing_names_what_is_recomputed():
@@ -102,19 +123,20 @@ def test_activation_checkpointing_names_what_is_recomputed():
         return StepAcceleration.from_config(OmegaConf.create({"activation_checkpointing": value}), torch.device("cpu")).activation_checkpointing
 
     assert [recomputed(value) for value in (False, "none", "norms", "blocks", True)] == ["none", "none", "norms", "blocks", "blocks"]
-    with pytest.raises(UserError, match=r"train.activation_checkpointing='all' is invalid: valid are none, norms, blocks"):
+    with pytest.raises(UserError, match=r"train.activation_checkpointing='all' is invalid: valid are none, norms, blocks \(false: none, true: blocks\)"):
         recomputed("all")
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: Inductor's CUDA kernels")
-def test_the_compiled_step_gives_the_eager_losses_on_cuda(tmp_path: Path):
-    """What train.compile=auto runs on CUDA, Inductor's kernels, in fp32: the first step's losses within
-    2e-3 relative of the eager step's (fused kernels and TF32 convolutions sum in other orders), the
-    second's within 2% (Adam's first update, as above)."""
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_the_compiled_step_gives_the_eager_losses_on_cuda(tmp_path: Path, mode: str):
+    """What train.compile=auto runs on CUDA, Inductor's kernels, in fp32 (and the same replayed as CUDA
+    graphs): the first step's losses within 2e-3 relative of the eager step's (fused kernels and TF32
+    convolutions sum in other orders), the second's within 2% (Adam's first update, as above)."""
     eager = first_losses(tiny_training(tmp_path / "eager", "train.device=cuda", "train.compile=false", "train.precision=fp32"), device="cuda")
-    compiled = tiny_training(tmp_path / "compiled", "train.device=cuda", "train.compile=true", "train.precision=fp32")
-    assert compiled.acceleration.record() == {"compile": True, "channels_last": True, "activation_checkpointing": "none"}
+    compiled = tiny_training(tmp_path / "compiled", "train.device=cuda", f"train.compile={mode}", "train.precision=fp32")
+    assert compiled.acceleration.record() == {"compile": mode, "channels_last": True, "activation_checkpointing": "none"}
     first, second = first_losses(compiled, device="cuda")
     assert first == pytest.approx(eager[0], rel=2e-3, abs=1e-5)
     assert second == pytest.approx(eager[1], rel=2e-2, abs=1e-4)

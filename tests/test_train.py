@@ -28,7 +28,7 @@ def test_run_leaves_a_complete_record(tmp_path: Path):
     assert len(record["signature"]) == 12 and record["git"]["sha"]
     assert record["packages"]["torch"] and record["wandb"]["mode"] == "offline"
     assert Path(record["wandb"]["dir"]).name.startswith("offline-run-")
-    assert record["acceleration"] == {"compile": False, "channels_last": False, "activation_checkpointing": "none"}  # auto on CPU
+    assert record["acceleration"] == {"compile": "none", "channels_last": False, "activation_checkpointing": "none"}  # auto on CPU
 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["step"] == 3 and results["weights"] == "ema"

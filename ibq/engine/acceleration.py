@@ -1,7 +1,9 @@
 """How the tokenizer step uses its device: channels_last, torch.compile and activation checkpointing.
 
-`train.compile` defaults to `auto`: on for CUDA, off on CPU, where it does not pay (Inductor took 7
-minutes to compile the tiny step on a shared 2-core machine, which then ran no faster).
+`train.compile` defaults to `auto`: torch.compile's default mode on CUDA, none on CPU, where it does not
+pay (Inductor took 7 minutes to compile the tiny step on a shared 2-core machine, which then ran no
+faster). Its other values are torch.compile's modes: `reduce-overhead` replays each compiled network's
+forward and backward as CUDA graphs, for steps whose time goes to launching kernels (small micro-batches).
 `train.channels_last` defaults to `auto`: on where the step is compiled. Eager, PyTorch's GroupNorm
 reads NHWC inputs slowly: on an H200 the paper's eager step ran at 49.0 images/s at micro-batch 32 with
 channels_last, where an earlier version's NCHW step ran at 59.1; on CPU the tiny step at 23.1 against
@@ -25,6 +27,8 @@ from ibq.models.tokenizer import RECOMPUTE
 log = logging.getLogger(__name__)
 
 SWITCHES = {"compile": "auto", "channels_last": "auto", "activation_checkpointing": "none"}
+# "none", then torch.compile's modes (torch.compile documents these four).
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _switch(train: DictConfig, key: str, auto: bool) -> bool:
@@ -33,31 +37,38 @@ def _switch(train: DictConfig, key: str, auto: bool) -> bool:
         return auto
     if isinstance(value, bool):
         return value
-    meaning = "on for CUDA" if key == "compile" else "on where compiled"
-    raise UserError(f"train.{key}={value!r} is invalid: valid are auto ({meaning}), true, false")
+    raise UserError(f"train.{key}={value!r} is invalid: valid are auto (on where compiled), true, false")
 
 
-def _recompute(train: DictConfig) -> str:
-    value = train.get("activation_checkpointing", SWITCHES["activation_checkpointing"])
+def _named(train: DictConfig, key: str, names: tuple[str, ...], false: str, true: str, also: tuple[str, ...] = ()) -> str:
+    """A key that takes one of `names`, false and true standing for two of them; `also`: further valid
+    values, handled by the caller, for the error message."""
+    value = train.get(key, SWITCHES[key])
     if isinstance(value, bool):
-        return "blocks" if value else "none"
-    if value not in RECOMPUTE:
-        raise UserError(f"train.activation_checkpointing={value!r} is invalid: valid are {', '.join(RECOMPUTE)} "
-                        "(false: none, true: blocks)")
+        return true if value else false
+    if value not in names:
+        raise UserError(f"train.{key}={value!r} is invalid: valid are {', '.join(also + names)} (false: {false}, true: {true})")
     return value
 
 
 @dataclass(frozen=True)
 class StepAcceleration:
-    compile: bool
+    compile: str  # one of COMPILE_MODES
     channels_last: bool
     activation_checkpointing: str  # one of RECOMPUTE
 
     @classmethod
     def from_config(cls, train: DictConfig, device: torch.device) -> StepAcceleration:
-        compiled = _switch(train, "compile", device.type == "cuda")
-        return cls(compile=compiled, channels_last=_switch(train, "channels_last", compiled),
-                   activation_checkpointing=_recompute(train))
+        if train.get("compile", SWITCHES["compile"]) == "auto":
+            mode = "default" if device.type == "cuda" else "none"
+        else:
+            mode = _named(train, "compile", COMPILE_MODES, false="none", true="default", also=("auto (default on CUDA, none elsewhere)",))
+        return cls(compile=mode, channels_last=_switch(train, "channels_last", mode != "none"),
+                   activation_checkpointing=_named(train, "activation_checkpointing", RECOMPUTE, false="none", true="blocks"))
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile != "none"
 
     def record(self) -> dict[str, bool | str]:
         return asdict(self)
@@ -75,12 +86,12 @@ class StepAcceleration:
 
     def compile_modules(self, *modules: nn.Module | None) -> None:
         """Compiles each module's forward in place (its state_dict keys stay as they are)."""
-        if self.compile:
-            log.info("train.compile: the networks are compiled during the first step, which takes minutes on a "
-                     "GPU (train.compile=false runs them eagerly)")
+        if self.compiled:
+            log.info("train.compile=%s: the networks are compiled during the first step, which takes minutes on a "
+                     "GPU (train.compile=false runs them eagerly)", self.compile)
             for module in modules:
                 if module is not None:
-                    module.compile()
+                    module.compile(mode=self.compile)
 
 
 def match_parameter_layout_(optimizer: torch.optim.Optimizer) -> None:
