@@ -87,6 +87,7 @@ def test_completed_run_is_not_trained_again(finished_run: Path, tmp_path: Path):
     lines_before = read_jsonl(run_dir / "metrics.jsonl")
     again = train(run_dir, "eval.rfid=false")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "rfid                  unavailable  (not computed: eval.rfid=false)" in again.stdout
     lines_after = read_jsonl(run_dir / "metrics.jsonl")
     assert [l["step"] for l in lines_after] == [l["step"] for l in lines_before]
 

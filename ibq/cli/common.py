@@ -29,6 +29,13 @@ from ibq.runs.wandb_mirror import offline_folders
 log = logging.getLogger("ibq")
 
 
+def fid_detail(results: dict, metric: str, switch: str) -> str:
+    """What an FID figure was measured on, or the key that turned it off (`switch`, e.g. eval.rfid=false)."""
+    if results[f"{metric}/network"] is None:
+        return f"(not computed: {switch})"
+    return f"({results[f'{metric}/samples']} samples, {results[f'{metric}/network']})"
+
+
 def failure_line(error: Exception) -> str:
     """One line out of submitit's multi-line report of a job that failed or left no result."""
     text = str(error)

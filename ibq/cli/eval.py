@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ibq.cli.common import entry_point, guarded
+from ibq.cli.common import entry_point, fid_detail, guarded
 from ibq.config import CONF_DIR
 from ibq.runs.record import group_choices
 
@@ -40,7 +40,7 @@ def reconstruction_lines(evaluation: Evaluation, cfg: DictConfig) -> list[str]:
         f"a uniform code assignment would reach {results['codebook/utilization_bound']:.4f})",
         f"  codebook/perplexity   {fmt(results['codebook/perplexity'], 1)}",
         f"  codebook/dead         {results['codebook/dead']}",
-        f"  rfid                  {fmt(results['rfid'], 2)}  ({results['rfid/samples']} samples, {results['rfid/network']})",
+        f"  rfid                  {fmt(results['rfid'], 2)}  {fid_detail(results, 'rfid', 'metrics.fid=false')}",
         f"  psnr                  {fmt(results['psnr'], 2)} dB",
         f"  ssim                  {fmt(results['ssim'])}",
     ]

@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ibq.cli.common import entry_point, guarded, run_training
+from ibq.cli.common import entry_point, fid_detail, guarded, run_training
 from ibq.config import CONF_DIR
 
 
@@ -33,7 +33,7 @@ def summary_lines(training, results: dict, run_dir: Path) -> list[str]:
         f"a uniform code assignment would reach {results['codebook/utilization_bound']:.4f})",
         f"codebook/perplexity   {fmt('codebook/perplexity', 1)}",
         f"codebook/dead         {results['codebook/dead']}",
-        f"rfid                  {fmt('rfid', 2)}  ({results['rfid/samples']} samples, {results['rfid/network']})",
+        f"rfid                  {fmt('rfid', 2)}  {fid_detail(results, 'rfid', 'eval.rfid=false')}",
         f"psnr                  {fmt('psnr', 2)} dB",
         f"ssim                  {fmt('ssim', 4)}",
         f"lpips                 {fmt('lpips', 4)}",
