@@ -146,6 +146,13 @@ def test_cuda_graph_sampler_draws_the_dynamic_cache_tokens():
         held = hold_linear_weights_in(model, torch.bfloat16)
         for _ in range(2):
             assert torch.equal(sample(held, LABELS, seed=7, cfg_scale=2.5), dynamic)
+        # Replayed, the decoding loop never waits for the GPU: the host launches step after step ahead of it.
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            replayed = sample(held, LABELS, seed=7, cfg_scale=2.5)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(replayed, dynamic)
 
 
 def greedy_static_decoding(model, step) -> torch.Tensor:

@@ -96,8 +96,9 @@ def sample(
     stays allocated on the model for the next call of the same batch (model.reset_cache() frees it)."""
     check_sampling_args(cfg_scale, temperature, top_k, top_p)
     device = model.head.weight.device
-    labels = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
-    check_labels(labels, model.num_classes)
+    labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+    check_labels(labels, model.num_classes)  # where the labels are: given as a list, without waiting for the GPU
+    labels = labels.to(device)
     num_tokens = model.block_size if num_tokens is None else num_tokens
     if not 0 < num_tokens <= model.block_size:
         raise UserError(f"num_tokens={num_tokens} is invalid: the model generates 1..{model.block_size} tokens")
