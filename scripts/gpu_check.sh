@@ -44,6 +44,7 @@ for part in ${PARTS:-ibq ar_sample tokenizer tokenizer_graphs tokenizer_norms ar
     # compiled, GroupNorm + SiLU recomputed in the backward pass: the memory at micro-batch 32
     tokenizer_norms) compared=false bench "$part" 250 --only tokenizer --micro-batches 32 --override=++train.activation_checkpointing=norms ;;
     tokenizer_eager) bench "$part" 150 --only tokenizer --override=++train.compile=false ;;
+    ar_sample) bench "$part" 240 --only "$part" ;;  # compiles a graph for each of 4 attention lengths
     *) bench "$part" 150 --only "$part" ;;
   esac
 done

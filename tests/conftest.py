@@ -135,14 +135,14 @@ def whole_graph():
     on CPU without generating kernels."""
     import torch
 
-    def compile_whole(fn):
+    def compile_whole(fn, **options):
         graphs = []
 
         def keep(graph_module, example_inputs):
             graphs.append(graph_module)
             return graph_module.forward
 
-        return torch.compile(fn, backend=keep, fullgraph=True), graphs
+        return torch.compile(fn, backend=keep, fullgraph=True, **options), graphs
 
     torch.compiler.reset()
     yield compile_whole

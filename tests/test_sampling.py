@@ -164,24 +164,29 @@ def greedy_static_decoding(model, step) -> torch.Tensor:
     try:
         logits = [model.prefill(labels)]
         for index in range(model.block_size - 1):
-            logits.append(step(logits[-1].argmax(dim=-1), torch.full((), index)))
+            logits.append(step(logits[-1].argmax(dim=-1), torch.full((), index), model.attention_length(index)))
     finally:
         model.reset_cache()
         model.train()
     return torch.stack(logits)
 
 
-def test_the_static_step_traces_as_one_graph_for_every_position(model, whole_graph):
-    """On CUDA the sampler compiles the static step with fullgraph=True and replays it as a CUDA graph: a
+def test_the_static_step_traces_as_one_graph_per_attention_length(model, whole_graph):
+    """On CUDA the sampler compiles the static step with fullgraph=True and replays it as CUDA graphs: a
     graph break would fail there, a graph per position would record a new CUDA graph at every token, and
     a value read back to the host makes CUDA graphs step aside. Dynamo traces the same way on CPU, so all
-    three are checked here. Through AOTAutograd, which turns the cache's in-place writes into copies back
-    to the cache tensors as Inductor receives them, the decoding gives the eager logits too."""
-    traced_step, graphs = whole_graph(model.step)
+    three are checked here: one graph for each of the 4 attention lengths. Through AOTAutograd, which
+    turns the cache's in-place writes into copies back to the cache tensors as Inductor receives them,
+    the decoding gives the eager logits too, and so does attending to the whole cache at every step."""
+    lengths = sorted({model.attention_length(index) for index in range(model.block_size - 1)})
+    assert lengths == [4, 8, 12, 16] and model.block_size == 16
+    traced_step, graphs = whole_graph(model.step, dynamic=False)
     eager = greedy_static_decoding(model, model.step)
     assert torch.equal(greedy_static_decoding(model, traced_step), eager)
-    assert len(graphs) == 1
-    assert graph_host_reads(graphs[0]) == []
+    assert len(graphs) == len(lengths)  # automatic dynamic shapes would make a second length a symbol
+    assert all(graph_host_reads(graph) == [] for graph in graphs)
     with torch.no_grad():  # as in sample()
-        functional = greedy_static_decoding(model, torch.compile(model.step, backend="aot_eager", fullgraph=True))
-    assert torch.equal(functional, eager)
+        functional = greedy_static_decoding(model, torch.compile(model.step, backend="aot_eager", fullgraph=True, dynamic=False))
+        assert torch.equal(functional, eager)
+        whole_cache = greedy_static_decoding(model, lambda tokens, index, length: model.step(tokens, index))
+    assert torch.allclose(whole_cache, eager, rtol=1e-5, atol=1e-6)

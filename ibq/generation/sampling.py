@@ -129,8 +129,11 @@ def sample(
             else:
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-                position = torch.full((), index - 1, device=device) if static else index - 1
-                logits = step(both_halves(tokens[:, index - 1]), position)
+                if static:
+                    position = torch.full((), index - 1, device=device)
+                    logits = step(both_halves(tokens[:, index - 1]), position, model.attention_length(index - 1))
+                else:
+                    logits = step(both_halves(tokens[:, index - 1]), index - 1)
             logits = logits.float()
             if guided:
                 cond, uncond = logits.chunk(2)
@@ -157,7 +160,8 @@ def hold_linear_weights_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def compiled_step(model: Transformer):
-    """The model's static-cache step compiled for CUDA graphs, once per model."""
+    """The model's static-cache step compiled for CUDA graphs, once per model: one graph per attention
+    length (dynamic=False: each length a static shape, where Dynamo would make it a symbol)."""
     if getattr(model, "_compiled_step", None) is None:
-        model._compiled_step = torch.compile(model.step, mode="reduce-overhead", fullgraph=True)
+        model._compiled_step = torch.compile(model.step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return model._compiled_step

@@ -78,9 +78,9 @@ class KVCache:
 
 
 class StaticPosition(NamedTuple):
-    """The position a static-cache step decodes, a 0-d device tensor, and its attention mask over the cache
-    slots, made once per step for every layer: (1, length), 0 on the slots it sees, -inf after them (what
-    attention makes of a boolean mask in every layer otherwise)."""
+    """The position a static-cache step decodes, a 0-d device tensor, and its attention mask over the first
+    `length` cache slots, made once per step for every layer: (1, length), 0 on the slots it sees, -inf
+    after them (what attention makes of a boolean mask in every layer otherwise)."""
 
     index: Tensor
     mask: Tensor
@@ -88,15 +88,18 @@ class StaticPosition(NamedTuple):
 
 class StaticKVCache(KVCache):
     """The cache at fixed shapes (gpt-fast's): one new position at a time, given on the device, written
-    with index_copy_, and attention over every slot with the slots after it masked out. Every step is then
-    the same computation on the same tensors, which CUDA graphs can replay."""
+    with index_copy_, and attention over the first `length` slots (the mask's width) with the slots after
+    the position masked out. Every step of a length is then the same computation on the same tensors,
+    which CUDA graphs can replay."""
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: int | StaticPosition) -> Tensor:
         if isinstance(pos, int):  # the prefill, not replayed
             return super().attend(q, k, v, pos)
         self.keys.index_copy_(2, pos.index.view(1), k.to(self.keys.dtype))
         self.values.index_copy_(2, pos.index.view(1), v.to(self.values.dtype))
-        return F.scaled_dot_product_attention(q, self.keys.to(q.dtype), self.values.to(q.dtype), attn_mask=pos.mask.to(q.dtype))
+        length = pos.mask.shape[-1]
+        keys, values = self.keys[:, :, :length], self.values[:, :, :length]
+        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=pos.mask.to(q.dtype))
 
 
 @dataclass
@@ -241,13 +244,13 @@ class Transformer(nn.Module):
         cond = self.class_embed(labels)
         return cond, [block.modulation(cond) for block in self.blocks], self.head_ada_lin(cond)
 
-    def _trunk(self, x: Tensor, block_modulations: list[Tensor], pos: int | Tensor, cached: bool) -> Tensor:
+    def _trunk(self, x: Tensor, block_modulations: list[Tensor], pos: int | Tensor, cached: bool, length: int = 0) -> Tensor:
         if isinstance(pos, int):
             rope = self.rope[pos : pos + x.shape[1]]
         else:
             rope = self.rope.index_select(0, pos.view(1))
-            after = torch.arange(self.block_size, device=pos.device) > pos
-            mask = torch.zeros(1, self.block_size, dtype=self.decode_state.layers[0].keys.dtype, device=pos.device)
+            after = torch.arange(length, device=pos.device) > pos
+            mask = torch.zeros(1, length, dtype=self.decode_state.layers[0].keys.dtype, device=pos.device)
             pos = StaticPosition(pos, mask.masked_fill(after, float("-inf")))
         layers = self.decode_state.layers if cached else [None] * len(self.blocks)
         x = self.embed_drop(x)
@@ -335,10 +338,12 @@ class Transformer(nn.Module):
         x = self._trunk(self._sequence(cond, prefix), state.block_modulations, pos=0, cached=True)
         return self._head(x[:, -1:], state.head_modulation)[:, 0]
 
-    def step(self, tokens: Tensor, index: int | Tensor) -> Tensor:
+    def step(self, tokens: Tensor, index: int | Tensor, length: int | None = None) -> Tensor:
         """Cached decoding: feed image token z_index (B,) after z_0..z_{index-1} are in the cache; returns
         logits (B, vocab_size) of z_{index+1}. With a static cache, index is a 0-d long tensor on the
-        model's device (unchecked: reading it would wait for the device)."""
+        model's device (unchecked: reading it would wait for the device), and attention reads the first
+        `length` cache slots (default all; at least index + 2, unchecked), a fixed number per compiled
+        graph: see `attention_length`."""
         state = self.decode_state
         if state is None or state.head_modulation is None:
             raise RuntimeError("call setup_cache and prefill before step")
@@ -346,8 +351,17 @@ class Transformer(nn.Module):
             raise TypeError("the index is a 0-d tensor with a static cache, an int otherwise")
         if not state.static and not 0 <= index < self.block_size - 1:
             raise ValueError(f"image token index {index} is outside 0..{self.block_size - 2}")
-        x = self._trunk(self.tok_embed(tokens)[:, None], state.block_modulations, pos=index + 1, cached=True)
+        x = self._trunk(self.tok_embed(tokens)[:, None], state.block_modulations, pos=index + 1, cached=True,
+                        length=length or self.block_size)
         return self._head(x, state.head_modulation)[:, 0]
+
+    def attention_length(self, index: int, spans: int = 4) -> int:
+        """The cache slots a static step at image token `index` reads: up to the end of the first of
+        `spans` equal stretches of the cache that holds its index + 2 positions. Over a decoding, 4 spans
+        read 5/8 of the keys and values that attending to the whole cache at every step reads (exact
+        lengths would read 1/2), for 4 compiled graphs instead of one."""
+        stretch = -(-self.block_size // spans)
+        return min(self.block_size, -(-(index + 2) // stretch) * stretch)
 
 
 def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
