@@ -244,14 +244,8 @@ class Transformer(nn.Module):
         cond = self.class_embed(labels)
         return cond, [block.modulation(cond) for block in self.blocks], self.head_ada_lin(cond)
 
-    def _trunk(self, x: Tensor, block_modulations: list[Tensor], pos: int | Tensor, cached: bool, length: int = 0) -> Tensor:
-        if isinstance(pos, int):
-            rope = self.rope[pos : pos + x.shape[1]]
-        else:
-            rope = self.rope.index_select(0, pos.view(1))
-            after = torch.arange(length, device=pos.device) > pos
-            mask = torch.zeros(1, length, dtype=self.decode_state.layers[0].keys.dtype, device=pos.device)
-            pos = StaticPosition(pos, mask.masked_fill(after, float("-inf")))
+    def _trunk(self, x: Tensor, block_modulations: list[Tensor], pos: int | StaticPosition, cached: bool) -> Tensor:
+        rope = self.rope[pos : pos + x.shape[1]] if isinstance(pos, int) else self.rope.index_select(0, pos.index.view(1))
         layers = self.decode_state.layers if cached else [None] * len(self.blocks)
         x = self.embed_drop(x)
         for block, modulation, cache in zip(self.blocks, block_modulations, layers):
@@ -351,8 +345,12 @@ class Transformer(nn.Module):
             raise TypeError("the index is a 0-d tensor with a static cache, an int otherwise")
         if not state.static and not 0 <= index < self.block_size - 1:
             raise ValueError(f"image token index {index} is outside 0..{self.block_size - 2}")
-        x = self._trunk(self.tok_embed(tokens)[:, None], state.block_modulations, pos=index + 1, cached=True,
-                        length=length or self.block_size)
+        pos = index + 1
+        if state.static:
+            length = length or self.block_size
+            mask = torch.zeros(1, length, dtype=state.head_modulation.dtype, device=pos.device)
+            pos = StaticPosition(pos, mask.masked_fill(torch.arange(length, device=pos.device) > pos, float("-inf")))
+        x = self._trunk(self.tok_embed(tokens)[:, None], state.block_modulations, pos=pos, cached=True)
         return self._head(x, state.head_modulation)[:, 0]
 
     def attention_length(self, index: int, spans: int = 4) -> int:
