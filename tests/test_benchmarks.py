@@ -109,7 +109,7 @@ def test_the_gpu_check_script_runs_its_steps_and_keeps_their_logs(tmp_path):
     """scripts/gpu_check.sh (make gpu-check), as on a GPU node but with one bench_gpu part: without a CUDA
     device its tests are skipped and bench_gpu runs at its tiny sizes."""
     result = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env=cli_env(PYTHON=sys.executable, PARTS="ibq", GPU_CHECK_S="300"))
+                            env=cli_env(PYTHON=sys.executable, PARTS="tests ibq", GPU_CHECK_S="300"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert {path.name for path in tmp_path.iterdir()} == {"env.txt", "cuda_tests.txt", "bench_ibq.txt"}
     tests = (tmp_path / "cuda_tests.txt").read_text()
