@@ -41,6 +41,13 @@ OmegaConf.register_new_resolver("ibq.run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("ibq.submit_mode", lambda dry_run: None if dry_run else "MULTIRUN", replace=True)
 
 
+def given_overrides(hydra: DictConfig | None, kind: str = "task") -> list[str]:
+    """hydra.overrides.<kind> (task or hydra) as given: iterating the node would resolve an override's
+    own interpolation (hydra.sweep.subdir=${hydra.job.num}, train.steps=${eval.every}) as part of the text."""
+    node = None if hydra is None else OmegaConf.select(hydra, f"overrides.{kind}", default=None)
+    return [] if node is None else [str(line) for line in OmegaConf.to_container(node, resolve=False)]
+
+
 def keys_with_nodes(keys: list, nodes: list, _root_: DictConfig) -> list[str]:
     """`keys`, and each of `nodes` with every key inside it as composed or named by the command line's
     overrides (a deleted one, ~cluster.mem_gb, is no longer in the composed node): the exclude_keys of
@@ -51,7 +58,7 @@ def keys_with_nodes(keys: list, nodes: list, _root_: DictConfig) -> list[str]:
         return [prefix] + [key for name, value in inner for key in walk(f"{prefix}.{name}", value)]
 
     found = [key for name in nodes if name in _root_ for key in walk(name, OmegaConf.to_container(_root_[name]))]
-    overridden = [line.lstrip("~+").split("=", 1)[0] for line in OmegaConf.select(_root_, "hydra.overrides.task", default=None) or []]
+    overridden = [line.lstrip("~+").split("=", 1)[0] for line in given_overrides(_root_.get("hydra"))]
     return list(keys) + found + [key for key in overridden if key.split(".")[0] in nodes and key not in found]
 
 

@@ -110,6 +110,35 @@ def test_a_bad_value_in_a_sweep_is_one_line_before_anything_is_written(tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("swept", ["train.compile=none,default", "logger=none,wandb", "data.num_workers=0,2"])
+def test_a_sweep_whose_jobs_would_share_a_run_directory_is_refused_up_front(tmp_path: Path, swept: str):
+    """Keys that do not name a run (how the step uses the device, where it logs, loader workers) swept alone
+    would send every job into one run directory: the second would resume or re-evaluate the first's run."""
+    key = swept.split("=")[0]
+    result = run_cli(IBQ_TRAIN + ["-m", swept, "train.steps=2", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert error_line(result).startswith(f"error: {swept}: these jobs would share one run directory, since {key} does not name runs")
+    assert "hydra.sweep.subdir" in error_line(result) and result.returncode == 2
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_subdir_may_interpolate_the_job_number(tmp_path: Path):
+    """Hydra's own way to name a sweep's folders, which also separates jobs that differ in keys that do not
+    name runs: the override's interpolation belongs to each job, not to the checks made before them."""
+    result = run_cli(IBQ_TRAIN + ["-m", "dry_run=true", "train.compile=none,default", "hydra.sweep.subdir=job${hydra.job.num}",
+                                  f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 of 2 jobs done" in result.stdout
+
+
+def test_an_experiment_names_its_run_directory():
+    """So that a sweep over presets (-m experiment=ibq_1024,ibq_8192) gives each its own run."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=ibq_1024", "data.root=/imagenet"], return_hydra_config=True)
+    assert cfg.hydra.job.override_dirname == "data.root=/imagenet,experiment=ibq_1024"
+
+
+@pytest.mark.slow
 def test_an_optuna_search_runs_its_trials_through_submitit_and_lists_them_like_grid_jobs(tmp_path: Path):
     sweep = tmp_path / "search"  # trials as submitit jobs, two at a time (cluster=local_parallel)
     result = run_cli(IBQ_TRAIN + ["-m", "sweep=lr_entropy_search", "cluster=local_parallel", "hydra.sweeper.n_trials=3", "train.steps=2", "train.log_every=1",

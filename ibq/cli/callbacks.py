@@ -22,6 +22,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from ibq.cli.checks import sweep_lines
+from ibq.config import given_overrides
 from ibq.engine.ranks import detect_ranks
 from ibq.runs.record import write_json
 
@@ -70,11 +72,9 @@ def count_jobs(config: DictConfig) -> int | None:
     product of each swept key's number of values (a key on the command line replaces the sweep file's)."""
     if not str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
         return None  # another sweeper (Optuna) decides its trials as it goes
-    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
-    lines = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
     try:
         values = {override.get_key_element(): len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
-                  for override in OverridesParser.create().parse_overrides(lines)}
+                  for override in OverridesParser.create().parse_overrides(sweep_lines(config))}
     except Exception:  # a sweep the plain parser cannot expand (glob over a config group)
         return None
     return math.prod(values.values())
@@ -107,14 +107,14 @@ class SweepProgress(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN or not detect_ranks().is_main:
             return
-        print(f"{self._label(config)}: {' '.join(config.hydra.overrides.task) or '(no overrides)'}", flush=True)
+        print(f"{self._label(config)}: {' '.join(given_overrides(config.hydra)) or '(no overrides)'}", flush=True)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN or not detect_ranks().is_main:  # a job of several ranks tells once
             return
         status, reason = outcome(job_return)
         print(f"{self._label(config)}: {status}{': ' + reason if reason else ''}", flush=True)
-        record = {"num": config.hydra.job.num, "overrides": list(config.hydra.overrides.task), "status": status, "reason": reason}
+        record = {"num": config.hydra.job.num, "overrides": given_overrides(config.hydra), "status": status, "reason": reason}
         output_dir = Path(config.hydra.runtime.output_dir)
         if output_dir.is_dir():  # ibq-eval's stays empty and is gone: its results are in the evaluated run
             record["output_dir"] = str(output_dir)

@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ibq.config import APPS, check_values, fail, one_line, parse
+from ibq.config import APPS, check_values, fail, given_overrides, one_line, parse
 from ibq.engine.ranks import check_deepspeed, detect_ranks, plan_batches
 from ibq.errors import UserError, check_positive_int
 
@@ -202,11 +202,36 @@ def exit_if_refused(check, *args) -> None:
         fail(one_line(str(error)))
 
 
+def sweep_lines(config: DictConfig) -> list[str]:
+    """A sweep's overrides: its sweep files' params, then the command line (whose key replaces theirs)."""
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    return [f"{key}={value}" for key, value in params.items()] + given_overrides(config.hydra)
+
+
+def check_distinct_run_dirs(config: DictConfig, parser: OverridesParser) -> None:
+    """Jobs that differ only in keys that do not name a run directory (exclude_keys: where a run runs and
+    logs, how its step uses the device, ...) would share one: the second would resume or re-evaluate
+    the first's run, or be refused as another configuration. Unless hydra.sweep.subdir names them."""
+    if any(line.lstrip("+").startswith("hydra.sweep.subdir=") for line in given_overrides(config.hydra, "hydra")):
+        return
+    unnamed = set(OmegaConf.select(config, "hydra.job.config.override_dirname.exclude_keys", default=None) or [])
+    for override in parser.parse_overrides(sweep_lines(config)):
+        if override.is_discrete_sweep() and override.get_key_element() in unnamed:
+            values = list(dict.fromkeys(override.sweep_string_iterator()))
+            if len(values) > 1:
+                raise UserError(
+                    f"{override.get_key_element()}={','.join(values)}: these jobs would share one run directory, since "
+                    f"{override.get_key_element()} does not name runs (hydra.job.config.override_dirname.exclude_keys); "
+                    "sweep it into separate folders with hydra.sweep.subdir (e.g. hydra.sweep.subdir=job${hydra.job.num})"
+                )
+
+
 def check_sweep(config: DictConfig, config_name: str) -> None:
-    hydra_overrides = list(config.hydra.overrides.hydra)
+    hydra_overrides = given_overrides(config.hydra, "hydra")
     submitting = not config.get("dry_run", False)
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    for variant in checked_variants(list(config.hydra.overrides.task), parser):
+    check_distinct_run_dirs(config, parser)
+    for variant in checked_variants(given_overrides(config.hydra), parser):
         check_job(compose(config_name, overrides=hydra_overrides + variant), config_name, submitting)
 
 

@@ -19,7 +19,7 @@ from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueE
 
 from ibq.cli.callbacks import JobFailed
 from ibq.cli.checks import BATCH_SECTIONS, check_job
-from ibq.config import fail, missing_config_line, one_line, unparsable
+from ibq.config import fail, given_overrides, missing_config_line, one_line, unparsable
 from ibq.engine.ranks import detect_ranks
 from ibq.errors import Terminated, TrainingDiverged, UserError, interruption, unset_key
 from ibq.runs.lock import RunLock
@@ -172,7 +172,7 @@ def hydra_context(cfg) -> tuple[dict, list[str], str | None]:
     hydra = HydraConfig.get()
     choices = run_choices(cfg, hydra.runtime.choices)
     group = sweep_group(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None
-    return choices, list(hydra.overrides.task), group
+    return choices, given_overrides(hydra), group
 
 
 def choices_text(choices: dict) -> str:
@@ -225,4 +225,4 @@ def save_hydra_files(cfg, run_dir: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml")
     OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra)}), out / "hydra.yaml")
-    OmegaConf.save(OmegaConf.create(list(hydra.overrides.task)), out / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create(given_overrides(hydra)), out / "overrides.yaml")

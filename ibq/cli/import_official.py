@@ -18,7 +18,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ibq.config import CONF_DIR, check_group_choices, check_values, fail, one_line
+from ibq.config import CONF_DIR, check_group_choices, check_values, fail, given_overrides, one_line
 from ibq.engine import official
 from ibq.errors import UserError
 from ibq.runs.record import RunRecord, run_choices
@@ -44,7 +44,7 @@ def composed(overrides: list[str], config_name: str) -> official.ComposedRun:
         raise UserError(one_line(str(error))) from None
     check_values(cfg)
     choices = run_choices(cfg, cfg.hydra.runtime.choices)
-    overrides = list(cfg.hydra.overrides.task)
+    overrides = given_overrides(cfg.hydra)
     container = OmegaConf.to_container(cfg, resolve=False)
     container.pop("hydra")
     return official.ComposedRun(OmegaConf.create(container), choices, overrides)

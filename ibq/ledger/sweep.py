@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ibq.config import APPS
+from ibq.config import APPS, given_overrides
 from ibq.errors import UserError
 from ibq.ledger.cost import KINDS
 from ibq.ledger.liveness import run_process_alive
@@ -98,7 +98,7 @@ def plan_from_multirun(directory: Path) -> Plan:
     hydra = recorded.hydra
     if str(hydra.job.config_name) not in KINDS:
         raise OtherAppSweep(directory, str(hydra.job.config_name))
-    arguments = [str(o) for o in hydra.overrides.hydra] + [str(o) for o in hydra.overrides.task]
+    arguments = given_overrides(hydra, "hydra") + given_overrides(hydra)
     params = {str(k): str(v) for k, v in (hydra.sweeper.params or {}).items()}
     plan = expand(arguments, config_name=str(hydra.job.config_name), sweeper_params=params)
     plan.sweep_dir = str(directory)
