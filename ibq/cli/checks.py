@@ -211,18 +211,21 @@ def sweep_lines(config: DictConfig) -> list[str]:
 def check_distinct_run_dirs(config: DictConfig, parser: OverridesParser) -> None:
     """Jobs that differ only in keys that do not name a run directory (exclude_keys: where a run runs and
     logs, how its step uses the device, ...) would share one: the second would resume or re-evaluate
-    the first's run, or be refused as another configuration. Unless hydra.sweep.subdir names them."""
-    if any(line.lstrip("+").startswith("hydra.sweep.subdir=") for line in given_overrides(config.hydra, "hydra")):
+    the first's run, or be refused as another configuration. Where hydra.sweep.subdir names jobs by
+    their overrides, as the apps' configs do; a key it names itself (${tokenizer_run}) tells them apart."""
+    subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir"))
+    if "hydra.job.override_dirname" not in subdir:
         return
     unnamed = set(OmegaConf.select(config, "hydra.job.config.override_dirname.exclude_keys", default=None) or [])
     for override in parser.parse_overrides(sweep_lines(config)):
-        if override.is_discrete_sweep() and override.get_key_element() in unnamed:
+        key = override.get_key_element()
+        if override.is_discrete_sweep() and key in unnamed and f"${{{key}}}" not in subdir:
             values = list(dict.fromkeys(override.sweep_string_iterator()))
             if len(values) > 1:
                 raise UserError(
-                    f"{override.get_key_element()}={','.join(values)}: these jobs would share one run directory, since "
-                    f"{override.get_key_element()} does not name runs (hydra.job.config.override_dirname.exclude_keys); "
-                    "sweep it into separate folders with hydra.sweep.subdir (e.g. hydra.sweep.subdir=job${hydra.job.num})"
+                    f"{key}={','.join(values)}: these jobs would share one run directory, since {key} does not name "
+                    "runs (hydra.job.config.override_dirname.exclude_keys); sweep it into separate folders with "
+                    "hydra.sweep.subdir (e.g. hydra.sweep.subdir=job${hydra.job.num})"
                 )
 
 
