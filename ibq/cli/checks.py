@@ -233,9 +233,9 @@ def check_sweep(config: DictConfig, config_name: str) -> None:
     hydra_overrides = given_overrides(config.hydra, "hydra")
     submitting = not config.get("dry_run", False)
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    check_distinct_run_dirs(config, parser)
     for variant in checked_variants(given_overrides(config.hydra), parser):
         check_job(compose(config_name, overrides=hydra_overrides + variant), config_name, submitting)
+    check_distinct_run_dirs(config, parser)  # after the values: a bad one is the first thing to mend
 
 
 class ConfigChecks(Callback):
