@@ -29,10 +29,10 @@ bench() {
     return
   fi
   echo "gpu_check: $name, at most ${seconds}s, started at $((SECONDS - start))s"
-  local baseline=${BASELINE:+--baseline "$BASELINE"}
-  [ "${compared:-true}" = true ] || baseline=
+  local baseline=()
+  if [ -n "${BASELINE:-}" ] && [ "${compared:-true}" = true ]; then baseline=(--baseline "$BASELINE"); fi
   # shellcheck disable=SC2086  # BENCH_ARGS: several arguments
-  timeout "$seconds" "$python" -m benchmarks.bench_gpu $baseline $BENCH_ARGS "$@" 2>&1 | tee "$out/bench_$name.txt"
+  timeout "$seconds" "$python" -m benchmarks.bench_gpu "${baseline[@]}" $BENCH_ARGS "$@" 2>&1 | tee "$out/bench_$name.txt"
 }
 for part in ${PARTS:-tests ibq ar_sample tokenizer tokenizer_graphs tokenizer_norms ar_train tokenizer_eager}; do
   case $part in
