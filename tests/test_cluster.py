@@ -54,10 +54,11 @@ def submit_in_background(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def wait_for_step(sweep: Path, step: int, process: subprocess.Popen, timeout: float = 600) -> Path:
-    """The job's run directory once it has logged `step`."""
+    """The job's run directory once it has logged `step` (<sweep>/<overrides>, or for stage II
+    <sweep>/<tokenizer run>/<overrides>)."""
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None:
-        for metrics in sweep.glob("*/metrics.jsonl"):
+        for metrics in sweep.rglob("metrics.jsonl"):
             if any(line.get("step", 0) >= step for line in read_jsonl(metrics)):
                 return metrics.parent
         time.sleep(0.2)
@@ -241,8 +242,8 @@ def test_tokenize_sample_and_eval_jobs_run_on_slurm_and_say_where_their_results_
         logs = list((tmp_path / name).glob(".submitit/*/*_0_log.out"))  # one per Slurm job (task 0: each job has one)
         assert len(logs) == (2 if name == "tokenize" else 1), logs
 
-    for samples in (16, 32):  # one array of two jobs, each a token folder of its own
-        folder = tmp_path / "tokenize" / f"samples={samples}"
+    for samples in (16, 32):  # one array of two jobs, each a token folder of its own, named by its tokenizer run as a single run's
+        folder = tmp_path / "tokenize" / tokenizer.name / f"samples={samples}"
         assert json.loads((folder / "manifest.json").read_text())["samples"] == samples
         assert f"samples={samples}): done: {folder}" in results["tokenize"].stdout
     folder = tmp_path / "sample" / "metrics.fid=False,samples_per_class=2"
@@ -255,7 +256,7 @@ def test_tokenize_sample_and_eval_jobs_run_on_slurm_and_say_where_their_results_
 
     status = run_cli(app("sweep") + ["status", str(tmp_path / "tokenize")])  # the ledger reads these sweeps' job outcomes
     assert status.returncode == 0 and status.stdout.startswith(f"sweep {tmp_path / 'tokenize'}: 2 of 2 jobs done, 0 failed\n"), status
-    assert f"samples=32): done: {tmp_path / 'tokenize' / 'samples=32'}" in status.stdout
+    assert f"samples=32): done: {tmp_path / 'tokenize' / tokenizer.name / 'samples=32'}" in status.stdout
     table = run_cli(app("sweep") + ["table", str(tmp_path / "eval")])
     assert table.returncode == 2 and table.stderr.startswith(f"error: {tmp_path / 'eval'} is a sweep of ibq-eval, whose jobs leave no training runs")
 

@@ -131,6 +131,33 @@ def test_a_sweep_subdir_may_interpolate_the_job_number(tmp_path: Path):
     assert "2 of 2 jobs done" in result.stdout
 
 
+@pytest.mark.parametrize(("config_name", "swept", "refused"), [
+    ("train_ar", "tokenizer_run=runs/ibq,runs/vq", None),  # outputs/multirun_ar/<time>/ibq/..., .../vq/...
+    ("tokenize", "tokenizer_run=runs/ibq,runs/vq", None),
+    ("train_ar", "tokenizer_run=a/run,b/run,c/vq", "tokenizer_run=a/run,b/run: these jobs would share one run directory, "
+                                                   "since hydra.sweep.subdir names each of them 'run/…'"),
+    ("sample", "run_dir=a,b", "run_dir=a,b: these jobs would share one run directory, since run_dir does not name runs"),
+])
+def test_a_sweep_over_input_runs_gives_each_run_its_folder_where_their_names_differ(config_name: str, swept: str, refused: str | None):
+    """Stage II across tokenizers (-m tokenizer_run=a,b): a job's folder is named by its tokenizer run, as a
+    single run's is (outputs/train_ar/<run>/<overrides>). ibq-sample's sweep is of one run's parts."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ibq.cli.checks import check_distinct_run_dirs
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, return_hydra_config=True)
+        cfg.hydra.overrides.task = [swept]
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        if refused is None:
+            check_distinct_run_dirs(cfg, parser)
+        else:
+            with pytest.raises(UserError) as error:
+                check_distinct_run_dirs(cfg, parser)
+            assert str(error.value).startswith(refused) and "hydra.sweep.subdir=job${hydra.job.num}" in str(error.value)
+
+
 def test_an_experiment_names_its_run_directory():
     """So that a sweep over presets (-m experiment=ibq_1024,ibq_8192) gives each its own run."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -23,6 +23,7 @@ from conftest import IBQ_TRAIN_AR, REPO, SMALL_AR, BackgroundRun, children, cli_
 from ibq.config import build
 from ibq.engine.tokens import TokenShards, load_tokenizer_run
 from ibq.engine.train_ar import load_ar_run, sample_images
+from ibq.errors import UserError
 from ibq.metrics.adm import to_adm_array
 
 IBQ_TOKENIZE = [sys.executable, "-m", "ibq.cli.tokenize"]
@@ -66,6 +67,26 @@ def test_paper_scales_keep_the_reference_schedule_and_sampling():
         assert cfg.ar_optim.weight_decay == 0.05 and cfg.ar_optim.grad_clip == 1.0 and cfg.transformer.class_dropout == 0.1
 
 
+def test_transformer_sizes_given_as_auto_follow_the_tokenizer():
+    """A sweep across tokenizers of different codebooks (-m tokenizer_run=a,b transformer.vocab_size=auto):
+    each job's transformer predicts its own tokenizer's codes, as many as its encoder makes of an image."""
+    from ibq.engine.job_config import meta_transformer, sized_transformer
+
+    tokenizer = Path("/runs/ibq_8192")
+    cfg = compose_config("train_ar", "transformer.vocab_size=auto", "transformer.block_size=auto", "data.resolution=64")
+    sized = sized_transformer(cfg, 8192, 4, tokenizer)
+    assert (sized.vocab_size, sized.block_size) == (8192, 16 * 16) and cfg.transformer.vocab_size == "auto"
+    given = compose_config("train_ar", "transformer.vocab_size=1024", "transformer.block_size=auto", "data.resolution=64")
+    with pytest.raises(UserError, match=r"^transformer.vocab_size=1024 differs from the codebook of tokenizer_run=/runs/ibq_8192 "
+                                        r"\(8192 codes\): set transformer.vocab_size=8192, or auto to follow the tokenizer$"):
+        sized_transformer(given, 8192, 4, tokenizer)
+    with pytest.raises(UserError, match="data.resolution=64 is not a multiple of the downsampling factor 24"):
+        sized_transformer(cfg, 8192, 24, tokenizer)
+    dry = compose_config("train_ar", "transformer.block_size=auto", "dry_run=true")  # no tokenizer_run to size it
+    with pytest.raises(UserError, match="^transformer.block_size=auto follows tokenizer_run, which is not given"):
+        meta_transformer(dry)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scale", PAPER_PARAMETERS)
 def test_dry_run_reports_the_paper_parameter_counts(scale: str, tmp_path: Path):
@@ -104,6 +125,35 @@ def test_vocabulary_other_than_the_codebook_is_refused(small_tokenizer_run: Path
     line = error_line(run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={small_tokenizer_run}", f"hydra.run.dir={tmp_path / 'ar'}"]))
     assert "transformer.vocab_size=1024 differs from the codebook" in line and "256 codes" in line
     assert not (tmp_path / "ar").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_across_tokenizers_trains_each_on_its_codes_and_the_ledger_knows_its_runs(small_tokenizer_run: Path, tmp_path: Path):
+    """-m over two tokenizer runs of different codebooks and grids: a folder per tokenizer run, each transformer
+    sized by its tokenizer, and ibq-sweep plans the signatures the jobs record (a trained and an imported run)."""
+    from ibq.cli.import_official import main as ibq_import
+    from ibq.ledger.sweep import load_sweep
+
+    official = REPO / "tests" / "fixtures" / "official"
+    ibq_import([str(official / "ar_tiny.ckpt"), "--config", str(official / "ar_tiny_config.json"), "-o", str(tmp_path / "official"), "logger=none"])
+    imported, sweep = tmp_path / "official" / "tokenizer", tmp_path / "sweep"
+    small = [o for o in SMALL_AR if not o.startswith("transformer.vocab_size=")]
+    result = run_cli(IBQ_TRAIN_AR + ["-m", f"tokenizer_run={small_tokenizer_run},{imported}", "transformer.vocab_size=auto",
+                                     "transformer.block_size=auto", *small, "ar_train.steps=4", f"hydra.sweep.dir={sweep}"])
+    assert result.returncode == 0 and "2 of 2 jobs done" in result.stdout, result.stderr[-3000:]
+    dirname = "ar_train.batch_size=16,ar_train.steps=4,transformer.block_size=auto,transformer.depth=2,transformer.ffn_hidden=512," \
+              "transformer.heads=2,transformer.vocab_size=auto,transformer.width=128"
+    for tokenizer, codes, tokens in ((small_tokenizer_run, 256, 8 * 8), (imported, 64, 16 * 16)):
+        state = torch.load(sweep / tokenizer.name / dirname / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+        assert (state["config"]["transformer"]["vocab_size"], state["config"]["transformer"]["block_size"]) == (codes, tokens)
+
+    jobs = load_sweep(sweep).jobs
+    assert [job.run.path.parent.name for job in jobs] == [small_tokenizer_run.name, imported.name]
+    assert all(job.state == "done" and job.job.signature == job.run.signature for job in jobs)
+    status = run_cli([sys.executable, "-m", "ibq.cli.sweep", "status", str(sweep)])
+    assert "2 jobs: 2 done" in status.stdout and "changed" not in status.stdout and status.stdout.count(" 4/4 ") == 2, status.stdout
+    table = run_cli([sys.executable, "-m", "ibq.cli.sweep", "table", str(sweep)]).stdout
+    assert "transformer.vocab_size" in table.splitlines()[1] and table.splitlines()[1].rstrip().endswith("loss"), table
 
 
 @pytest.mark.slow

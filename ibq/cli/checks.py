@@ -9,6 +9,7 @@ change a job's placement or checked values; each job checks itself again when it
 
 from __future__ import annotations
 
+import copy
 import importlib
 import itertools
 import os
@@ -21,7 +22,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from ibq.config import APPS, check_values, fail, given_overrides, one_line, parse
@@ -211,22 +212,43 @@ def sweep_lines(config: DictConfig) -> list[str]:
 def check_distinct_run_dirs(config: DictConfig, parser: OverridesParser) -> None:
     """Jobs that differ only in keys that do not name a run directory (exclude_keys: where a run runs and
     logs, how its step uses the device, ...) would share one: the second would resume or re-evaluate
-    the first's run, or be refused as another configuration. Where hydra.sweep.subdir names jobs by
-    their overrides, as the apps' configs do; a key it names itself (${tokenizer_run}) tells them apart."""
+    the first's run, or be refused as another configuration. Where hydra.sweep.subdir names jobs by their
+    overrides and not by number, as the apps' configs do. A key the subdir names itself
+    (${ibq.run_name:${tokenizer_run}}) tells jobs apart where its values give different folders."""
     subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir"))
-    if "hydra.job.override_dirname" not in subdir:
+    if "hydra.job.override_dirname" not in subdir or "job.num" in subdir:
         return
     unnamed = set(OmegaConf.select(config, "hydra.job.config.override_dirname.exclude_keys", default=None) or [])
+    hint = "sweep them into separate folders with hydra.sweep.subdir (e.g. hydra.sweep.subdir=job${hydra.job.num})"
     for override in parser.parse_overrides(sweep_lines(config)):
         key = override.get_key_element()
-        if override.is_discrete_sweep() and key in unnamed and f"${{{key}}}" not in subdir:
-            values = list(dict.fromkeys(override.sweep_string_iterator()))
+        if not (override.is_discrete_sweep() and key in unnamed):
+            continue
+        values = list(dict.fromkeys(override.sweep_string_iterator()))
+        if f"${{{key}}}" not in subdir:
             if len(values) > 1:
-                raise UserError(
-                    f"{key}={','.join(values)}: these jobs would share one run directory, since {key} does not name "
-                    "runs (hydra.job.config.override_dirname.exclude_keys); sweep it into separate folders with "
-                    "hydra.sweep.subdir (e.g. hydra.sweep.subdir=job${hydra.job.num})"
-                )
+                raise UserError(f"{key}={','.join(values)}: these jobs would share one run directory, since {key} does "
+                                f"not name runs (hydra.job.config.override_dirname.exclude_keys); {hint}")
+            continue
+        folders = [job_subdir(config, key, value) for value in values]
+        for folder in folders:
+            alike = [value for value, other in zip(values, folders) if other == folder]
+            if folder is not None and len(alike) > 1:
+                raise UserError(f"{key}={','.join(alike)}: these jobs would share one run directory, since "
+                                f"hydra.sweep.subdir names each of them {folder!r}; {hint}")
+
+
+def job_subdir(config: DictConfig, key: str, value: str) -> str | None:
+    """hydra.sweep.subdir as a job with `key`=`value` resolves it, leaving out its override_dirname, which
+    the check above compares apart (None where the subdir cannot be resolved before the job runs)."""
+    job = copy.deepcopy(config)
+    with read_write(job), open_dict(job):
+        OmegaConf.update(job, key, value, force_add=True)
+        job.hydra.job.override_dirname = "…"
+    try:
+        return str(job.hydra.sweep.subdir)
+    except OmegaConfBaseException:
+        return None
 
 
 def check_sweep(config: DictConfig, config_name: str) -> None:

@@ -23,8 +23,8 @@ from ibq.errors import UserError
 
 DEFAULT_RUNS = Path("outputs")
 ENTRY_SCRIPTS = {"train": "ibq-train", "train_ar": "ibq-train-ar"}  # the apps whose sweeps the ledger reads (ibq.config.APPS)
-PLOT_METRICS = ("codebook/utilization", "rfid")  # final values against the x factor
-CURVE_METRICS = ("loss/g", "codebook/utilization")  # over the steps, where runs logged them at two steps or more
+PLOT_METRICS = ("codebook/utilization", "rfid", "gfid")  # final values against the x factor
+CURVE_METRICS = ("loss/g", "codebook/utilization", "loss")  # over the steps, where runs logged them at two steps or more
 
 
 def fail(message: str, code: int = 2):
@@ -93,7 +93,7 @@ def show_plan(plan, completed: dict) -> None:
         done_at = completed.get(job.signature)
         own = [o for o in job.overrides if o not in common]
         est = job.estimate.device_hours if job.estimate and not done_at else None
-        body.append([str(job.index), "done" if done_at else "new", job.signature, hours(est), shown(own) + (f"  -> {done_at}" if done_at else "")])
+        body.append([str(job.index), "done" if done_at else "new", job.signature or "at start", hours(est), shown(own) + (f"  -> {done_at}" if done_at else "")])
     print_table(["#", "state", "signature", "device-h", "overrides"], body, numeric={0, 3})
 
 

@@ -12,12 +12,13 @@ from ibq.config import CONF_DIR
 
 
 def dry_run(cfg: DictConfig) -> None:
-    """Report the size of the transformer, built on the meta device (no memory, no data, no tokenizer)."""
+    """Report the size of the transformer, built on the meta device (no memory, no data; of tokenizer_run, its
+    config alone, for sizes given as `auto`)."""
     from ibq.engine.job_config import meta_transformer  # here, not at import: completion and --help start without torch
 
     model = meta_transformer(cfg)
     t = cfg.transformer
-    print(f"transformer: depth {t.depth}, width {t.width}, heads {t.heads}, {t.block_size} tokens from {t.vocab_size} codes, {t.num_classes} classes")
+    print(f"transformer: depth {t.depth}, width {t.width}, heads {t.heads}, {model.block_size} tokens from {model.vocab_size} codes, {model.num_classes} classes")
     for name, count in model.parameter_counts().items():
         print(f"  {name:<12} {count / 1e6:10.2f}M  ({count:,})")
 

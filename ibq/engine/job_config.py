@@ -7,7 +7,9 @@ the models only, not the engine's data, metrics or DeepSpeed: a refusal takes se
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -16,8 +18,12 @@ from torch import nn
 from ibq.config import build
 from ibq.engine.acceleration import StepAcceleration
 from ibq.engine.build import check_precision
+from ibq.engine.checkpoint import load_run
 from ibq.errors import UserError, check_positive_int, unset_key
 from ibq.models.transformer import Transformer
+
+# The transformer's sizes that its tokenizer sets: `auto` takes them from tokenizer_run.
+FOLLOWS_TOKENIZER = ("vocab_size", "block_size")
 
 
 def unset_keys(node: DictConfig | ListConfig, path: str) -> Iterator[str]:
@@ -54,10 +60,16 @@ def check_resolution(resolution: int, downsample_factor: int) -> None:
         raise UserError(f"data.resolution={resolution} must be a multiple of the tokenizer's downsampling factor {downsample_factor}")
 
 
+def meta_tokenizer(cfg: DictConfig) -> nn.Module:
+    """The tokenizer the config describes (model and quantizer), on the meta device."""
+    with torch.device("meta"):
+        return build(cfg.model, quantizer=build(cfg.quantizer))
+
+
 def meta_models(cfg: DictConfig) -> tuple[nn.Module, nn.Module]:
     """The tokenizer and the discriminator the config describes, on the meta device."""
     with torch.device("meta"):
-        return build(cfg.model, quantizer=build(cfg.quantizer)), build(cfg.discriminator)
+        return meta_tokenizer(cfg), build(cfg.discriminator)
 
 
 def check_tokenizer_job(cfg: DictConfig) -> None:
@@ -89,10 +101,52 @@ def check_ar_keys(cfg: DictConfig) -> None:
             raise UserError(f"ar_optim.{key}={cfg.ar_optim[key]!r} is invalid: it must be a positive number")
 
 
+def token_grid_side(resolution: int, downsample_factor: int, tokenizer_dir: Path) -> int:
+    """Tokens along each side of an image of `resolution` px that tokenizer_run's encoder makes."""
+    if resolution % downsample_factor:
+        raise UserError(f"data.resolution={resolution} is not a multiple of the downsampling factor {downsample_factor} "
+                        f"of tokenizer_run={tokenizer_dir}")
+    return resolution // downsample_factor
+
+
+def sized_transformer(cfg: DictConfig, codebook_size: int, downsample_factor: int, tokenizer_dir: Path) -> DictConfig:
+    """cfg.transformer with the sizes that follow its tokenizer: `auto` takes them (vocab_size: the codebook
+    size; block_size: the tokens of an image at data.resolution), and a number must equal them."""
+    resolution = cfg.data.resolution
+    side = token_grid_side(resolution, downsample_factor, tokenizer_dir)
+    follows = {"vocab_size": (codebook_size, f"the codebook of tokenizer_run={tokenizer_dir} ({codebook_size} codes)"),
+               "block_size": (side * side, f"the {side}x{side} = {side * side} tokens that tokenizer_run={tokenizer_dir} "
+                                           f"makes of data.resolution={resolution} px")}
+    transformer = copy.deepcopy(cfg.transformer)
+    for key, (size, what) in follows.items():
+        if transformer[key] == "auto":
+            transformer[key] = size
+        elif transformer[key] != size:
+            raise UserError(f"transformer.{key}={transformer[key]} differs from {what}: set transformer.{key}={size}, "
+                            f"or auto to follow the tokenizer")
+    return transformer
+
+
 def meta_transformer(cfg: DictConfig) -> Transformer:
-    """The transformer the config describes, on the meta device (no tokenizer either)."""
+    """The transformer the config describes, on the meta device, with its sizes checked against (or, where
+    `auto`, taken from) the config of tokenizer_run, whose weights are not read; a dry run reads that
+    config only for sizes it does not give."""
+    auto = [key for key in FOLLOWS_TOKENIZER if cfg.transformer[key] == "auto"]
+    if auto and cfg.get("tokenizer_run") is None:
+        raise UserError(f"transformer.{auto[0]}=auto follows tokenizer_run, which is not given: give tokenizer_run=<an "
+                        f"ibq-train run> or a number")
+    model = None if auto else build_on_meta(cfg.transformer)  # its own errors before those of the run it reads
+    if auto or (cfg.get("tokenizer_run") is not None and not cfg.get("dry_run")):
+        run = load_run(cfg.tokenizer_run, "tokenizer_run", "tokenizer")
+        tokenizer = meta_tokenizer(run.config)
+        sized = sized_transformer(cfg, tokenizer.quantizer.codebook_size, tokenizer.downsample_factor, run.run_dir)
+        model = model or build_on_meta(sized)
+    return model
+
+
+def build_on_meta(transformer: DictConfig) -> Transformer:
     with torch.device("meta"):
-        return build(cfg.transformer)
+        return build(transformer)
 
 
 def check_ar_job(cfg: DictConfig) -> None:

@@ -27,9 +27,8 @@ from torch import Tensor
 from ibq.config import build, one_line
 from ibq.data.pack import sha256
 from ibq.engine.checkpoint import CHECKPOINT, LoadedRun, check_tensors, load_run, save_checkpoint
-from ibq.engine.train_ar import stage_two_config
 from ibq.errors import UserError
-from ibq.runs.record import RunRecord, result_config, signature, tokenizer_identity
+from ibq.runs.record import RunRecord, result_config, signature, stage_two_config, tokenizer_identity
 
 Shapes = dict[str, tuple[str, tuple[int, ...]]]  # official name -> (project name, shape), in the official order
 
@@ -526,7 +525,7 @@ def write_run_files(run_dir: Path, run: ComposedRun, own: DictConfig, kind: str,
     save_checkpoint(run_dir / CHECKPOINT, checkpoint)
     record = RunRecord(run_dir)
     record.start(own, run.choices, run.overrides, kind=kind, resumed_from_step=None)
-    record.update(imported=imported, **fields)
+    record.update(imported=imported, step=checkpoint["step"], **fields)  # the step a training run's results.json gives
     record.finish("completed")
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ibq.data.positions import PositionSampler, position_generator
 from ibq.engine.checkpoint import load_run
+from ibq.engine.job_config import token_grid_side
 from ibq.errors import UserError
 from ibq.runs.record import save_npy, timestamp, write_json
 
@@ -51,12 +52,7 @@ class TokenizerRun:
         return {"signature": self.signature, "step": self.step, "codebook_size": self.codebook_size, "weights": "ema"}
 
     def grid_side(self, resolution: int) -> int:
-        factor = self.tokenizer.downsample_factor
-        if resolution % factor:
-            raise UserError(
-                f"data.resolution={resolution} is not a multiple of the downsampling factor {factor} of tokenizer_run={self.run_dir}"
-            )
-        return resolution // factor
+        return token_grid_side(resolution, self.tokenizer.downsample_factor, self.run_dir)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:

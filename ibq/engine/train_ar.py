@@ -32,7 +32,7 @@ from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.config import build
 from ibq.engine.build import resolve_precision
 from ibq.engine.checkpoint import CHECKPOINT, DivergenceWatch, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
-from ibq.engine.job_config import check_ar_keys
+from ibq.engine.job_config import check_ar_keys, sized_transformer
 from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.ranks import check_deepspeed, deepspeed_config, detect_ranks, job_layout, plan_batches
@@ -41,10 +41,7 @@ from ibq.engine.tokens import TokenizerRun, TokenShards, check_shards, load_toke
 from ibq.errors import UserError
 from ibq.generation.sampling import sample
 from ibq.models.transformer import Transformer, next_token_loss
-from ibq.runs.record import STAGE_I_KEYS, config_differences, merge_results, result_config, signature, without_keys
-
-# Keys that change how a run reports, not what it trains: left out of its signature, so a resume may change them.
-REPORTING_KEYS = ("log_every", "checkpoint_every", "grid_classes")
+from ibq.runs.record import AR_REPORTING_KEYS, config_differences, merge_results, result_config, signature, stage_two_config
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -65,21 +62,6 @@ def sample_images(
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         tokens = sample(model, labels, generator=generator, **sampling)
     return tokenizer_run.decode(tokens)
-
-
-def stage_two_config(cfg: DictConfig, tokenizer_run: Path, tokenizer: dict, **extra) -> tuple[DictConfig, DictConfig]:
-    """A stage-II run's own config: no stage-I keys, absolute paths (a resume from elsewhere is the same
-    run), what the tokenizer was when training started, and `extra` top-level nodes; and the part of it that
-    identifies the run (without the keys that only change how it reports)."""
-    own = OmegaConf.to_container(without_keys(cfg, STAGE_I_KEYS))
-    own["tokenizer_run"] = str(tokenizer_run)
-    own["tokens"] = str(Path(cfg.tokens).expanduser().resolve()) if cfg.get("tokens") is not None else None
-    own["tokenizer"] = tokenizer
-    own.update(extra)
-    identity = OmegaConf.create(own)
-    for key in REPORTING_KEYS:
-        identity.ar_train.pop(key)
-    return OmegaConf.create(own), identity
 
 
 @dataclass
@@ -123,18 +105,8 @@ class ARTraining:
         seed_everything(cfg.seed)
 
         self.tokenizer_run = load_tokenizer_run(cfg.tokenizer_run, self.device)
-        side = self.tokenizer_run.grid_side(cfg.data.resolution)
-        codebook_size = self.tokenizer_run.codebook_size
-        if cfg.transformer.vocab_size != codebook_size:
-            raise UserError(
-                f"transformer.vocab_size={cfg.transformer.vocab_size} differs from the codebook of tokenizer_run="
-                f"{self.tokenizer_run.run_dir} ({codebook_size} codes): set transformer.vocab_size={codebook_size}"
-            )
-        if cfg.transformer.block_size != side * side:
-            raise UserError(
-                f"transformer.block_size={cfg.transformer.block_size}, but the tokenizer turns data.resolution="
-                f"{cfg.data.resolution} px into {side}x{side} = {side * side} tokens: set transformer.block_size={side * side}"
-            )
+        tokenizer = self.tokenizer_run.tokenizer
+        cfg.transformer = sized_transformer(cfg, tokenizer.quantizer.codebook_size, tokenizer.downsample_factor, self.tokenizer_run.run_dir)
 
         self.num_classes = cfg.transformer.num_classes
         data = data_identity(cfg.data)
@@ -239,7 +211,7 @@ class ARTraining:
         state = load_checkpoint(self.checkpoint_path)
         if state["signature"] != self.signature:
             saved = OmegaConf.create(state["config"])
-            for key in REPORTING_KEYS:
+            for key in AR_REPORTING_KEYS:
                 saved.ar_train.pop(key, None)
             changed = config_differences(result_config(saved), result_config(self.identity))
             raise foreign_checkpoint(self.checkpoint_path, state["signature"], self.signature, changed)
@@ -260,6 +232,7 @@ class ARTraining:
             tokenizer={"run_dir": str(self.tokenizer_run.run_dir), **self.tokenizer_run.describe()},
             tokens=self.cfg.tokens,
             distributed=job_layout(self.ranks, self.layout, self.zero_stage),
+            total_steps=self.total_steps,  # ar_train.steps, or what its epochs come to over the data
         )
         return self.session.run(self._train)
 

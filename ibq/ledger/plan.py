@@ -6,12 +6,15 @@ first, command-line overrides after (a command-line key replaces the same key fr
 the cartesian product (ibq.config.sweep_jobs, as Hydra's basic sweeper). Composing one config per job
 with Hydra takes ~0.1-0.2 s each; jobs that select the same config-group options share one composition,
 to which each job's plain key overrides are applied as Hydra applies them (ibq.config.apply_overrides),
-which yields the config (and signature) the job itself will compose. Only Hydra's public API is used."""
+which yields the config (and signature) the job itself will compose; a stage-II job's signature also
+holds what it reads of its tokenizer run (stage_two_signature). Only Hydra's public API is used."""
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -24,7 +27,8 @@ from ibq.config import (CONF_DIR, SWEEPS_DIR, apply_overrides, available, check_
                         overrides_dirname, sweep_jobs, unparsable)
 from ibq.errors import UserError
 from ibq.ledger.cost import Estimate, Throughput, estimate
-from ibq.runs.record import STAGE_II_KEYS, parent_directory, run_choices, signature
+from ibq.ledger.runs import load_run
+from ibq.runs.record import STAGE_II_KEYS, parent_directory, run_choices, signature, stage_two_config
 
 # Hydra overrides that say how this invocation runs, not what a job computes or where it lands.
 INVOCATION_KEYS = ("hydra.mode", "hydra.sweep.dir")
@@ -34,7 +38,7 @@ INVOCATION_KEYS = ("hydra.mode", "hydra.sweep.dir")
 class Job:
     index: int
     overrides: list[str]
-    signature: str
+    signature: str | None  # None: known once the job reads its input run (stage_two_signature)
     subdir: str
     choices: dict[str, str]
     estimate: Estimate | None = None
@@ -206,7 +210,10 @@ class Base:
             overrides, list(self.dirname_conf["exclude_keys"]), self.dirname_conf["item_sep"], self.dirname_conf["kv_sep"]
         )
         naming.hydra.job.num = index
-        subdir = str(naming.hydra.sweep.subdir)
+        with read_write(task), open_dict(task):  # the subdir may name a task key: ${ibq.run_name:${tokenizer_run}}
+            task.hydra = naming.hydra
+            subdir = str(task.hydra.sweep.subdir)
+            del task["hydra"]
         choices = {k: str(v) for k, v in run_choices(task, self.hydra_choices).items() if v is not None}
         job_estimate = estimate(self.with_hydra, task, self.config_name, choices.get("model_scale"), self.measured)
         if self.unsigned_keys:  # as runs.record.without_keys, on this job's own copy
@@ -216,5 +223,26 @@ class Base:
                     task.pop(key, None)
             if task.get("init_from") is not None:  # as runs.record.tokenizer_identity
                 task.init_from = parent_directory(task.init_from)
-        return Job(index, list(lines), signature(task), subdir, choices, job_estimate)
+        signed = stage_two_signature(task) if self.config_name == "train_ar" else signature(task)
+        return Job(index, list(lines), signed, subdir, choices, job_estimate)
+
+
+def stage_two_signature(task: DictConfig) -> str | None:
+    """The signature a stage-II job will record (runs.record.stage_two_config), where the records of its
+    tokenizer_run tell what the job will read there: a completed run's signature, step (of a training, in its
+    results.json; of an import, in its run.json) and sizes. None where they do not (a run still training)."""
+    tokenizer_dir = parent_directory(task.tokenizer_run) if task.get("tokenizer_run") is not None else None
+    run = load_run(Path(tokenizer_dir)) if tokenizer_dir is not None else None
+    step = (run.results or {}).get("step", run.record.get("step")) if run is not None else None
+    if run is None or run.record.get("kind") != "tokenizer" or run.status != "completed" or step is None:
+        return None
+    codebook_size = int(run.config["quantizer.codebook_size"])
+    # The encoder halves the resolution between its levels (models.tokenizer.Tokenizer.downsample_factor).
+    side = task.data.resolution // 2 ** (len(json.loads(run.config["model.encoder.ch_mult"])) - 1)
+    with open_dict(task):
+        for key, size in (("vocab_size", codebook_size), ("block_size", side * side)):
+            if task.transformer[key] == "auto":
+                task.transformer[key] = size
+    tokenizer = {"signature": run.signature, "step": step, "codebook_size": codebook_size, "weights": "ema"}
+    return signature(stage_two_config(task, Path(tokenizer_dir), tokenizer)[1])
 

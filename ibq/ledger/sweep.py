@@ -44,7 +44,9 @@ class JobStatus:
 
     @property
     def signature(self) -> str | None:
-        return self.job.signature if self.job else (self.run.signature if self.run else None)
+        """The planned job's, else (no plan, or one that knows it only once the job runs) its run's."""
+        planned = self.job.signature if self.job else None
+        return planned or (self.run.signature if self.run else None)
 
 
 @dataclass
@@ -176,7 +178,7 @@ def load_sweep(directory: Path, search: list[Path] | None = None) -> Sweep:
         if run is not None:
             matched.add(run.location)
             state, reason = run_state(run)
-            if run.signature and run.signature != job.signature:
+            if run.signature and job.signature and run.signature != job.signature:
                 reason = "; ".join(filter(None, [reason, f"the config changed since launch (signature {run.signature}, now {job.signature})"]))
             statuses.append(JobStatus(job, run, state, reason))
             continue
@@ -204,11 +206,12 @@ def load_sweep(directory: Path, search: list[Path] | None = None) -> Sweep:
 
 
 def progress(status: JobStatus) -> str:
-    """'120/300': the last step in metrics.jsonl over train.steps."""
+    """'120/300': the last step in metrics.jsonl over the steps the run takes (train.steps, or the
+    total_steps of its run.json: a stage-II run's ar_train.steps or epochs)."""
     run = status.run
     if run is None or run.path is None:
         return ""
-    total = run.config.get("train.steps")
+    total = run.record.get("total_steps", run.config.get("train.steps"))
     if status.state == "done":
         step = (run.results or {}).get("step", total)
     else:

@@ -31,8 +31,12 @@ METRICS = {
     "lpips": ("LPIPS", 4, -1),
     "gfid": ("gFID", 2, -1),
     "is": ("IS", 1, 1),
+    "loss": ("loss", 4, -1),  # stage II's training loss at its last step
 }
-DEFAULT_METRICS = ["codebook/utilization", "codebook/utilization_bound", "codebook/perplexity", "rfid", "psnr", "ssim", "lpips"]
+# Each shown where some run of the table reports it: stage I's, then stage II's (gFID and IS once ibq-eval
+# has scored a run's samples).
+DEFAULT_METRICS = ["codebook/utilization", "codebook/utilization_bound", "codebook/perplexity", "rfid", "psnr", "ssim", "lpips",
+                   "gfid", "is", "loss"]
 UNITS = {"psnr": "dB", "throughput/images_per_s": "images/s", "throughput/data_wait_share": "share of step time"}
 AVERAGED = "seed"
 FACTOR_ORDER = ("quantizer", "codebook_size", "model_scale", "data", "experiment")

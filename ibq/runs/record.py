@@ -38,6 +38,9 @@ REPEATED_KEYS = ("codebook_size",)
 # Top-level keys of each stage: model_scale sets both, and a run of one stage leaves the other's out.
 STAGE_I_KEYS = ("model", "quantizer", "discriminator", "loss", "optim", "train", "eval")
 STAGE_II_KEYS = ("transformer", "sampling", "ar_train")
+# ar_train keys that change how a stage-II run reports, not what it trains: left out of its signature, so a
+# resume may change them.
+AR_REPORTING_KEYS = ("log_every", "checkpoint_every", "grid_classes")
 # Config-group choices that say where or how a run was launched or logged, not what it computed.
 LAUNCH_CHOICES = ("sweep", "logger", "cluster")
 # Plain config keys that name a run as a group choice does: recorded with its choices (run.json, W&B config and
@@ -156,6 +159,21 @@ def tokenizer_identity(cfg: DictConfig) -> DictConfig:
     if own.get("init_from") is not None:
         own.init_from = parent_directory(own.init_from)
     return own
+
+
+def stage_two_config(cfg: DictConfig, tokenizer_run: Path, tokenizer: dict, **extra) -> tuple[DictConfig, DictConfig]:
+    """A stage-II run's own config: no stage-I keys, absolute paths (a resume from elsewhere is the same
+    run), what the tokenizer was when training started, and `extra` top-level nodes; and the part of it that
+    identifies the run (without the keys that only change how it reports)."""
+    own = OmegaConf.to_container(without_keys(cfg, STAGE_I_KEYS))
+    own["tokenizer_run"] = str(tokenizer_run)
+    own["tokens"] = str(Path(cfg.tokens).expanduser().resolve()) if cfg.get("tokens") is not None else None
+    own["tokenizer"] = tokenizer
+    own.update(extra)
+    identity = OmegaConf.create(own)
+    for key in AR_REPORTING_KEYS:
+        identity.ar_train.pop(key)
+    return OmegaConf.create(own), identity
 
 
 def parent_directory(init_from: str) -> str:
