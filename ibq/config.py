@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -93,6 +94,12 @@ def build(node: DictConfig, **kwargs):
 def fail(message: str, code: int = 2):
     """A user error: one line on stderr, and a non-zero exit."""
     print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def reader_gone(code: int):
+    """stdout's reader went away (`… | head`): exit without Python's second error when it flushes stdout."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)
 
 

@@ -98,6 +98,16 @@ def test_dry_run_reports_the_paper_parameter_counts(scale: str, tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_a_dry_run_into_a_closed_pipe_ends_quietly():
+    """`ibq-train-ar model_scale=XL dry_run=true | head -1`: the exit status a shell gives a writer stopped
+    by SIGPIPE, and no traceback."""
+    dry = subprocess.Popen(IBQ_TRAIN_AR + ["model_scale=XL", "dry_run=true"], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=cli_env())
+    dry.stdout.close()
+    assert dry.wait(timeout=300) == 141 and dry.stderr.read() == ""
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("app", "key", "outputs", "expected"),
     [

@@ -19,7 +19,7 @@ from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueE
 
 from ibq.cli.callbacks import JobFailed
 from ibq.cli.checks import BATCH_SECTIONS, check_job
-from ibq.config import fail, given_overrides, missing_config_line, one_line, unparsable
+from ibq.config import fail, given_overrides, missing_config_line, one_line, reader_gone, unparsable
 from ibq.engine.ranks import detect_ranks
 from ibq.errors import Terminated, TrainingDiverged, UserError, interruption, unset_key
 from ibq.runs.lock import RunLock
@@ -84,6 +84,8 @@ def entry_point(hydra_main):
             fail(one_line(f"{error}\n{error.__cause__ or ''}"))
         except (FailedJobError, UncompletedJobError) as error:
             fail(failure_line(error), 1)
+        except BrokenPipeError:  # `ibq-train-ar dry_run=true | head`; a run's record says how it ended
+            reader_gone(141)  # as a shell reports a writer stopped by SIGPIPE
         except InterpolationKeyError as error:
             # Hydra shows its own node without the job's keys, which the cluster presets and run folders refer to.
             missing = re.search(r"Interpolation key '([^']+)' not found", str(error))
@@ -145,6 +147,8 @@ def guarded(task):
         try:
             check_job(cfg, hydra.job.config_name)
             return task(cfg, run_dir)  # what a search sweeper optimises (objective_values), else None
+        except BrokenPipeError:  # before Hydra reports it as the job's failure
+            reader_gone(141)
         except KeyboardInterrupt as interrupt:
             terminated = isinstance(interrupt, Terminated)
             again = "resume from the last checkpoint" if hydra.job.config_name in BATCH_SECTIONS else "start it again"  # training or not

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
@@ -500,8 +499,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         fail(str(error))
     except BrokenPipeError:  # `ibq-sweep table … | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
-        code = 0
+        from ibq.config import reader_gone
+
+        reader_gone(0)
     sys.exit(code)
 
 
