@@ -158,6 +158,19 @@ def test_a_sweep_over_input_runs_gives_each_run_its_folder_where_their_names_dif
             assert str(error.value).startswith(refused) and "hydra.sweep.subdir=job${hydra.job.num}" in str(error.value)
 
 
+def test_the_keys_that_do_not_name_a_tokenizer_run_are_those_its_signature_leaves_out():
+    """A key in one list only would either send runs of different signatures into one directory (refused as
+    another configuration) or start a new run where the same one should resume."""
+    from ibq.runs.record import NON_RESULT_KEYS
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    placement = ("cluster", "logger")  # every key under them, in both
+    unnamed = {key for key in cfg.hydra.job.config.override_dirname.exclude_keys if key.split(".")[0] not in placement}
+    unsigned = {key for key in NON_RESULT_KEYS if key.split(".")[0] not in placement}
+    assert unnamed - {"hydra.run.dir"} == unsigned - {"run_dir"}  # where Hydra puts a run; ibq-eval's input run
+
+
 def test_an_experiment_names_its_run_directory():
     """So that a sweep over presets (-m experiment=ibq_1024,ibq_8192) gives each its own run."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

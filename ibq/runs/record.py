@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 def timestamp() -> str:
     """Local time with its UTC offset, as every record of a run, sweep or shard folder states it."""
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-# Keys that change where or how a run is reported, not what it computes.
+
+
+# Keys that change where or how a run is reported, not what it computes (conf/train.yaml's
+# override_dirname.exclude_keys lists the same, so that they do not name a run either).
 NON_RESULT_KEYS = ("run_dir", "logger", "cluster", "dry_run", "objectives", "train.log_every", "train.checkpoint_every", "data.num_workers",
                    "data.read_timeout_s", "eval.every",
                    "train.extend_from",
