@@ -238,7 +238,7 @@ def foreign_checkpoint(path: Path, saved_signature: str, signature: str, changed
     """The error for a run directory whose checkpoint another configuration wrote."""
     return UserError(
         f"{path} belongs to another configuration (signature {saved_signature}, this run {signature}; "
-        f"differs in {'; '.join(changed[:3]) or 'unknown keys'}): use a new run_dir or the original overrides"
+        f"differs in {'; '.join(changed[:3]) or 'unknown keys'}): give the run another folder (hydra.run.dir=…) or the original overrides"
     )
 
 
