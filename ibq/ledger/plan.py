@@ -233,12 +233,14 @@ def stage_two_signature(task: DictConfig) -> str | None:
     results.json; of an import, in its run.json) and sizes. None where they do not (a run still training)."""
     tokenizer_dir = parent_directory(task.tokenizer_run) if task.get("tokenizer_run") is not None else None
     run = load_run(Path(tokenizer_dir)) if tokenizer_dir is not None else None
-    step = (run.results or {}).get("step", run.record.get("step")) if run is not None else None
-    if run is None or run.record.get("kind") != "tokenizer" or run.status != "completed" or step is None:
+    if run is None or run.record.get("kind") != "tokenizer" or run.status != "completed":
         return None
-    codebook_size = int(run.config["quantizer.codebook_size"])
+    step = (run.results or {}).get("step", run.record.get("step"))
+    codebook_size, levels = run.config.get("quantizer.codebook_size"), run.config.get("model.encoder.ch_mult")
+    if None in (step, codebook_size, levels):
+        return None
     # The encoder halves the resolution between its levels (models.tokenizer.Tokenizer.downsample_factor).
-    side = task.data.resolution // 2 ** (len(json.loads(run.config["model.encoder.ch_mult"])) - 1)
+    side = task.data.resolution // 2 ** (len(json.loads(levels)) - 1)
     with open_dict(task):
         for key, size in (("vocab_size", codebook_size), ("block_size", side * side)):
             if task.transformer[key] == "auto":
