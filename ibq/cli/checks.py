@@ -13,6 +13,7 @@ import copy
 import importlib
 import itertools
 import os
+import re
 import shutil
 import subprocess
 from functools import lru_cache
@@ -238,6 +239,20 @@ def check_distinct_run_dirs(config: DictConfig, parser: OverridesParser) -> None
                                 f"hydra.sweep.subdir names each of them {folder!r}; {hint}")
 
 
+def check_one_sweep_dir(config: DictConfig, parser: OverridesParser) -> None:
+    """Hydra resolves hydra.sweep.dir in each job's config: one that names a swept key (ibq-sample's
+    ${oc.select:run_dir,outputs}/samples/…) would give each job a sweep folder of its own, and the
+    sweep's record of its jobs (their outcomes, its summary, ibq-sweep status) would be in none of them."""
+    sweep_dir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir"))
+    for override in parser.parse_overrides(sweep_lines(config)):
+        key = override.get_key_element()
+        values = list(dict.fromkeys(override.sweep_string_iterator())) if override.is_discrete_sweep() else []
+        if len(values) > 1 and re.search(rf"\$\{{[^}}]*(?<![\w.]){re.escape(key)}(?![\w.])", sweep_dir):
+            raise UserError(f"{key}={','.join(values)}: hydra.sweep.dir ({sweep_dir}) depends on {key}, so these jobs would "
+                            f"each get a sweep folder of their own; give the sweep one: hydra.sweep.dir=<folder> "
+                            "'hydra.sweep.subdir=job${hydra.job.num}'")
+
+
 def job_subdir(config: DictConfig, key: str, value: str) -> str | None:
     """hydra.sweep.subdir as a job with `key`=`value` resolves it, leaving out its override_dirname, which
     the check above compares apart (None where the subdir cannot be resolved before the job runs)."""
@@ -257,7 +272,8 @@ def check_sweep(config: DictConfig, config_name: str) -> None:
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
     for variant in checked_variants(given_overrides(config.hydra), parser):
         check_job(compose(config_name, overrides=hydra_overrides + variant), config_name, submitting)
-    check_distinct_run_dirs(config, parser)  # after the values: a bad one is the first thing to mend
+    check_one_sweep_dir(config, parser)  # after the values: a bad one is the first thing to mend
+    check_distinct_run_dirs(config, parser)
 
 
 class ConfigChecks(Callback):
