@@ -141,21 +141,10 @@ def test_a_sweep_subdir_may_interpolate_the_job_number(tmp_path: Path):
 def test_a_sweep_over_input_runs_gives_each_run_its_folder_where_their_names_differ(config_name: str, swept: str, refused: str | None):
     """Stage II across tokenizers (-m tokenizer_run=a,b): a job's folder is named by its tokenizer run, as a
     single run's is (outputs/train_ar/<run>/<overrides>). ibq-sample names its folders by its settings alone."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     from ibq.cli.checks import check_distinct_run_dirs
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name, return_hydra_config=True)
-        cfg.hydra.overrides.task = [swept]
-        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-        if refused is None:
-            check_distinct_run_dirs(cfg, parser)
-        else:
-            with pytest.raises(UserError) as error:
-                check_distinct_run_dirs(cfg, parser)
-            assert str(error.value).startswith(refused) and "hydra.sweep.subdir=job${hydra.job.num}" in str(error.value)
+    told = sweep_check(check_distinct_run_dirs, config_name, [swept])
+    assert told is None if refused is None else told.startswith(refused) and "hydra.sweep.subdir=job${hydra.job.num}" in told
 
 
 @pytest.mark.parametrize(("overrides", "refused"), [
@@ -166,21 +155,25 @@ def test_a_sweep_over_input_runs_gives_each_run_its_folder_where_their_names_dif
 ])
 def test_a_sweep_whose_folder_follows_a_swept_key_is_refused(overrides: list[str], refused: str | None):
     """ibq-sample -m run_dir=a,b: Hydra resolves each job's hydra.sweep.dir with its own run_dir."""
+    from ibq.cli.checks import check_one_sweep_dir
+
+    told = sweep_check(check_one_sweep_dir, "sample", overrides)
+    assert told is None if refused is None else told.startswith(refused) and "'hydra.sweep.subdir=job${hydra.job.num}'" in told
+
+
+def sweep_check(check, config_name: str, overrides: list[str]) -> str | None:
+    """What `check`, one of ibq.cli.checks' sweep checks, refuses of `config_name -m <overrides>`; None: nothing."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from ibq.cli.checks import check_one_sweep_dir
-
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("sample", overrides=[o for o in overrides if o.startswith("hydra.")], return_hydra_config=True)
+        cfg = compose(config_name, overrides=[o for o in overrides if o.startswith("hydra.")], return_hydra_config=True)
         cfg.hydra.overrides.task = [o for o in overrides if not o.startswith("hydra.")]
-        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-        if refused is None:
-            check_one_sweep_dir(cfg, parser)
-        else:
-            with pytest.raises(UserError) as error:
-                check_one_sweep_dir(cfg, parser)
-            assert str(error.value).startswith(refused) and "'hydra.sweep.subdir=job${hydra.job.num}'" in str(error.value)
+        try:
+            check(cfg, OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()))
+        except UserError as error:
+            return str(error)
+    return None
 
 
 def test_the_keys_that_do_not_name_a_tokenizer_run_are_those_its_signature_leaves_out():
