@@ -242,7 +242,8 @@ def check_distinct_run_dirs(config: DictConfig, parser: OverridesParser) -> None
 def check_one_sweep_dir(config: DictConfig, parser: OverridesParser) -> None:
     """Hydra resolves hydra.sweep.dir in each job's config: one that names a swept key (ibq-sample's
     ${oc.select:run_dir,outputs}/samples/…) would give each job a sweep folder of its own, and the
-    sweep's record of its jobs (their outcomes, its summary, ibq-sweep status) would be in none of them."""
+    sweep's record of its jobs (their outcomes, its summary, ibq-sweep status) would be in none of them.
+    Read from its text, not resolved per value as job_subdir does: a second ${now:…} may fall in the next second."""
     sweep_dir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir"))
     for override in parser.parse_overrides(sweep_lines(config)):
         key = override.get_key_element()
