@@ -7,9 +7,7 @@ the models only, not the engine's data, metrics or DeepSpeed: a refusal takes se
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -21,9 +19,7 @@ from ibq.engine.build import check_precision
 from ibq.engine.checkpoint import load_run
 from ibq.errors import UserError, check_positive_int, unset_key
 from ibq.models.transformer import Transformer
-
-# The transformer's sizes that its tokenizer sets: `auto` takes them from tokenizer_run.
-FOLLOWS_TOKENIZER = ("vocab_size", "block_size")
+from ibq.runs.record import FOLLOWS_TOKENIZER, sized_transformer
 
 
 def unset_keys(node: DictConfig | ListConfig, path: str) -> Iterator[str]:
@@ -99,32 +95,6 @@ def check_ar_keys(cfg: DictConfig) -> None:
     for key in ("lr", "grad_clip"):
         if not isinstance(cfg.ar_optim[key], (int, float)) or cfg.ar_optim[key] <= 0:
             raise UserError(f"ar_optim.{key}={cfg.ar_optim[key]!r} is invalid: it must be a positive number")
-
-
-def token_grid_side(resolution: int, downsample_factor: int, tokenizer_dir: Path) -> int:
-    """Tokens along each side of an image of `resolution` px that tokenizer_run's encoder makes."""
-    if resolution % downsample_factor:
-        raise UserError(f"data.resolution={resolution} is not a multiple of the downsampling factor {downsample_factor} "
-                        f"of tokenizer_run={tokenizer_dir}")
-    return resolution // downsample_factor
-
-
-def sized_transformer(cfg: DictConfig, codebook_size: int, downsample_factor: int, tokenizer_dir: Path) -> DictConfig:
-    """cfg.transformer with the sizes that follow its tokenizer: `auto` takes them (vocab_size: the codebook
-    size; block_size: the tokens of an image at data.resolution), and a number must equal them."""
-    resolution = cfg.data.resolution
-    side = token_grid_side(resolution, downsample_factor, tokenizer_dir)
-    follows = {"vocab_size": (codebook_size, f"the codebook of tokenizer_run={tokenizer_dir} ({codebook_size} codes)"),
-               "block_size": (side * side, f"the {side}x{side} = {side * side} tokens that tokenizer_run={tokenizer_dir} "
-                                           f"makes of data.resolution={resolution} px")}
-    transformer = copy.deepcopy(cfg.transformer)
-    for key, (size, what) in follows.items():
-        if transformer[key] == "auto":
-            transformer[key] = size
-        elif transformer[key] != size:
-            raise UserError(f"transformer.{key}={transformer[key]} differs from {what}: set transformer.{key}={size}, "
-                            f"or auto to follow the tokenizer")
-    return transformer
 
 
 def meta_transformer(cfg: DictConfig) -> Transformer:

@@ -26,9 +26,8 @@ from tqdm import tqdm
 
 from ibq.data.positions import PositionSampler, position_generator
 from ibq.engine.checkpoint import load_run
-from ibq.engine.job_config import token_grid_side
 from ibq.errors import UserError
-from ibq.runs.record import save_npy, timestamp, write_json
+from ibq.runs.record import save_npy, timestamp, token_grid_side, write_json
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"  # the shards written so far, until the manifest replaces it

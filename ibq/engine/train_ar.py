@@ -32,7 +32,7 @@ from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.config import build
 from ibq.engine.build import resolve_precision
 from ibq.engine.checkpoint import CHECKPOINT, DivergenceWatch, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
-from ibq.engine.job_config import check_ar_keys, sized_transformer
+from ibq.engine.job_config import check_ar_keys
 from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
 from ibq.engine.ranks import check_deepspeed, deepspeed_config, detect_ranks, job_layout, plan_batches
@@ -41,7 +41,7 @@ from ibq.engine.tokens import TokenizerRun, TokenShards, check_shards, load_toke
 from ibq.errors import UserError
 from ibq.generation.sampling import sample
 from ibq.models.transformer import Transformer, next_token_loss
-from ibq.runs.record import AR_REPORTING_KEYS, config_differences, merge_results, result_config, signature, stage_two_config
+from ibq.runs.record import AR_REPORTING_KEYS, config_differences, merge_results, result_config, signature, sized_transformer, stage_two_config
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -28,7 +28,7 @@ from ibq.config import (CONF_DIR, SWEEPS_DIR, apply_overrides, available, check_
 from ibq.errors import UserError
 from ibq.ledger.cost import Estimate, Throughput, estimate
 from ibq.ledger.runs import load_run
-from ibq.runs.record import STAGE_II_KEYS, parent_directory, run_choices, signature, stage_two_config
+from ibq.runs.record import STAGE_II_KEYS, parent_directory, run_choices, signature, sized_transformer, stage_two_config
 
 # Hydra overrides that say how this invocation runs, not what a job computes or where it lands.
 INVOCATION_KEYS = ("hydra.mode", "hydra.sweep.dir")
@@ -240,11 +240,10 @@ def stage_two_signature(task: DictConfig) -> str | None:
     if None in (step, codebook_size, levels):
         return None
     # The encoder halves the resolution between its levels (models.tokenizer.Tokenizer.downsample_factor).
-    side = task.data.resolution // 2 ** (len(json.loads(levels)) - 1)
-    with open_dict(task):
-        for key, size in (("vocab_size", codebook_size), ("block_size", side * side)):
-            if task.transformer[key] == "auto":
-                task.transformer[key] = size
+    try:
+        task.transformer = sized_transformer(task, codebook_size, 2 ** (len(json.loads(levels)) - 1), Path(tokenizer_dir))
+    except UserError:  # sizes the job refuses before it starts
+        return None
     tokenizer = {"signature": run.signature, "step": step, "codebook_size": codebook_size, "weights": "ema"}
     return signature(stage_two_config(task, Path(tokenizer_dir), tokenizer)[1])
 

@@ -3,6 +3,7 @@ checkpoints/ and media/. metrics.jsonl is the source of truth; W&B mirrors it.""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -44,6 +45,8 @@ STAGE_II_KEYS = ("transformer", "sampling", "ar_train")
 # ar_train keys that change how a stage-II run reports, not what it trains: left out of its signature, so a
 # resume may change them.
 AR_REPORTING_KEYS = ("log_every", "checkpoint_every", "grid_classes")
+# The transformer's sizes that its tokenizer sets: `auto` takes them from tokenizer_run.
+FOLLOWS_TOKENIZER = ("vocab_size", "block_size")
 # Config-group choices that say where or how a run was launched or logged, not what it computed.
 LAUNCH_CHOICES = ("sweep", "logger", "cluster")
 # Plain config keys that name a run as a group choice does: recorded with its choices (run.json, W&B config and
@@ -177,6 +180,32 @@ def stage_two_config(cfg: DictConfig, tokenizer_run: Path, tokenizer: dict, **ex
     for key in AR_REPORTING_KEYS:
         identity.ar_train.pop(key)
     return OmegaConf.create(own), identity
+
+
+def token_grid_side(resolution: int, downsample_factor: int, tokenizer_dir: Path) -> int:
+    """Tokens along each side of an image of `resolution` px that tokenizer_run's encoder makes."""
+    if resolution % downsample_factor:
+        raise UserError(f"data.resolution={resolution} is not a multiple of the downsampling factor {downsample_factor} "
+                        f"of tokenizer_run={tokenizer_dir}")
+    return resolution // downsample_factor
+
+
+def sized_transformer(cfg: DictConfig, codebook_size: int, downsample_factor: int, tokenizer_dir: Path) -> DictConfig:
+    """cfg.transformer with the sizes that follow its tokenizer: `auto` takes them (vocab_size: the codebook
+    size; block_size: the tokens of an image at data.resolution), and a number must equal them."""
+    resolution = cfg.data.resolution
+    side = token_grid_side(resolution, downsample_factor, tokenizer_dir)
+    follows = {"vocab_size": (codebook_size, f"the codebook of tokenizer_run={tokenizer_dir} ({codebook_size} codes)"),
+               "block_size": (side * side, f"the {side}x{side} = {side * side} tokens that tokenizer_run={tokenizer_dir} "
+                                           f"makes of data.resolution={resolution} px")}
+    transformer = copy.deepcopy(cfg.transformer)
+    for key, (size, what) in follows.items():
+        if transformer[key] == "auto":
+            transformer[key] = size
+        elif transformer[key] != size:
+            raise UserError(f"transformer.{key}={transformer[key]} differs from {what}: set transformer.{key}={size}, "
+                            f"or auto to follow the tokenizer")
+    return transformer
 
 
 def parent_directory(init_from: str) -> str:
