@@ -29,6 +29,9 @@ from triton.compiler import ASTSource
 from ibq.quantizers import triton_ibq
 
 TARGET = GPUTarget("cuda", 90, 32)
+# Compiling without a GPU goes through Triton's compiler API, which took its present form in 3.4
+# (ASTSource(constexprs=...) since 3.3, triton.knobs since 3.4); torch 2.4-2.7 ship Triton 3.0-3.3.
+COMPILER_API = (3, 4)
 ALL_PATHS = dict(SOFT=True, ENTROPY=True, CODE_WEIGHT=True)
 # name: (kernel, tiles, constants beside the tiles, its flops in units of N*K*D: 2 per product of a
 # (tokens x codes) tile over D, forward and backward)
@@ -111,6 +114,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=256, help="the codes' dimension (256 in the paper's tokenizer)")
     args = parser.parse_args()
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if version < COMPILER_API:
+        print(f"bench_kernels: skipped (Triton {triton.__version__}: compiling for sm_90 without a GPU needs Triton "
+              f">= {'.'.join(map(str, COMPILER_API))}'s compiler API)")
+        return
     print(f"bench_kernels: target=sm_{TARGET.arch}a, triton={triton.__version__}, D={args.dim}, paths=all on")
     issued = flops = 0.0
     for name, (kernel, tiles, constants, kernel_flops) in KERNELS.items():

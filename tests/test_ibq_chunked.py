@@ -362,7 +362,10 @@ def test_triton_kernels_compile_for_hopper_without_spilling():
     result = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels"], capture_output=True, text=True, timeout=300,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0, result.stderr[-3000:]
-    figures = dict(line.split(": ", 1) for line in result.stdout.splitlines()[1:])
+    header, *lines = result.stdout.splitlines()
+    if "skipped" in header:
+        pytest.skip(header)
+    figures = dict(line.split(": ", 1) for line in lines)
     kernels = ("row_statistics", "code_average", "row_sums", "token_gradient", "codebook_gradient", "block_max", "block_sharp",
                "block_sums", "block_gradient")
     assert {kernel: int(figures[f"{kernel}_spill_bytes"]) for kernel in kernels} == dict.fromkeys(kernels, 0), result.stdout

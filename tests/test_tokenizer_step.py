@@ -192,3 +192,27 @@ def test_the_compiled_networks_trace_as_one_graph_each(tmp_path: Path, whole_gra
             name = f"{type(network).__name__} (activation checkpointing {checkpointing})"
             assert torch.equal(traced(*inputs), network(*inputs)), name
             assert len(graphs) == 1 and graph_host_reads(graphs[0]) == [], name
+
+
+def test_the_ema_moves_each_weight_by_one_minus_its_decay_and_copies_the_buffers():
+    """The average evaluation and tokenizing use: w_ema <- d w_ema + (1 - d) w, in the shadow's dtype,
+    whatever the live weights' dtype; buffers (running statistics) are taken as they are."""
+    from ibq.engine.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(model, decay=0.9)
+    before = {name: tensor.clone() for name, tensor in ema.shadow.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    model(torch.randn(5, 3))  # moves BatchNorm's running statistics
+    model.to(torch.bfloat16)
+    ema.update(model)
+    for name, live in model.state_dict().items():
+        average = ema.shadow.state_dict()[name]
+        assert average.dtype == before[name].dtype, name
+        if name in dict(model.named_parameters()):
+            torch.testing.assert_close(average, 0.9 * before[name] + 0.1 * live.float(), rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(average, live.to(average.dtype)), name

@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class EMA(nn.Module):
@@ -13,11 +14,12 @@ class EMA(nn.Module):
         super().__init__()
         self.decay = decay
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        self._average = get_ema_multi_avg_fn(decay)  # one fused lerp over all tensors, not one call per tensor
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         averages = list(self.shadow.parameters())
         lives = [p.detach().to(a.dtype) for a, p in zip(averages, model.parameters())]
-        torch._foreach_lerp_(averages, lives, 1.0 - self.decay)  # one fused call instead of one per tensor
+        self._average(averages, lives, None)
         for average, live in zip(self.shadow.buffers(), model.buffers()):
             average.copy_(live)

@@ -23,8 +23,6 @@ only then), and a TF32 tensor-core sum (or tf32x3's three) depends on the tile s
 Sums are taken in a fixed order: no atomics, the same bits on every run. On CPU the kernels run under
 Triton's interpreter (TRITON_INTERPRET=1), which the tests use."""
 
-from __future__ import annotations
-
 import functools
 
 import torch
@@ -211,12 +209,12 @@ if triton is not None:
             code_weight = 0.0
             if CODE_WEIGHT:
                 code_weight = tl.load(code_weight_ptr + codes % k)[None, :]
-            terms = _centre_terms(shifted, dots, valid, log_sharp_sum, code_weight, sample_weight, inv_temperature, exp_floor,
-                                  SOFT, ENTROPY, CODE_WEIGHT)
-            soft_sum += tl.sum(terms[0], axis=1)
-            soft_dot += tl.sum(terms[1], axis=1)
-            sharp_sum += tl.sum(terms[2], axis=1)
-            sharp_dot += tl.sum(terms[3], axis=1)
+            unnormalised, soft_term, sharp, sharp_term = _centre_terms(shifted, dots, valid, log_sharp_sum, code_weight, sample_weight,
+                                                                       inv_temperature, exp_floor, SOFT, ENTROPY, CODE_WEIGHT)
+            soft_sum += tl.sum(unnormalised, axis=1)
+            soft_dot += tl.sum(soft_term, axis=1)
+            sharp_sum += tl.sum(sharp, axis=1)
+            sharp_dot += tl.sum(sharp_term, axis=1)
         out = sums_ptr + split * n + rows
         plane = tl.num_programs(1) * n
         tl.store(out, soft_sum, mask=row_ok)
@@ -371,12 +369,12 @@ if triton is not None:
         for start in range(first, tl.minimum(first + codes_per_split, k), BLOCK_K):
             codes, valid, shifted, dots, code_weight = _row_range_tile(logits_ptr, dots_ptr, code_weight_ptr, offset, start, k, row_max,
                                                                        SOFT, CODE_WEIGHT, BLOCK_K)
-            terms = _centre_terms(shifted, dots, valid, log_sharp_sum, code_weight, sample_weight, inv_temperature, exp_floor,
-                                  SOFT, ENTROPY, CODE_WEIGHT)
-            soft_sum += terms[0]
-            soft_dot += terms[1]
-            sharp_sum += terms[2]
-            sharp_dot += terms[3]
+            unnormalised, soft_term, sharp, sharp_term = _centre_terms(shifted, dots, valid, log_sharp_sum, code_weight, sample_weight,
+                                                                       inv_temperature, exp_floor, SOFT, ENTROPY, CODE_WEIGHT)
+            soft_sum += unnormalised
+            soft_dot += soft_term
+            sharp_sum += sharp
+            sharp_dot += sharp_term
         out = sums_ptr + split * rows + row
         plane = tl.num_programs(1) * rows
         tl.store(out, tl.sum(soft_sum, axis=0))
