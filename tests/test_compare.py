@@ -229,3 +229,42 @@ def test_estimates_come_from_measured_throughput_and_do_not_depend_on_the_device
 
     local, gpu = (expand(["model_scale=paper", *cluster]).jobs[0].estimate for cluster in ([], ["cluster=slurm_gpu"]))
     assert local.device_hours == pytest.approx(gpu.device_hours) and (local.devices, gpu.devices) == (64, 8)
+
+
+@pytest.mark.slow
+def test_a_sweep_of_samplings_is_compared_by_the_scores_of_its_jobs(tmp_path):
+    """ibq-sample over guidance scales and seeds: gFID by scale as mean ± std over the sampling seeds, gFID drawn
+    against the scale, and a report, all from the jobs' folders."""
+    official = Path(__file__).parent / "fixtures" / "official"
+    imported = run_cli([sys.executable, "-m", "ibq.cli.import_official", str(official / "ar_tiny.ckpt"), "--config",
+                        str(official / "ar_tiny_config.json"), "-o", str(tmp_path / "ar"), "logger=none"])
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    sweep_dir = tmp_path / "cfg"
+    sampled = run_cli([sys.executable, "-m", "ibq.cli.sample", "-m", f"run_dir={tmp_path / 'ar' / 'ar'}", "sampling.cfg_scale=1.0,3.0",
+                       "seed=0,1", "samples_per_class=1", "reference.limit=16", f"reference.cache_dir={tmp_path / 'fid'}",
+                       f"hydra.sweep.dir={sweep_dir}"])
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    scores = {}
+    for path in sweep_dir.glob("*/results.json"):
+        result = json.loads(path.read_text())
+        scores.setdefault(result["sampling"]["cfg_scale"], []).append(result["gfid"])
+    assert sorted(scores) == [1.0, 3.0] and all(len(gfids) == 2 for gfids in scores.values())
+
+    table = sweep_cli(["table", str(sweep_dir), "--format", "csv"])
+    assert table.returncode == 0, table.stderr
+    header, *rows = [line.split(",") for line in table.stdout.strip().splitlines()]
+    assert header == ["sampling.cfg_scale", "runs", "gfid_mean", "gfid_std", "gfid_n"]
+    for row in rows:
+        gfids = scores[float(row[0])]
+        assert row[1] == row[4] == "2" and float(row[2]) == pytest.approx(np.mean(gfids)) and float(row[3]) == pytest.approx(np.std(gfids, ddof=1))
+    assert [row[0] for row in rows] == ["1.0", "3.0"]
+    terminal = sweep_cli(["table", str(sweep_dir)])
+    assert "4 scored samplings in 2 groups" in terminal.stdout
+
+    plot = sweep_cli(["plot", str(sweep_dir), "--wandb", "disabled"])
+    assert plot.returncode == 0, plot.stderr
+    png = sweep_dir / "plots" / "gfid_vs_sampling_cfg_scale.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "loss" not in plot.stdout  # no training metric is looked for
+    report = sweep_cli(["report", str(sweep_dir), "--offline"])
+    assert report.returncode == 0, report.stderr
+    assert "| sampling.cfg_scale | runs | gFID |" in (sweep_dir / "report" / "report.md").read_text()

@@ -332,6 +332,9 @@ def test_a_sampling_split_over_jobs_is_the_sampling_and_is_scored_as_one_set(imp
     split = run_cli(app + ["-m", *sampling, "parts=2", "part=0,1", f"hydra.sweep.dir={tmp_path / 'parts'}"])
     assert split.returncode == 0, split.stderr[-3000:]
     assert f"once every part is drawn: ibq-eval samples={tmp_path / 'parts'} run_dir=" in split.stdout  # no gFID of half a set
+    unscored = run_cli([sys.executable, "-m", "ibq.cli.sweep", "table", str(tmp_path / "parts")])
+    assert unscored.returncode == 2 and unscored.stderr.startswith(f"error: {tmp_path / 'parts'} holds 2 sampling(s), none scored:")
+    assert "ibq-eval samples=<their sweep folder> run_dir=<AR run>" in unscored.stderr
     assert whole.result().returncode == 0
     drawn = [np.load(tmp_path / "parts" / f"batch_size=5,part={part},parts=2,samples_per_class=3" / "samples.npz")["arr_0"]
              for part in (0, 1)]

@@ -8,7 +8,6 @@ outcome in `<sweep dir>/.jobs/<k>.json`, so the summary is the same for Slurm jo
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -25,9 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ibq.cli.checks import sweep_lines
 from ibq.config import given_overrides
 from ibq.engine.ranks import detect_ranks
-from ibq.runs.record import write_json
-
-JOBS_DIR = ".jobs"
+from ibq.runs.record import JOBS_DIR, job_records, write_json
 
 
 @dataclass(frozen=True)
@@ -129,11 +126,6 @@ class SweepProgress(Callback):
         print("\n" + "\n".join(outcome_lines(sweep_dir, records, self.total or len(records), "without an outcome")), flush=True)
         if any(r["status"] != "done" for r in records) or len(records) < (self.total or 0):
             sys.exit(1)
-
-
-def job_records(sweep_dir: Path) -> list[dict]:
-    """The outcomes SweepProgress recorded, in job order."""
-    return sorted((json.loads(path.read_text()) for path in (sweep_dir / JOBS_DIR).glob("*.json")), key=lambda r: r["num"])
 
 
 def outcome_lines(sweep_dir: Path, records: list[dict], total: int, unreported_as: str) -> list[str]:

@@ -24,6 +24,7 @@ DEFAULT_RUNS = Path("outputs")
 ENTRY_SCRIPTS = {"train": "ibq-train", "train_ar": "ibq-train-ar"}  # the apps whose sweeps the ledger reads (ibq.config.APPS)
 PLOT_METRICS = ("codebook/utilization", "rfid", "gfid")  # final values against the x factor
 CURVE_METRICS = ("loss/g", "codebook/utilization", "loss")  # over the steps, where runs logged them at two steps or more
+SAMPLING_PLOT_METRICS = ("gfid", "is")  # of a sweep of ibq-sample, against the x factor
 
 
 def fail(message: str, code: int = 2):
@@ -187,7 +188,8 @@ def other_app_status(directory: Path) -> int:
     """A sweep of ibq-tokenize, ibq-sample or ibq-eval: the outcome each job recorded as it ended (cli.callbacks)."""
     from omegaconf import OmegaConf
 
-    from ibq.cli.callbacks import count_jobs, job_records, outcome_lines
+    from ibq.cli.callbacks import count_jobs, outcome_lines
+    from ibq.runs.record import job_records
 
     records = job_records(directory)
     total = count_jobs(OmegaConf.load(directory / "multirun.yaml")) or len(records)
@@ -237,7 +239,18 @@ def compared_runs(args):
     if args.source == "wandb":
         runs, group = wandb_source_runs(args)
         return runs, None, group
-    sweep = load(args)
+    from ibq.ledger.sweep import OtherAppSweep, load_sampling_sweep
+
+    try:
+        sweep = load(args)
+    except OtherAppSweep as other:
+        if other.config_name != "sample":
+            raise
+        sweep = load_sampling_sweep(other.directory)
+        if not any(s.run.completed for s in sweep.jobs):
+            found = f"{len(sweep.jobs)} sampling(s), none scored" if sweep.jobs else "no finished sampling yet"
+            raise UserError(f"{sweep.directory} holds {found}: a sampling is scored where metrics.fid is on and parts=1, the parts of "
+                            f"one sampling together by ibq-eval samples=<their sweep folder> run_dir=<AR run>; see `ibq-sweep status {sweep.directory}`")
     runs = [s.run for s in sweep.jobs if s.run is not None]
     if not runs:
         raise UserError(f"{sweep.directory} holds no runs yet (no run.json below it); see `ibq-sweep status {sweep.directory}`")
@@ -268,7 +281,8 @@ def cmd_table(args) -> int:
         return 0
     if args.format == "terminal":
         runs_done = sum(len(row.runs) for row in table.rows)
-        print(f"sweep {group}: {runs_done} completed runs in {len(table.rows)} groups (mean ± std over the runs of a group: its seeds)")
+        compared = "scored samplings" if sweep is not None and sweep.samplings else "completed runs"
+        print(f"sweep {group}: {runs_done} {compared} in {len(table.rows)} groups (mean ± std over the runs of a group: its seeds)")
     print(text)
     if args.format == "terminal" and sweep is not None:
         unfinished = [s for s in sweep.jobs if s.state != "done"]
@@ -292,11 +306,11 @@ def wandb_project(runs) -> str:
     return "ibq"
 
 
-def make_plots(table, metrics: list[str] | None, x: str | None, out: Path, usage: bool = False) -> dict[str, Path]:
+def make_plots(table, metrics: list[str] | None, x: str | None, out: Path, usage: bool = False, samplings: bool = False) -> dict[str, Path]:
     """Final values against `x` for the metrics runs report in results.json, curves over the steps for those
     they logged in metrics.jsonl (both where both), and with `usage` the sorted code usage. `metrics` None:
-    the defaults, each drawn where some run has it; a metric asked for must be somewhere. Returns
-    heading -> PNG."""
+    the defaults (of training runs, or with `samplings` gFID and IS), each drawn where some run has it; a
+    metric asked for must be somewhere. Returns heading -> PNG."""
     from ibq.report.curves import curve_series, logged_metrics, save_curve, save_usage_plot
     from ibq.report.plot import default_x, save_plot
     from ibq.report.table import label, number
@@ -304,9 +318,10 @@ def make_plots(table, metrics: list[str] | None, x: str | None, out: Path, usage
     on_disk = all(run.path is not None for row in table.rows for run in row.runs)
     logged = logged_metrics(table) if on_disk else set()
     paths = {}
-    for metric in metrics or dict.fromkeys(PLOT_METRICS + CURVE_METRICS):
-        final = (bool(metrics) or metric in PLOT_METRICS) and any(row.cell(metric).values for row in table.rows)
-        curve = (bool(metrics) or metric in CURVE_METRICS) and metric in logged and bool(curve_series(table, metric))
+    final_metrics, curve_metrics = (SAMPLING_PLOT_METRICS, ()) if samplings else (PLOT_METRICS, CURVE_METRICS)
+    for metric in metrics or dict.fromkeys(final_metrics + curve_metrics):
+        final = (bool(metrics) or metric in final_metrics) and any(row.cell(metric).values for row in table.rows)
+        curve = (bool(metrics) or metric in curve_metrics) and metric in logged and bool(curve_series(table, metric))
         if final and table.factors:
             paths[f"{label(metric)} vs {x or default_x(table)}"] = save_plot(table, metric, x or default_x(table), out)
         if curve:
@@ -331,7 +346,8 @@ def cmd_plot(args) -> int:
 
     runs, sweep, group = compared_runs(args)
     table = build_table(runs)
-    paths = make_plots(table, args.metric, args.x, output_dir(sweep, group, "plots", args.out), usage=args.usage)
+    paths = make_plots(table, args.metric, args.x, output_dir(sweep, group, "plots", args.out), usage=args.usage,
+                       samplings=sweep is not None and sweep.samplings)
     for path in paths.values():
         print(f"wrote {path}")
     where = log_analysis(table, list(paths.values()), group, args.project or wandb_project(runs), args.entity, output_dir(sweep, group, "analysis"), args.wandb)
@@ -351,7 +367,8 @@ def cmd_report(args) -> int:
     table = build_table(runs)
     out = output_dir(sweep, group, "report", args.out)
     on_disk = sweep is not None
-    plots = make_plots(table, None, None, out / "plots", usage=on_disk and has_usage(table))
+    samplings = sweep is not None and sweep.samplings
+    plots = make_plots(table, None, None, out / "plots", usage=on_disk and has_usage(table), samplings=samplings)
     title = f"ibq sweep {group}"
     lines = [f"W&B group: {group}", f"factors: {', '.join(table.factors) or 'none'}"]
     problems = []
@@ -365,6 +382,8 @@ def cmd_report(args) -> int:
     md_path, html_path = write_local(title, parts, out)
     print(f"wrote {md_path}\nwrote {html_path}")
     problem = "--offline" if args.offline else online_problem()
+    if samplings and not problem:
+        problem = "the jobs of ibq-sample have no W&B runs of their own: each logs its scores to its AR run's"
     if problem:
         print(f"W&B Report not created ({problem}); the local report above has the same content")
         return 0
@@ -469,7 +488,7 @@ def parser() -> argparse.ArgumentParser:
                                                       "over the steps from metrics.jsonl (e.g. loss/g); default: utilization and rFID, and the "
                                                       "loss/g and utilization curves where logged")
     sp.add_argument("--usage", action="store_true", help="also overlay the sorted code usage of every run's last evaluation (log-log)")
-    sp.add_argument("--x", help="factor on the x axis (default: codebook_size)")
+    sp.add_argument("--x", help="factor on the x axis (default: codebook_size, else sampling.cfg_scale, else the first factor)")
     sp.add_argument("--out", help="folder for the PNGs (default: <sweep dir>/plots)")
     sp.add_argument("--wandb", choices=("offline", "online", "disabled"), default="offline", help="log the plots as a W&B analysis run in the sweep's group")
 

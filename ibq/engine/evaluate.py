@@ -156,6 +156,6 @@ class GenerationEvaluator:
                 f"gFID from {fake.count} samples < {fake.dim} feature dims: finite but biased, not comparable to "
                 "gFIDs over 10k-50k samples",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=2,  # the line that records gfid (3 would name torch.no_grad's wrapper)
             )
         return frechet_distance(reference.mu, reference.sigma, fake.mean(), fake.covariance())

@@ -92,6 +92,39 @@ def load_run(run_dir: Path) -> Run | None:
     )
 
 
+# What one ibq-sample sampling was (keys of its results.json), the config of its row in a comparison: the AR run
+# and its step, the resolved sampling settings, seed and counts, and the images its gFID was taken against.
+SAMPLING_KEYS = ("run_dir", "step", "sampling", "seed", "classes", "samples_per_class", "samples", "gfid/reference",
+                 "gfid/reference_samples")
+
+
+def load_sampling(directory: Path) -> Run | None:
+    """The folder of one ibq-sample job as a run of a comparison: what it sampled as its config, its gFID and IS
+    as its results (None where they were not scored: metrics.fid=false, or one part of several). None where
+    the folder holds no finished sampling."""
+    record = read_json(directory / "results.json")
+    if record is None or "npz" not in record or "sampling" not in record:
+        return None
+    scores = {key: value for key, value in record.items() if key.split("/")[0] in ("gfid", "is") or key == "eval/samples"}
+    scored = any(record.get(metric) is not None for metric in ("gfid", "is"))
+    return Run(
+        name=directory.name,
+        location=str(directory),
+        status="completed",
+        signature=None,
+        choices={},
+        config=flatten({key: record[key] for key in SAMPLING_KEYS if key in record}),
+        results=scores if scored else None,
+        record=record,
+        path=directory,
+    )
+
+
+def sampling_dirs(root: Path) -> list[Path]:
+    """Every folder below `root` where an ibq-sample job wrote its samples.npz and results.json."""
+    return sorted(npz.parent for npz in Path(root).rglob("samples.npz") if (npz.parent / "results.json").is_file())
+
+
 def run_dirs(root: Path) -> list[Path]:
     """Every directory below `root` (itself included) that holds a run.json; run folders are not searched further."""
     found = []

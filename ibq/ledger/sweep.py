@@ -20,8 +20,8 @@ from ibq.errors import UserError
 from ibq.ledger.cost import KINDS
 from ibq.ledger.liveness import run_process_alive
 from ibq.ledger.plan import Job, Plan, expand
-from ibq.ledger.runs import Run, completed_runs, load_json, load_run, read_json, run_dirs
-from ibq.runs.record import sweep_group, timestamp, write_json
+from ibq.ledger.runs import Run, completed_runs, load_json, load_run, load_sampling, read_json, run_dirs, sampling_dirs
+from ibq.runs.record import job_records, sweep_group, timestamp, write_json
 
 LEDGER_FILE = "sweep.json"
 RETRYABLE = ("failed", "preempted", "interrupted", "missing")
@@ -56,6 +56,7 @@ class Sweep:
     notes: list[str]
     jobs: list[JobStatus]
     reused: dict[str, str]  # signature -> directory of a completed run outside the sweep, kept in sweep.json
+    samplings: bool = False  # a sweep of ibq-sample: its jobs are samplings, scored by gFID and IS
 
     @property
     def group(self) -> str:
@@ -91,8 +92,10 @@ class OtherAppSweep(UserError):
 
     def __init__(self, directory: Path, config_name: str):
         super().__init__(f"{directory} is a sweep of {APPS.get(config_name, config_name)}, whose jobs leave no training runs: "
-                         f"ibq-sweep status lists its jobs; table, plot, report and retry take sweeps of ibq-train and ibq-train-ar")
+                         f"ibq-sweep status lists its jobs; table, plot and report take sweeps of ibq-train, ibq-train-ar and "
+                         f"ibq-sample, retry those of ibq-train and ibq-train-ar")
         self.directory = directory
+        self.config_name = config_name
 
 
 def plan_from_multirun(directory: Path) -> Plan:
@@ -203,6 +206,26 @@ def load_sweep(directory: Path, search: list[Path] | None = None) -> Sweep:
             if status.state == "missing":
                 status.state, status.reason = "pending", "not started yet (the sweep is still running)"
     return Sweep(directory, plan, notes, statuses, reused)
+
+
+def load_sampling_sweep(directory: Path) -> Sweep:
+    """A sweep of ibq-sample (CFG scales, temperatures or seeds, over one AR run or several): one job per
+    sampling folder, with its gFID and IS where they were scored, and the jobs that failed as they recorded it."""
+    directory = Path(directory)
+    records = job_records(directory)
+    overrides = {Path(r["output_dir"]).resolve(): r["overrides"] for r in records if "output_dir" in r}
+    statuses = []
+    for path in sampling_dirs(directory):
+        run = load_sampling(path)
+        if run is not None:
+            run.record["overrides"] = overrides.get(path.resolve(), [])
+            statuses.append(JobStatus(None, run, "done", "" if run.results else "not scored (metrics.fid=false, or one part of several)"))
+    for record in records:
+        if record["status"] != "done":
+            failed = Run(name=f"job {record['num']}", location=record.get("output_dir", str(directory)), status="failed", signature=None,
+                         choices={}, config={}, results=None, record={"overrides": record["overrides"]})
+            statuses.append(JobStatus(None, failed, "failed", record["reason"]))
+    return Sweep(directory, None, [], statuses, {}, samplings=True)
 
 
 def progress(status: JobStatus) -> str:

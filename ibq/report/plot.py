@@ -26,10 +26,15 @@ def plot_name(metric: str, x: str) -> str:
     return f"{slug(metric)}_vs_{slug(x)}.png"
 
 
+# The x axes of the paper's figures, where a table has them: utilization against the codebook's size, gFID
+# against the guidance scale.
+PREFERRED_X = ("codebook_size", "sampling.cfg_scale")
+
+
 def default_x(table: Table) -> str:
     if not table.factors:
         raise UserError("the runs do not differ in any config-group choice or key: nothing to plot against")
-    return "codebook_size" if "codebook_size" in table.factors else table.factors[0]
+    return next((x for x in PREFERRED_X if x in table.factors), table.factors[0])
 
 
 def numeric(values: list[str]) -> list[float] | None:

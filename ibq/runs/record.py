@@ -73,6 +73,16 @@ def sweep_group(sweep_dir: str | os.PathLike) -> str:
     return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:6]}"
 
 
+# Where each job of a sweep leaves its outcome as it ends (cli.callbacks.SweepProgress): <sweep dir>/.jobs/<num>.json,
+# {"num", "overrides", "status": done | failed, "reason", "output_dir" (where the job wrote one)}.
+JOBS_DIR = ".jobs"
+
+
+def job_records(sweep_dir: Path) -> list[dict]:
+    """The outcomes a sweep's jobs recorded, in job order."""
+    return sorted((json.loads(path.read_text()) for path in (Path(sweep_dir) / JOBS_DIR).glob("*.json")), key=lambda r: r["num"])
+
+
 def group_choices(choices) -> dict:
     """The config-group choices of a run: neither Hydra's own nor those nested in another group's
     config (data/source@data.sources.cc3m), which the outer choice already names."""
