@@ -24,6 +24,7 @@ from ibq.config import build
 from ibq.engine.tokens import TokenShards, load_tokenizer_run
 from ibq.engine.train_ar import load_ar_run, sample_images
 from ibq.errors import UserError
+from ibq.generation.sampling import sample
 from ibq.metrics.adm import to_adm_array
 
 IBQ_TOKENIZE = [sys.executable, "-m", "ibq.cli.tokenize"]
@@ -154,7 +155,7 @@ def test_a_sweep_across_tokenizers_trains_each_on_its_codes_and_the_ledger_knows
     dirname = "ar_train.batch_size=16,ar_train.steps=4,transformer.block_size=auto,transformer.depth=2,transformer.ffn_hidden=512," \
               "transformer.heads=2,transformer.vocab_size=auto,transformer.width=128"
     for tokenizer, codes, tokens in ((small_tokenizer_run, 256, 8 * 8), (imported, 64, 16 * 16)):
-        state = torch.load(sweep / tokenizer.name / dirname / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+        state = torch.load(sweep / tokenizer.name / dirname / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
         assert (state["config"]["transformer"]["vocab_size"], state["config"]["transformer"]["block_size"]) == (codes, tokens)
 
     jobs = load_sweep(sweep).jobs
@@ -332,6 +333,10 @@ def ar_run(workdir: Path, tokenizer_run: Path, token_shards: Path) -> Path:
     return run_dir
 
 
+def code_frequencies(tokens: torch.Tensor, codebook_size: int = 256) -> torch.Tensor:
+    return torch.bincount(tokens.flatten(), minlength=codebook_size).double() / tokens.numel()
+
+
 def untrained_copy(run_dir: Path, destination: Path) -> Path:
     """The same run with its transformer replaced by a fresh initialisation."""
     shutil.copytree(run_dir, destination, ignore=shutil.ignore_patterns("samples"))
@@ -389,7 +394,7 @@ def test_token_shards_hold_the_tokenizers_tokens(tokenizer_run: Path, token_shar
 
 
 @pytest.mark.slow
-def test_trained_model_samples_score_better_than_an_untrained_models(workdir: Path, ar_run: Path):
+def test_trained_model_samples_are_closer_to_the_data_and_are_scored(workdir: Path, ar_run: Path, token_shards: Path):
     record = json.loads((ar_run / "run.json").read_text())
     results = json.loads((ar_run / "results.json").read_text())
     assert record["status"] == "completed" and record["kind"] == "generator" and record["tokens"]
@@ -405,8 +410,20 @@ def test_trained_model_samples_score_better_than_an_untrained_models(workdir: Pa
     assert untrained.returncode == 0, untrained.stderr[-3000:]
 
     scores = {name: json.loads((workdir / name / "results.json").read_text()) for name in ("trained", "untrained")}
-    print(f"gFID trained {scores['trained']['gfid']:.1f}, untrained {scores['untrained']['gfid']:.1f}")
-    assert scores["trained"]["gfid"] < scores["untrained"]["gfid"], scores
+    # At 72 images of 32 px against 144 crops, gFID is mostly its small-sample bias: the two runs' gFIDs were
+    # 281.6 and 284.3 with torch 2.14, 276.7 and 276.3 with torch 2.4. How far the drawn codes are from the
+    # codes of the training images tells them apart (total variation of code frequencies: 0.12-0.13 against 0.26-0.30).
+    shards = TokenShards(token_shards, seed=0)
+    data_codes = torch.stack([shards[position][0] for position in range(2048)]).long()
+    labels = torch.arange(18).repeat_interleave(8)
+    distance = {}
+    for name, run_dir in (("trained", ar_run), ("untrained", untrained_run)):
+        drawn = sample(load_ar_run(run_dir, torch.device("cpu")).model, labels, **scores[name]["sampling"], seed=0)
+        distance[name] = 0.5 * (code_frequencies(drawn) - code_frequencies(data_codes)).abs().sum().item()
+    print(f"gFID trained {scores['trained']['gfid']:.1f}, untrained {scores['untrained']['gfid']:.1f}; code frequencies' distance "
+          f"from the data's {distance['trained']:.3f}, {distance['untrained']:.3f}")
+    assert distance["trained"] < 0.6 * distance["untrained"], distance
+    assert all(np.isfinite(score["gfid"]) for score in scores.values())
     assert scores["trained"]["gfid/samples"] == 72 and scores["trained"]["gfid/reference_samples"] == 144
     assert scores["untrained"]["eval/reference_cached"] is True
     assert scores["trained"]["sampling"] == {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
