@@ -185,7 +185,7 @@ def test_status_of_a_tokenize_sweep_lists_its_jobs_outcomes(tmp_path):
     ]
     line = error_line(sweep_cli(["retry", str(sweep)]))
     assert line == (f"error: {sweep} is a sweep of ibq-tokenize, whose jobs leave no training runs: ibq-sweep status lists its jobs; "
-                    "table, plot, report and retry take sweeps of ibq-train and ibq-train-ar")
+                    "table, plot and report take sweeps of ibq-train, ibq-train-ar and ibq-sample, retry those of ibq-train and ibq-train-ar")
 
 
 # -- one-line errors --------------------------------------------------------------------------------------
