@@ -105,7 +105,7 @@ def kill_at_first_checkpoint(args: list[str], run_dir: Path) -> int:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    return torch.load(checkpoint, weights_only=False)["step"]
+    return torch.load(checkpoint, weights_only=True)["step"]
 
 
 # Every way a Python-side read of a tensor waits for the device, and the collectives that would.

@@ -38,7 +38,7 @@ def untrained_tokenizer_run(run_dir: Path) -> Path:
 def ar_config(tmp_path_factory):
     """A tiny stage-II config on an untrained tokenizer: two micro-batches of 4 per step."""
     tokenizer_run = untrained_tokenizer_run(tmp_path_factory.mktemp("tokenizer"))
-    codebook_size = torch.load(tokenizer_run / CHECKPOINT, weights_only=False)["config"]["quantizer"]["codebook_size"]
+    codebook_size = torch.load(tokenizer_run / CHECKPOINT, weights_only=True)["config"]["quantizer"]["codebook_size"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train_ar", overrides=[
             f"tokenizer_run={tokenizer_run}", f"transformer.vocab_size={codebook_size}", "transformer.depth=1", "transformer.width=64",

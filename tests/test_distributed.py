@@ -159,7 +159,7 @@ def test_two_ranks_checkpoint_resume_and_match_one_process(tmp_path: Path, one_p
     assert record["status"] == "interrupted", (run_dir.parent / "run.log").read_text()[-3000:]
     stopped_at = record["requeues"][0]["step"]
     assert 3 <= stopped_at < 10 and record["requeues"][0]["reason"] == "interrupted"
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["step"] == stopped_at and len(checkpoint["rng_by_rank"]) == 2
     if deepspeed != "none":
         assert checkpoint["deepspeed"] == {"tag": f"step{stopped_at:07d}", "stage": int(deepspeed[-1]), "world_size": 2}
@@ -190,12 +190,12 @@ def test_two_ranks_stream_their_own_shards_and_resume_mid_epoch(tmp_path: Path, 
     run_dir = tmp_path / "run"
     interrupt_one_rank(torchrun(run_dir, *overrides), run_dir)
     stopped_at = json.loads((run_dir / "run.json").read_text())["requeues"][0]["step"]
-    interrupted = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["deepspeed"]
+    interrupted = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["deepspeed"]
     assert interrupted == {"tag": f"step{stopped_at:07d}", "stage": 1, "world_size": 2}
     assert torchrun(run_dir, *overrides).wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
     record = json.loads((run_dir / "run.json").read_text())
     assert [r["step"] for r in record["resumes"]] == [stopped_at] and record["distributed"]["deepspeed_stage"] == 1
     assert_losses_match(read_jsonl(tmp_path / "reference" / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl"))
-    final = [torch.load(d / "checkpoints" / "last.pt", weights_only=False)["data_stream"] for d in (tmp_path / "reference", run_dir)]
+    final = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["data_stream"] for d in (tmp_path / "reference", run_dir)]
     assert final[0] == final[1]
     assert final[0]["slots"] == 2 and sorted(final[0]["cursors"]) == [0, 1] and final[0]["taken"] == 10

@@ -170,7 +170,7 @@ def test_another_dataset_is_evaluated_at_the_training_resolution(run_copy: Path,
     evaluate_in_process(f"run_dir={run_copy}", "metrics.fid=false", "metrics.lpips=[]", "wandb_mode=disabled",
                         "data=photos", f"data.photos={PHOTOS}", "data.val_crops_per_photo=3")
     results = json.loads((run_copy / "results.json").read_text())
-    checkpoint = torch.load(run_copy / "checkpoints" / "last.pt", weights_only=False, mmap=True)
+    checkpoint = torch.load(run_copy / "checkpoints" / "last.pt", weights_only=True, mmap=True)
     assert results["eval/data"]["resolution"] == checkpoint["config"]["data"]["resolution"]
     assert results["eval/images"] == 12 and results["codebook/tokens"] == 12 * tokens_per_image
 

@@ -164,6 +164,38 @@ def test_unreadable_checkpoint_is_one_line(tmp_path: Path, content: bytes):
         load_checkpoint(tmp_path / "last.pt")
 
 
+class RunsACommand:
+    """What a crafted pickle can hold: an object whose unpickling calls a function of the writer's choice."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_is_read_as_data_and_one_that_would_run_code_is_refused(tmp_path: Path):
+    import random
+
+    import numpy as np
+
+    from ibq.engine.checkpoint import set_rng_state
+
+    # Written before numpy's RNG state was kept as numbers: its numpy array is read, and the state restored.
+    np.random.seed(7)
+    torch.save({"step": 3, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
+               tmp_path / "older.pt")
+    expected = np.random.rand(4)
+    set_rng_state(load_checkpoint(tmp_path / "older.pt")["rng"])
+    np.testing.assert_array_equal(np.random.rand(4), expected)
+
+    marker = tmp_path / "ran"
+    torch.save({"step": 3, "config": RunsACommand(marker)}, tmp_path / "crafted.pt")
+    with pytest.raises(UserError, match=r"crafted.pt cannot be read \(UnpicklingError: it holds posix.system, which is no tensor or Python data, and is read as data only\)"):
+        load_checkpoint(tmp_path / "crafted.pt")
+    assert not marker.exists()
+
+
 def test_load_run_reads_any_run_and_refuses_bad_ones_in_one_line(tmp_path: Path):
     from ibq.engine.checkpoint import load_run
 

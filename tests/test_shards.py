@@ -155,7 +155,7 @@ def test_an_epoch_is_each_sample_once_and_resuming_mid_epoch_continues_it(shard_
 
     first = source.batches(5, rank=0, world_size=1, state=None)
     before = take_keys(first, 3)
-    state = torch.load(io.BytesIO(save(first.state())), weights_only=False)  # as it goes through a checkpoint
+    state = torch.load(io.BytesIO(save(first.state())), weights_only=True)  # as it goes through a checkpoint
     after = take_keys(stream(shard_set).batches(5, rank=0, world_size=1, state=state), 5)
     assert before + after == uninterrupted
     assert Counter(before + after) == Counter({key: 1 for key in uninterrupted})
@@ -323,7 +323,7 @@ def test_tokenizer_trains_from_shards_and_a_killed_run_resumes_mid_epoch(shard_s
     for a, b in zip(actual, expected):
         if "loss/g" in b:
             assert a["loss/g"] == pytest.approx(b["loss/g"], rel=1e-5), a["step"]
-    final = [torch.load(d / "checkpoints" / "last.pt", weights_only=False)["data_stream"] for d in (tmp_path / "reference", run_dir)]
+    final = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["data_stream"] for d in (tmp_path / "reference", run_dir)]
     assert final[0] == final[1] and final[0]["taken"] == 8
     assert json.loads((run_dir / "results.json").read_text())["eval/images"] == 8
 

@@ -193,8 +193,8 @@ def test_killed_run_resumes_exactly_and_logs_to_wandb(small_tokenizer_run: Path,
     for a, b in zip(actual, expected):
         for key in ("loss", "grad_norm", "lr", "weight_decay"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
-    resumed_state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
-    reference_state = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    resumed_state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    reference_state = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=True)["model"]
     for name, value in reference_state.items():
         torch.testing.assert_close(resumed_state[name], value, rtol=1e-5, atol=1e-6)
 
@@ -244,7 +244,7 @@ def test_two_ranks_stop_on_the_signal_resume_and_match_one_process(small_tokeniz
     assert record["status"] == "interrupted", log.read_text()[-3000:]
     stopped_at = record["requeues"][0]["step"]
     assert 3 <= stopped_at < 10
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["step"] == stopped_at and len(checkpoint["rng_by_rank"]) == 2
     if deepspeed != "none":
         assert checkpoint["deepspeed"] == {"tag": f"step{stopped_at:07d}", "stage": int(deepspeed[-1]), "world_size": 2}
@@ -341,7 +341,7 @@ def untrained_copy(run_dir: Path, destination: Path) -> Path:
     """The same run with its transformer replaced by a fresh initialisation."""
     shutil.copytree(run_dir, destination, ignore=shutil.ignore_patterns("samples"))
     checkpoint = destination / "checkpoints" / "last.pt"
-    state = torch.load(checkpoint, weights_only=False)
+    state = torch.load(checkpoint, weights_only=True)
     torch.manual_seed(0)
     state["model"] = build(OmegaConf.create(state["config"]).transformer).state_dict()
     torch.save(state, checkpoint)

@@ -3,8 +3,11 @@ only when every tensor in them is finite, so the checkpoint a diverged run names
 
 from __future__ import annotations
 
+import codecs
 import math
+import pickle
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,35 @@ RUN_KINDS = {
 TOKENIZER_WEIGHTS = {"ema": "ema", "live": "tokenizer"}  # which weights -> the checkpoint entry holding them
 
 
+def read_checkpoint(path: Path, **kwargs) -> Any:
+    """A run's checkpoint read as data (weights_only): loading it runs no code from the file, whoever wrote it.
+    Checkpoints written before numpy's RNG state was kept as numbers hold it as a numpy array, which is
+    allowed for them."""
+    for allowed_numpy in (False, True):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+        except pickle.UnpicklingError as error:
+            named = re.search(r"GLOBAL ([\w.]+)", str(error))
+            if named is None:  # torch's message would suggest weights_only=False, which a torn file does not mend
+                raise pickle.UnpicklingError("it is not what torch.save writes (a torn file, or another kind)") from None
+            if allowed_numpy or not named.group(1).startswith(LEGACY_NUMPY_GLOBALS):
+                raise pickle.UnpicklingError(f"it holds {named.group(1)}, which is no tensor or Python data, and is read as data only") from None
+        torch.serialization.add_safe_globals(legacy_numpy_globals())
+
+
+# What a numpy array pickles into (the RNG state of checkpoints written before it was kept as numbers);
+# codecs.encode writes its bytes, and is allowed by default since torch 2.5.
+LEGACY_NUMPY_GLOBALS = ("numpy.", "_codecs.encode")
+
+
+def legacy_numpy_globals() -> list:
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), codecs.encode]
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -40,7 +72,7 @@ def read_error(path: Path, error: Exception) -> str:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A run's own checkpoint, to resume from."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path)
     except Exception as error:  # torch raises several types for a file that is not a checkpoint
         raise UserError(f"{read_error(path, error)}: restore it, or move it away to start this run from step 0") from None
     if not isinstance(state, dict) or "step" not in state:
@@ -121,7 +153,7 @@ def load_run(path: str | Path | None, key: str, kind: str = "tokenizer", outside
     checkpoint, run_dir = locate_run(path, key, kind, outside_a_run)
     path = Path(path).expanduser().resolve()
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+        state = read_checkpoint(checkpoint, mmap=True)
     except Exception as error:  # torch raises several types for a file that is not a checkpoint
         raise UserError(read_error(checkpoint, error)) from None
     missing = [entry for entry in ("step", "config", *entries) if not isinstance(state, dict) or entry not in state]
