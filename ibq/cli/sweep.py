@@ -4,6 +4,7 @@
   ibq-sweep launch codebook_scaling model_scale=tiny   run the jobs that have not completed anywhere yet
   ibq-sweep status outputs/multirun/<time>             done / running / failed / preempted / interrupted per job
   ibq-sweep table  outputs/multirun/<time>             metrics by quantizer x codebook size, mean ± std over seeds
+  ibq-sweep table  <AR run>/samples/multirun_<time>    a sweep of ibq-sample: gFID and IS by guidance scale (plot, report too)
   ibq-sweep plot   outputs/multirun/<time>             utilization (and rFID) vs codebook size, loss curves, PNG + W&B
   ibq-sweep diff   RUN_DIR RUN_DIR                     config keys that differ, then the metrics side by side
   ibq-sweep retry  outputs/multirun/<time>             relaunch the failed / preempted / interrupted / missing jobs
