@@ -268,3 +268,30 @@ def test_a_sweep_of_samplings_is_compared_by_the_scores_of_its_jobs(tmp_path):
     report = sweep_cli(["report", str(sweep_dir), "--offline"])
     assert report.returncode == 0, report.stderr
     assert "| sampling.cfg_scale | runs | gFID |" in (sweep_dir / "report" / "report.md").read_text()
+
+
+def test_samplings_of_several_ar_runs_are_told_apart_by_their_run(tmp_path):
+    """Each run named by its path below the folder the runs share; what a sampling takes from its run (step,
+    classes, counts, gFID's reference) is a factor only where samplings of one run differ in it."""
+    from ibq.ledger.sweep import load_sampling_sweep
+
+    def sampling(job: int, run: str, cfg_scale: float, step: int, gfid: float) -> None:
+        folder = tmp_path / "sweep" / f"job{job}"
+        folder.mkdir(parents=True)
+        (folder / "samples.npz").write_bytes(b"")
+        (folder / "results.json").write_text(json.dumps({
+            "run_dir": str(tmp_path / "runs" / run), "step": step, "seed": 0, "classes": list(range(4 if run == "a" else 10)),
+            "samples_per_class": 2, "samples": 8 if run == "a" else 20, "npz": str(folder / "samples.npz"),
+            "sampling": {"cfg_scale": cfg_scale, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
+            "gfid": gfid, "gfid/samples": 8, "gfid/reference": f"photos train ({run})", "gfid/reference_samples": 16}))
+
+    for job, (run, cfg_scale, gfid) in enumerate([("a", 1.0, 30.0), ("a", 3.0, 20.0), ("b/x", 1.0, 50.0), ("b/x", 3.0, 40.0)]):
+        sampling(job, run, cfg_scale, 100, gfid)
+    table = build_table([status.run for status in load_sampling_sweep(tmp_path / "sweep").jobs])
+    assert table.factors == ["ar_run", "sampling.cfg_scale"]
+    assert [(row.key, row.cell("gfid").mean) for row in table.rows] == [
+        (("a", "1.0"), 30.0), (("a", "3.0"), 20.0), (("b/x", "1.0"), 50.0), (("b/x", "3.0"), 40.0)]
+
+    sampling(4, "a", 1.0, 200, 25.0)  # run a sampled again after more training: its step tells the two apart
+    table = build_table([status.run for status in load_sampling_sweep(tmp_path / "sweep").jobs])
+    assert table.factors == ["ar_run", "sampling.cfg_scale", "step"]

@@ -9,6 +9,7 @@ elsewhere. Run directories that match no job are listed as well."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,17 +216,37 @@ def load_sampling_sweep(directory: Path) -> Sweep:
     records = job_records(directory)
     overrides = {Path(r["output_dir"]).resolve(): r["overrides"] for r in records if "output_dir" in r}
     statuses = []
-    for path in sampling_dirs(directory):
-        run = load_sampling(path)
-        if run is not None:
-            run.record["overrides"] = overrides.get(path.resolve(), [])
-            statuses.append(JobStatus(None, run, "done", "" if run.results else "not scored (metrics.fid=false, or one part of several)"))
+    samplings = [run for run in map(load_sampling, sampling_dirs(directory)) if run is not None]
+    for run in name_ar_runs(samplings):
+        run.record["overrides"] = overrides.get(run.path.resolve(), [])
+        statuses.append(JobStatus(None, run, "done", "" if run.results else "not scored (metrics.fid=false, or one part of several)"))
     for record in records:
         if record["status"] != "done":
             failed = Run(name=f"job {record['num']}", location=record.get("output_dir", str(directory)), status="failed", signature=None,
                          choices={}, config={}, results=None, record={"overrides": record["overrides"]})
             statuses.append(JobStatus(None, failed, "failed", record["reason"]))
     return Sweep(directory, None, [], statuses, {}, samplings=True)
+
+
+# What a sampling takes from its AR run unless it is given: shown only where it tells apart samplings of one run.
+OF_THE_AR_RUN = ("step", "classes", "samples", "gfid/reference", "gfid/reference_samples")
+
+
+def name_ar_runs(samplings: list[Run]) -> list[Run]:
+    """The samplings of several AR runs name each by its path below the folder they share, and keep the
+    settings each takes from its run (OF_THE_AR_RUN) only where samplings of one run differ in them."""
+    paths = {run.config["ar_run"] for run in samplings}
+    if len(paths) < 2:
+        return samplings
+    shared = os.path.commonpath(sorted(paths))
+    for key in OF_THE_AR_RUN:
+        values = {(run.config["ar_run"], repr(run.config.get(key))) for run in samplings}
+        if len(values) == len(paths):  # one value per run
+            for run in samplings:
+                run.config.pop(key, None)
+    for run in samplings:
+        run.config["ar_run"] = os.path.relpath(run.config["ar_run"], shared)
+    return samplings
 
 
 def progress(status: JobStatus) -> str:
