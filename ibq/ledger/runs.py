@@ -95,9 +95,8 @@ def load_run(run_dir: Path) -> Run | None:
 # What one ibq-sample sampling was (keys of its results.json), the config of its row in a comparison: the AR run
 # (as ar_run: a training run's run_dir names no result) and its step, the resolved sampling settings, seed and
 # counts, and the images its gFID was taken against.
-SAMPLING_KEYS = {"run_dir": "ar_run", "step": "step", "sampling": "sampling", "seed": "seed", "classes": "classes",
-                 "samples_per_class": "samples_per_class", "samples": "samples", "gfid/reference": "gfid/reference",
-                 "gfid/reference_samples": "gfid/reference_samples"}
+SAMPLING_KEYS = ("run_dir", "step", "sampling", "seed", "classes", "samples_per_class", "samples", "gfid/reference",
+                 "gfid/reference_samples")
 
 
 def load_sampling(directory: Path) -> Run | None:
@@ -115,7 +114,7 @@ def load_sampling(directory: Path) -> Run | None:
         status="completed",
         signature=None,
         choices={},
-        config=flatten({name: record[key] for key, name in SAMPLING_KEYS.items() if key in record}),
+        config=flatten({"ar_run" if key == "run_dir" else key: record[key] for key in SAMPLING_KEYS if key in record}),
         results=scores if scored else None,
         record=record,
         path=directory,
