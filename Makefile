@@ -42,6 +42,7 @@ test-fast: $(STAMP)
 $(STAMP_LOWEST): pyproject.toml constraints-lowest.txt
 	test -x $(VENV_LOWEST)/bin/python || $(PYTHON) -m venv $(VENV_LOWEST)
 	$(VENV_LOWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_LOWEST)/bin/pip install --quiet -c constraints-lowest.txt setuptools wheel   # the build backend's bound, for builds without isolation
 	$(VENV_LOWEST)/bin/pip install --quiet -c constraints-lowest.txt $(TORCH)
 	$(VENV_LOWEST)/bin/pip install --quiet -c constraints-lowest.txt -e '.[test]'
 	touch $(STAMP_LOWEST)
