@@ -73,7 +73,9 @@ def worker(target: str, tokens_shape: tuple[int, int, int], warmup: int, repeats
         step()
     quantizer.zero_grad(set_to_none=True)
     peak_was_reset = _reset_peak_rss()
-    baseline_kib = _status_kib("VmRSS")
+    # Reset, the high-water mark is the RSS of that moment and can only grow: the peak added is never negative,
+    # as it was against a VmRSS read a moment later, which a small quantizer's steps need not exceed.
+    baseline_kib = _status_kib("VmHWM" if peak_was_reset else "VmRSS")
     timings = [step() for _ in range(repeats)]
     peak_kib = _status_kib("VmHWM")
     return {
