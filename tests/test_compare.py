@@ -16,6 +16,7 @@ from ibq.ledger.runs import discover
 from ibq.report.table import build_table
 from ibq.runs.record import sweep_group
 from test_ledger import fake_run, seeded_sweep, sweep_cli
+from test_official import AR, AR_CONFIG, ibq_import
 
 EVALUATED_SWEEP = ["quantizer=ibq,vq", "codebook_size=256", "train.steps=4", "train.log_every=1", "train.checkpoint_every=4",
                    "eval.every=2", "data.val_crops_per_photo=1", "eval.rfid=false", "logger=wandb"]
@@ -235,10 +236,7 @@ def test_estimates_come_from_measured_throughput_and_do_not_depend_on_the_device
 def test_a_sweep_of_samplings_is_compared_by_the_scores_of_its_jobs(tmp_path):
     """ibq-sample over guidance scales and seeds: gFID by scale as mean ± std over the sampling seeds, gFID drawn
     against the scale, and a report, all from the jobs' folders."""
-    official = Path(__file__).parent / "fixtures" / "official"
-    imported = run_cli([sys.executable, "-m", "ibq.cli.import_official", str(official / "ar_tiny.ckpt"), "--config",
-                        str(official / "ar_tiny_config.json"), "-o", str(tmp_path / "ar"), "logger=none"])
-    assert imported.returncode == 0, imported.stderr[-2000:]
+    ibq_import([str(AR), "--config", str(AR_CONFIG), "-o", str(tmp_path / "ar"), "logger=none"])
     sweep_dir = tmp_path / "cfg"
     sampled = run_cli([sys.executable, "-m", "ibq.cli.sample", "-m", f"run_dir={tmp_path / 'ar' / 'ar'}", "sampling.cfg_scale=1.0,3.0",
                        "seed=0,1", "samples_per_class=1", "reference.limit=16", f"reference.cache_dir={tmp_path / 'fid'}",
