@@ -8,6 +8,7 @@ import errno
 import fcntl
 import http.server
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -34,6 +35,24 @@ def test_results_are_merged_not_rewritten(tmp_path: Path):
     merge_results(path, {"rfid": 60.0, "imagenet/rfid": 70.0, "eval/dataset": "imagenet"})
     merge_results(path, {"rfid": 50.0, "psnr": 21.0})  # the training's final evaluation again
     assert json.loads(path.read_text()) == {"rfid": 50.0, "psnr": 21.0, "imagenet/rfid": 70.0, "eval/dataset": "imagenet"}
+
+
+def merge_and_log(path: Path, writer: int, count: int) -> None:
+    for index in range(count):
+        merge_results(path / "results.json", {f"writer{writer}/{index}": index})
+        MetricsLog(path / "metrics.jsonl").append(index, {f"writer{writer}": index})
+
+
+def test_results_and_metrics_written_by_processes_at_once_keep_every_entry(tmp_path: Path):
+    # ibq-eval and ibq-sample score into a run (a sweep's jobs side by side, or while it trains).
+    writers = [multiprocessing.get_context("fork").Process(target=merge_and_log, args=(tmp_path, writer, 200)) for writer in range(3)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+    assert [writer.exitcode for writer in writers] == [0, 0, 0]
+    assert json.loads((tmp_path / "results.json").read_text()) == {f"writer{w}/{i}": i for w in range(3) for i in range(200)}
+    assert len(MetricsLog(tmp_path / "metrics.jsonl").read()) == 600
 
 
 def test_lock_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path: Path):

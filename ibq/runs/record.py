@@ -4,6 +4,7 @@ checkpoints/ and media/. metrics.jsonl is the source of truth; W&B mirrors it.""
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import json
 import logging
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -131,13 +133,28 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+@contextmanager
+def updating(path: Path):
+    """Holds an exclusive lock for an update of `path` that other processes may make at the same time:
+    ibq-eval and ibq-sample score into a run (a sweep's jobs side by side, or while the run trains).
+    The lock is the kernel's, on `.<name>.lock` beside it, which stays for the next writer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def merge_results(path: Path, results: dict[str, Any]) -> None:
     """Writes `results` into results.json, replacing the keys it names and keeping the others: what
-    another writer recorded there (ibq-eval's eval/*, coco/*, imagenet/*, lpips/*) survives a re-run."""
-    merged = json.loads(path.read_text()) if path.is_file() else {}
-    merged.update(results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, merged)
+    another writer recorded there (ibq-eval's eval/*, coco/*, imagenet/*, lpips/*) survives a re-run,
+    and two writers at once both keep theirs."""
+    with updating(path):
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged.update(results)
+        write_json(path, merged)
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -329,11 +346,12 @@ class MetricsLog:
         """Drop lines logged after `step` (and a torn tail), so a resumed run neither loses nor repeats a line."""
         if not self.path.exists():
             return
-        kept = [line for line in self.read() if line["step"] <= step]
-        atomic_write_text(self.path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in kept))
+        with updating(self.path):  # a line another process appends meanwhile is kept
+            kept = [line for line in self.read() if line["step"] <= step]
+            atomic_write_text(self.path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in kept))
 
     def append(self, step: int, metrics: dict[str, Any]) -> None:
-        with self.path.open("a") as file:
+        with updating(self.path), self.path.open("a") as file:
             file.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
