@@ -53,6 +53,18 @@ def test_batch_layout_follows_from_the_world_size():
         plan_batches(8, 0, 1)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refuses a CUDA device only where none is visible")
+def test_a_cuda_device_where_there_is_none_is_refused_naming_the_apps_key():
+    from ibq.engine.build import resolve_device
+    from ibq.engine.distributed import device_for
+
+    with pytest.raises(UserError, match=r"^ar_train.device=cuda:1 but no CUDA device is visible; valid here: auto, cpu$"):
+        device_for(detect_ranks({}), "cuda:1", "ar_train.device")
+    with pytest.raises(UserError, match=r"^device=cuda but no CUDA device is visible"):  # ibq-tokenize, -sample, -eval
+        resolve_device("cuda")
+    assert device_for(detect_ranks({}), "auto", "device") == resolve_device("auto") == torch.device("cpu")
+
+
 def test_ranks_come_from_the_launcher_environment():
     assert detect_ranks({}).world_size == 1
     torchrun = detect_ranks({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"})

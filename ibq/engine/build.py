@@ -10,10 +10,11 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def resolve_device(name: str) -> torch.device:
+    """The `device` key of a one-process app: `auto` is the GPU when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but no CUDA device is visible; valid here: auto, cpu")
+        raise UserError(f"device={name} but no CUDA device is visible; valid here: auto, cpu")
     return torch.device(name)
 
 

@@ -22,13 +22,13 @@ from ibq.errors import UserError
 PROCESS_GROUP_TIMEOUT = timedelta(hours=1)
 
 
-def device_for(ranks: Ranks, requested: str) -> torch.device:
-    """`auto`: this rank's GPU (by local rank) when there is one, else the CPU."""
+def device_for(ranks: Ranks, requested: str, key: str) -> torch.device:
+    """`auto`: this rank's GPU (by local rank) when there is one, else the CPU. `key` names the setting in errors."""
     if requested == "auto" and torch.cuda.is_available():
         torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     if requested != "auto" and requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={requested} but no CUDA device is visible; valid here: auto, cpu")
+        raise UserError(f"{key}={requested} but no CUDA device is visible; valid here: auto, cpu")
     return torch.device("cpu" if requested == "auto" else requested)
 
 

@@ -78,12 +78,6 @@ def eval_batch_size(cfg: DictConfig, train_cfg: DictConfig | None) -> int:
     return cfg.batch_size or run_batch_size or DEFAULT_BATCH_SIZE
 
 
-def eval_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA device is visible; valid here: auto, cpu")
-    return resolve_device(name)
-
-
 # ---------------------------------------------------------------------------------------------- the evaluated run
 
 
@@ -227,7 +221,7 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> Evaluation:
     trained_resolution = trained_config["data"]["resolution"]
     check_resolution(run.checkpoint_path, merged, trained_resolution)
     check_data_set(merged.data)
-    device = eval_device(cfg.device)
+    device = resolve_device(cfg.device)
     networks = EvaluationNetworks(cfg.metrics, device, generation=False)
 
     seed = merged.get("seed", 0)
@@ -386,7 +380,7 @@ def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval") 
         raise UserError(f"run_dir={run_dir} does not exist: point it at the run directory whose samples these are")
     config_file = run_dir / ".hydra" / "config.yaml" if run_dir is not None else None
     train_cfg = OmegaConf.load(config_file) if config_file is not None and config_file.is_file() else None
-    device = eval_device(cfg.device)
+    device = resolve_device(cfg.device)
     networks = EvaluationNetworks(cfg.metrics, device, generation=True)
     if networks.fid is None and networks.inception is None:
         why = "; ".join(networks.unavailable.values()) or "metrics.fid=false, metrics.is=false"

@@ -100,7 +100,7 @@ class ARTraining:
         self.deepspeed_options = OmegaConf.to_container(cfg.deepspeed, resolve=True)
         check_deepspeed(self.deepspeed_options, ar.precision, section="ar_train")
         self.zero_stage = self.deepspeed_options.get("stage")
-        self.device = distributed.device_for(self.ranks, ar.device)
+        self.device = distributed.device_for(self.ranks, ar.device, "ar_train.device")
         self.dtype = resolve_precision(ar.precision, self.device, "ar_train.precision")
         seed_everything(cfg.seed)
 

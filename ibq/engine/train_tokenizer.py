@@ -69,7 +69,7 @@ class TokenizerTraining:
         self.deepspeed_options = OmegaConf.to_container(cfg.deepspeed, resolve=True)
         check_deepspeed(self.deepspeed_options, cfg.train.precision)
         self.zero_stage = self.deepspeed_options.get("stage")
-        self.device = distributed.device_for(self.ranks, cfg.train.device)
+        self.device = distributed.device_for(self.ranks, cfg.train.device, "train.device")
         self.dtype = resolve_precision(cfg.train.precision, self.device, "train.precision")
         parent = load_parent(cfg.init_from) if cfg.get("init_from") is not None else None  # fine-tuning
         self.acceleration = StepAcceleration.from_config(cfg.train, self.device)
