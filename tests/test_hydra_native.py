@@ -253,15 +253,23 @@ def test_where_a_run_runs_or_logs_does_not_name_its_directory(config_name: str, 
     assert cfg.hydra.job.override_dirname == "seed=3"
 
 
-@pytest.mark.parametrize("config_name", ["tokenize", "sample", "eval"])
+@pytest.mark.parametrize("config_name", ["sample", "eval"])
 def test_an_app_of_one_process_refuses_a_job_of_several(config_name: str):
-    from ibq.cli.checks import check_job
+    from ibq.cli.checks import check_layout
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=["cluster=local_parallel", "cluster.tasks_per_node=2"])
-    app = {"tokenize": "ibq-tokenize", "sample": "ibq-sample", "eval": "ibq-eval"}[config_name]
+    app = {"sample": "ibq-sample", "eval": "ibq-eval"}[config_name]
     with pytest.raises(UserError, match=rf"^cluster=local_parallel gives each job 2 processes, but {app} runs in one: use cluster.nodes=1 cluster.tasks_per_node=1"):
-        check_job(cfg, config_name)
+        check_layout(cfg, config_name, submitting=False)
+
+
+def test_tokenizing_takes_a_job_of_several_ranks():
+    from ibq.cli.checks import check_layout
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("tokenize", overrides=["cluster=slurm_gpu"])  # 8 ranks, one per GPU
+    check_layout(cfg, "tokenize", submitting=False)
 
 
 def test_a_run_directory_named_after_its_overrides_is_told_the_quotes_it_needs(monkeypatch, capsys):

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -348,6 +349,19 @@ def test_second_writer_is_refused_and_ctrl_c_ends_the_run_interrupted(tmp_path: 
     assert not (longer / ".lock").exists()
     steps = [line["step"] for line in read_jsonl(longer / "metrics.jsonl")]
     assert steps == list(range(1, len(steps) + 1))  # one writer: no step twice
+
+
+@pytest.mark.slow
+def test_a_token_folder_in_use_is_refused_and_left_as_it_was(tmp_path: Path):
+    from test_official import TOKENIZER, TOKENIZER_CONFIG, ibq_import
+
+    ibq_import([str(TOKENIZER), "--config", str(TOKENIZER_CONFIG), "-o", str(tmp_path / "imported"), "logger=none"])
+    tokens = tmp_path / "tokens"
+    with RunLock(tokens):  # another ibq-tokenize, writing there
+        result = run_cli([sys.executable, "-m", "ibq.cli.tokenize", f"tokenizer_run={tmp_path / 'imported'}", "samples=16",
+                          f"hydra.run.dir={tokens}"], timeout=120)
+        assert error_line(result).startswith(f"error: run directory {tokens} is in use by process {os.getpid()} on {socket.gethostname()}")
+        assert [path.name for path in tokens.iterdir()] == [".lock"]
 
 
 def test_sweep_counts_its_jobs_as_the_basic_sweeper_makes_them():

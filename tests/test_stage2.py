@@ -29,6 +29,7 @@ from ibq.metrics.adm import to_adm_array
 
 IBQ_TOKENIZE = [sys.executable, "-m", "ibq.cli.tokenize"]
 IBQ_SAMPLE = [sys.executable, "-m", "ibq.cli.sample"]
+TORCHRUN_TOKENIZE = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ibq.cli.tokenize"]
 PAPER_PARAMETERS = {"B": 343.0e6, "L": 649.6e6, "XL": 1.076e9, "XXL": 2.063e9}
 # Four samples per photo against 144 training crops: few, but enough for the trained/untrained gap.
 FEW_SAMPLES = ["samples_per_class=4", "reference.limit=144"]
@@ -371,6 +372,31 @@ def test_interrupted_tokenizing_continues_after_its_written_shards(tokenizer_run
     for shard in ours["shards"]:  # the same shards as one uninterrupted pass
         for kind in ("tokens", "labels"):
             np.testing.assert_array_equal(np.load(tokens / shard[kind]), np.load(token_shards / shard[kind]))
+
+
+@pytest.mark.slow
+def test_two_ranks_take_the_shards_in_turns_and_one_process_continues_their_job(tokenizer_run: Path, token_shards: Path, tmp_path: Path):
+    tokens = tmp_path / "tokens"
+    settings = [f"tokenizer_run={tokenizer_run}", "samples=4000", "shard_size=1000", f"hydra.run.dir={tokens}"]
+    ranks = BackgroundRun(TORCHRUN_TOKENIZE + settings)
+    deadline = time.time() + 300
+    while not (tokens / "progress.json").exists() and time.time() < deadline and ranks.process.poll() is None:
+        time.sleep(0.05)
+    ranks.process.send_signal(signal.SIGTERM)  # after the first round: shard 0 from rank 0, shard 1 from rank 1
+    stopped = ranks.result(timeout=300)
+    assert stopped.returncode != 0 and not (tokens / "manifest.json").exists(), stopped.stderr[-2000:]
+    assert [shard["tokens"] for shard in json.loads((tokens / "progress.json").read_text())["shards"]] == ["tokens-00000.npy", "tokens-00001.npy"]
+
+    result = run_cli(IBQ_TOKENIZE + settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 of 4 shards are already written; continuing after them" in result.stderr
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    assert [shard["count"] for shard in manifest["shards"]] == [1000] * 4 and manifest["num_classes"] == 18
+    # Items 0..2047 are token_shards', tokenized by one process in one pass.
+    for kind in ("tokens", "labels"):
+        ours = np.concatenate([np.load(tokens / shard[kind]) for shard in manifest["shards"]])
+        reference = np.concatenate([np.load(token_shards / f"{kind}-{index:05d}.npy") for index in range(3)])
+        np.testing.assert_array_equal(ours[:2048], reference)
 
 
 @pytest.mark.slow

@@ -47,8 +47,10 @@ JOB_CHECKS = {
     "sample": "ibq.cli.sample:check_sample_job",
     "eval": "ibq.engine.evaluation_run:check_settings",
 }
-# The config node with each training app's batch and precision keys; the other apps run one process per job.
+# The config node with each training app's batch and precision keys.
 BATCH_SECTIONS = {"train": "train", "train_ar": "ar_train"}
+# Apps whose ranks share out a job's work without a batch to lay out; the others run one process per job.
+SHARED_BY_RANKS = {"tokenize"}
 # The runs each app reads: (key, the kind of run it names (engine.checkpoint.RUN_KINDS), whether it is
 # required). ibq-sample's folder lies inside its run_dir, so a missing run must be refused before Hydra makes it.
 RUN_INPUTS = {
@@ -178,8 +180,8 @@ def check_layout(cfg: DictConfig, config_name: str, submitting: bool) -> None:
             check_node_layout(cluster)
             if submitting and cluster.launcher == "submitit_slurm":
                 check_slurm(cluster)
-        if section is None:  # an app of one process per job: every rank would do the whole job again
-            if ranks != 1:
+        if section is None:
+            if ranks != 1 and config_name not in SHARED_BY_RANKS:  # every rank would do the whole job again
                 raise UserError(
                     f"cluster={cluster.name} gives each job {ranks} processes, but {APPS[config_name]} runs in one: "
                     f"use cluster.nodes=1 cluster.tasks_per_node=1 (with cluster.gpus_per_node=1 for a GPU)"

@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ibq.data.positions import PositionSampler, position_generator
+from ibq.engine import distributed
 from ibq.engine.checkpoint import load_run
+from ibq.engine.ranks import Ranks
 from ibq.errors import UserError
 from ibq.runs.record import save_npy, timestamp, token_grid_side, write_json
 
@@ -88,43 +90,40 @@ def write_token_shards(
     shard_size: int,
     num_workers: int,
     device: torch.device,
-) -> dict:
-    """Tokenize items [0, samples) of the training stream into shards of shard_size items; returns the manifest."""
+    ranks: Ranks = Ranks(),
+) -> dict | None:
+    """Tokenize items [0, samples) of the training stream into shards of shard_size items; returns the
+    manifest on rank 0 (None on the others). The job's ranks take the shards in rounds, rank r the r-th
+    of each; rank 0 alone cleans up, records each round and writes the manifest, so the files are those
+    of one process whatever the world size, and an interrupted job continues with any world size."""
     side = tokenizer_run.grid_side(data_config["resolution"])
     dtype = token_dtype(tokenizer_run.codebook_size)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest lands
     # What the shards depend on, as JSON reads it back: a run stopped after some shards (Ctrl-C, a requeue)
     # continues after them when started again with the same tokenizer, data and counts.
     identity = json.loads(json.dumps({"tokenizer": tokenizer_run.describe(), "grid": [side, side], "data": data_config, "seed": seed,
                                       "samples": samples, "shard_size": shard_size, "dtype": dtype.name}, default=str))
     progress_path = output_dir / PROGRESS
-    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}  # written atomically
-    shards = progress.get("shards", []) if progress.get("identity") == identity else []
-    if not all((output_dir / shard[kind]).is_file() for shard in shards for kind in ("tokens", "labels")):
-        shards = []
-    kept = {shard[kind] for shard in shards for kind in ("tokens", "labels")}
-    for stale in output_dir.glob("*-*.npy"):
-        if stale.name not in kept:
-            stale.unlink()
-    highest_label = progress.get("highest_label", -1) if shards else -1
-    if shards:
-        log.info("%d of %d shards are already written; continuing after them", len(shards), -(-samples // shard_size))
-    for first in range(len(shards) * shard_size, samples, shard_size):
-        count = min(shard_size, samples - first)
-        tokens, labels = np.empty((count, side * side), dtype=dtype), np.empty(count, dtype=np.int32)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=PositionSampler(first, first + count), num_workers=num_workers)
-        filled = 0
-        for images, batch_labels in tqdm(loader, desc=f"tokenize {first + count}/{samples}", dynamic_ncols=True):
-            tokens[filled : filled + len(images)] = tokenizer_run.encode(images.to(device)).cpu().numpy()
-            labels[filled : filled + len(images)] = batch_labels.numpy()
-            filled += len(images)
-        names = {"tokens": f"tokens-{len(shards):05d}.npy", "labels": f"labels-{len(shards):05d}.npy"}
-        save_npy(output_dir / names["tokens"], tokens)
-        save_npy(output_dir / names["labels"], labels)
-        shards.append({**names, "count": count})
-        highest_label = max(highest_label, int(labels.max()))
-        write_json(progress_path, {"identity": identity, "shards": shards, "highest_label": highest_label})
+    total = -(-samples // shard_size)
+    shards, highest_label = [], -1
+    if ranks.is_main:
+        shards, highest_label = written_shards(output_dir, progress_path, identity, total)
+    # A broadcast: no rank writes a shard before rank 0 has removed the stale ones.
+    shards, highest_label = distributed.broadcast_object((shards, highest_label))
+    for round_start in range(len(shards), total, ranks.world_size):
+        index = round_start + ranks.rank
+        shard = None
+        if index < total:
+            description = f"tokenize {min(samples, (round_start + ranks.world_size) * shard_size)}/{samples}"
+            shard = tokenize_shard(tokenizer_run, dataset, index, shard_size, samples, side, dtype, output_dir, batch_size,
+                                   num_workers, device, description if ranks.is_main else None)
+        for written in distributed.gather_objects(shard):  # in rank order: the order of the shards
+            if written is not None:
+                highest_label = max(highest_label, written.pop("highest_label"))
+                shards.append(written)
+        if ranks.is_main:
+            write_json(progress_path, {"identity": identity, "shards": shards, "highest_label": highest_label})
+    if not ranks.is_main:
+        return None
 
     manifest = {
         "tokenizer": {"run_dir": str(tokenizer_run.run_dir), **tokenizer_run.describe()},
@@ -140,6 +139,44 @@ def write_token_shards(
     write_json(output_dir / MANIFEST, manifest)
     progress_path.unlink()
     return manifest
+
+
+def written_shards(output_dir: Path, progress_path: Path, identity: dict, total: int) -> tuple[list[dict], int]:
+    """The shards an interrupted run of the same identity recorded (all of them still there), after
+    removing the manifest and any other shard file: what a new run continues after."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest lands
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}  # written atomically
+    shards = progress.get("shards", []) if progress.get("identity") == identity else []
+    if not all((output_dir / shard[kind]).is_file() for shard in shards for kind in ("tokens", "labels")):
+        shards = []
+    kept = {shard[kind] for shard in shards for kind in ("tokens", "labels")}
+    for stale in output_dir.glob("*-*.npy"):
+        if stale.name not in kept:
+            stale.unlink()
+    if shards:
+        log.info("%d of %d shards are already written; continuing after them", len(shards), total)
+    return shards, progress.get("highest_label", -1) if shards else -1
+
+
+def tokenize_shard(tokenizer_run: TokenizerRun, dataset: Dataset, index: int, shard_size: int, samples: int, side: int,
+                   dtype: np.dtype, output_dir: Path, batch_size: int, num_workers: int, device: torch.device,
+                   description: str | None) -> dict:
+    """Shard `index`: its tokens and labels, each written atomically; its record, with its highest label.
+    `description` None: no progress bar."""
+    first = index * shard_size
+    count = min(shard_size, samples - first)
+    tokens, labels = np.empty((count, side * side), dtype=dtype), np.empty(count, dtype=np.int32)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=PositionSampler(first, first + count), num_workers=num_workers)
+    filled = 0
+    for images, batch_labels in tqdm(loader, desc=description, disable=description is None, dynamic_ncols=True):
+        tokens[filled : filled + len(images)] = tokenizer_run.encode(images.to(device)).cpu().numpy()
+        labels[filled : filled + len(images)] = batch_labels.numpy()
+        filled += len(images)
+    names = {"tokens": f"tokens-{index:05d}.npy", "labels": f"labels-{index:05d}.npy"}
+    save_npy(output_dir / names["tokens"], tokens)
+    save_npy(output_dir / names["labels"], labels)
+    return {**names, "count": count, "highest_label": int(labels.max())}
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
