@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import IBQ_TRAIN, error_line, run_cli, wandb_records
+from conftest import IBQ_TRAIN, error_line, read_jsonl, run_cli, wandb_records
 from ibq.ledger.runs import discover
 from ibq.report.table import build_table
 from ibq.runs.record import sweep_group
@@ -234,19 +234,22 @@ def test_estimates_come_from_measured_throughput_and_do_not_depend_on_the_device
 
 @pytest.mark.slow
 def test_a_sweep_of_samplings_is_compared_by_the_scores_of_its_jobs(tmp_path):
-    """ibq-sample over guidance scales and seeds: gFID by scale as mean ± std over the sampling seeds, gFID drawn
-    against the scale, and a report, all from the jobs' folders."""
+    """ibq-sample over guidance scales and seeds, two jobs at a time as on a cluster: gFID by scale as mean ±
+    std over the sampling seeds, gFID drawn against the scale, and a report, all from the jobs' folders."""
     ibq_import([str(AR), "--config", str(AR_CONFIG), "-o", str(tmp_path / "ar"), "logger=none"])
-    sweep_dir = tmp_path / "cfg"
-    sampled = run_cli([sys.executable, "-m", "ibq.cli.sample", "-m", f"run_dir={tmp_path / 'ar' / 'ar'}", "sampling.cfg_scale=1.0,3.0",
+    sweep_dir, ar_run = tmp_path / "cfg", tmp_path / "ar" / "ar"
+    sampled = run_cli([sys.executable, "-m", "ibq.cli.sample", "-m", "cluster=local_parallel", f"run_dir={ar_run}", "sampling.cfg_scale=1.0,3.0",
                        "seed=0,1", "samples_per_class=1", "reference.limit=16", f"reference.cache_dir={tmp_path / 'fid'}",
                        f"hydra.sweep.dir={sweep_dir}"])
     assert sampled.returncode == 0, sampled.stderr[-3000:]
+    # Each job scored into the AR run while another may have: the run logged all four, and each job kept its own.
+    logged = {line["eval/samples_file"]: line["gfid"] for line in read_jsonl(ar_run / "metrics.jsonl") if "gfid" in line}
     scores = {}
     for path in sweep_dir.glob("*/results.json"):
         result = json.loads(path.read_text())
+        assert result["gfid"] == logged.pop(result["npz"])
         scores.setdefault(result["sampling"]["cfg_scale"], []).append(result["gfid"])
-    assert sorted(scores) == [1.0, 3.0] and all(len(gfids) == 2 for gfids in scores.values())
+    assert sorted(scores) == [1.0, 3.0] and all(len(gfids) == 2 for gfids in scores.values()) and not logged
 
     table = sweep_cli(["table", str(sweep_dir), "--format", "csv"])
     assert table.returncode == 0, table.stderr

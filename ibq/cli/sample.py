@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -144,9 +143,10 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     if cfg.parts > 1:
         print(f"  {f'part {cfg.part} of {cfg.parts}':<22}once every part is drawn: ibq-eval samples={out_dir.parent} run_dir={run.run_dir}")
     if eval_cfg is not None:
-        print("\n".join(generation_lines(evaluate_generation(eval_cfg, choices={}, job_type="sample"), eval_cfg)))
-        scores = json.loads((run.run_dir / "results.json").read_text())  # where ibq-eval records them
-        results.update({key: value for key, value in scores.items() if key.split("/")[0] in ("gfid", "is", "eval")})
+        evaluation = evaluate_generation(eval_cfg, choices={}, job_type="sample")
+        print("\n".join(generation_lines(evaluation, eval_cfg)))
+        # This job's scores, as merged into the AR run: the run's file may hold another job's by now.
+        results.update({key: value for key, value in evaluation.results.items() if key.split("/")[0] in ("gfid", "is", "eval")})
     write_json(out_dir / "results.json", results)
 
 
