@@ -352,16 +352,18 @@ def test_second_writer_is_refused_and_ctrl_c_ends_the_run_interrupted(tmp_path: 
 
 
 @pytest.mark.slow
-def test_a_token_folder_in_use_is_refused_and_left_as_it_was(tmp_path: Path):
-    from test_official import TOKENIZER, TOKENIZER_CONFIG, ibq_import
+@pytest.mark.parametrize("app", ["tokenize", "sample"])
+def test_a_folder_that_another_job_writes_is_refused_and_left_as_it_was(tmp_path: Path, app: str):
+    from test_official import AR, AR_CONFIG, ibq_import
 
-    ibq_import([str(TOKENIZER), "--config", str(TOKENIZER_CONFIG), "-o", str(tmp_path / "imported"), "logger=none"])
-    tokens = tmp_path / "tokens"
-    with RunLock(tokens):  # another ibq-tokenize, writing there
-        result = run_cli([sys.executable, "-m", "ibq.cli.tokenize", f"tokenizer_run={tmp_path / 'imported'}", "samples=16",
-                          f"hydra.run.dir={tokens}"], timeout=120)
-        assert error_line(result).startswith(f"error: run directory {tokens} is in use by process {os.getpid()} on {socket.gethostname()}")
-        assert [path.name for path in tokens.iterdir()] == [".lock"]
+    ibq_import([str(AR), "--config", str(AR_CONFIG), "-o", str(tmp_path / "imported"), "logger=none"])
+    reads = {"tokenize": [f"tokenizer_run={tmp_path / 'imported' / 'tokenizer'}", "samples=16"],
+             "sample": [f"run_dir={tmp_path / 'imported' / 'ar'}", "samples_per_class=1", "metrics.fid=false"]}
+    folder = tmp_path / "out"
+    with RunLock(folder):  # another job of the app, writing there
+        result = run_cli([sys.executable, "-m", f"ibq.cli.{app}", *reads[app], f"hydra.run.dir={folder}"], timeout=120)
+        assert error_line(result).startswith(f"error: run directory {folder} is in use by process {os.getpid()} on {socket.gethostname()}")
+        assert [path.name for path in folder.iterdir()] == [".lock"]
 
 
 def test_sweep_counts_its_jobs_as_the_basic_sweeper_makes_them():

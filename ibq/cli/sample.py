@@ -14,6 +14,7 @@ from ibq.cli.common import entry_point, guarded, save_hydra_files
 from ibq.cli.eval import generation_lines
 from ibq.config import CONF_DIR
 from ibq.errors import UserError, check_positive_int
+from ibq.runs.lock import RunLock
 from ibq.runs.record import atomic_write, write_json
 
 if TYPE_CHECKING:
@@ -75,20 +76,44 @@ def write_adm_npz(images_npy: Path, path: Path) -> None:
     images_npy.unlink()
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
-@guarded
-def main(cfg: DictConfig, out_dir: Path) -> None:
-    # The engine and torch are imported here, not with the module: completion and --help start without them.
+def draw_samples(run, labels, settings: dict, cfg: DictConfig, images_npy: Path, samples_path: Path, device, dtype):
+    """Draws the images of `labels` into `images_npy` as they come (50k at 256 px: 9.8 GB, gone if the job
+    stops early), then writes them to samples_path as the ADM evaluator's .npz; returns the grid's images."""
     import numpy as np
     import torch
     from tqdm import tqdm
 
+    from ibq.engine.train_ar import sample_images
+    from ibq.metrics.adm import to_adm_array
+
+    side = run.config.data.resolution
+    try:
+        images = np.lib.format.open_memmap(images_npy, mode="w+", dtype=np.uint8, shape=(len(labels), side, side, 3))
+        generator = torch.Generator(device).manual_seed(cfg.seed * cfg.parts + cfg.part)
+        for start in tqdm(range(0, len(labels), cfg.batch_size), desc="sample", dynamic_ncols=True):
+            batch = labels[start : start + cfg.batch_size].to(device)
+            images[start : start + len(batch)] = to_adm_array(sample_images(run.model, run.tokenizer_run, batch, settings, generator, dtype))
+        grid = torch.from_numpy(np.array(images[: cfg.grid_samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        images.flush()
+        del images
+    except BaseException:
+        images_npy.unlink(missing_ok=True)
+        raise
+    write_adm_npz(images_npy, samples_path)
+    return grid
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
+@guarded
+def main(cfg: DictConfig, out_dir: Path) -> None:
+    # The engine and torch are imported here, not with the module: completion and --help start without them.
+    import torch
+
     from ibq.engine.build import resolve_device, resolve_precision
     from ibq.engine.evaluation_run import evaluate_generation
     from ibq.engine.media import save_grid
-    from ibq.engine.train_ar import load_ar_run, sample_images
+    from ibq.engine.train_ar import load_ar_run
     from ibq.generation.sampling import check_labels, hold_linear_weights_in
-    from ibq.metrics.adm import to_adm_array
 
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device, "precision")
@@ -104,50 +129,37 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     samples_path = out_dir / "samples.npz"
     eval_cfg = eval_config(cfg, run.run_dir, samples_path) if scored(cfg) else None
 
-    save_hydra_files(cfg, out_dir)
-    side = run.config.data.resolution
-    images_npy = out_dir / ".samples.npy"  # the images as they are drawn (50k at 256 px: 9.8 GB), gone if the job stops early
-    try:
-        images = np.lib.format.open_memmap(images_npy, mode="w+", dtype=np.uint8, shape=(len(labels), side, side, 3))
-        generator = torch.Generator(device).manual_seed(cfg.seed * cfg.parts + cfg.part)
-        for start in tqdm(range(0, len(labels), cfg.batch_size), desc="sample", dynamic_ncols=True):
-            batch = labels[start : start + cfg.batch_size].to(device)
-            images[start : start + len(batch)] = to_adm_array(sample_images(run.model, run.tokenizer_run, batch, settings, generator, dtype))
-        grid = torch.from_numpy(np.array(images[: cfg.grid_samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        images.flush()
-        del images
-    except BaseException:
-        images_npy.unlink(missing_ok=True)
-        raise
-    write_adm_npz(images_npy, samples_path)
-    save_grid(grid, out_dir / "grid.png", nrow=min(cfg.samples_per_class, 16))
+    with RunLock(out_dir):  # one job per samples folder: a second would draw into the same .samples.npy
+        save_hydra_files(cfg, out_dir)
+        grid = draw_samples(run, labels, settings, cfg, out_dir / ".samples.npy", samples_path, device, dtype)
+        save_grid(grid, out_dir / "grid.png", nrow=min(cfg.samples_per_class, 16))
 
-    results = {
-        "run_dir": str(run.run_dir),
-        "run_signature": run.signature,
-        "step": run.step,
-        "sampling": settings,
-        "seed": cfg.seed,
-        "batch_size": cfg.batch_size,
-        "part": cfg.part,
-        "parts": cfg.parts,
-        "samples": len(labels),
-        "classes": classes.tolist(),
-        "samples_per_class": cfg.samples_per_class,
-        "npz": str(samples_path),
-        "grid": str(out_dir / "grid.png"),
-    }
-    print(f"\nibq-sample: {len(labels)} samples of {run.run_dir} (step {run.step}), " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-    print(f"  samples (ADM .npz)    {samples_path}")
-    print(f"  grid                  {out_dir / 'grid.png'}")
-    if cfg.parts > 1:
-        print(f"  {f'part {cfg.part} of {cfg.parts}':<22}once every part is drawn: ibq-eval samples={out_dir.parent} run_dir={run.run_dir}")
-    if eval_cfg is not None:
-        evaluation = evaluate_generation(eval_cfg, choices={}, job_type="sample")
-        print("\n".join(generation_lines(evaluation, eval_cfg)))
-        # This job's scores, as merged into the AR run: the run's file may hold another job's by now.
-        results.update({key: value for key, value in evaluation.results.items() if key.split("/")[0] in ("gfid", "is", "eval")})
-    write_json(out_dir / "results.json", results)
+        results = {
+            "run_dir": str(run.run_dir),
+            "run_signature": run.signature,
+            "step": run.step,
+            "sampling": settings,
+            "seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            "part": cfg.part,
+            "parts": cfg.parts,
+            "samples": len(labels),
+            "classes": classes.tolist(),
+            "samples_per_class": cfg.samples_per_class,
+            "npz": str(samples_path),
+            "grid": str(out_dir / "grid.png"),
+        }
+        print(f"\nibq-sample: {len(labels)} samples of {run.run_dir} (step {run.step}), " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        print(f"  samples (ADM .npz)    {samples_path}")
+        print(f"  grid                  {out_dir / 'grid.png'}")
+        if cfg.parts > 1:
+            print(f"  {f'part {cfg.part} of {cfg.parts}':<22}once every part is drawn: ibq-eval samples={out_dir.parent} run_dir={run.run_dir}")
+        if eval_cfg is not None:
+            evaluation = evaluate_generation(eval_cfg, choices={}, job_type="sample")
+            print("\n".join(generation_lines(evaluation, eval_cfg)))
+            # This job's scores, as merged into the AR run: the run's file may hold another job's by now.
+            results.update({key: value for key, value in evaluation.results.items() if key.split("/")[0] in ("gfid", "is", "eval")})
+        write_json(out_dir / "results.json", results)
 
 
 cli = entry_point(main)
