@@ -193,6 +193,26 @@ def test_plot_axes_log2_sizes_categorical_points_natural_order_units(tmp_path):
     assert [c.lines[0].get_linestyle() for c in axes.containers] == ["None"] * 3  # points side by side, not lines
 
 
+def test_factors_that_take_one_value_per_x_value_follow_it_instead_of_splitting_the_series(tmp_path):
+    from ibq.report.plot import metric_figure
+
+    root = tmp_path / "sweep"  # stage II over two tokenizer runs and two learning rates; the vocabulary follows the run
+    for run, vocab_size in (("a", "1024"), ("b", "16384")):
+        for lr in ("1e-4", "3e-4"):
+            fake_run(root / f"{run}{lr}", signature=f"{run}{lr}", tokenizer_run=run, **{"transformer.vocab_size": vocab_size, "ar_optim.lr": lr},
+                     results={"psnr": 20.0 + float(lr) * 1e4 + len(vocab_size)})
+    table = build_table(discover(root))
+    assert set(table.factors) == {"tokenizer_run", "transformer.vocab_size", "ar_optim.lr"}
+    axes = metric_figure(table, "psnr", "tokenizer_run").axes[0]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["ar_optim.lr=1e-4", "ar_optim.lr=3e-4"]
+    assert [len(c.lines[0].get_xdata()) for c in axes.containers] == [2, 2]
+    assert axes.get_xlabel() == "tokenizer_run (under it: transformer.vocab_size)"
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["a\n1024", "b\n16384"]
+    axes = metric_figure(table, "psnr", "ar_optim.lr").axes[0]  # the learning rate is no function of the run's
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["tokenizer_run=a, transformer.vocab_size=1024",
+                                                                     "tokenizer_run=b, transformer.vocab_size=16384"]
+
+
 def test_diff_of_a_folder_without_a_run_is_one_line(tmp_path):
     fake_run(tmp_path / "a", results={"psnr": 20.0})
     line = error_line(run_cli([sys.executable, "-m", "ibq.cli.sweep", "diff", str(tmp_path / "a"), str(tmp_path)]))

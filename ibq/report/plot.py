@@ -44,10 +44,21 @@ def numeric(values: list[str]) -> list[float] | None:
         return None
 
 
+def followers(table: Table, x: str) -> list[int]:
+    """The other factors that take one value at each value of x (a stage-II sweep over tokenizer runs: the
+    sizes `auto` derives from each run): they follow x along its axis rather than split it into series."""
+    at = table.factors.index(x)
+    values = defaultdict(set)
+    for row in table.rows:
+        for i, value in enumerate(row.key):
+            values[i, row.key[at]].add(value)
+    return [i for i in range(len(table.factors)) if i != at and all(len(values[i, row.key[at]]) == 1 for row in table.rows)]
+
+
 def series(table: Table, metric: str, x: str) -> dict[str, list[tuple[str, float, float | None]]]:
     """legend label -> [(x value, mean, std)] over the rows that report the metric."""
     at = table.factors.index(x)
-    others = [i for i in range(len(table.factors)) if i != at]
+    others = [i for i in range(len(table.factors)) if i != at and i not in followers(table, x)]
     lines = defaultdict(list)
     for row in table.rows:
         cell = row.cell(metric)
@@ -93,11 +104,14 @@ def metric_figure(table: Table, metric: str, x: str) -> Figure:
         axes.set_ylim(0, 1.05)
     if log_scale:
         axes.set_xscale("log", base=2)
-    axes.set_xticks(list(where.values()), labels=all_x)
+    following = followers(table, x)
+    at_x = {row.key[table.factors.index(x)]: [row.key[i] for i in following] for row in table.rows}
+    axes.set_xticks(list(where.values()), labels=["\n".join([value, *at_x[value]]) for value in all_x])
     axes.minorticks_off()
     if categorical:
         axes.set_xlim(-0.6, len(all_x) - 0.4)
-    axes.set_xlabel(x + (" (log2 scale)" if log_scale else ""))
+    below = f" (under it: {', '.join(table.factors[i] for i in following)})" if following else ""
+    axes.set_xlabel(x + below + (" (log2 scale)" if log_scale else ""))
     axes.set_ylabel(axis_label(metric))
     axes.set_title(f"{label(metric)} vs {x}" + ("  (mean ± std over seeds)" if any(len(r.runs) > 1 for r in table.rows) else ""))
     axes.grid(alpha=0.3)
