@@ -213,6 +213,25 @@ def test_factors_that_take_one_value_per_x_value_follow_it_instead_of_splitting_
                                                                      "tokenizer_run=b, transformer.vocab_size=16384"]
 
 
+def test_a_table_whose_gfids_were_scored_at_different_settings_says_so(tmp_path):
+    from ibq.report.report import measurement_notes
+    from ibq.report.table import sampling_note
+
+    def scored(name: str, cfg_scale: float, seed: int, **choices) -> None:
+        sampling = {"cfg_scale": cfg_scale, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": seed}
+        fake_run(tmp_path / name, signature=name, results={"gfid": 10.0 + cfg_scale, "eval/sampling": sampling}, **choices)
+
+    scored("a", 2.0, seed=0, quantizer="ibq")
+    scored("b", 2.0, seed=1, quantizer="vq")  # another sampling seed: the same settings
+    assert sampling_note(build_table(discover(tmp_path))) is None
+    scored("c", 1.5, seed=0, quantizer="lfq")
+    note = sampling_note(build_table(discover(tmp_path)))
+    assert note.startswith("gFID and IS were scored at different sampling settings: cfg_scale=1.5 (1 run); cfg_scale=2.0 (2 runs); ")
+    assert measurement_notes(build_table(discover(tmp_path)))[-1] == note + "."  # in report.md
+    table = run_cli([sys.executable, "-m", "ibq.cli.sweep", "table", str(tmp_path)])
+    assert table.returncode == 0 and f"note: {note}" in table.stdout
+
+
 def test_diff_of_a_folder_without_a_run_is_one_line(tmp_path):
     fake_run(tmp_path / "a", results={"psnr": 20.0})
     line = error_line(run_cli([sys.executable, "-m", "ibq.cli.sweep", "diff", str(tmp_path / "a"), str(tmp_path)]))
@@ -270,6 +289,9 @@ def test_a_sweep_of_samplings_is_compared_by_the_scores_of_its_jobs(tmp_path):
         assert result["gfid"] == logged.pop(result["npz"])
         scores.setdefault(result["sampling"]["cfg_scale"], []).append(result["gfid"])
     assert sorted(scores) == [1.0, 3.0] and all(len(gfids) == 2 for gfids in scores.values()) and not logged
+    scored_last = json.loads((ar_run / "results.json").read_text())  # with the settings it was drawn at
+    assert scored_last["eval/sampling"] in [{**result["sampling"], "seed": result["seed"]}
+                                            for result in map(json.loads, map(Path.read_text, sweep_dir.glob("*/results.json")))]
 
     table = sweep_cli(["table", str(sweep_dir), "--format", "csv"])
     assert table.returncode == 0, table.stderr

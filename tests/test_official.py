@@ -355,3 +355,5 @@ def test_a_sampling_split_over_jobs_is_the_sampling_and_is_scored_as_one_set(imp
         scores[name] = evaluate_generation(cfg, {"data": "photos"}).results
     # The same images in the same order; only the float64 sums run over other batches (one file's batches end at its end).
     assert scores["parts"]["eval/samples"] == 30 and scores["parts"]["gfid"] == pytest.approx(scores["joined"]["gfid"], rel=1e-12)
+    part_record = json.loads((tmp_path / "parts" / "batch_size=5,part=0,parts=2,samples_per_class=3" / "results.json").read_text())
+    assert scores["parts"]["eval/sampling"] == {**part_record["sampling"], "seed": 0} and scores["joined"]["eval/sampling"] is None

@@ -155,7 +155,7 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
         if cfg.parts > 1:
             print(f"  {f'part {cfg.part} of {cfg.parts}':<22}once every part is drawn: ibq-eval samples={out_dir.parent} run_dir={run.run_dir}")
         if eval_cfg is not None:
-            evaluation = evaluate_generation(eval_cfg, choices={}, job_type="sample")
+            evaluation = evaluate_generation(eval_cfg, choices={}, job_type="sample", sampling={**settings, "seed": cfg.seed})
             print("\n".join(generation_lines(evaluation, eval_cfg)))
             # This job's scores, as merged into the AR run: the run's file may hold another job's by now.
             results.update({key: value for key, value in evaluation.results.items() if key.split("/")[0] in ("gfid", "is", "eval")})

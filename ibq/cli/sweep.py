@@ -263,7 +263,7 @@ def metric_list(text: str | None) -> list[str] | None:
 
 
 def cmd_table(args) -> int:
-    from ibq.report.table import build_table, render_markdown, render_terminal
+    from ibq.report.table import build_table, render_markdown, render_terminal, sampling_note
 
     runs, sweep, group = compared_runs(args)
     table = build_table(runs, metric_list(args.metrics))
@@ -285,6 +285,9 @@ def cmd_table(args) -> int:
         compared = "scored samplings" if sweep is not None and sweep.samplings else "completed runs"
         print(f"sweep {group}: {runs_done} {compared} in {len(table.rows)} groups (mean ± std over the runs of a group: its seeds)")
     print(text)
+    mixed = sampling_note(table)
+    if args.format == "terminal" and mixed:
+        print(f"note: {mixed}")
     if args.format == "terminal" and sweep is not None:
         unfinished = [s for s in sweep.jobs if s.state != "done"]
         if unfinished:

@@ -314,6 +314,17 @@ def sample_parts(folder: Path) -> list[Path]:
     return [by_part[part] for part in range(parts)]
 
 
+def sampling_of(samples: AdmSamples | AdmSampleParts) -> dict | None:
+    """How ibq-sample drew the samples (its settings and seed), from the results.json beside them (a part's,
+    for a folder of parts); None for samples from elsewhere."""
+    first = samples.files[0].path if isinstance(samples, AdmSampleParts) else samples.path
+    record_path = first.parent / "results.json"
+    record = json.loads(record_path.read_text()) if first.name == "samples.npz" and record_path.is_file() else {}
+    if "sampling" not in record:  # ibq-sample's record of its samples.npz (moved or not)
+        return None
+    return {**record["sampling"], "seed": record.get("seed")}
+
+
 def open_samples(path: Path) -> AdmSamples | AdmSampleParts:
     """samples=: an ADM .npz, or a folder of ibq-sample's parts, read in part order as one set."""
     if path.is_dir():
@@ -370,8 +381,10 @@ def reference_stats(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None
     return ReferenceStats.from_feature_stats(stats, f"{dataset_name(data_config)} {split} ({cache.path(key)})"), cached
 
 
-def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval") -> Evaluation:
-    """`job_type`: `sample` when ibq-sample scores its own samples."""
+def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval", sampling: dict | None = None) -> Evaluation:
+    """`job_type`: `sample` when ibq-sample scores its own samples, passing how it drew them (`sampling`:
+    its settings and seed; otherwise they are read beside the samples). They are recorded with the scores
+    (`eval/sampling`), since gFID and IS are comparable only at the same settings."""
     if cfg.checkpoint:
         raise UserError("checkpoint= is for reconstruction; generation takes samples= (and run_dir= to record into a run)")
     samples = open_samples(Path(cfg.samples).expanduser())
@@ -404,6 +417,7 @@ def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval") 
         **metrics,
         "eval/samples_file": str(samples.path),
         "eval/samples": len(samples),
+        "eval/sampling": sampling or sampling_of(samples),
         "eval/reference_cached": cached,
         "eval/unavailable": networks.unavailable,
         "eval/time": timestamp(),

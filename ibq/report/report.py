@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ibq.report.table import Table, axis_label, label, render_markdown
+from ibq.report.table import Table, axis_label, label, render_markdown, sampling_note
 
 PIVOT_METRICS = ("codebook/utilization", "rfid")
 QUANTIZER = "choices.quantizer"  # the quantizer choice in a run's W&B config (runs log their choices)
@@ -51,6 +51,9 @@ def measurement_notes(table: Table) -> list[str]:
         )
     if samples:
         notes.append(f"rFID over {', '.join(map(str, sorted(samples)))} images: comparable only between runs with the same count.")
+    mixed = sampling_note(table)
+    if mixed:
+        notes.append(mixed + ".")
     return notes
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 import statistics
@@ -267,6 +268,24 @@ def render_latex(key_header: list[str], metric_header: list[str], keys: list[lis
 
 def fmt_csv(value: float | None) -> str:
     return "" if value is None else repr(value)
+
+
+def sampling_note(table: Table) -> str | None:
+    """Where the table's gFID or IS were scored at different sampling settings (each run's eval/sampling, seed
+    aside), a line saying which: its rows then compare the settings as much as the runs."""
+    scored = [run for row in table.rows for run in row.runs
+              if any(metric in table.metrics and number(run.results.get(metric)) is not None for metric in ("gfid", "is"))]
+    settings = [{k: v for k, v in (run.results.get("eval/sampling") or {}).items() if k != "seed"} for run in scored]
+    kinds = {json.dumps(s, sort_keys=True) for s in settings}
+    if len(kinds) < 2:
+        return None
+    differing = sorted({key for s in settings for key in s if len({json.dumps(t.get(key)) for t in settings}) > 1})
+    counts = defaultdict(int)
+    for s in settings:
+        counts[", ".join(f"{key}={s[key]}" for key in differing if key in s) or "not recorded"] += 1
+    told = "; ".join(f"{text} ({n} run{'s' if n > 1 else ''})" for text, n in sorted(counts.items(), key=lambda kv: natural_key(kv[0])))
+    return (f"gFID and IS were scored at different sampling settings: {told}; compare settings on one run with a sweep of "
+            f"ibq-sample (ibq-sweep table <its folder>)")
 
 
 def build_table(runs: list[Run], metrics: list[str] | None = None) -> Table:
