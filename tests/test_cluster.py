@@ -261,6 +261,26 @@ def test_tokenize_sample_and_eval_jobs_run_on_slurm_and_say_where_their_results_
     assert table.returncode == 2 and table.stderr.startswith(f"error: {tmp_path / 'eval'} is a sweep of ibq-eval, whose jobs leave no training runs")
 
 
+def test_two_ranks_of_a_slurm_job_tokenize_what_one_process_does(slurm, imported_ar: Path, tmp_path: Path):
+    settings = [f"tokenizer_run={imported_ar / 'tokenizer'}", "samples=300", "shard_size=100"]
+    one = BackgroundRun(app("tokenize") + settings + [f"hydra.run.dir={tmp_path / 'one'}"])
+    ranks = run_cli(app("tokenize") + ["cluster=slurm", "cluster.tasks_per_node=2", "cluster.time_min=10", *settings,
+                                       f"hydra.sweep.dir={tmp_path / 'ranks'}"], timeout=600)
+    assert ranks.returncode == 0 and one.result(timeout=300).returncode == 0, ranks.stdout[-2000:] + ranks.stderr[-2000:]
+    [folder] = [manifest.parent for manifest in (tmp_path / "ranks").rglob("manifest.json")]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [shard["count"] for shard in manifest["shards"]] == [100, 100, 100]
+    for shard in manifest["shards"]:
+        for kind in ("tokens", "labels"):
+            np.testing.assert_array_equal(np.load(folder / shard[kind]), np.load(tmp_path / "one" / shard[kind]))
+    [log] = (tmp_path / "ranks").glob(".submitit/*/*_0_log.out")
+    assert "by 2 ranks" in log.read_text()  # srun's two tasks, each a rank of the job
+    # A rank that fails ends the job step instead of leaving the other waiting in a collective.
+    [script] = (tmp_path / "ranks").glob(".submitit/*/*_submission.sh")
+    text = script.read_text()
+    assert 0 <= text.find("\nexport SLURM_KILL_BAD_EXIT=1\n") < text.find("\nsrun ")
+
+
 # -- refused before submission ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("overrides", "expected"),
