@@ -142,6 +142,33 @@ def test_preempted_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, 
     assert not list(run_dir.rglob(".*.tmp*"))
 
 
+def test_two_ranks_of_a_preempted_job_requeue_together_and_resume_like_one_process(slurm, tmp_path: Path):
+    # VQ without the GAN: two ranks of 4 images compute one process's batch of 8 up to summation order, whose
+    # differences grow with the steps (2.6e-5 relative after 10, 2e-3 after 16): 10 steps, as test_distributed.
+    settings = ["quantizer=vq", "loss.disc_start=1000", "train.steps=10", "train.checkpoint_every=5", *SHORT]
+    reference = BackgroundRun(IBQ_TRAIN + [*settings, f"hydra.run.dir={tmp_path / 'reference'}"])
+    sweep = tmp_path / "sweep"
+    process = submit_in_background(["cluster=slurm", "cluster.tasks_per_node=2", *settings, f"hydra.sweep.dir={sweep}"], tmp_path / "submit.log")
+    run_dir = wait_for_step(sweep, 3, process)
+    job_id = json.loads((run_dir / "run.json").read_text())["slurm_job_id"]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)  # to both tasks, as Slurm's own signal
+    assert process.wait(timeout=900) == 0, (tmp_path / "submit.log").read_text()[-3000:]
+    assert reference.result().returncode == 0
+
+    record = json.loads((run_dir / "run.json").read_text())
+    [requeue] = record["requeues"]
+    assert record["status"] == "completed" and (requeue["reason"], requeue["requeued"]) == ("preempted", True)
+    assert [r["step"] for r in record["resumes"]] == [requeue["step"]] and 3 <= requeue["step"] < 10
+    assert record["distributed"]["world_size"] == 2 and record["distributed"]["launcher"] == "submitit"
+    assert job_states(job_id, final=2) == ["REQUEUED", "COMPLETED"]
+    expected, actual = (read_jsonl(folder / "metrics.jsonl") for folder in (tmp_path / "reference", run_dir))
+    assert [line["step"] for line in actual] == [line["step"] for line in expected]  # nothing lost, nothing twice
+    for a, b in zip(actual, expected):
+        for key in ("loss/g", "loss/l1", "loss/quantizer"):
+            if key in b:  # not in the final evaluation's line
+                assert a[key] == pytest.approx(b[key], rel=1e-3), (a["step"], key)  # test_distributed's tolerance
+
+
 def test_preempted_stage_two_job_is_requeued_and_resumes_like_an_uninterrupted_run(slurm, small_tokenizer_run: Path, tmp_path: Path):
     steps = [f"tokenizer_run={small_tokenizer_run}", *SMALL_AR, "ar_train.steps=20", "ar_train.checkpoint_every=10",
              "ar_train.log_every=1", "ar_train.grid_classes=2"]
