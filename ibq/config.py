@@ -41,9 +41,9 @@ OmegaConf.register_new_resolver("ibq.dirname", run_dirname, replace=True)
 OmegaConf.register_new_resolver("ibq.run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("ibq.submit_mode", lambda dry_run: None if dry_run else "MULTIRUN", replace=True)
 # The shell lines before a Slurm job's srun: cluster.setup after one that makes srun end the job step when a rank
-# exits with an error (srun reads SLURM_KILL_BAD_EXIT as --kill-on-bad-exit). Otherwise the other ranks would wait
-# for it in their next collective, which NCCL gives up on only after the process group's timeout: an hour
-# of every GPU of the job.
+# dies (killed, or aborted by a CUDA or NCCL error: srun reads SLURM_KILL_BAD_EXIT as --kill-on-bad-exit). Otherwise
+# the other ranks would wait for it in their next collective, which NCCL gives up on only after the process
+# group's timeout: an hour of every GPU of the job.
 KILL_ON_BAD_EXIT = "export SLURM_KILL_BAD_EXIT=1"
 OmegaConf.register_new_resolver("ibq.srun_setup", lambda lines: [KILL_ON_BAD_EXIT, *lines], replace=True)
 
