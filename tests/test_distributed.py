@@ -55,14 +55,13 @@ def test_batch_layout_follows_from_the_world_size():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refuses a CUDA device only where none is visible")
 def test_a_cuda_device_where_there_is_none_is_refused_naming_the_apps_key():
-    from ibq.engine.build import resolve_device
-    from ibq.engine.distributed import device_for
+    from ibq.engine.distributed import device_for, one_process_device
 
     with pytest.raises(UserError, match=r"^ar_train.device=cuda:1 but no CUDA device is visible; valid here: auto, cpu$"):
         device_for(detect_ranks({}), "cuda:1", "ar_train.device")
     with pytest.raises(UserError, match=r"^device=cuda but no CUDA device is visible"):  # ibq-tokenize, -sample, -eval
-        resolve_device("cuda")
-    assert device_for(detect_ranks({}), "auto", "device") == resolve_device("auto") == torch.device("cpu")
+        one_process_device("cuda")
+    assert one_process_device("auto") == torch.device("cpu")
 
 
 def test_ranks_come_from_the_launcher_environment():

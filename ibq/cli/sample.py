@@ -109,13 +109,14 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     # The engine and torch are imported here, not with the module: completion and --help start without them.
     import torch
 
-    from ibq.engine.build import resolve_device, resolve_precision
+    from ibq.engine.build import resolve_precision
+    from ibq.engine.distributed import one_process_device
     from ibq.engine.evaluation_run import evaluate_generation
     from ibq.engine.media import save_grid
     from ibq.engine.train_ar import load_ar_run
     from ibq.generation.sampling import check_labels, hold_linear_weights_in
 
-    device = resolve_device(cfg.device)
+    device = one_process_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device, "precision")
     run = load_ar_run(None if OmegaConf.is_missing(cfg, "run_dir") else cfg.run_dir, device)
     hold_linear_weights_in(run.model, dtype)  # the model only samples, under autocast to `dtype`

@@ -1,4 +1,4 @@
-"""The device and precision a training runs with, from its config."""
+"""The precision a job computes in, from its config (the device is `engine.distributed`'s)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,6 @@ import torch
 from ibq.errors import UserError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """The `device` key of a one-process app: `auto` is the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA device is visible; valid here: auto, cpu")
-    return torch.device(name)
 
 
 def check_precision(name: str, key: str) -> None:

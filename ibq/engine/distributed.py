@@ -32,6 +32,11 @@ def device_for(ranks: Ranks, requested: str, key: str) -> torch.device:
     return torch.device("cpu" if requested == "auto" else requested)
 
 
+def one_process_device(requested: str) -> torch.device:
+    """The `device` key of an app of one process per job (ibq-sample, ibq-eval)."""
+    return device_for(Ranks(), requested, "device")
+
+
 def init_process_group(ranks: Ranks, device: torch.device, always: bool = False) -> None:
     """Joins the job's process group (nccl on GPU, gloo on CPU). A single process only gets one when
     `always` is set (DeepSpeed needs one even then)."""

@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from ibq.config import build
-from ibq.engine.build import resolve_device
 from ibq.engine.checkpoint import TOKENIZER_WEIGHTS, LoadedRun, load_run
+from ibq.engine.distributed import one_process_device
 from ibq.engine.evaluate import GenerationEvaluator, ReconstructionEvaluator, real_feature_stats
 from ibq.errors import UserError, check_positive_int, unset_key
 from ibq.metrics.adm import AdmSampleParts, AdmSamples
@@ -221,7 +221,7 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> Evaluation:
     trained_resolution = trained_config["data"]["resolution"]
     check_resolution(run.checkpoint_path, merged, trained_resolution)
     check_data_set(merged.data)
-    device = resolve_device(cfg.device)
+    device = one_process_device(cfg.device)
     networks = EvaluationNetworks(cfg.metrics, device, generation=False)
 
     seed = merged.get("seed", 0)
@@ -393,7 +393,7 @@ def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval", 
         raise UserError(f"run_dir={run_dir} does not exist: point it at the run directory whose samples these are")
     config_file = run_dir / ".hydra" / "config.yaml" if run_dir is not None else None
     train_cfg = OmegaConf.load(config_file) if config_file is not None and config_file.is_file() else None
-    device = resolve_device(cfg.device)
+    device = one_process_device(cfg.device)
     networks = EvaluationNetworks(cfg.metrics, device, generation=True)
     if networks.fid is None and networks.inception is None:
         why = "; ".join(networks.unavailable.values()) or "metrics.fid=false, metrics.is=false"
