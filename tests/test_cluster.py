@@ -302,7 +302,7 @@ def test_two_ranks_of_a_slurm_job_tokenize_what_one_process_does(slurm, imported
             np.testing.assert_array_equal(np.load(folder / shard[kind]), np.load(tmp_path / "one" / shard[kind]))
     [log] = (tmp_path / "ranks").glob(".submitit/*/*_0_log.out")
     assert "by 2 ranks" in log.read_text()  # srun's two tasks, each a rank of the job
-    # A rank that fails ends the job step instead of leaving the other waiting in a collective.
+    # A rank that dies ends the job step instead of leaving the other waiting in a collective.
     [script] = (tmp_path / "ranks").glob(".submitit/*/*_submission.sh")
     text = script.read_text()
     assert 0 <= text.find("\nexport SLURM_KILL_BAD_EXIT=1\n") < text.find("\nsrun ")

@@ -285,8 +285,7 @@ def cmd_table(args) -> int:
         compared = "scored samplings" if sweep is not None and sweep.samplings else "completed runs"
         print(f"sweep {group}: {runs_done} {compared} in {len(table.rows)} groups (mean ± std over the runs of a group: its seeds)")
     print(text)
-    mixed = sampling_note(table)
-    if args.format == "terminal" and mixed:
+    if args.format == "terminal" and (mixed := sampling_note(table)):
         print(f"note: {mixed}")
     if args.format == "terminal" and sweep is not None:
         unfinished = [s for s in sweep.jobs if s.state != "done"]

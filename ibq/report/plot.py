@@ -57,8 +57,8 @@ def followers(table: Table, x: str) -> list[int]:
 
 def series(table: Table, metric: str, x: str) -> dict[str, list[tuple[str, float, float | None]]]:
     """legend label -> [(x value, mean, std)] over the rows that report the metric."""
-    at = table.factors.index(x)
-    others = [i for i in range(len(table.factors)) if i != at and i not in followers(table, x)]
+    at, following = table.factors.index(x), followers(table, x)
+    others = [i for i in range(len(table.factors)) if i != at and i not in following]
     lines = defaultdict(list)
     for row in table.rows:
         cell = row.cell(metric)
