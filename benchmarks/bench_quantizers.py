@@ -21,9 +21,9 @@ import multiprocessing
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from benchmarks.arguments import at_least
+from benchmarks.bench_ddp import reset_peak_rss, status_kib
 
 # (batch, height, width) of the tokens, D, K of parts 1, 2 and 3, and the default chunk size.
 SIZES = {
@@ -32,22 +32,6 @@ SIZES = {
 }
 IBQ = "ibq.quantizers.IBQ"
 MIB = 2**20
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Linux resets VmHWM to the current RSS on writing 5 to clear_refs; False where not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def worker(target: str, tokens_shape: tuple[int, int, int], warmup: int, repeats: int, kwargs: dict) -> dict:
@@ -72,12 +56,12 @@ def worker(target: str, tokens_shape: tuple[int, int, int], warmup: int, repeats
     for _ in range(warmup):
         step()
     quantizer.zero_grad(set_to_none=True)
-    peak_was_reset = _reset_peak_rss()
+    peak_was_reset = reset_peak_rss()
     # Reset, the high-water mark is the RSS of that moment and can only grow: the peak added is never negative,
     # as it was against a VmRSS read a moment later, which a small quantizer's steps need not exceed.
-    baseline_kib = _status_kib("VmHWM" if peak_was_reset else "VmRSS")
+    baseline_kib = status_kib("VmHWM" if peak_was_reset else "VmRSS")
     timings = [step() for _ in range(repeats)]
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     return {
         "ms": statistics.median(timings) * 1e3,
         "peak_added_mib": (peak_kib - baseline_kib) / 1024,

@@ -151,6 +151,16 @@ def test_bench_train():
     assert 0 <= measured(lines, "tiny_train_data_wait_share", above=False) <= 1
 
 
+def test_bench_ddp():
+    """Two ranks of the tiny tokenizer, with the repository itself as the baseline folder."""
+    lines = run_benchmark("bench_ddp", "--scale", "tiny", "--steps", "1", "--baseline", str(REPO))
+    assert "ranks=2, model_scale=tiny" in lines["bench_ddp"]
+    measured(lines, "ddp_tokenizer_gradient_gib")
+    for key in ("ddp_tokenizer_peak_gib", "ddp_tokenizer_step_s"):
+        for figure in (key, f"{key}_baseline", f"{key}_vs_baseline"):
+            measured(lines, figure)
+
+
 def test_bench_fid():
     lines = run_benchmark("bench_fid", "--samples", "512", "--dim", "256", "--repeats", "1")
     measured(lines, "torch_threads")

@@ -131,6 +131,56 @@ def assert_losses_match(expected: list[dict], actual: list[dict]) -> None:
             assert a[key] == pytest.approx(b[key], rel=TOLERANCE), (a["step"], key, a[key], b[key])
 
 
+def gradient_buffers(rank: int, port: int, run_dir: Path, answers) -> None:
+    """One of two ranks of a tiny tokenizer training (in-process, over gloo): where its networks'
+    gradients lie after each of steps 2 and 3 (DDP lays its buckets out anew after the first), as
+    (pointer, bytes) of their storages, and the gradient bytes."""
+    from hydra import compose, initialize_config_dir
+
+    import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
+    from ibq.config import CONF_DIR
+    from ibq.engine import distributed
+    from ibq.engine.train_tokenizer import TokenizerTraining
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["logger=none", "eval.rfid=false", "data.val_crops_per_photo=1", "train.steps=4",
+                                          "train.device=cpu", "loss.perceptual_weight=0"])
+    training = TokenizerTraining(cfg, run_dir)
+    images = [torch.rand(training.layout.micro_batch, 3, 32, 32, generator=torch.Generator().manual_seed(rank)) * 2 - 1]
+    parameters = [*training.tokenizer.parameters(), *training.discriminator.parameters()]
+    steps = []
+    for step in (1, 2, 3):
+        training._step(step, images, torch.autocast("cpu", enabled=False))
+        if step > 1:
+            steps.append(sorted({(p.grad.untyped_storage().data_ptr(), p.grad.untyped_storage().nbytes()) for p in parameters}))
+    answers.put((rank, steps, sum(p.grad.nbytes for p in parameters), len(parameters)))
+    distributed.shutdown()
+
+
+def test_ddp_keeps_one_copy_of_the_gradients_the_same_at_every_step(tmp_path: Path):
+    """Under DDP each network's gradients are views of its all-reduce buckets: a few flat buffers holding
+    exactly the gradients, allocated once (not a tensor per weight beside the buckets, made anew each step)."""
+    import multiprocessing
+
+    from ibq.engine.ranks import free_port
+
+    context = multiprocessing.get_context("spawn")
+    answers, port = context.Queue(), free_port()
+    ranks = [context.Process(target=gradient_buffers, args=(rank, port, tmp_path / "run", answers)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    reports = sorted(answers.get(timeout=300) for _ in ranks)
+    for process in ranks:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    for rank, steps, gradient_bytes, parameters in reports:
+        assert steps[0] == steps[1], f"rank {rank}: the gradient buffers changed between steps"
+        assert len(steps[0]) <= 6 < parameters, f"rank {rank}: {len(steps[0])} gradient buffers for {parameters} weights"
+        assert sum(nbytes for _, nbytes in steps[0]) == gradient_bytes
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> list[dict]:
     run_dir = tmp_path_factory.mktemp("one_process") / "run"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from ibq.engine.ranks import Ranks, free_port
 from ibq.errors import UserError
@@ -58,6 +59,14 @@ def init_process_group(ranks: Ranks, device: torch.device, always: bool = False)
         timeout=PROCESS_GROUP_TIMEOUT,
         device_id=device if device.type == "cuda" else None,
     )
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """`module` under DDP, its gradients views of the all-reduce buckets: one copy of the gradients in
+    memory instead of two. (Set to None by zero_grad, each is computed anew in the backward pass and
+    copied into its bucket, which it then views: measured faster on CPU than zeroing the views in place.)"""
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def shutdown() -> None:

@@ -145,7 +145,7 @@ class ARTraining:
             return distributed.deepspeed_engine(self.model, self.optimizer, config)
         if self.ranks.world_size == 1:
             return self.model
-        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return distributed.data_parallel(self.model, self.device)
 
     def _check_classes(self, highest: int, source: str) -> None:
         if highest >= self.num_classes:

@@ -118,11 +118,7 @@ class TokenizerTraining:
             return self._deepspeed_engines()
         if self.ranks.world_size == 1:
             return self.tokenizer, self.discriminator
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return (
-            DistributedDataParallel(self.tokenizer, device_ids=device_ids),
-            DistributedDataParallel(self.discriminator, device_ids=device_ids),
-        )
+        return distributed.data_parallel(self.tokenizer, self.device), distributed.data_parallel(self.discriminator, self.device)
 
     def _deepspeed_engines(self):
         config = deepspeed_config(self.deepspeed_options, self.layout)
