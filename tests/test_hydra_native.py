@@ -64,6 +64,18 @@ def test_shell_completion_answers_with_the_groups():
     assert {"quantizer=ibq", "quantizer=vq", "quantizer=lfq"} <= set(query.stdout.split())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("module", "app"), [("train", "ibq-train"), ("train_ar", "ibq-train-ar"), ("tokenize", "ibq-tokenize"),
+                                             ("sample", "ibq-sample"), ("eval", "ibq-eval")])
+def test_help_says_what_the_app_does_then_lists_hydras_groups_and_config(module: str, app: str):
+    result = run_cli([sys.executable, "-m", f"ibq.cli.{module}", "--help"], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    about, groups = result.stdout.split("\n\n== Configuration groups ==\n", 1)
+    assert about.startswith(f"{app}: ") and f"\n  {app} " in about  # a description, then examples
+    assert "\ncluster: local, local_parallel, slurm, slurm_gpu, slurm_multinode\n" in groups
+    assert "\n== Config ==\n" in groups and "Use --hydra-help to view Hydra specific help" in groups
+
+
 @pytest.mark.parametrize("app", ["ibq.cli.train", "ibq.cli.train_ar", "ibq.cli.eval", "ibq.cli.sample", "ibq.cli.tokenize"])
 def test_an_app_loads_without_torch_so_completion_and_help_answer_at_once(app: str):
     """Completion, --help and --cfg load the app's module and compose its config, nothing more: torch,
