@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -84,8 +85,13 @@ def open_node() -> DictConfig:
 ConfigStore.instance().store(group="ibq/open", name="node", node=open_node())
 
 
+# What Python says of a call whose keywords do not fit the callable's signature.
+ARGUMENTS_REFUSED = re.compile(r"got an unexpected keyword argument|missing \d+ required (positional|keyword-only) argument")
+
+
 def build(node: DictConfig, **kwargs):
-    """hydra.utils.instantiate, re-raising a UserError from inside the constructed object as itself."""
+    """hydra.utils.instantiate, re-raising a UserError from inside the constructed object as itself, and a
+    `_target_` that cannot be imported or keys its callable does not take as a UserError naming the node."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
@@ -94,7 +100,30 @@ def build(node: DictConfig, **kwargs):
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
+        refused = config_error(error)
+        if refused is not None:
+            raise refused from None
         raise
+
+
+def config_error(error: InstantiationException) -> UserError | None:
+    """The config's part of a failed instantiate (Hydra names the node in a `full_key:` line); None for an
+    error raised inside the callable, which is a bug to be shown whole."""
+    text = str(error)
+    key = re.search(r"^full_key: (\S+)$", text, re.MULTILINE)
+    target = re.search(r"target '([^']+)'", text)
+    if key is None or target is None:
+        return None
+    node, target = key.group(1), target.group(1)
+    innermost = error
+    while innermost.__cause__ is not None:
+        innermost = innermost.__cause__
+    if text.startswith("Error locating target"):
+        return UserError(f"{node}._target_={target!r} cannot be imported ({innermost}): name a class or function of an "
+                         f"installed module, or put its package on PYTHONPATH")
+    if isinstance(error.__cause__, TypeError) and ARGUMENTS_REFUSED.search(str(error.__cause__)):
+        return UserError(f"{node} does not fit {target}, whose keyword arguments are its keys: {error.__cause__}")
+    return None
 
 
 def fail(message: str, code: int = 2):

@@ -13,6 +13,7 @@ import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
 from ibq.data.shards import ShardStream
 from ibq.config import build
 from ibq.engine.ranks import plan_batches
+from ibq.errors import UserError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir() and not d.is_symlink())
@@ -95,3 +96,28 @@ def test_codebook_size_is_a_plain_key_that_takes_any_size(size: int):
     with torch.device("meta"):
         tokenizer = build(cfg.model, quantizer=build(cfg.quantizer))
     assert cfg.codebook_size == cfg.quantizer.codebook_size == tokenizer.quantizer.codebook_size == size
+
+
+@pytest.mark.parametrize(
+    ("node", "expected"),
+    [
+        ({"_target_": "ibq.quantizers.NoSuchQuantizer"},
+         r"^quantizer._target_='ibq.quantizers.NoSuchQuantizer' cannot be imported \(.*\): name a class or function of an installed "
+         r"module, or put its package on PYTHONPATH$"),
+        ({"_target_": "no_such_package.Quantizer"}, r"^quantizer._target_='no_such_package.Quantizer' cannot be imported \(No module named"),
+        ({"_target_": "ibq.quantizers.VQ", "codebook_size": 16, "dim": 4, "beta_typo": 0.25},
+         r"^quantizer does not fit ibq.quantizers.vq.VQ, whose keyword arguments are its keys: .*unexpected keyword argument 'beta_typo'$"),
+        ({"_target_": "ibq.quantizers.VQ", "dim": 4}, r"^quantizer does not fit ibq.quantizers.vq.VQ, .*missing 1 required .*'codebook_size'$"),
+    ],
+)
+def test_a_node_that_cannot_be_built_is_named_in_one_line(node: dict, expected: str):
+    """A `_target_` that is not importable, or keys its callable does not take (a preset of the user's own)."""
+    with pytest.raises(UserError, match=expected):
+        build(OmegaConf.create({"quantizer": node}).quantizer)
+
+
+def test_an_error_raised_inside_the_built_object_is_left_whole():
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match="Error in call to target 'math.sqrt'"):
+        build(OmegaConf.create({"node": {"_target_": "math.sqrt", "x": -1.0}}).node)  # ValueError: a bug, not a key

@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import IBQ_TRAIN, REPO, cli_env, error_line, run_cli
+from conftest import IBQ_TRAIN, REPO, cli_env, error_line, require_slow_mark, run_cli
 from ibq.config import CONF_DIR, check_values
 from ibq.errors import UserError
 
@@ -54,6 +54,53 @@ def test_the_wheel_runs_from_another_directory_with_a_user_preset(tmp_path: Path
     assert record["status"] == "completed" and record["choices"]["quantizer"] == "myq"
     assert record["git"] == {"sha": None, "dirty": None, "repository": "not a git checkout"}
     assert OmegaConf.load(elsewhere / "run" / ".hydra" / "config.yaml").quantizer.entropy_weight == 0.05
+
+
+MY_QUANTIZER_CLASS = """from ibq.quantizers import VQ
+
+
+class ScaledVQ(VQ):
+    \"\"\"VQ of the encoder's output scaled by a fixed factor.\"\"\"
+
+    def __init__(self, scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    def forward(self, z):
+        return super().forward(z * self.scale)
+"""
+MY_QUANTIZER_PRESET = "_target_: myquant.ScaledVQ\ncodebook_size: ${codebook_size}\ndim: ${model.embed_dim}\nbeta: 0.25\nscale: 0.5\n"
+
+
+@pytest.mark.slow
+def test_a_quantizer_class_of_the_users_own_trains_and_is_evaluated_through_its_preset(tmp_path: Path):
+    """The quantizer contract is the API: a class outside ibq, named by a preset in --config-dir, trains and
+    is evaluated like ibq's own; evaluated where its package cannot be imported, the run is named in one line."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "myquant.py").write_text(MY_QUANTIZER_CLASS)
+    (tmp_path / "myconf" / "quantizer").mkdir(parents=True)
+    (tmp_path / "myconf" / "quantizer" / "scaled_vq.yaml").write_text(MY_QUANTIZER_PRESET)
+
+    def app(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", f"ibq.cli.{module}", *args]
+        require_slow_mark(command)
+        return subprocess.run(command, cwd=tmp_path, env=cli_env(**env), capture_output=True, text=True, timeout=600)
+
+    trained = app("train", "--config-dir", "myconf", "quantizer=scaled_vq", "train.steps=2", "logger=none", "eval.rfid=false",
+                  "data.val_crops_per_photo=1", "hydra.run.dir=run", PYTHONPATH=str(tmp_path / "pkg"))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "completed" and record["choices"]["quantizer"] == "scaled_vq"
+    evaluated = app("eval", "run_dir=run", "metrics.fid=false", PYTHONPATH=str(tmp_path / "pkg"))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    results = (tmp_path / "run" / "results.json").read_text()
+    assert json.loads(results)["codebook/utilization"] > 0
+
+    elsewhere = app("eval", "run_dir=run", "metrics.fid=false")
+    assert elsewhere.returncode == 2
+    assert error_line(elsewhere) == ("error: quantizer._target_='myquant.ScaledVQ' cannot be imported (No module named 'myquant'): "
+                                     "name a class or function of an installed module, or put its package on PYTHONPATH")
+    assert (tmp_path / "run" / "results.json").read_text() == results
 
 
 @pytest.mark.slow
