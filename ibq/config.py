@@ -195,14 +195,30 @@ def group_choices(argv: list[str], conf_dir: Path):
         yield arg, override.key_or_group, [str(value) for value in values]
 
 
-def first_of_each_sweep(args: list[str]) -> list[str]:
-    """One job's overrides out of a sweep: each `key=a,b` becomes `key=a`."""
+def sweep_values(override, arg: str) -> list[str]:
+    """The values of a discrete sweep (`arg`, parsed with Hydra's config loader where it globs a group),
+    refusing one that has none: Hydra would launch no job and say nothing of the typo."""
+    values = list(override.sweep_string_iterator())
+    if values:
+        return values
+    if isinstance(override.value(), Glob) and override.config_loader is not None:
+        group = override.key_or_group
+        raise UserError(f"{arg} matches no config of {group}; valid: {', '.join(override.config_loader.get_group_options(group))}")
+    raise UserError(f"{arg} is a sweep of no values")
+
+
+def first_of_each_sweep(args: list[str], config_loader) -> list[str]:
+    """One job's overrides out of a sweep: each `key=a,b` becomes `key=a`. The loader (Hydra's, in an
+    initialized context) lists a group's configs for a glob over it (`quantizer=glob(*)`)."""
+    parser = OverridesParser.create(config_loader=config_loader)
     single = []
     for arg in args:
-        override = parse(arg)
+        try:
+            (override,) = parser.parse_overrides([arg])  # which gives each override the loader
+        except HydraException as error:
+            raise unparsable(arg, error) from None
         if override.is_sweep_override():
-            first = next(iter(override.sweep_string_iterator()))
-            arg = f"{arg.split('=', 1)[0]}={first}"
+            arg = f"{arg.split('=', 1)[0]}={sweep_values(override, arg)[0]}"
         single.append(arg)
     return single
 

@@ -162,6 +162,15 @@ def test_values_a_run_can_use_pass():
 
 
 @pytest.mark.slow
+def test_a_sweep_of_no_values_is_one_line_before_anything_is_written(tmp_path: Path):
+    """Hydra would launch no job and end with status 0: a glob with a typo is refused instead."""
+    result = run_cli(IBQ_TRAIN + ["-m", "quantizer=glob(nope*)", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert result.returncode == 2
+    assert error_line(result) == "error: quantizer=glob(nope*) matches no config of quantizer; valid: ema_vq, fsq, ibq, l2_vq, lfq, simvq, vq"
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
 def test_a_bad_value_in_a_sweep_is_one_line_before_anything_is_written(tmp_path: Path):
     result = run_cli(IBQ_TRAIN + ["-m", "quantizer=glob(*vq)", "seed=0,1,abc", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert error_line(result) == "error: seed='abc' is invalid: it must be an integer"

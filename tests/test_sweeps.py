@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, cli_env, run_cli
 from ibq.ledger.plan import CONF_DIR, expand
+from ibq.errors import UserError
 from ibq.runs.record import STAGE_II_KEYS, signature, without_keys
 
 IBQ_SWEEP = [sys.executable, "-m", "ibq.cli.sweep"]
@@ -135,6 +136,15 @@ def test_quantizer_zoo_has_every_quantizer_file_at_one_size():
     plan = expand(["sweep=quantizer_zoo"])
     assert sorted(job.choices["quantizer"] for job in plan.jobs) == sorted(p.stem for p in (CONF_DIR / "quantizer").glob("*.yaml"))
     assert {job.choices["codebook_size"] for job in plan.jobs} == {"16384"}
+
+
+def test_a_glob_over_a_group_plans_each_config_it_matches_and_an_empty_one_is_refused():
+    plan = expand(["quantizer=glob(*vq)", "codebook_size=1024,4096"])
+    assert choices_of(plan, "quantizer", "codebook_size") == [(q, k) for q in ("ema_vq", "l2_vq", "simvq", "vq") for k in ("1024", "4096")]
+    with pytest.raises(UserError, match=r"^quantizer=glob\(nope\*\) matches no config of quantizer; valid: ema_vq, fsq, ibq, l2_vq, lfq, simvq, vq$"):
+        expand(["quantizer=glob(nope*)"])
+    with pytest.raises(UserError, match=r"^seed=range\(5,5\) is a sweep of no values$"):
+        expand(["seed=range(5,5)"])
 
 
 def test_seeds_combine_with_another_sweep_file_or_the_command_line():

@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from ibq.config import APPS, check_values, fail, given_overrides, one_line, parse
+from ibq.config import APPS, check_values, fail, given_overrides, one_line, parse, sweep_values
 from ibq.engine.ranks import check_deepspeed, detect_ranks, plan_batches
 from ibq.errors import UserError, check_positive_int
 
@@ -74,7 +74,7 @@ def checked_variants(overrides: list[str], parser: OverridesParser | None = None
             continue
         if not override.is_discrete_sweep():
             continue
-        prefix, values = arg.split("=", 1)[0], list(override.sweep_string_iterator())
+        prefix, values = arg.split("=", 1)[0], sweep_values(override, arg)
         if override.key_or_group.split(".")[0].split("/")[0] in CHECKED_ROOTS:
             swept.append([f"{prefix}={value}" for value in values])
         else:

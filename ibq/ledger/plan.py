@@ -132,7 +132,7 @@ def expand(arguments: list[str], config_name: str = "train", sweeper_params: dic
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
         loader = GlobalHydra.instance().config_loader()
         groups = config_groups(loader)
-        master = composed(config_name, hydra_args + first_of_each_sweep(task_args))
+        master = composed(config_name, hydra_args + first_of_each_sweep(task_args, loader))
         sweeper = str(OmegaConf.select(master, "hydra.sweeper._target_", default=""))
         if not sweeper.endswith("BasicSweeper"):
             raise UserError(

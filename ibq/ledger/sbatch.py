@@ -36,10 +36,11 @@ def sbatch_text(hydra_cfg: DictConfig, jobs: int) -> str:
 def sweep_sbatch(arguments: list[str], config_name: str, jobs: int) -> str:
     """The #SBATCH lines of `ibq-train -m <arguments>` (its first job's composition; the array holds `jobs`)."""
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     from ibq.config import CONF_DIR, first_of_each_sweep
     from ibq.ledger.plan import composed
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
-        cfg = composed(config_name, first_of_each_sweep(arguments))
+        cfg = composed(config_name, first_of_each_sweep(arguments, GlobalHydra.instance().config_loader()))
         return sbatch_text(cfg, jobs)
