@@ -217,10 +217,22 @@ def first_of_each_sweep(args: list[str], config_loader) -> list[str]:
             (override,) = parser.parse_overrides([arg])  # which gives each override the loader
         except HydraException as error:
             raise unparsable(arg, error) from None
+        if override.is_sweep_override() and not override.is_discrete_sweep():
+            continue  # a search space: a search sweeper draws it, the grid refuses it (sweep_jobs)
         if override.is_sweep_override():
             arg = f"{arg.split('=', 1)[0]}={sweep_values(override, arg)[0]}"
         single.append(arg)
     return single
+
+
+def grid_sweeper(config: DictConfig) -> bool:
+    """Whether the sweep is Hydra's basic (grid) sweeper's, whose jobs are known ahead."""
+    return str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith("BasicSweeper")
+
+
+def search_space_on_the_grid(line: str) -> UserError:
+    return UserError(f"{line}: a search space, not a list, takes a search sweeper (hydra/sweeper=optuna, as in "
+                     f"sweeps/lr_entropy_search.yaml); the grid sweeper needs a list or range")
 
 
 
@@ -235,12 +247,9 @@ def sweep_jobs(overrides: list) -> list[list[str]]:
         if not override.is_sweep_override():
             lists[key] = [f"{key}={override.get_value_element_as_str()}"]
         elif override.is_discrete_sweep():
-            lists[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+            lists[key] = [f"{key}={value}" for value in sweep_values(override, override.input_line)]
         else:
-            raise UserError(
-                f"{override.input_line}: a search space, not a list, takes a search sweeper (hydra/sweeper=optuna, "
-                f"as in sweeps/lr_entropy_search.yaml); the grid sweeper needs a list or range"
-            )
+            raise search_space_on_the_grid(override.input_line)
     return [list(job) for job in itertools.product(*lists.values())]
 
 

@@ -162,11 +162,19 @@ def test_values_a_run_can_use_pass():
 
 
 @pytest.mark.slow
-def test_a_sweep_of_no_values_is_one_line_before_anything_is_written(tmp_path: Path):
-    """Hydra would launch no job and end with status 0: a glob with a typo is refused instead."""
-    result = run_cli(IBQ_TRAIN + ["-m", "quantizer=glob(nope*)", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+@pytest.mark.parametrize(
+    ("sweep", "expected"),
+    [
+        # Hydra would launch no job and end with status 0.
+        ("quantizer=glob(nope*)", "quantizer=glob(nope*) matches no config of quantizer; valid: ema_vq, fsq, ibq, l2_vq, lfq, simvq, vq"),
+        # Hydra's grid sweeper would raise its traceback.
+        ("codebook_size=int(interval(1,5))", "codebook_size=int(interval(1,5)): a search space, not a list, takes a search sweeper"),
+    ],
+)
+def test_a_sweep_the_grid_cannot_run_is_one_line_before_anything_is_written(tmp_path: Path, sweep: str, expected: str):
+    result = run_cli(IBQ_TRAIN + ["-m", sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert result.returncode == 2
-    assert error_line(result) == "error: quantizer=glob(nope*) matches no config of quantizer; valid: ema_vq, fsq, ibq, l2_vq, lfq, simvq, vq"
+    assert error_line(result).startswith(f"error: {expected}")
     assert not (tmp_path / "sweep").exists()
 
 

@@ -145,6 +145,14 @@ def test_a_glob_over_a_group_plans_each_config_it_matches_and_an_empty_one_is_re
         expand(["quantizer=glob(nope*)"])
     with pytest.raises(UserError, match=r"^seed=range\(5,5\) is a sweep of no values$"):
         expand(["seed=range(5,5)"])
+    with pytest.raises(UserError, match=r"^optim.lr=interval\(1e-4,1e-3\): a search space, not a list, takes a search sweeper"):
+        expand(["optim.lr=interval(1e-4,1e-3)"])
+
+
+def test_plan_takes_a_deleting_override_first():
+    plan = subprocess.run(IBQ_SWEEP + ["plan", "~logger", "seed=0,1"], cwd=REPO, capture_output=True, text=True, timeout=120, env=cli_env())
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "2 jobs: " in plan.stdout
 
 
 def test_seeds_combine_with_another_sweep_file_or_the_command_line():

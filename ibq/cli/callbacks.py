@@ -19,10 +19,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ibq.cli.checks import sweep_lines
-from ibq.config import given_overrides
+from ibq.config import given_overrides, grid_sweeper
 from ibq.engine.ranks import detect_ranks
 from ibq.runs.record import JOBS_DIR, job_records, write_json
 
@@ -67,7 +67,7 @@ class RunDirectoryCheck(Callback):
 def count_jobs(config: DictConfig) -> int | None:
     """How many jobs the basic sweeper makes of the sweep files' params and the command line: the
     product of each swept key's number of values (a key on the command line replaces the sweep file's)."""
-    if not str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
+    if not grid_sweeper(config):
         return None  # another sweeper (Optuna) decides its trials as it goes
     try:
         values = {override.get_key_element(): len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1

@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from ibq.config import APPS, check_values, fail, given_overrides, one_line, parse, sweep_values
+from ibq.config import APPS, check_values, fail, given_overrides, grid_sweeper, one_line, parse, search_space_on_the_grid, sweep_values
 from ibq.engine.ranks import check_deepspeed, detect_ranks, plan_batches
 from ibq.errors import UserError, check_positive_int
 
@@ -273,6 +273,10 @@ def check_sweep(config: DictConfig, config_name: str) -> None:
     hydra_overrides = given_overrides(config.hydra, "hydra")
     submitting = not config.get("dry_run", False)
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    if grid_sweeper(config):  # which would fail at its first job with Hydra's traceback
+        searched = [o.input_line for o in parser.parse_overrides(sweep_lines(config)) if o.is_sweep_override() and not o.is_discrete_sweep()]
+        if searched:
+            raise search_space_on_the_grid(searched[0])
     for variant in checked_variants(given_overrides(config.hydra), parser):
         check_job(compose(config_name, overrides=hydra_overrides + variant), config_name, submitting)
     check_one_sweep_dir(config, parser)  # after the values: a bad one is the first thing to mend

@@ -59,7 +59,7 @@ def print_table(header: list[str], body: list[list[str]], numeric: set[int] = fr
 def plan_arguments(items: list[str], config_name: str) -> list[str]:
     from ibq.ledger.plan import sweep_arguments
 
-    if items and "=" not in items[0]:
+    if items and "=" not in items[0] and not items[0].startswith("~"):  # a sweep's name, not an override (~key deletes)
         return sweep_arguments(items[0], config_name) + items[1:]
     if not items:
         raise UserError("nothing to plan: name a sweep (e.g. codebook_scaling) and/or give overrides")

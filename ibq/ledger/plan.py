@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ibq.config import (CONF_DIR, SWEEPS_DIR, apply_overrides, available, check_group_choices, first_of_each_sweep, one_line,
+from ibq.config import (CONF_DIR, SWEEPS_DIR, apply_overrides, available, check_group_choices, first_of_each_sweep, grid_sweeper, one_line,
                         overrides_dirname, sweep_jobs, unparsable)
 from ibq.errors import UserError
 from ibq.ledger.cost import Estimate, Throughput, estimate
@@ -134,7 +134,7 @@ def expand(arguments: list[str], config_name: str = "train", sweeper_params: dic
         groups = config_groups(loader)
         master = composed(config_name, hydra_args + first_of_each_sweep(task_args, loader))
         sweeper = str(OmegaConf.select(master, "hydra.sweeper._target_", default=""))
-        if not sweeper.endswith("BasicSweeper"):
+        if not grid_sweeper(master):
             raise UserError(
                 f"this sweep is a search ({sweeper.rsplit('.', 1)[-1]}): its trials are chosen as it runs, so there is no plan "
                 f"ahead; run it with ibq-train -m and follow it with ibq-sweep status <sweep dir>"
