@@ -282,8 +282,10 @@ def cmd_table(args) -> int:
         return 0
     if args.format == "terminal":
         runs_done = sum(len(row.runs) for row in table.rows)
-        compared = "scored samplings" if sweep is not None and sweep.samplings else "completed runs"
-        print(f"sweep {group}: {runs_done} {compared} in {len(table.rows)} groups (mean ± std over the runs of a group: its seeds)")
+        compared = "scored sampling" if sweep is not None and sweep.samplings else "completed run"
+        groups = len(table.rows)
+        print(f"sweep {group}: {runs_done} {compared}{'s' * (runs_done != 1)} in {groups} group{'s' * (groups != 1)} "
+              f"(mean ± std over the runs of a group: its seeds)")
     print(text)
     if args.format == "terminal" and (mixed := sampling_note(table)):
         print(f"note: {mixed}")
