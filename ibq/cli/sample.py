@@ -60,6 +60,8 @@ def check_sample_job(cfg: DictConfig) -> None:
         check_positive_int(key, cfg[key])
     if isinstance(cfg.part, bool) or not isinstance(cfg.part, int) or not 0 <= cfg.part < cfg.parts:
         raise UserError(f"part={cfg.part!r} is invalid: with parts={cfg.parts} it must be an integer in 0..{cfg.parts - 1}")
+    if cfg.classes is not None and (not OmegaConf.is_list(cfg.classes) or len(cfg.classes) == 0):
+        raise UserError(f"classes={cfg.classes!r} is invalid: give a list of class indices, e.g. [0,5,9] (null: every class)")
     check_precision(cfg.precision, "precision")
     check_sampling_args(**{key: value for key, value in OmegaConf.to_container(cfg.sampling).items() if value is not None})
     if scored(cfg) and not OmegaConf.is_missing(cfg, "run_dir"):
