@@ -168,11 +168,13 @@ def refused(tmp_path: Path, capsys, *args: str) -> str:
 def test_bad_files_are_refused_in_one_line_and_nothing_is_written(tmp_path: Path, capsys):
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint")
-    assert "cannot be read as a checkpoint" in refused(tmp_path, capsys, str(text))
+    assert refused(tmp_path, capsys, str(text)) == (f"error: {text} cannot be read as a checkpoint (truncated, or not a torch file?): "
+                                                   "it is not what torch.save writes (a torn file, or another kind)")
 
-    truncated = tmp_path / "truncated.ckpt"
-    truncated.write_bytes(TOKENIZER.read_bytes()[: TOKENIZER.stat().st_size // 2])
-    assert "truncated" in refused(tmp_path, capsys, str(truncated))
+    torn = tmp_path / "torn.ckpt"
+    torn.write_bytes(TOKENIZER.read_bytes()[: TOKENIZER.stat().st_size // 2])
+    assert refused(tmp_path, capsys, str(torn)) == (f"error: {torn} cannot be read as a checkpoint (truncated, or not a torch file?): "
+                                                   "PytorchStreamReader failed reading zip archive: failed finding central directory")
 
     state = load(TOKENIZER)["state_dict"]
     other = dict(state)

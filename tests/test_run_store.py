@@ -177,11 +177,18 @@ def test_non_finite_state_is_never_checkpointed(tmp_path: Path):
     assert load_checkpoint(checkpoint)["step"] == 4
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint"])
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"junk\n"])  # the last, a KeyError in torch's pre-zip reader
 def test_unreadable_checkpoint_is_one_line(tmp_path: Path, content: bytes):
+    from ibq.engine.checkpoint import load_run
+
     (tmp_path / "last.pt").write_bytes(content)
-    with pytest.raises(UserError, match="cannot be read .*move it away to start this run from step 0"):
+    with pytest.raises(UserError, match=r"last.pt cannot be read \(UnpicklingError: it is not what torch.save writes \(a torn file, "
+                                        r"or another kind\)\): restore it, or move it away to start this run from step 0$"):
         load_checkpoint(tmp_path / "last.pt")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(content)
+    with pytest.raises(UserError, match=r"last.pt cannot be read \(UnpicklingError: it is not what torch.save writes"):
+        load_run(tmp_path / "run", "run_dir")  # memory-mapped, which torch refuses for a file not in its zip format
 
 
 class RunsACommand:

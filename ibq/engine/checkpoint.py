@@ -31,17 +31,32 @@ RUN_KINDS = {
 TOKENIZER_WEIGHTS = {"ema": "ema", "live": "tokenizer"}  # which weights -> the checkpoint entry holding them
 
 
-def read_checkpoint(path: Path, **kwargs) -> Any:
-    """A run's checkpoint read as data (weights_only): loading it runs no code from the file, whoever wrote it.
+NOT_TORCH = "it is not what torch.save writes (a torn file, or another kind)"
+
+
+def torch_load(path: Path, mmap: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as error:
+        if not mmap or "mmap" not in str(error):
+            raise
+    # mmap reads torch.save's zip format (torch >= 1.6) only: read an older file, or one of no torch at all, whole
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(path: Path, mmap: bool = False) -> Any:
+    """A checkpoint read as data (weights_only): loading it runs no code from the file, whoever wrote it.
     Checkpoints written before numpy's RNG state was kept as numbers hold it as a numpy array, which is
-    allowed for them."""
+    allowed for them. `mmap`: tensors are read from the file when used."""
     for allowed_numpy in (False, True):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+            return torch_load(path, mmap)
+        except (KeyError, EOFError) as error:  # from the reader of torch's pre-zip format, on bytes it cannot parse
+            raise pickle.UnpicklingError(NOT_TORCH) from error
         except pickle.UnpicklingError as error:
             named = re.search(r"GLOBAL ([\w.]+)", str(error))
             if named is None:  # torch's message would suggest weights_only=False, which a torn file does not mend
-                raise pickle.UnpicklingError("it is not what torch.save writes (a torn file, or another kind)") from None
+                raise pickle.UnpicklingError(NOT_TORCH) from None
             if allowed_numpy or not named.group(1).startswith(LEGACY_NUMPY_GLOBALS):
                 raise pickle.UnpicklingError(f"it holds {named.group(1)}, which is no tensor or Python data, and is read as data only") from None
         torch.serialization.add_safe_globals(legacy_numpy_globals())

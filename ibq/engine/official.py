@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ibq.config import build, one_line
 from ibq.data.pack import sha256
-from ibq.engine.checkpoint import CHECKPOINT, LoadedRun, check_tensors, load_run, save_checkpoint
+from ibq.engine.checkpoint import CHECKPOINT, LoadedRun, check_tensors, load_run, read_checkpoint, save_checkpoint
 from ibq.errors import UserError
 from ibq.runs.record import RunRecord, result_config, signature, stage_two_config, tokenizer_identity
 
@@ -344,15 +344,10 @@ def read_official(path: Path) -> OfficialFile:
     if not path.is_file():
         raise UserError(f"{path} does not exist (expected an official checkpoint such as imagenet256_16384.ckpt or AR_256_B.ckpt)")
     try:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:  # mmap needs the zip format of torch >= 1.6
-            if "mmap" not in str(error):
-                raise
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = read_checkpoint(path, mmap=True)
     except Exception as error:  # torch raises many types for a torn or foreign file
-        reason = one_line(str(error)) or type(error).__name__
-        raise UserError(f"{path} cannot be read as a checkpoint (truncated or not a torch file?): {reason}") from None
+        reason = one_line(str(error)).split(". ")[0] or type(error).__name__  # torch goes on with advice on torn files
+        raise UserError(f"{path} cannot be read as a checkpoint (truncated, or not a torch file?): {reason}") from None
     if not isinstance(loaded, dict) or not isinstance(loaded.get("state_dict"), dict):
         top = ", ".join(map(str, list(loaded)[:5])) if isinstance(loaded, dict) else type(loaded).__name__
         raise UserError(f"{path} is not an official IBQ checkpoint: it has no 'state_dict' (found: {top})")
