@@ -101,6 +101,7 @@ def test_resuming_with_another_configuration_is_refused_and_changes_nothing(fini
     result = train(run_dir, "eval.rfid=false", "codebook_size=256")
     line = error_line(result)
     assert "belongs to another configuration" in line and "quantizer.codebook_size: 1024 -> 256" in line
+    assert "extend_from" not in line  # more steps would not make it this configuration
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert after == before
 
@@ -109,6 +110,10 @@ def test_a_finished_run_extended_to_more_steps_equals_the_longer_run_from_scratc
     short, extended, scratch = tmp_path / "short", tmp_path / "extended", tmp_path / "scratch"
     from_scratch = BackgroundRun(train_args(scratch, "train.steps=5", "eval.rfid=false"))
     assert train(short, "train.steps=3", "eval.rfid=false").returncode == 0
+    # More steps in the short run's own folder: refused, pointing to what trains it on.
+    line = error_line(train(short, "train.steps=5", "eval.rfid=false"))
+    assert "differs in train.steps: 3 -> 5" in line
+    assert line.endswith(f"; to train that run on for more steps, in another folder: hydra.run.dir=<folder> train.extend_from={short}")
     result = train(extended, "train.steps=5", f"train.extend_from={short}", "eval.rfid=false")
     assert result.returncode == 0, result.stderr[-3000:]
     assert from_scratch.result().returncode == 0

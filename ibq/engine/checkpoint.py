@@ -286,11 +286,15 @@ def restore_rng(state: dict[str, Any], rank: int, world_size: int) -> None:
     set_rng_state(by_rank[rank] if by_rank and len(by_rank) == world_size else state["rng"])
 
 
-def foreign_checkpoint(path: Path, saved_signature: str, signature: str, changed: list[str]) -> UserError:
-    """The error for a run directory whose checkpoint another configuration wrote."""
+def foreign_checkpoint(path: Path, saved_signature: str, signature: str, changed: list[str], extends: str | None = None) -> UserError:
+    """The error for a run directory whose checkpoint another configuration wrote. `extends`: the key that
+    would train that run on, where more steps are all that differ (stage I's train.extend_from)."""
+    hint = "give the run another folder (hydra.run.dir=…) or the original overrides"
+    if extends is not None:
+        hint += f"; to train that run on for more steps, in another folder: hydra.run.dir=<folder> {extends}={path.parent.parent}"
     return UserError(
         f"{path} belongs to another configuration (signature {saved_signature}, this run {signature}; "
-        f"differs in {'; '.join(changed[:3]) or 'unknown keys'}): give the run another folder (hydra.run.dir=…) or the original overrides"
+        f"differs in {'; '.join(changed[:3]) or 'unknown keys'}): {hint}"
     )
 
 

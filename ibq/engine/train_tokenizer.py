@@ -205,7 +205,9 @@ class TokenizerTraining:
         state = load_checkpoint(self.checkpoint_path)
         if state["signature"] != self.signature:
             changed = config_differences(state["config"], result_config(self.cfg))
-            raise foreign_checkpoint(self.checkpoint_path, state["signature"], self.signature, changed)
+            longer = all(line.startswith("train.steps: ") for line in changed) and state["step"] < self.cfg.train.steps
+            raise foreign_checkpoint(self.checkpoint_path, state["signature"], self.signature, changed,
+                                     extends="train.extend_from" if changed and longer else None)
         return self._restore(state, self.deepspeed_dir)
 
     def _extend(self) -> int:
