@@ -134,9 +134,10 @@ def worker(scale: str, steps: int) -> dict:
 
 
 def measure(code: Path, args: argparse.Namespace) -> dict:
+    from benchmarks.bench_gpu import code_env
+
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--scale", args.scale, "--steps", str(args.steps)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, cwd=code, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=code, env=code_env(code), capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"error: the benchmark failed for the code in {code}:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -373,6 +373,11 @@ def checkout(baseline: str, into: Path) -> Path:
     return into / "baseline"
 
 
+def code_env(code: Path) -> dict[str, str]:
+    """The environment of a process that runs the code in `code`: its `ibq` first on the import path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
+
+
 def measure(code: Path, args: argparse.Namespace) -> dict | str:
     """The worker's figures, or the end of its error output."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--only", ",".join(args.only), "--size", args.size]
@@ -382,8 +387,7 @@ def measure(code: Path, args: argparse.Namespace) -> dict | str:
     command += ["--micro-batches", ",".join(map(str, args.micro_batches))]
     if args.profile:
         command += ["--profile", str(args.profile)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, cwd=code, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=code, env=code_env(code), capture_output=True, text=True)
     if result.returncode:
         return result.stderr[-3000:]
     if args.profile:

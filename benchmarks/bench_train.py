@@ -9,14 +9,13 @@ Run from the repository root: python -m benchmarks.bench_train [steps] [--baseli
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from benchmarks.arguments import at_least
-from benchmarks.bench_gpu import checkout
+from benchmarks.bench_gpu import checkout, code_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,8 +42,7 @@ def throughput(code: Path, steps: int) -> tuple[float, float]:
         run_dir = Path(tmp) / "bench"
         command = [sys.executable, "-m", "ibq.cli.train", *timed_training_args(steps), "data.val_crops_per_photo=1",
                    f"hydra.run.dir={run_dir}"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
-        subprocess.run(command, check=True, capture_output=True, cwd=code, env=env)
+        subprocess.run(command, check=True, capture_output=True, cwd=code, env=code_env(code))
         return logged_throughput(run_dir)
 
 

@@ -242,11 +242,14 @@ def sweep_check(check, config_name: str, overrides: list[str]) -> str | None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from ibq.cli.checks import sweep_lines
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=[o for o in overrides if o.startswith("hydra.")], return_hydra_config=True)
         cfg.hydra.overrides.task = [o for o in overrides if not o.startswith("hydra.")]
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         try:
-            check(cfg, OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()))
+            check(cfg, parser.parse_overrides(sweep_lines(cfg)))
         except UserError as error:
             return str(error)
     return None

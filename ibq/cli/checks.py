@@ -212,7 +212,7 @@ def sweep_lines(config: DictConfig) -> list[str]:
     return [f"{key}={value}" for key, value in params.items()] + given_overrides(config.hydra)
 
 
-def check_distinct_run_dirs(config: DictConfig, parser: OverridesParser) -> None:
+def check_distinct_run_dirs(config: DictConfig, overrides: list) -> None:
     """Jobs that differ only in keys that do not name a run directory (exclude_keys: where a run runs and
     logs, how its step uses the device, ...) would share one: the second would resume or re-evaluate
     the first's run, or be refused as another configuration. Where hydra.sweep.subdir names jobs by their
@@ -223,7 +223,7 @@ def check_distinct_run_dirs(config: DictConfig, parser: OverridesParser) -> None
         return
     unnamed = set(OmegaConf.select(config, "hydra.job.config.override_dirname.exclude_keys", default=None) or [])
     hint = "sweep them into separate folders with hydra.sweep.subdir (e.g. hydra.sweep.subdir=job${hydra.job.num})"
-    for override in parser.parse_overrides(sweep_lines(config)):
+    for override in overrides:
         key = override.get_key_element()
         if not (override.is_discrete_sweep() and key in unnamed):
             continue
@@ -241,13 +241,13 @@ def check_distinct_run_dirs(config: DictConfig, parser: OverridesParser) -> None
                                 f"hydra.sweep.subdir names each of them {folder!r}; {hint}")
 
 
-def check_one_sweep_dir(config: DictConfig, parser: OverridesParser) -> None:
+def check_one_sweep_dir(config: DictConfig, overrides: list) -> None:
     """Hydra resolves hydra.sweep.dir in each job's config: one that names a swept key (ibq-sample's
     ${oc.select:run_dir,outputs}/samples/…) would give each job a sweep folder of its own, and the
     sweep's record of its jobs (their outcomes, its summary, ibq-sweep status) would be in none of them.
     Read from its text, not resolved per value as job_subdir does: a second ${now:…} may fall in the next second."""
     sweep_dir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir"))
-    for override in parser.parse_overrides(sweep_lines(config)):
+    for override in overrides:
         key = override.get_key_element()
         values = list(dict.fromkeys(override.sweep_string_iterator())) if override.is_discrete_sweep() else []
         if len(values) > 1 and re.search(rf"\$\{{[^}}]*(?<![\w.]){re.escape(key)}(?![\w.])", sweep_dir):
@@ -273,14 +273,15 @@ def check_sweep(config: DictConfig, config_name: str) -> None:
     hydra_overrides = given_overrides(config.hydra, "hydra")
     submitting = not config.get("dry_run", False)
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    overrides = parser.parse_overrides(sweep_lines(config))
     if grid_sweeper(config):  # which would fail at its first job with Hydra's traceback
-        searched = [o.input_line for o in parser.parse_overrides(sweep_lines(config)) if o.is_sweep_override() and not o.is_discrete_sweep()]
+        searched = [o.input_line for o in overrides if o.is_sweep_override() and not o.is_discrete_sweep()]
         if searched:
             raise search_space_on_the_grid(searched[0])
     for variant in checked_variants(given_overrides(config.hydra), parser):
         check_job(compose(config_name, overrides=hydra_overrides + variant), config_name, submitting)
-    check_one_sweep_dir(config, parser)  # after the values: a bad one is the first thing to mend
-    check_distinct_run_dirs(config, parser)
+    check_one_sweep_dir(config, overrides)  # after the values: a bad one is the first thing to mend
+    check_distinct_run_dirs(config, overrides)
 
 
 class ConfigChecks(Callback):
