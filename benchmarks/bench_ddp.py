@@ -89,7 +89,7 @@ def rank_main(rank: int, port: int, run_dir: str, overrides: list[str], steps: i
         "rank": rank,
         "peak_gib": peak / 2**30,
         "peak_was_reset": peak_was_reset,
-        "gradient_gib": sum(p.numel() * p.element_size() for p in parameters if p.requires_grad) / 2**30,
+        "gradient_gib": sum(p.grad.nbytes for p in parameters if p.grad is not None) / 2**30,  # the discriminator's too
         "step_s": seconds,
         "parameters_m": sum(p.numel() for p in parameters) / 1e6,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, gloo)",
