@@ -73,6 +73,16 @@ def keys_with_nodes(keys: list, nodes: list, _root_: DictConfig) -> list[str]:
 OmegaConf.register_new_resolver("ibq.keys_with_nodes", keys_with_nodes, replace=True)
 
 
+def user_cache(name: str) -> str:
+    """A folder of ibq's cache, ${ibq.cache:fid_stats}: under $IBQ_CACHE_DIR (a cluster's scratch space), else
+    $XDG_CACHE_HOME/ibq, else ~/.cache/ibq."""
+    root = os.environ.get("IBQ_CACHE_DIR") or f"{os.environ.get('XDG_CACHE_HOME') or os.environ.get('HOME', '.') + '/.cache'}/ibq"
+    return f"{root}/{name}"
+
+
+OmegaConf.register_new_resolver("ibq.cache", user_cache, replace=True)
+
+
 def open_node() -> DictConfig:
     """An empty node that takes new keys: Hydra's struct mode refuses a dict override with new keys
     (cluster.sbatch={constraint: a100}) in YAML nodes, but keeps this node's flag through merging.

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -34,6 +35,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # apps started here would inherit that: they get Ctrl-C as a terminal delivers it instead.
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The suite's runs keep their FID statistics in a cache of the suite's own, which the apps started here
+    # inherit: a real set's features are computed once per test process, and the user's cache is left alone.
+    os.environ["IBQ_CACHE_DIR"] = tempfile.mkdtemp(prefix="ibq-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    cache = os.environ.pop("IBQ_CACHE_DIR", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def pytest_runtest_protocol(item: pytest.Item, nextitem) -> None:

@@ -162,10 +162,11 @@ def test_bench_ddp():
 
 
 def test_bench_fid():
-    lines = run_benchmark("bench_fid", "--samples", "512", "--dim", "256", "--repeats", "1")
-    measured(lines, "torch_threads")
-    measured(lines, "fid")
-    measured(lines, "frechet_distance_256_seconds")
+    lines = run_benchmark("bench_fid", "--samples", "512", "--dim", "256", "--repeats", "1", "--eval-images", "16")
+    for key in ("torch_threads", "fid", "frechet_distance_256_seconds", "tiny_eval_s_real_stats_computed",
+                "tiny_eval_s_real_stats_cached", "tiny_eval_cached_speedup"):
+        measured(lines, key)
+    assert lines["tiny_eval_images"] == "16"
 
 
 def test_bench_quantizers():

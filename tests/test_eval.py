@@ -19,7 +19,9 @@ from hydra import compose, initialize_config_dir
 from conftest import REPO, cli_env, error_line, read_jsonl, run_cli, train, wandb_records
 from ibq.cli import eval as eval_app
 from ibq.config import build
-from ibq.engine.evaluate import GenerationEvaluator
+from ibq.engine import train_tokenizer
+from ibq.engine.evaluate import GenerationEvaluator, real_feature_stats
+from ibq.engine.train_tokenizer import TokenizerTraining
 from ibq.errors import UserError
 from ibq.metrics.adm import AdmSamples, save_adm_npz, to_adm_array
 from ibq.metrics import networks
@@ -462,6 +464,51 @@ def test_reference_cache_computes_once_per_key(tmp_path: Path):
     assert len(calls) == 5
     ReferenceCache(tmp_path / "cache", refresh=True).get_or_compute(key, compute)
     assert len(calls) == 6 and not list((tmp_path / "cache").glob(".*tmp"))
+
+
+def test_training_runs_share_the_real_images_statistics_with_each_other_and_ibq_eval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    network = StandInNetwork()
+    monkeypatch.setattr(train_tokenizer, "load_fid_network", lambda device="cpu": network)
+    monkeypatch.setattr(networks, "load_fid_network", lambda path=None, device="cpu": network)
+    cache = tmp_path / "fid_stats"
+    images = 12  # 4 photos x 3 validation crops
+
+    def train_in_process(name: str, *overrides: str) -> dict:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=["logger=none", "train.steps=1", "train.device=cpu", f"data.photos={PHOTOS}",
+                                              "data.val_crops_per_photo=3", f"eval.reference_cache_dir={cache}", *overrides])
+        return TokenizerTraining(cfg, tmp_path / name).run({}, [], None)
+
+    first = train_in_process("first")
+    assert network.images == 2 * images  # the real crops and their reconstructions
+    (cached_file,) = cache.glob("photos-val-32px-*.npz")
+    val = build(compose_eval("data=photos", f"data.photos={PHOTOS}", "data.val_crops_per_photo=3", "data.resolution=32")[0].data,
+                seed=0).val
+    direct = real_feature_stats(torch.utils.data.DataLoader(val, batch_size=32), StandInNetwork(), torch.device("cpu"))
+    stored = FeatureStats.from_npz(cached_file)
+    assert stored.count == images
+    torch.testing.assert_close(stored.covariance(), direct.covariance(), rtol=0, atol=0)
+
+    # Another tokenizer on the same validation images reads them; its rFID is against the same statistics.
+    with caplog.at_level(logging.INFO, logger="ibq.engine.evaluate"):
+        second = train_in_process("second", "codebook_size=256")
+    assert network.images == 3 * images and f"statistics from {cached_file}" in caplog.text
+    fresh = train_in_process("fresh", "codebook_size=256", "eval.reference_cache_dir=null")
+    assert network.images == 5 * images and len(list(cache.iterdir())) == 1
+    assert second["psnr"] == pytest.approx(fresh["psnr"]) and second["rfid"] == pytest.approx(fresh["rfid"], rel=1e-9)
+    assert first["rfid"] != second["rfid"]
+
+    evaluate_in_process(f"run_dir={tmp_path / 'second'}", f"reference.cache_dir={cache}", "metrics.lpips=[]", "wandb_mode=disabled")
+    assert json.loads((tmp_path / "second" / "results.json").read_text())["eval/reference_cached"] is True
+    assert network.images == 6 * images
+
+    # A cache that cannot be written costs time, not the result.
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with caplog.at_level(logging.WARNING, logger="ibq.engine.evaluate"):
+        unwritable = train_in_process("unwritable", f"eval.reference_cache_dir={blocked}")
+    assert unwritable["rfid"] == pytest.approx(first["rfid"], rel=1e-6) and "could not be cached" in caplog.text
 
 
 def test_reference_npz_with_mu_and_sigma_or_feature_stats(tmp_path: Path):

@@ -184,6 +184,7 @@ def test_dry_run_reports_paper_parameter_counts(tmp_path: Path):
         (["train.steps=abc"], "train.steps='abc' is invalid: it must be a positive integer"),
         (["model.embed_dim=???"], "model.embed_dim is not set: add model.embed_dim=<value> to the command line"),
         (["train.batch_size=0"], "train.batch_size=0 is invalid"),
+        (["eval.reference_cache_dir=5"], "eval.reference_cache_dir=5 is invalid: give a folder, or null to keep no statistics"),
     ],
 )
 def test_bad_input_gets_one_line_and_writes_nothing(tmp_path: Path, overrides: list[str], expected: str):

@@ -4,6 +4,7 @@ against reference statistics and the Inception Score of a stream of uint8 sample
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,7 +24,10 @@ from ibq.metrics.fid import (
 )
 from ibq.metrics.image import psnr_ssim
 from ibq.metrics.networks import TorchFidelityNetwork
-from ibq.metrics.reference import ReferenceStats
+from ibq.metrics.reference import ReferenceCache, ReferenceKey, ReferenceStats
+
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ReconstructionEvaluator:
@@ -33,12 +37,22 @@ class ReconstructionEvaluator:
     lpips_model: nn.Module | None = None
     grid_images: int = 8
     lpips_models: dict[str, nn.Module] = field(default_factory=dict)  # reported as lpips/<name>
-    real_stats: FeatureStats | None = field(default=None, init=False)  # computed once (or set from a cache), reused
+    # Where the real images' statistics are kept between processes (runs of a sweep, ibq-eval of a run): the
+    # FID network's pass over them is half of an evaluation's cost, and the same for every tokenizer.
+    reference_cache: ReferenceCache | None = None
+    reference_key: ReferenceKey | None = None
+    real_stats: FeatureStats | None = field(default=None, init=False)  # computed once (or read from the cache), reused
+    reference_cached: bool | None = field(default=None, init=False)  # whether real_stats came from the cache
     code_counts: Tensor | None = field(default=None, init=False)  # the last call's tokens per code (K,), on the host
 
     @torch.no_grad()
     def __call__(self, tokenizer: nn.Module, codebook_size: int, desc: str = "eval") -> tuple[dict, Tensor]:
         tokenizer.eval()
+        if self.fid_network is not None and self.real_stats is None and self.reference_cache is not None:
+            self.real_stats = self.reference_cache.load(self.reference_key)
+            self.reference_cached = self.real_stats is not None
+            if self.reference_cached:
+                log.info("rFID: the real images' statistics from %s", self.reference_cache.path(self.reference_key))
         histogram = CodebookHistogram(codebook_size, self.device)
         psnrs, ssims, lpips_values = [], [], []
         named_lpips = {name: [] for name in self.lpips_models}
@@ -68,6 +82,8 @@ class ReconstructionEvaluator:
         histogram.all_reduce()
         self.code_counts = histogram.counts.cpu()
         self.real_stats = real_stats
+        if collect_real and self.reference_cache is not None:
+            self._store_real_stats()
         metrics = {
             **histogram.summary(),
             "psnr": sum(psnrs) / len(psnrs),
@@ -83,6 +99,14 @@ class ReconstructionEvaluator:
         else:
             metrics.update({"rfid": None, "rfid/samples": 0, "rfid/network": None})
         return metrics, grid
+
+    def _store_real_stats(self) -> None:
+        """Caches real_stats; a cache that cannot be written costs later evaluations time, not this one's result."""
+        try:
+            self.reference_cache.store(self.reference_key, self.real_stats)
+        except OSError as error:
+            log.warning("the real images' FID statistics could not be cached in %s (%s): later evaluations compute them again",
+                        self.reference_cache.directory, error)
 
 
 @torch.no_grad()

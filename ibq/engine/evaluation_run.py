@@ -24,7 +24,14 @@ from ibq.metrics.adm import AdmSampleParts, AdmSamples
 from ibq.metrics.fid import FID_FEATURE_DIM
 from ibq.metrics.lpips import BACKBONE_FILES
 from ibq.metrics.networks import FID_NETWORKS, REQUIRABLE, EvaluationNetworks
-from ibq.metrics.reference import ReferenceCache, ReferenceStats, dataset_name, load_reference_npz, reference_key
+from ibq.metrics.reference import (
+    ReferenceCache,
+    ReferenceStats,
+    dataset_name,
+    load_reference_npz,
+    reference_key,
+    validation_key,
+)
 from ibq.runs.record import MetricsLog, RunRecord, config_differences, merge_results, timestamp, without_non_result_keys
 from ibq.runs.wandb_mirror import open_evaluation_mirror
 
@@ -236,23 +243,16 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> Evaluation:
         )
 
     tokenizer = run.tokenizer(device, cfg.weights, config=merged)
+    data_config = OmegaConf.to_container(merged.data, resolve=True)
     evaluator = ReconstructionEvaluator(
         DataLoader(data.val, batch_size=eval_batch_size(cfg, train_cfg), num_workers=data.num_workers),
         device,
         fid_network=networks.fid,
         lpips_models=networks.lpips,
+        reference_cache=ReferenceCache(cfg.reference.cache_dir, refresh=cfg.reference.refresh),
+        reference_key=validation_key(data_config, seed, networks.fid),
     )
-    data_config = OmegaConf.to_container(merged.data, resolve=True)
-    cache, key, cached = None, None, None
-    if networks.fid is not None:
-        cache = ReferenceCache(cfg.reference.cache_dir, refresh=cfg.reference.refresh)
-        key = reference_key(data_config, "val", None, seed, networks.fid.sha1)
-        evaluator.real_stats = cache.load(key)
-        cached = evaluator.real_stats is not None
-
     metrics, _ = evaluator(tokenizer, tokenizer.quantizer.codebook_size, desc=f"eval@{run.step} ({cfg.weights})")
-    if cache is not None and not cached:
-        cache.store(key, evaluator.real_stats)
 
     perceptual_net = OmegaConf.select(train_cfg, "loss.perceptual_net", default="vgg")
     metrics["lpips"] = metrics.get(f"lpips/{perceptual_net}")  # the name training reports its LPIPS under
@@ -267,7 +267,7 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> Evaluation:
         "eval/weights": cfg.weights,
         "eval/checkpoint": str(run.checkpoint_path),
         "eval/step": run.step,
-        "eval/reference_cached": cached,
+        "eval/reference_cached": evaluator.reference_cached,
         "eval/unavailable": networks.unavailable,
         "eval/time": timestamp(),
     }
@@ -418,7 +418,7 @@ def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval", 
         "eval/samples_file": str(samples.path),
         "eval/samples": len(samples),
         "eval/sampling": sampling or sampling_of(samples),
-        "eval/reference_cached": cached,
+        "eval/reference_cached": evaluator.reference_cached,
         "eval/unavailable": networks.unavailable,
         "eval/time": timestamp(),
     }

@@ -47,6 +47,9 @@ def check_training_keys(cfg: DictConfig) -> None:
         check_positive_int(key, OmegaConf.select(cfg, key))
     if not isinstance(cfg.eval.every, int) or cfg.eval.every < 0:
         raise UserError(f"eval.every={cfg.eval.every!r} is invalid: it must be 0 (only at the end) or a positive integer")
+    cache_dir = cfg.eval.get("reference_cache_dir")
+    if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
+        raise UserError(f"eval.reference_cache_dir={cache_dir!r} is invalid: give a folder, or null to keep no statistics")
     if not isinstance(cfg.optim.lr, (int, float)) or cfg.optim.lr <= 0:
         raise UserError(f"optim.lr={cfg.optim.lr!r} is invalid: it must be a positive number")
 

@@ -43,6 +43,7 @@ from ibq.errors import UserError
 from ibq.losses import LeCAM, hinge_d_loss, non_saturating_g_loss
 from ibq.metrics.codebook import CodebookHistogram
 from ibq.metrics.fid import load_fid_network
+from ibq.metrics.reference import ReferenceCache, validation_key
 from ibq.metrics.lpips import try_load_lpips
 from ibq.runs.record import MetricsLog, RunRecord, config_differences, merge_results, result_config, signature, tokenizer_identity
 from ibq.runs.usage import save_usage
@@ -275,12 +276,16 @@ class TokenizerTraining:
         )
         evaluator = None
         if main:  # rank 0 evaluates alone (see _evaluate)
+            fid_network = load_fid_network(device=device) if cfg.eval.rfid else None
+            cache_dir = cfg.eval.get("reference_cache_dir")
             evaluator = ReconstructionEvaluator(
                 DataLoader(self.data.val, batch_size=cfg.eval.batch_size, num_workers=self.data.num_workers),
                 device,
-                fid_network=load_fid_network(device=device) if cfg.eval.rfid else None,
+                fid_network=fid_network,
                 lpips_model=self.lpips,
                 grid_images=cfg.eval.grid_images,
+                reference_cache=ReferenceCache(cache_dir) if cache_dir else None,
+                reference_key=validation_key(OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, fid_network),
             )
         autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         codebook_size = self.tokenizer.quantizer.codebook_size

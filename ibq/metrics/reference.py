@@ -64,6 +64,12 @@ def reference_key(data_config: dict, split: str, limit: int | None, seed: int, n
     return ReferenceKey(dataset, split, int(dataset["resolution"]), limit, seed, network_sha1)
 
 
+def validation_key(data_config: dict, seed: int, network) -> ReferenceKey | None:
+    """The key of a data config's whole validation split, which every reconstruction evaluation (a run's own,
+    ibq-eval's) compares against; None without an FID network."""
+    return None if network is None else reference_key(data_config, "val", None, seed, network.sha1)
+
+
 class ReferenceCache:
     """FeatureStats on disk, one .npz per ReferenceKey (count, sum, sum_outer, and the key as JSON)."""
 
