@@ -418,7 +418,7 @@ def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval", 
         "eval/samples_file": str(samples.path),
         "eval/samples": len(samples),
         "eval/sampling": sampling or sampling_of(samples),
-        "eval/reference_cached": evaluator.reference_cached,
+        "eval/reference_cached": cached,
         "eval/unavailable": networks.unavailable,
         "eval/time": timestamp(),
     }
