@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from conftest import graph_host_reads, record_host_reads
 import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
 from ibq.config import CONF_DIR
+from ibq.engine import train_tokenizer
 from ibq.engine.acceleration import StepAcceleration
 from ibq.engine.train_tokenizer import TokenizerTraining
 from ibq.errors import UserError
@@ -170,6 +171,32 @@ def test_the_step_never_waits_for_the_gpu(tmp_path: Path):
             training._step(step, batches, autocast)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: page-locked host memory")
+def test_training_batches_reach_the_gpu_from_page_locked_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A non_blocking copy from pageable memory may wait for the stream (the driver stages it), which would
+    stall the host once per micro-batch however free of synchronisation the step is."""
+    pinned = []
+
+    class Recorded:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __next__(self):
+            images, labels = next(self.batches)
+            pinned.append(images.is_pinned())
+            return images, labels
+
+        def __getattr__(self, name):  # state(), counters()
+            return getattr(self.batches, name)
+
+    made = train_tokenizer.training_batches
+    monkeypatch.setattr(train_tokenizer, "training_batches", lambda *args, **kwargs: Recorded(made(*args, **kwargs)))
+    training = tiny_training(tmp_path, "train.device=cuda", "train.compile=false", "train.steps=2", "logger=none")
+    training.run({}, [], None)
+    assert pinned == [True, True]
 
 
 def test_the_compiled_networks_trace_as_one_graph_each(tmp_path: Path, whole_graph):

@@ -15,9 +15,10 @@ from ibq.errors import UserError
 
 class PositionBatches:
     def __init__(self, dataset: Dataset, micro_batch: int, global_batch: int, start_step: int, steps: int,
-                 rank: int, world_size: int, num_workers: int):
+                 rank: int, world_size: int, num_workers: int, pin_memory: bool = False):
         sampler = PositionSampler(start_step * global_batch, steps * global_batch, rank, world_size, global_batch)
-        self.loader = iter(DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=num_workers, drop_last=True))
+        self.loader = iter(DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=num_workers, drop_last=True,
+                                      pin_memory=pin_memory))
 
     def __iter__(self):
         return self
@@ -33,10 +34,12 @@ class PositionBatches:
 
 
 def training_batches(data: DataSplits, micro_batch: int, global_batch: int, start_step: int, steps: int,
-                     rank: int, world_size: int, stream_state: dict | None):
+                     rank: int, world_size: int, stream_state: dict | None, pin_memory: bool = False):
+    """`pin_memory` (for a CUDA device): batches in page-locked memory, which a non_blocking copy sends to the device
+    while the host queues the step's kernels; from pageable memory the driver may wait for the stream first."""
     if isinstance(data.train, ShardStream):
-        return data.train.batches(micro_batch, rank, world_size, stream_state)
-    return PositionBatches(data.train, micro_batch, global_batch, start_step, steps, rank, world_size, data.num_workers)
+        return data.train.batches(micro_batch, rank, world_size, stream_state, pin_memory)
+    return PositionBatches(data.train, micro_batch, global_batch, start_step, steps, rank, world_size, data.num_workers, pin_memory)
 
 
 def trainable(data: DataSplits, data_config) -> None:

@@ -248,6 +248,7 @@ class ARTraining:
             ),
             num_workers=self.num_workers,
             generator=torch.Generator(),  # the loader's base seed must not draw from the training RNG
+            pin_memory=self.device.type == "cuda",  # see ibq.data.batches.training_batches
         )
         for items, labels in loader:
             if self.tokenize:

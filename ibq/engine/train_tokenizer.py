@@ -272,7 +272,7 @@ class TokenizerTraining:
         steps = cfg.train.steps
         self.batches = training_batches(
             self.data, layout.micro_batch, layout.global_batch, self.start_step, steps,
-            self.ranks.rank, self.ranks.world_size, self.stream_state,
+            self.ranks.rank, self.ranks.world_size, self.stream_state, pin_memory=device.type == "cuda",
         )
         evaluator = None
         if main:  # rank 0 evaluates alone (see _evaluate)

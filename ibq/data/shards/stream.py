@@ -98,15 +98,16 @@ class ShardStream:
             workers = fitting
         return workers if self.num_workers else 0
 
-    def batches(self, micro_batch: int, rank: int, world_size: int, state: dict | None) -> StreamBatches:
-        return StreamBatches(self, micro_batch, rank, world_size, state)
+    def batches(self, micro_batch: int, rank: int, world_size: int, state: dict | None, pin_memory: bool = False) -> StreamBatches:
+        return StreamBatches(self, micro_batch, rank, world_size, state, pin_memory)
 
 
 class StreamBatches:
     """This rank's micro-batches of a ShardStream. Each batch comes from one loader worker with the
     cursor of its slot after it; the cursors of the batches taken so far make the state."""
 
-    def __init__(self, stream: ShardStream, micro_batch: int, rank: int, world_size: int, state: dict | None):
+    def __init__(self, stream: ShardStream, micro_batch: int, rank: int, world_size: int, state: dict | None,
+                 pin_memory: bool = False):
         workers = stream.workers_for(world_size)
         slots_per_rank = max(workers, 1)
         slots = world_size * slots_per_rank
@@ -122,7 +123,7 @@ class StreamBatches:
         self.cursors = {slot: cursor for slot, cursor in state["cursors"].items() if slot in own}
         dataset = ShardBatches(stream.sources, stream.settings, micro_batch, rank, slots_per_rank, slots,
                                self.taken % slots_per_rank, dict(self.cursors))
-        self.loader = iter(DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False))
+        self.loader = iter(DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False, pin_memory=pin_memory))
 
     def __iter__(self):
         return self
