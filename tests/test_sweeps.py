@@ -231,3 +231,4 @@ def test_table_and_plot_of_the_tiny_sweep(tiny_sweep):
     png = tiny_sweep / "plots" / "codebook_utilization_vs_codebook_size.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "rfid: no run reports it; no plot" in result.stdout  # eval.rfid=false in this sweep
+    assert "gfid" not in result.stdout and "\nloss:" not in result.stdout  # stage II's metrics: no note in a tokenizer sweep

@@ -23,8 +23,10 @@ from ibq.errors import UserError
 
 DEFAULT_RUNS = Path("outputs")
 ENTRY_SCRIPTS = {"train": "ibq-train", "train_ar": "ibq-train-ar"}  # the apps whose sweeps the ledger reads (ibq.config.APPS)
-PLOT_METRICS = ("codebook/utilization", "rfid", "gfid")  # final values against the x factor
-CURVE_METRICS = ("loss/g", "codebook/utilization", "loss")  # over the steps, where runs logged them at two steps or more
+# By the kind of run (run.json's `kind`): (final values against the x factor, curves over the steps where runs
+# logged them at two steps or more).
+PLOT_METRICS = {"tokenizer": (("codebook/utilization", "rfid"), ("loss/g", "codebook/utilization")),
+                "generator": (("gfid",), ("loss",))}
 SAMPLING_PLOT_METRICS = ("gfid", "is")  # of a sweep of ibq-sample, against the x factor
 
 
@@ -311,6 +313,14 @@ def wandb_project(runs) -> str:
     return "ibq"
 
 
+def default_plot_metrics(table) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(final, curve) metrics drawn by default: those of the kinds of run in the table (all where a run's kind is
+    unknown, as for runs read from W&B), so that a tokenizer sweep is not told it has no gFID."""
+    kinds = {run.record.get("kind") for row in table.rows for run in row.runs}
+    chosen = [PLOT_METRICS[kind] for kind in PLOT_METRICS if kind in kinds] if kinds <= PLOT_METRICS.keys() else PLOT_METRICS.values()
+    return tuple(m for final, _ in chosen for m in final), tuple(dict.fromkeys(m for _, curves in chosen for m in curves))
+
+
 def make_plots(table, metrics: list[str] | None, x: str | None, out: Path, usage: bool = False, samplings: bool = False) -> dict[str, Path]:
     """Final values against `x` for the metrics runs report in results.json, curves over the steps for those
     they logged in metrics.jsonl (both where both), and with `usage` the sorted code usage. `metrics` None:
@@ -323,7 +333,7 @@ def make_plots(table, metrics: list[str] | None, x: str | None, out: Path, usage
     on_disk = all(run.path is not None for row in table.rows for run in row.runs)
     logged = logged_metrics(table) if on_disk else set()
     paths = {}
-    final_metrics, curve_metrics = (SAMPLING_PLOT_METRICS, ()) if samplings else (PLOT_METRICS, CURVE_METRICS)
+    final_metrics, curve_metrics = (SAMPLING_PLOT_METRICS, ()) if samplings else default_plot_metrics(table)
     for metric in metrics or dict.fromkeys(final_metrics + curve_metrics):
         final = (bool(metrics) or metric in final_metrics) and any(row.cell(metric).values for row in table.rows)
         curve = (bool(metrics) or metric in curve_metrics) and metric in logged and bool(curve_series(table, metric))
@@ -393,7 +403,7 @@ def cmd_report(args) -> int:
         print(f"W&B Report not created ({problem}); the local report above has the same content")
         return 0
     try:
-        curves = [m for m in CURVE_METRICS if not on_disk or m in logged_metrics(table)]
+        curves = [m for m in default_plot_metrics(table)[1] if not on_disk or m in logged_metrics(table)]
         report = wandb_report(title, "; ".join(lines), table, group, args.project or wandb_project(runs), args.entity, curves)
         report.save()
     except Exception as error:  # the Reports API (public preview) raises many types
