@@ -9,6 +9,7 @@ import itertools
 import math
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -173,6 +174,26 @@ def override_args(argv: list[str]) -> list[str]:
 
 def available(group_dir: Path) -> list[str]:
     return sorted(p.stem for p in group_dir.glob("*.yaml"))
+
+
+# Values that Hydra's override grammar and a shell both take as they are.
+PLAIN_VALUE = re.compile(r"[\w./-]+")
+
+
+def hydra_value(value) -> str:
+    """`value` as an override's value: quoted where Hydra's grammar would read part of it as syntax ('=', ',',
+    spaces, brackets), as in every run directory named after its overrides."""
+    text = str(value)
+    if PLAIN_VALUE.fullmatch(text):
+        return text
+    # Hydra reads a backslash as an escape only before a quote (or the closing one): those are doubled.
+    escaped = re.sub(r'(\\*)("|$)', lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""), text)
+    return f'"{escaped}"'
+
+
+def shell_override(key: str, value) -> str:
+    """key=value as typed into a shell: 'run_dir="outputs/multirun/<time>/codebook_size=1024,seed=0"'."""
+    return shlex.quote(f"{key}={hydra_value(value)}")
 
 
 def unparsable(line: str, error: Exception) -> UserError:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ibq.config import hydra_value
+
 REPO = Path(__file__).resolve().parents[1]
 IBQ_TRAIN = [sys.executable, "-m", "ibq.cli.train"]
 # Small and fast: a handful of steps, one validation crop per photo, no W&B unless a test asks.
@@ -95,7 +97,7 @@ class BackgroundRun:
 
 def train_args(run_dir: Path, *overrides: str, quick: bool = True) -> list[str]:
     quick_args = QUICK + ([] if any(o.startswith("data=") for o in overrides) else [ONE_CROP_PER_PHOTO])
-    return IBQ_TRAIN + (quick_args if quick else []) + list(overrides) + [f"hydra.run.dir={run_dir}"]
+    return IBQ_TRAIN + (quick_args if quick else []) + list(overrides) + [f"hydra.run.dir={hydra_value(run_dir)}"]
 
 
 def train(run_dir: Path, *overrides: str, quick: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ user's presets, Hydra's command line (completion, dict overrides), and value che
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,10 +12,11 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from conftest import IBQ_TRAIN, REPO, cli_env, error_line, require_slow_mark, run_cli
-from ibq.config import CONF_DIR, check_values
+from ibq.config import CONF_DIR, check_values, hydra_value, shell_override
 from ibq.errors import UserError
 
 # What a wheel is built from: the working tree without its environment, outputs and caches.
@@ -132,6 +134,18 @@ def test_an_app_loads_without_torch_so_completion_and_help_answer_at_once(app: s
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=cli_env())
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.split() == [], f"importing {app} loads {loaded.stdout.strip()}"
+
+
+@pytest.mark.parametrize("value", ["outputs/multirun/2026-12-01_10-00-00/codebook_size=1024,seed=0", "/runs/my run", 'a"b', "it's",
+                                   "C:\\runs\\", 'q\\"x', "x[1]", "plain/run-1.2_x"])
+def test_a_printed_override_reads_back_as_its_value_in_a_shell_and_in_hydra(value: str):
+    """The commands ibq prints for the next step (tokenize, sample, extend a run) name run folders, which are
+    named after their overrides: copied into a shell, they must give Hydra the folder's name."""
+    parser = OverridesParser.create()
+    assert parser.parse_override(f"run_dir={hydra_value(value)}").value() == value
+    (argument,) = shlex.split(shell_override("run_dir", value))
+    assert parser.parse_override(argument).value() == value
+    assert shell_override("run_dir", "plain/run-1.2_x") == "run_dir=plain/run-1.2_x"  # left as typed
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from conftest import IBQ_TRAIN_AR, REPO, SMALL_AR, BackgroundRun, children, cli_env, error_line, kill_at_first_checkpoint, read_jsonl, run_cli
@@ -158,6 +160,10 @@ def test_a_sweep_across_tokenizers_trains_each_on_its_codes_and_the_ledger_knows
     for tokenizer, codes, tokens in ((small_tokenizer_run, 256, 8 * 8), (imported, 64, 16 * 16)):
         state = torch.load(sweep / tokenizer.name / dirname / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
         assert (state["config"]["transformer"]["vocab_size"], state["config"]["transformer"]["block_size"]) == (codes, tokens)
+    # Each job's summary names the next step, its folder quoted for a shell and for Hydra.
+    nexts = [shlex.split(line.split("next", 1)[1].split("   (")[0]) for line in result.stdout.splitlines() if line.startswith("  next ")]
+    assert [(program, OverridesParser.create().parse_override(override).value()) for program, override in nexts] == \
+        [("ibq-sample", str(sweep / tokenizer.name / dirname)) for tokenizer in (small_tokenizer_run, imported)]
 
     jobs = load_sweep(sweep).jobs
     assert [job.run.path.parent.name for job in jobs] == [small_tokenizer_run.name, imported.name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -107,14 +108,18 @@ def test_resuming_with_another_configuration_is_refused_and_changes_nothing(fini
 
 
 def test_a_finished_run_extended_to_more_steps_equals_the_longer_run_from_scratch(tmp_path: Path):
-    short, extended, scratch = tmp_path / "short", tmp_path / "extended", tmp_path / "scratch"
+    # The short run's folder is named as a sweep's job is, after its overrides: the hint's path needs quotes.
+    short, extended, scratch = tmp_path / "train.steps=3,seed=0", tmp_path / "extended", tmp_path / "scratch"
     from_scratch = BackgroundRun(train_args(scratch, "train.steps=5", "eval.rfid=false"))
     assert train(short, "train.steps=3", "eval.rfid=false").returncode == 0
     # More steps in the short run's own folder: refused, pointing to what trains it on.
     line = error_line(train(short, "train.steps=5", "eval.rfid=false"))
     assert "differs in train.steps: 3 -> 5" in line
-    assert line.endswith(f"; to train that run on for more steps, in another folder: hydra.run.dir=<folder> train.extend_from={short}")
-    result = train(extended, "train.steps=5", f"train.extend_from={short}", "eval.rfid=false")
+    hint = "; to train that run on for more steps, in another folder: hydra.run.dir=<folder> "
+    assert hint in line
+    given = shlex.split(line.split(hint)[1])  # as a shell reads the hint
+    assert given == [f'train.extend_from="{short}"']
+    result = train(extended, "train.steps=5", *given, "eval.rfid=false")
     assert result.returncode == 0, result.stderr[-3000:]
     assert from_scratch.result().returncode == 0
 
@@ -128,7 +133,7 @@ def test_a_finished_run_extended_to_more_steps_equals_the_longer_run_from_scratc
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
 
-    line = error_line(train(tmp_path / "other", "train.steps=5", f"train.extend_from={short}", "codebook_size=256"))
+    line = error_line(train(tmp_path / "other", "train.steps=5", *given, "codebook_size=256"))
     assert f"train.extend_from={short} was trained with another configuration" in line and "only train.steps may differ" in line
     assert not (tmp_path / "other").exists()
 

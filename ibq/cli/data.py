@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ibq.config import fail
+from ibq.config import fail, shell_override
 from ibq.errors import UserError
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
             skipped = manifest["skipped_files"]
             skipped = f", {len(skipped)} unreadable file(s) skipped (first {skipped[0]}; all in {MANIFEST})" if skipped else ""
             print(f"ibq-data: {manifest['samples']} samples in {manifest['shard_count']} shard(s) -> {args.output}{skipped}")
-            print(f"  train on them:  ibq-train data=shards data.sources.main.urls={args.output}")
+            print(f"  train on them:  ibq-train data=shards {shell_override('data.sources.main.urls', args.output)}")
         else:
             lines, problems = inspect_shards(args.shards, args.show, args.verify)
             print("\n".join(lines))

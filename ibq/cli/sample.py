@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ibq.cli.common import entry_point, guarded, save_hydra_files
 from ibq.cli.eval import generation_lines
-from ibq.config import CONF_DIR
+from ibq.config import CONF_DIR, shell_override
 from ibq.errors import UserError, check_positive_int
 from ibq.runs.lock import RunLock
 from ibq.runs.record import atomic_write, write_json
@@ -156,7 +156,8 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
         print(f"  samples (ADM .npz)    {samples_path}")
         print(f"  grid                  {out_dir / 'grid.png'}")
         if cfg.parts > 1:
-            print(f"  {f'part {cfg.part} of {cfg.parts}':<22}once every part is drawn: ibq-eval samples={out_dir.parent} run_dir={run.run_dir}")
+            print(f"  {f'part {cfg.part} of {cfg.parts}':<22}once every part is drawn: ibq-eval "
+                  f"{shell_override('samples', out_dir.parent)} {shell_override('run_dir', run.run_dir)}")
         if eval_cfg is not None:
             evaluation = evaluate_generation(eval_cfg, choices={}, job_type="sample", sampling={**settings, "seed": cfg.seed})
             print("\n".join(generation_lines(evaluation, eval_cfg)))

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ibq.cli.common import entry_point, guarded, save_hydra_files
-from ibq.config import CONF_DIR, build
+from ibq.config import CONF_DIR, build, shell_override
 from ibq.errors import check_positive_int
 from ibq.runs.lock import RunLock
 
@@ -70,7 +70,7 @@ def main(cfg: DictConfig, run_dir: Path) -> None:
           + (f", by {ranks.world_size} ranks" if ranks.world_size > 1 else ""))
     print(f"  tokenizer             {tokenizer_run.run_dir} (signature {tokenizer_run.signature}, step {tokenizer_run.step}, {tokenizer_run.codebook_size} codes)")
     print(f"  tokens                {run_dir}")
-    print(f"  next                  ibq-train-ar tokenizer_run={tokenizer_run.run_dir} tokens={run_dir}")
+    print(f"  next                  ibq-train-ar {shell_override('tokenizer_run', tokenizer_run.run_dir)} {shell_override('tokens', run_dir)}")
 
 
 def already_written(run_dir: Path, tokenizer_run, identity: dict, seed: int, samples: int) -> bool:

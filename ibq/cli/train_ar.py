@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ibq.cli.common import entry_point, guarded, run_training
-from ibq.config import CONF_DIR
+from ibq.config import CONF_DIR, shell_override
 
 
 def dry_run(cfg: DictConfig) -> None:
@@ -33,6 +33,7 @@ def summary_lines(training, results: dict, run_dir: Path) -> list[str]:
     ]
     if "sample_grid" in results:
         lines.append(f"samples               {run_dir / results['sample_grid']}")
+    lines.append(f"next                  ibq-sample {shell_override('run_dir', run_dir)}   (samples, gFID and IS)")
     return lines
 
 

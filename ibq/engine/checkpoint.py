@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ibq.config import build, one_line
+from ibq.config import build, one_line, shell_override
 from ibq.engine.distributed import any_rank, gather_objects
 from ibq.errors import TrainingDiverged, UserError
 from ibq.runs.record import atomic_write
@@ -291,7 +291,7 @@ def foreign_checkpoint(path: Path, saved_signature: str, signature: str, changed
     would train that run on, where more steps are all that differ (stage I's train.extend_from)."""
     hint = "give the run another folder (hydra.run.dir=…) or the original overrides"
     if extends is not None:
-        hint += f"; to train that run on for more steps, in another folder: hydra.run.dir=<folder> {extends}={path.parent.parent}"
+        hint += f"; to train that run on for more steps, in another folder: hydra.run.dir=<folder> {shell_override(extends, path.parent.parent)}"
     return UserError(
         f"{path} belongs to another configuration (signature {saved_signature}, this run {signature}; "
         f"differs in {'; '.join(changed[:3]) or 'unknown keys'}): {hint}"

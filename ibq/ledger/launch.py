@@ -12,23 +12,13 @@ multirun.yaml is put back afterwards."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
-from pathlib import Path
 
+from ibq.config import hydra_value
 from ibq.ledger.sweep import JobStatus, Sweep
 
-SAFE_PATH = re.compile(r"[\w./-]+")
 ENTRY_POINTS = {"train": "ibq.cli.train", "train_ar": "ibq.cli.train_ar"}  # primary config -> module
-
-
-def quoted_path(path: Path) -> str:
-    """A path as an override value; Hydra's grammar needs quotes around e.g. spaces, commas or '='."""
-    text = str(path)
-    if SAFE_PATH.fullmatch(text):
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def train_command(status: JobStatus, sweep: Sweep) -> list[str]:
@@ -36,7 +26,7 @@ def train_command(status: JobStatus, sweep: Sweep) -> list[str]:
     module = ENTRY_POINTS[sweep.plan.config_name if sweep.plan else "train"]
     return [
         sys.executable, "-m", module, "-m",
-        f"hydra.sweep.dir={quoted_path(sweep.directory.resolve())}",
+        f"hydra.sweep.dir={hydra_value(sweep.directory.resolve())}",
         *hydra_overrides,
         *status.overrides,
     ]
