@@ -71,6 +71,22 @@ def test_paper_scales_keep_the_reference_schedule_and_sampling():
         assert cfg.ar_optim.weight_decay == 0.05 and cfg.ar_optim.grad_clip == 1.0 and cfg.transformer.class_dropout == 0.1
 
 
+def test_gfid_reference_images_follow_the_runs_scale_unless_given(tmp_path: Path):
+    """reference.limit=auto: 2048 real images at the CPU scale, whose FID-network pass takes minutes there, and
+    10000 at the paper's scales (or where the run's scale is unknown); a number given is kept."""
+    from ibq.cli.sample import eval_config
+
+    def limit(scale: str | None, *overrides: str) -> int:
+        run_dir = tmp_path / str(scale)
+        run_dir.mkdir(exist_ok=True)
+        if scale is not None:
+            (run_dir / "run.json").write_text(json.dumps({"choices": {"model_scale": scale}}))
+        return eval_config(compose_config("sample", f"run_dir={run_dir}", *overrides), run_dir, tmp_path / "samples.npz").reference.limit
+
+    assert [limit(scale) for scale in ("tiny", "B", "XXL", None)] == [2048, 10000, 10000, 10000]
+    assert limit("tiny", "reference.limit=500") == 500
+
+
 def test_transformer_sizes_given_as_auto_follow_the_tokenizer():
     """A sweep across tokenizers of different codebooks (-m tokenizer_run=a,b transformer.vocab_size=auto):
     each job's transformer predicts its own tokenizer's codes, as many as its encoder makes of an image."""

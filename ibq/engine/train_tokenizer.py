@@ -43,8 +43,8 @@ from ibq.errors import UserError
 from ibq.losses import LeCAM, hinge_d_loss, non_saturating_g_loss
 from ibq.metrics.codebook import CodebookHistogram
 from ibq.metrics.fid import load_fid_network
-from ibq.metrics.reference import ReferenceCache, validation_key
 from ibq.metrics.lpips import try_load_lpips
+from ibq.metrics.reference import ReferenceCache, validation_key
 from ibq.runs.record import MetricsLog, RunRecord, config_differences, merge_results, result_config, signature, tokenizer_identity
 from ibq.runs.usage import save_usage
 
