@@ -18,25 +18,26 @@ K, D = 64, 8
 
 # name -> (factory, parameters that must receive a gradient)
 QUANTIZERS = {
-    "ibq": (lambda: IBQ(K, D), ["codebook.weight"]),
-    "ibq_chunked": (lambda: IBQ(K, D, chunk_size=24), ["codebook.weight"]),
-    "vq": (lambda: VQ(K, D), ["codebook.weight"]),
-    "vq_legacy": (lambda: VQ(K, D, legacy=True), ["codebook.weight"]),
-    "ema_vq": (lambda: EMAVQ(K, D), []),
-    "l2_vq": (lambda: L2VQ(K, D, codebook_dim=4), ["codebook.weight", "project_in.weight", "project_out.weight"]),
-    "l2_vq_full_dim": (lambda: L2VQ(K, D, codebook_dim=None), ["codebook.weight"]),
-    "lfq": (lambda: LFQ(K, D), ["project_in.weight", "project_out.weight"]),
-    "lfq_no_projection": (lambda: LFQ(K, 6), []),
-    "fsq": (lambda: FSQ(K, D, levels=[4, 4, 4]), ["project_in.weight", "project_out.weight"]),
-    "fsq_no_projection": (lambda: FSQ(60, 3, levels=[5, 4, 3]), []),
-    "simvq": (lambda: SimVQ(K, D), ["codebook_map.weight", "codebook_map.bias"]),
+    "ibq": (lambda dim: IBQ(K, dim), ["codebook.weight"]),
+    "ibq_chunked": (lambda dim: IBQ(K, dim, chunk_size=24), ["codebook.weight"]),
+    "vq": (lambda dim: VQ(K, dim), ["codebook.weight"]),
+    "vq_legacy": (lambda dim: VQ(K, dim, legacy=True), ["codebook.weight"]),
+    "ema_vq": (lambda dim: EMAVQ(K, dim), []),
+    "l2_vq": (lambda dim: L2VQ(K, dim, codebook_dim=4), ["codebook.weight", "project_in.weight", "project_out.weight"]),
+    "l2_vq_full_dim": (lambda dim: L2VQ(K, dim, codebook_dim=None), ["codebook.weight"]),
+    "lfq": (lambda dim: LFQ(K, dim), ["project_in.weight", "project_out.weight"]),
+    "lfq_no_projection": (lambda dim: LFQ(K, 6), []),
+    "fsq": (lambda dim: FSQ(K, dim, levels=[4, 4, 4]), ["project_in.weight", "project_out.weight"]),
+    "fsq_no_projection": (lambda dim: FSQ(60, 3, levels=[5, 4, 3]), []),
+    "simvq": (lambda dim: SimVQ(K, dim), ["codebook_map.weight", "codebook_map.bias"]),
 }
 CONFIG_NAMES = sorted(path.stem for path in (CONF_DIR / "quantizer").glob("*.yaml"))
 
 
-def build(name: str, seed: int = 0):
+def build(name: str, seed: int = 0, dim: int = D):
+    """`dim`: the encoder's channels, where the quantizer projects them or its codes have that size."""
     torch.manual_seed(seed)
-    return QUANTIZERS[name][0]()
+    return QUANTIZERS[name][0](dim)
 
 
 def encoder_output(quantizer, seed: int = 1, shape=(2, 3, 5)) -> torch.Tensor:
@@ -107,6 +108,28 @@ def test_a_fixed_seed_gives_the_same_result_twice(name):
         results.append((out.z_q.detach(), out.indices, out.loss.detach(), grad_z))
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_every_gradient_is_the_same_bits_at_every_call_on_several_threads(name):
+    """Two runs of one command train alike only if each step does: a sum whose order follows the CPU's
+    threads (indexing's backward did, for the codebook) changes last bits from call to call, and the runs drift."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        quantizer = build(name, dim=64)
+        z = encoder_output(quantizer, shape=(8, 16, 16))  # 2048 tokens x 64 channels: work for both threads
+        calls = []
+        for _ in range(8):
+            if name == "ema_vq":
+                quantizer = build(name, dim=64)  # its codebook moves at every training call
+            quantizer.zero_grad(set_to_none=True)
+            _, grad_z = train_step(quantizer, z)
+            calls.append([grad_z] + [p.grad.clone() for p in quantizer.parameters() if p.grad is not None])
+    finally:
+        torch.set_num_threads(threads)
+    for call in calls[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(calls[0], call, strict=True))
 
 
 @pytest.mark.parametrize("name", QUANTIZERS)

@@ -50,6 +50,28 @@ def test_the_step_reads_nothing_on_the_host(tmp_path: Path, monkeypatch: pytest.
     training.divergence.check(3)  # the log step's one read: every loss was finite
 
 
+@pytest.mark.parametrize("quantizer", ["ibq", "vq"])
+def test_the_tokenizers_gradients_are_the_same_bits_at_every_call(tmp_path: Path, quantizer: str):
+    """The same step twice, on a CPU's threads: two runs of one command stay equal only if every gradient
+    does (the codebook's, summed by indexing's backward in the threads' order, differed in its last bits
+    almost every call, and runs of the demo parted after a few dozen steps)."""
+    training = tiny_training(tmp_path, f"quantizer={quantizer}")
+    tokenizer, images = training.tokenizer, micro_batches(training)[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        calls = []
+        for _ in range(8):
+            tokenizer.zero_grad(set_to_none=True)
+            quantized = tokenizer.encode(images)
+            ((tokenizer.decode(quantized.z_q) - images).abs().mean() + quantized.loss).backward()
+            calls.append([p.grad.clone() for p in tokenizer.parameters() if p.grad is not None])
+    finally:
+        torch.set_num_threads(threads)
+    for call in calls[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(calls[0], call, strict=True))
+
+
 def first_losses(training: TokenizerTraining, steps: int = 2, device: str = "cpu") -> list[dict[str, float]]:
     batches = [x.to(device) for x in micro_batches(training)]
     autocast = torch.autocast(device, enabled=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ibq.errors import UserError
@@ -60,6 +61,14 @@ def to_map(tokens: Tensor, like_shape: torch.Size) -> Tensor:
     """(B*H*W, D) -> (B, D, H, W)."""
     b, d, h, w = like_shape
     return tokens.reshape(b, h, w, d).permute(0, 3, 1, 2)
+
+
+def selected_codes(codebook: Tensor, indices: Tensor) -> Tensor:
+    """codebook[indices], whose gradient sums each code's tokens in a fixed order: the backward of indexing
+    (index_put_ with accumulate) sums them in whatever order a CPU's threads take, so the same step gave other
+    last bits from one call to the next, and two runs of one command drifted apart. Embedding's backward is
+    deterministic on CPU and CUDA."""
+    return F.embedding(indices, codebook)
 
 
 def batch_usage_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ibq.errors import UserError, check_positive_int
-from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, to_tokens
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, selected_codes, to_tokens
 from ibq.quantizers.chunked import ENTROPY_EPS, KERNELS, chunked_ibq
 
 
@@ -79,7 +79,7 @@ class IBQ(Quantizer):
         one_hot = F.one_hot(indices, self.codebook_size).to(probs.dtype)
         soft_one_hot = one_hot - probs.detach() + probs
         z_q = soft_one_hot @ codebook  # equals codebook[indices] in value
-        z_hard = codebook[indices]
+        z_hard = selected_codes(codebook, indices)
         sample_entropy, codebook_entropy = entropy_terms(logits, self.entropy_temperature)
         return z_q, z_hard, indices, sample_entropy, codebook_entropy
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ibq.errors import check_positive_int
-from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, to_tokens
+from ibq.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, selected_codes, to_tokens
 
 
 class VQ(Quantizer):
@@ -30,7 +30,7 @@ class VQ(Quantizer):
             tokens.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * tokens @ codebook.t()
         )
         indices = distances.argmin(-1)
-        z_hard = codebook[indices]
+        z_hard = selected_codes(codebook, indices)
         codebook_term = F.mse_loss(z_hard, tokens.detach())
         commitment = F.mse_loss(z_hard.detach(), tokens)
         if self.legacy:
