@@ -64,9 +64,9 @@ def to_map(tokens: Tensor, like_shape: torch.Size) -> Tensor:
 
 
 def selected_codes(codebook: Tensor, indices: Tensor) -> Tensor:
-    """codebook[indices], whose gradient sums each code's tokens in a fixed order: the backward of indexing
-    (index_put_ with accumulate) sums them in whatever order a CPU's threads take, so the same step gave other
-    last bits from one call to the next, and two runs of one command drifted apart. Embedding's backward is
+    """codebook[indices], with a gradient that sums each code's tokens in a fixed order. Indexing's backward
+    (index_put_ with accumulate) sums them in the order a CPU's threads take them: the same step would differ in
+    its last bits from call to call, and two runs of one command would drift apart. Embedding's backward is
     deterministic on CPU and CUDA."""
     return F.embedding(indices, codebook)
 
