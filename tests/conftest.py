@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,6 +94,20 @@ class BackgroundRun:
         self.output.seek(0)
         self.errors.seek(0)
         return subprocess.CompletedProcess(self.process.args, self.process.returncode, self.output.read(), self.errors.read())
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """torch's intra-op threads set to `count` inside the block: a reduction whose order follows the threads
+    shows up only with several."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def train_args(run_dir: Path, *overrides: str, quick: bool = True) -> list[str]:

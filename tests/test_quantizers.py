@@ -9,6 +9,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from conftest import cpu_threads
 from ibq.config import CONF_DIR  # also registers the resolvers the primary configs use
 from ibq.errors import UserError
 from ibq.quantizers import EMAVQ, FSQ, IBQ, L2VQ, LFQ, VQ, SimVQ
@@ -114,9 +115,7 @@ def test_a_fixed_seed_gives_the_same_result_twice(name):
 def test_every_gradient_is_the_same_bits_at_every_call_on_several_threads(name):
     """Two runs of one command train alike only if each step does: a sum whose order follows the CPU's
     threads (indexing's backward did, for the codebook) changes last bits from call to call, and the runs drift."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with cpu_threads(2):
         quantizer = build(name, dim=64)
         z = encoder_output(quantizer, shape=(8, 16, 16))  # 2048 tokens x 64 channels: work for both threads
         calls = []
@@ -126,8 +125,6 @@ def test_every_gradient_is_the_same_bits_at_every_call_on_several_threads(name):
             quantizer.zero_grad(set_to_none=True)
             _, grad_z = train_step(quantizer, z)
             calls.append([grad_z] + [p.grad.clone() for p in quantizer.parameters() if p.grad is not None])
-    finally:
-        torch.set_num_threads(threads)
     for call in calls[1:]:
         assert all(torch.equal(a, b) for a, b in zip(calls[0], call, strict=True))
 

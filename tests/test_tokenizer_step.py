@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import graph_host_reads, record_host_reads
+from conftest import cpu_threads, graph_host_reads, record_host_reads
 import ibq.cli.common  # noqa: F401  (registers the resolvers the configs use)
 from ibq.config import CONF_DIR
 from ibq.engine import train_tokenizer
@@ -57,17 +57,13 @@ def test_the_tokenizers_gradients_are_the_same_bits_at_every_call(tmp_path: Path
     almost every call, and runs of the demo parted after a few dozen steps)."""
     training = tiny_training(tmp_path, f"quantizer={quantizer}")
     tokenizer, images = training.tokenizer, micro_batches(training)[0]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with cpu_threads(2):
         calls = []
         for _ in range(8):
             tokenizer.zero_grad(set_to_none=True)
             quantized = tokenizer.encode(images)
             ((tokenizer.decode(quantized.z_q) - images).abs().mean() + quantized.loss).backward()
             calls.append([p.grad.clone() for p in tokenizer.parameters() if p.grad is not None])
-    finally:
-        torch.set_num_threads(threads)
     for call in calls[1:]:
         assert all(torch.equal(a, b) for a, b in zip(calls[0], call, strict=True))
 
