@@ -86,6 +86,9 @@ def test_sweep_is_one_slurm_array_and_every_job_completes_with_its_record(slurm,
     sweep = tmp_path / "sweep"
     result = submit(["-m", "cluster=slurm", "quantizer=ibq,vq", "codebook_size=256,1024", "train.steps=2", *SHORT, f"hydra.sweep.dir={sweep}"])
     assert result.returncode == 0, result.stderr[-3000:]
+    # while it waited, a bar said where the jobs stood; its last state is every job done
+    bar = last_line(result.stderr.replace("\r", "\n")).rstrip()
+    assert bar.startswith("slurm jobs: 100%|") and bar.endswith(", 4 done"), bar
 
     job_folders = [p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)]
     arrays = {name.split("_")[0] for name in job_folders}
@@ -97,7 +100,7 @@ def test_sweep_is_one_slurm_array_and_every_job_completes_with_its_record(slurm,
     assert {(r["choices"]["quantizer"], r["choices"]["codebook_size"]) for r in records} == {
         ("ibq", "256"), ("ibq", "1024"), ("vq", "256"), ("vq", "1024")}
     for record in records:
-        assert record["status"] == "completed" and record["slurm_job_id"]
+        assert record["status"] == "completed" and record["slurm_job_id"] and record["total_steps"] == 2
         assert record["distributed"]["launcher"] == "submitit" and record["distributed"]["world_size"] == 1
     for run_dir in sweep.glob("*/run.json"):
         assert json.loads((run_dir.parent / "results.json").read_text())["step"] == 2

@@ -297,6 +297,8 @@ def test_an_optuna_search_runs_its_trials_through_submitit_and_lists_them_like_g
                                   "hydra.sweeper.direction=[maximize,maximize]", "codebook_size=choice(256,512)",
                                   f"hydra.sweep.dir={sweep}"])
     assert result.returncode == 0, result.stderr[-3000:]
+    bar = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()][-1].rstrip()
+    assert bar.startswith("local_parallel jobs: 100%|") and bar.endswith(", 3 done"), bar  # n_trials is the whole
     trials = [path.parent for path in sweep.glob("*/results.json")]
     assert len(trials) == 3
     configs = [OmegaConf.load(trial / ".hydra" / "config.yaml") for trial in trials]

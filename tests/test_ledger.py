@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -17,10 +18,12 @@ import pytest
 import yaml
 
 from conftest import REPO, cli_env, error_line
+from ibq.cli.callbacks import SweepProgress, SweepWatch
 from ibq.errors import UserError
 from ibq.ledger.liveness import run_process_alive
 from ibq.ledger.runs import completed_run, discover
 from ibq.ledger.sweep import STATE_ORDER, load_sweep
+from ibq.ledger.watch import sweep_snapshot
 from ibq.report.table import build_table
 from test_sweeps import IBQ_SWEEP, TINY_SWEEP, tiny_sweep_dir
 
@@ -186,6 +189,51 @@ def test_status_of_a_tokenize_sweep_lists_its_jobs_outcomes(tmp_path):
     line = error_line(sweep_cli(["retry", str(sweep)]))
     assert line == (f"error: {sweep} is a sweep of ibq-tokenize, whose jobs leave no training runs: ibq-sweep status lists its jobs; "
                     "table, plot and report take sweeps of ibq-train, ibq-train-ar and ibq-sample, retry those of ibq-train and ibq-train-ar")
+
+
+def test_a_waiting_launch_sees_its_jobs_done_failed_running_at_their_step_and_queued(tmp_path):
+    sweep = tmp_path / "sweep"
+    stale = fake_run(sweep / "stale", status="running", quantizer="old")  # left running by an earlier launch
+    os.utime(stale / "run.json", (time.time() - 600,) * 2)
+    since = time.time() - 60
+    done = fake_run(sweep / "done", results={"psnr": 20.0}, quantizer="a")
+    (sweep / ".jobs").mkdir()
+    (sweep / ".jobs" / "0.json").write_text(json.dumps({"num": 0, "status": "done", "output_dir": str(done)}))
+    (sweep / ".jobs" / "1.json").write_text(json.dumps({"num": 1, "status": "failed", "reason": "disk full"}))
+    (sweep / ".jobs" / "2.json").write_text('{"num": 2, "sta')  # being written: counted at the next look
+    for name, step in (("half", 30), ("started", None)):
+        run = fake_run(sweep / name, status="running", quantizer=name)
+        record = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**record, "total_steps": 60}))
+        if step:
+            (run / "metrics.jsonl").write_text(json.dumps({"step": 10}) + "\n" + json.dumps({"step": step, "loss": 1.0}) + "\n")
+    fake_run(sweep / "requeued", status="requeued", quantizer="r")
+
+    snapshot = sweep_snapshot(sweep, 8, since)
+    assert (snapshot.done, snapshot.failed, snapshot.requeued) == (1, 1, 1)
+    assert sorted(snapshot.running, key=str) == [(30, 60), (None, 60)]
+    assert snapshot.work_done == 2.5
+    assert snapshot.text() in ("1 done, 1 failed, 2 running (30/60, 0/60), 1 requeued, 3 queued",
+                               "1 done, 1 failed, 2 running (0/60, 30/60), 1 requeued, 3 queued")
+    assert sweep_snapshot(sweep, None, since).text().endswith("1 requeued")  # a search: no count of the queued ones
+
+
+def test_the_watch_writes_the_sweeps_progress_and_its_last_state_and_stays_out_of_pickled_jobs(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    (sweep / ".jobs").mkdir(parents=True)
+    watch = SweepWatch(sweep, 2, "slurm jobs", poll_s=0.05)
+    watch.start()
+    time.sleep(0.3)
+    (sweep / ".jobs" / "0.json").write_text(json.dumps({"num": 0, "status": "done"}))
+    (sweep / ".jobs" / "1.json").write_text(json.dumps({"num": 1, "status": "failed", "reason": "x"}))
+    watch.stop()
+    shown = capsys.readouterr().err.replace("\r", "\n")
+    assert "slurm jobs:   0%" in shown and "2 queued" in shown
+    assert shown.rstrip().splitlines()[-1].startswith("slurm jobs: 100%") and shown.rstrip().endswith("1 done, 1 failed")
+
+    progress = SweepProgress()
+    progress.watch = watch
+    assert pickle.loads(pickle.dumps(progress)).watch is None
 
 
 # -- one-line errors --------------------------------------------------------------------------------------

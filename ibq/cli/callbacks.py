@@ -4,13 +4,17 @@ RunDirectoryCheck: a run or sweep directory that is a file, or not writable, is 
 creates it. SweepProgress: each job of a sweep says `job k/N` when it starts and ends; a job that fails
 does not stop the others (the task returns a JobFailed instead of raising); at the end one summary lists
 every job, done or failed with its reason, and the command exits 1 when any failed. Each job leaves its
-outcome in `<sweep dir>/.jobs/<k>.json`, so the summary is the same for Slurm jobs, which run elsewhere."""
+outcome in `<sweep dir>/.jobs/<k>.json`, so the summary is the same for Slurm jobs, which run elsewhere.
+While the launcher waits for jobs that run elsewhere (Slurm, submitit's local processes), whose own lines
+go to their logs, a progress bar on this console says where they stand (SweepWatch)."""
 
 from __future__ import annotations
 
 import math
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +23,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from ibq.cli.checks import sweep_lines
 from ibq.config import given_overrides, grid_sweeper
 from ibq.engine.ranks import detect_ranks
+from ibq.ledger.watch import sweep_snapshot
 from ibq.runs.record import JOBS_DIR, job_records, write_json
 
 
@@ -87,9 +93,54 @@ def outcome(job_return: JobReturn) -> tuple[str, str]:
     return "done", ""
 
 
+def jobs_run_elsewhere(config: DictConfig) -> bool:
+    """Whether the launcher runs the jobs outside this process (submitit: Slurm jobs or local processes)."""
+    return "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+
+
+class SweepWatch(threading.Thread):
+    """One progress bar over a sweep's jobs while the launcher waits for them: jobs' worth of work done (each
+    running run counts by its share of its steps), and how many are done, failed, running (at which step),
+    requeued and queued. It looks at the sweep folder every `poll_s` seconds; off a terminal (a log file) it
+    writes at most once a minute."""
+
+    def __init__(self, sweep_dir: Path, total: int | None, label: str, poll_s: float = 5.0):
+        super().__init__(name="sweep-watch", daemon=True)
+        self.sweep_dir, self.total, self.label, self.poll_s = sweep_dir, total, label, poll_s
+        self.since = time.time()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        # The first look after one period: the launcher's own lines about the submission come first.
+        if self.stopping.wait(self.poll_s):
+            return
+        snapshot = sweep_snapshot(self.sweep_dir, self.total, self.since)
+        counted = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"  # tqdm puts ", " before the postfix
+        with tqdm(total=self.total, initial=snapshot.work_done, postfix=snapshot.text(), desc=self.label,
+                  bar_format=counted if self.total else "{desc}: {elapsed}{postfix}",
+                  mininterval=1 if sys.stderr.isatty() else 60, dynamic_ncols=True) as bar:
+            while not self.stopping.wait(self.poll_s):
+                self.show(bar)
+            self.show(bar)  # the jobs' last state, which closing the bar writes
+
+    def show(self, bar: tqdm) -> None:
+        snapshot = sweep_snapshot(self.sweep_dir, self.total, self.since)
+        bar.set_postfix_str(snapshot.text(), refresh=False)
+        bar.update(snapshot.work_done - bar.n)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
+
+
 class SweepProgress(Callback):
     def __init__(self) -> None:
         self.total: int | None = None
+        self.watch: SweepWatch | None = None
+
+    def __getstate__(self) -> dict:
+        # submitit pickles the callbacks with each job; the watch stays with the process that launched them
+        return {**self.__dict__, "watch": None}
 
     def _label(self, config: DictConfig) -> str:
         number = config.hydra.job.num + 1
@@ -100,6 +151,11 @@ class SweepProgress(Callback):
         jobs = Path(config.hydra.sweep.dir) / JOBS_DIR
         for stale in jobs.glob("*.json"):  # a relaunch into the same sweep folder starts a new summary
             stale.unlink()
+        if jobs_run_elsewhere(config):
+            trials = OmegaConf.select(config, "hydra.sweeper.n_trials", default=None)
+            where = OmegaConf.select(config, "cluster.name", default="submitit")
+            self.watch = SweepWatch(Path(config.hydra.sweep.dir), self.total or trials, f"{where} jobs")
+            self.watch.start()
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN or not detect_ranks().is_main:
@@ -120,6 +176,8 @@ class SweepProgress(Callback):
         write_json(jobs / f"{config.hydra.job.num}.json", record)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.watch is not None:
+            self.watch.stop()
         sweep_dir = Path(config.hydra.sweep.dir)
         records = job_records(sweep_dir)
         # every job: a Slurm job's own lines are in its log, not on this console

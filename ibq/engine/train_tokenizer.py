@@ -263,7 +263,7 @@ class TokenizerTraining:
             self.cfg, choices, overrides, "tokenizer", self.start_step, self.signature, group,
             distributed=job_layout(self.ranks, self.layout, self.zero_stage), parent=self.parent,
             **({"extends": self.extends} if self.extends else {}),
-            acceleration=self.acceleration.record(),
+            acceleration=self.acceleration.record(), total_steps=self.total_steps,
         )
         return self.session.run(self._train)
 
