@@ -190,6 +190,9 @@ def test_dry_run_reports_paper_parameter_counts(tmp_path: Path):
         (["model.embed_dim=???"], "model.embed_dim is not set: add model.embed_dim=<value> to the command line"),
         (["train.batch_size=0"], "train.batch_size=0 is invalid"),
         (["eval.reference_cache_dir=5"], "eval.reference_cache_dir=5 is invalid: give a folder, or null to keep no statistics"),
+        (["data.resolution=16", "discriminator.n_layers=3"],  # not the first D step's traceback
+         "the discriminator (discriminator.n_layers=3) cannot take data.resolution=16 images: its convolutions need images of at "
+         "least 24 px; give fewer layers (discriminator.n_layers) or a larger data.resolution"),
     ],
 )
 def test_bad_input_gets_one_line_and_writes_nothing(tmp_path: Path, overrides: list[str], expected: str):

@@ -59,6 +59,29 @@ def check_resolution(resolution: int, downsample_factor: int) -> None:
         raise UserError(f"data.resolution={resolution} must be a multiple of the tokenizer's downsampling factor {downsample_factor}")
 
 
+def takes_images(discriminator: nn.Module, resolution: int) -> bool:
+    try:
+        discriminator(torch.empty(2, 3, resolution, resolution, device="meta"))
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def check_discriminator_input(cfg: DictConfig, discriminator: nn.Module) -> None:
+    """The discriminator (on the meta device) over a batch of data.resolution images: a stack of convolutions
+    too deep for them is one line here, not a failed first step."""
+    resolution = cfg.data.resolution
+    discriminator.eval()  # shapes only: BatchNorm's training-mode batch check aside
+    if takes_images(discriminator, resolution):
+        return
+    layers = OmegaConf.select(cfg, "discriminator.n_layers", default=None)
+    named = f"the discriminator (discriminator.n_layers={layers})" if layers is not None else "the discriminator"
+    smallest = next((size for size in range(resolution + 1, 8 * resolution + 64) if takes_images(discriminator, size)), None)
+    need = f": its convolutions need images of at least {smallest} px" if smallest else ""
+    raise UserError(f"{named} cannot take data.resolution={resolution} images{need}; "
+                    f"give fewer layers{' (discriminator.n_layers)' if layers is not None else ''} or a larger data.resolution")
+
+
 def meta_tokenizer(cfg: DictConfig) -> nn.Module:
     """The tokenizer the config describes (model and quantizer), on the meta device."""
     with torch.device("meta"):
@@ -76,8 +99,9 @@ def check_tokenizer_job(cfg: DictConfig) -> None:
     check_training_keys(cfg)
     check_precision(cfg.train.precision, "train.precision")
     StepAcceleration.from_config(cfg.train, torch.device("meta"))  # the values; `auto` is resolved on the job's device
-    tokenizer, _ = meta_models(cfg)
+    tokenizer, discriminator = meta_models(cfg)
     check_resolution(cfg.data.resolution, tokenizer.downsample_factor)
+    check_discriminator_input(cfg, discriminator)
 
 
 # -- stage II: ibq-train-ar --------------------------------------------------------------------------------
