@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from conftest import IBQ_TRAIN, REPO, cli_env, error_line, require_slow_mark, run_cli
 from ibq.config import CONF_DIR, check_values, hydra_value, shell_override
 from ibq.errors import UserError
+from ibq.runs.record import run_dirname
 
 # What a wheel is built from: the working tree without its environment, outputs and caches.
 NOT_PACKAGED = (".venv", ".git", "outputs", "multirun", "build", "*.egg-info", "__pycache__", ".pytest_cache", "wandb")
@@ -287,6 +288,25 @@ def test_an_experiment_names_its_run_directory():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=ibq_1024", "data.root=/imagenet"], return_hydra_config=True)
     assert cfg.hydra.job.override_dirname == "data.root=/imagenet,experiment=ibq_1024"
+
+
+def test_a_run_named_after_more_overrides_than_a_file_name_holds_gets_a_name_that_fits():
+    """A fine-tuning run repeats its parent's model overrides (ibq-import lists about 20): Hydra's name for it
+    would pass the file system's 255 bytes and end in a traceback."""
+    overrides = ["model_scale=tiny", "codebook_size=64", "model.embed_dim=32", "model.encoder.ch=32", "model.encoder.ch_mult=[1,1]",
+                 "model.encoder.num_res_blocks=1", "model.encoder.attn_levels=[1]", "model.encoder.z_channels=32",
+                 "data.resolution=16", "quantizer.codebook_weight=0.25", "quantizer.entropy_temperature=0.01",
+                 "quantizer.sample_entropy_weight=1.0", "quantizer.codebook_entropy_weight=1.0", "quantizer.entropy_weight=0.05",
+                 "loss.generator_adv_weight=0.1", "loss.lecam_weight=0.05", "discriminator.n_layers=1", "train.steps=20"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        names = [Path(compose("train", overrides=given, return_hydra_config=True).hydra.run.dir).name
+                 for given in (overrides, overrides[::-1], overrides[:-1] + ["train.steps=40"])]
+    assert len(names[0].encode()) <= 255 and names[0] == names[1]  # the same run, however the overrides are ordered
+    assert names[0] != names[2]  # another run: the hash of all of them tells them apart
+    assert names[0].startswith("codebook_size=64,data.resolution=16,discriminator.n_layers=1,")
+    kept = [override for override in overrides if f"{override}," in names[0]]
+    assert names[0].endswith(f",+{len(overrides) - len(kept)}_more-{names[0][-10:]}")
+    assert run_dirname("data.root=/" + "x" * 300).startswith("data.root=_xxx") and len(run_dirname("d=" + "é" * 200).encode()) <= 255
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import IBQ_TRAIN, BackgroundRun, error_line, kill_at_first_checkpoint, read_jsonl, run_cli, train, train_args
+from ibq.config import hydra_value
 from ibq.runs.record import sweep_group
 
 pytestmark = pytest.mark.slow
@@ -139,9 +140,9 @@ def test_a_finished_run_extended_to_more_steps_equals_the_longer_run_from_scratc
 
 
 def test_sweep_runs_each_job_in_its_own_directory_grouped_in_wandb(tmp_path: Path):
-    sweep_dir = tmp_path / "sweep"
+    sweep_dir = tmp_path / "sweep [2]"  # a space and a shell pattern in the folders the summary names
     args = IBQ_TRAIN + ["-m", "quantizer=ibq,vq", "codebook_size=256,1024", "train.steps=2", "train.log_every=1",
-                        "data.val_crops_per_photo=1", "eval.rfid=false", f"hydra.sweep.dir={sweep_dir}"]
+                        "data.val_crops_per_photo=1", "eval.rfid=false", f"hydra.sweep.dir={hydra_value(str(sweep_dir))}"]
     result = run_cli(args, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
@@ -156,6 +157,9 @@ def test_sweep_runs_each_job_in_its_own_directory_grouped_in_wandb(tmp_path: Pat
     for run, record in zip(runs, records):  # each job in the directory named after its overrides
         assert f"quantizer={record['choices']['quantizer']}" in run.name
         assert f"codebook_size={record['choices']['codebook_size']}" in run.name
+    # the upload command of each job's summary, pasted into a shell, names its W&B folder
+    uploads = [shlex.split(line.split("(upload: ")[1].rstrip(")")) for line in result.stdout.splitlines() if "(upload: " in line]
+    assert sorted(upload[2] for upload in uploads) == sorted(str(path) for r in records for path in Path(r["wandb"]["dir"]).parent.glob("offline-run-*"))
 
 
 def test_online_wandb_without_network_falls_back_to_offline(tmp_path: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import sys
 import traceback
 from contextlib import nullcontext
@@ -214,7 +215,7 @@ def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_
     wandb = RunRecord(run_dir).data.get("wandb") or {}
     if wandb.get("dir"):
         folders = offline_folders(run_dir, wandb.get("id")) if wandb["mode"] == "offline" else []
-        upload = f"  (upload: wandb sync {' '.join(map(str, folders))})" if folders else ""
+        upload = f"  (upload: wandb sync {' '.join(shlex.quote(str(folder)) for folder in folders)})" if folders else ""
         lines.append(f"W&B ({wandb['mode']})         {wandb['dir']}{upload}")
     print(f"\n{app}: {training.total_steps} steps done ({choices_text(choices)})")
     for line in lines:

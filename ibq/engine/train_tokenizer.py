@@ -14,6 +14,7 @@ metrics.jsonl, results.json and W&B."""
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -148,7 +149,8 @@ class TokenizerTraining:
             check_tensors(
                 {key: tuple(value.shape) for key, value in state["tokenizer"].items()},
                 {key: tuple(value.shape) for key, value in self.tokenizer.state_dict().items()},
-                f"init_from={parent['run_dir']} does not fit this run's model (the parent's overrides: {' '.join(built) or 'none'})",
+                f"init_from={parent['run_dir']} does not fit this run's model (the parent's overrides, as a shell takes them: "
+                f"{' '.join(map(shlex.quote, built)) or 'none'})",
             )
             self.tokenizer.load_state_dict(state["tokenizer"])
             self.ema.load_state_dict(state["ema"])

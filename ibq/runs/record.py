@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -57,10 +58,29 @@ CHOICE_KEYS = ("codebook_size",)
 PACKAGES = ("torch", "torchvision", "hydra-core", "wandb", "submitit", "deepspeed", "scipy", "scikit-image", "lpips", "ibq")
 
 
+# The longest file name most file systems take (NAME_MAX), in bytes.
+NAME_MAX = 255
+# The commas between overrides in Hydra's override_dirname, not those inside a value (model.encoder.ch_mult=[1,1]).
+OVERRIDE_SEPARATOR = re.compile(r",(?=[^,=\[\]{}()]+=)")
+
+
 def run_dirname(overrides: str) -> str:
     """A run's directory name from its overrides (Hydra's override_dirname): path separators in values
-    (data.root=/data/imagenet) would nest directories, so they become '_'."""
-    return overrides.replace('"', "").replace("/", "_") or "default"
+    (data.root=/data/imagenet) would nest directories, so they become '_'. A name longer than a file system
+    takes (a fine-tuning run that repeats its parent's model overrides) keeps the overrides that fit,
+    then how many it leaves out and a hash of the whole: `model.ch=32,+14_more-3f9a0c1b2d`."""
+    name = overrides.replace('"', "").replace("/", "_") or "default"
+    if len(name.encode()) <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    parts = OVERRIDE_SEPARATOR.split(name)
+    kept: list[str] = []
+    while len(",".join(kept + [parts[len(kept)], f"+{len(parts)}_more-{digest}"]).encode()) <= NAME_MAX:
+        kept.append(parts[len(kept)])
+    if not kept:  # one override longer than a name: as many of its bytes as fit
+        head = name.encode()[: NAME_MAX - len(digest) - 1].decode(errors="ignore")
+        return f"{head}-{digest}"
+    return ",".join(kept + [f"+{len(parts) - len(kept)}_more-{digest}"])
 
 
 def run_name(path: str | None) -> str:
