@@ -118,7 +118,7 @@ class SweepWatch(threading.Thread):
         counted = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"  # tqdm puts ", " before the postfix
         with tqdm(total=self.total, initial=snapshot.work_done, postfix=snapshot.text(), desc=self.label,
                   bar_format=counted if self.total else "{desc}: {elapsed}{postfix}",
-                  mininterval=1 if sys.stderr.isatty() else 60, dynamic_ncols=True) as bar:
+                  mininterval=1 if sys.stderr.isatty() else 60, miniters=0, dynamic_ncols=True) as bar:  # miniters: by time alone
             while not self.stopping.wait(self.poll_s):
                 self.show(bar)
             self.show(bar)  # the jobs' last state, which closing the bar writes
