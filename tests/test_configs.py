@@ -121,3 +121,22 @@ def test_an_error_raised_inside_the_built_object_is_left_whole():
 
     with pytest.raises(InstantiationException, match="Error in call to target 'math.sqrt'"):
         build(OmegaConf.create({"node": {"_target_": "math.sqrt", "x": -1.0}}).node)  # ValueError: a bug, not a key
+
+
+def test_the_discriminator_is_refused_only_for_a_resolution_its_convolutions_cannot_take():
+    from ibq.engine.job_config import check_discriminator_input
+    from ibq.errors import UserError
+    from ibq.models import PatchDiscriminator
+
+    class NoMeta(torch.nn.Module):  # a discriminator of one's own that the meta device cannot run, at any size
+        def forward(self, images):
+            return images.tolist()
+
+    cfg = OmegaConf.create({"data": {"resolution": 16}, "discriminator": {"n_layers": 3}})
+    with torch.device("meta"):
+        deep, shallow = PatchDiscriminator(ndf=8, n_layers=3), PatchDiscriminator(ndf=8, n_layers=1)
+    with pytest.raises(UserError, match=r"n_layers=3\) cannot take data.resolution=16 images: .* at least 24 px"):
+        check_discriminator_input(cfg, deep)
+    check_discriminator_input(OmegaConf.merge(cfg, {"data": {"resolution": 24}}), deep)
+    check_discriminator_input(cfg, shallow)
+    check_discriminator_input(cfg, NoMeta())  # no size works: not the images' size, so not refused as such

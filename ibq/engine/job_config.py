@@ -74,12 +74,13 @@ def check_discriminator_input(cfg: DictConfig, discriminator: nn.Module) -> None
     discriminator.eval()  # shapes only: BatchNorm's training-mode batch check aside
     if takes_images(discriminator, resolution):
         return
+    smallest = next((size for size in range(resolution + 1, 8 * resolution + 64) if takes_images(discriminator, size)), None)
+    if smallest is None:  # no size: not a matter of size (a discriminator of one's own that the meta device cannot run)
+        return
     layers = OmegaConf.select(cfg, "discriminator.n_layers", default=None)
     named = f"the discriminator (discriminator.n_layers={layers})" if layers is not None else "the discriminator"
-    smallest = next((size for size in range(resolution + 1, 8 * resolution + 64) if takes_images(discriminator, size)), None)
-    need = f": its convolutions need images of at least {smallest} px" if smallest else ""
-    raise UserError(f"{named} cannot take data.resolution={resolution} images{need}; "
-                    f"give fewer layers{' (discriminator.n_layers)' if layers is not None else ''} or a larger data.resolution")
+    raise UserError(f"{named} cannot take data.resolution={resolution} images: its convolutions need images of at least "
+                    f"{smallest} px; give fewer layers{' (discriminator.n_layers)' if layers is not None else ''} or a larger data.resolution")
 
 
 def meta_tokenizer(cfg: DictConfig) -> nn.Module:
