@@ -140,3 +140,15 @@ def test_the_discriminator_is_refused_only_for_a_resolution_its_convolutions_can
     check_discriminator_input(OmegaConf.merge(cfg, {"data": {"resolution": 24}}), deep)
     check_discriminator_input(cfg, shallow)
     check_discriminator_input(cfg, NoMeta())  # no size works: not the images' size, so not refused as such
+
+
+def test_an_objective_the_run_did_not_measure_is_named_with_the_numbers_it_has():
+    """A search over rfid with eval.rfid=false: the trial's results hold rfid as null."""
+    from ibq.cli.common import objective_values
+    from ibq.errors import UserError
+
+    cfg = OmegaConf.create({"objectives": ["codebook/utilization", "rfid"]})
+    with pytest.raises(UserError, match=r"objectives: rfid not measured by this run \(eval.rfid=false .*\); "
+                                        r"its numeric results: codebook/utilization, psnr$"):
+        objective_values(cfg, {"codebook/utilization": 0.5, "rfid": None, "psnr": 20.0, "rfid/network": "x", "lpips_available": False})
+    assert objective_values(cfg, {"codebook/utilization": 0.5, "rfid": 3.0}) == [0.5, 3.0]

@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ibq.cli.checks import sweep_lines
 from ibq.config import given_overrides, grid_sweeper
@@ -116,9 +117,11 @@ class SweepWatch(threading.Thread):
             return
         snapshot = sweep_snapshot(self.sweep_dir, self.total, self.since)
         counted = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"  # tqdm puts ", " before the postfix
-        with tqdm(total=self.total, initial=snapshot.work_done, postfix=snapshot.text(), desc=self.label,
-                  bar_format=counted if self.total else "{desc}: {elapsed}{postfix}",
-                  mininterval=1 if sys.stderr.isatty() else 60, miniters=0, dynamic_ncols=True) as bar:  # miniters: by time alone
+        # Log lines while the bar stands (a search's next batch) print above it, not onto its line.
+        with logging_redirect_tqdm(), tqdm(total=self.total, initial=snapshot.work_done, postfix=snapshot.text(), desc=self.label,
+                                           bar_format=counted if self.total else "{desc}: {elapsed}{postfix}",
+                                           mininterval=1 if sys.stderr.isatty() else 60, miniters=0,  # miniters: by time alone
+                                           dynamic_ncols=True) as bar:
             while not self.stopping.wait(self.poll_s):
                 self.show(bar)
             self.show(bar)  # the jobs' last state, which closing the bar writes

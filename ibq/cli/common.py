@@ -190,7 +190,9 @@ def objective_values(cfg, results: dict) -> list[float] | None:
     names = list(cfg.get("objectives") or [])
     missing = [name for name in names if results.get(name) is None]
     if missing:
-        raise UserError(f"objectives: {', '.join(missing)} not among this run's results ({', '.join(sorted(results))})")
+        measured = sorted(key for key, value in results.items() if isinstance(value, (int, float)) and not isinstance(value, bool))
+        raise UserError(f"objectives: {', '.join(missing)} not measured by this run (eval.rfid=false leaves rfid out, a missing "
+                        f"LPIPS backbone lpips); its numeric results: {', '.join(measured)}")
     return [float(results[name]) for name in names] or None
 
 
