@@ -105,6 +105,8 @@ class SweepWatch(threading.Thread):
     requeued and queued. It looks at the sweep folder every `poll_s` seconds; off a terminal (a log file) it
     writes at most once a minute."""
 
+    running: set[SweepWatch] = set()  # stopped by the entry point when a launch ends in an error (no on_multirun_end)
+
     def __init__(self, sweep_dir: Path, total: int | None, label: str, poll_s: float = 5.0):
         super().__init__(name="sweep-watch", daemon=True)
         self.sweep_dir, self.total, self.label, self.poll_s = sweep_dir, total, label, poll_s
@@ -131,9 +133,19 @@ class SweepWatch(threading.Thread):
         bar.set_postfix_str(snapshot.text(), refresh=False)
         bar.update(snapshot.work_done - bar.n)
 
+    def start(self) -> None:
+        SweepWatch.running.add(self)
+        super().start()
+
     def stop(self) -> None:
         self.stopping.set()
         self.join()
+        SweepWatch.running.discard(self)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for watch in list(cls.running):
+            watch.stop()
 
 
 class SweepProgress(Callback):

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
-from ibq.cli.callbacks import JobFailed
+from ibq.cli.callbacks import JobFailed, SweepWatch
 from ibq.cli.checks import BATCH_SECTIONS, check_job
 from ibq.config import fail, given_overrides, missing_config_line, one_line, reader_gone, unparsable
 from ibq.engine.ranks import detect_ranks
@@ -74,7 +74,10 @@ def entry_point(hydra_main):
         # Hydra prints errors over several lines unless it lets them through to be told here in one.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
-            hydra_main()
+            try:
+                hydra_main()
+            finally:  # the sweep's progress bar ends on its own line before any error is told
+                SweepWatch.stop_all()
         except UserError as error:
             fail(str(error))
         except MissingConfigException as error:
