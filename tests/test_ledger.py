@@ -223,17 +223,16 @@ def test_the_watch_writes_the_sweeps_progress_and_its_last_state_and_stays_out_o
     (sweep / ".jobs").mkdir(parents=True)
     watch = SweepWatch(sweep, 2, "slurm jobs", poll_s=0.05)
     watch.start()
+    progress = SweepProgress()  # submitit pickles the callbacks with every job while the watch runs
+    assert vars(pickle.loads(pickle.dumps(progress))) == vars(progress)
     time.sleep(0.3)
     (sweep / ".jobs" / "0.json").write_text(json.dumps({"num": 0, "status": "done"}))
     (sweep / ".jobs" / "1.json").write_text(json.dumps({"num": 1, "status": "failed", "reason": "x"}))
-    watch.stop()
+    SweepWatch.stop_all()
+    assert not watch.is_alive() and not SweepWatch.running
     shown = capsys.readouterr().err.replace("\r", "\n")
     assert "slurm jobs:   0%" in shown and "2 queued" in shown
     assert shown.rstrip().splitlines()[-1].startswith("slurm jobs: 100%") and shown.rstrip().endswith("1 done, 1 failed")
-
-    progress = SweepProgress()
-    progress.watch = watch
-    assert pickle.loads(pickle.dumps(progress)).watch is None
 
 
 # -- one-line errors --------------------------------------------------------------------------------------

@@ -105,7 +105,9 @@ class SweepWatch(threading.Thread):
     requeued and queued. It looks at the sweep folder every `poll_s` seconds; off a terminal (a log file) it
     writes at most once a minute."""
 
-    running: set[SweepWatch] = set()  # stopped by the entry point when a launch ends in an error (no on_multirun_end)
+    # The watches of this process: on_multirun_end stops them, and so does the entry point when a launch ends in an
+    # error (Hydra then calls no on_multirun_end). Not on the callback, which submitit pickles with every job.
+    running: set[SweepWatch] = set()
 
     def __init__(self, sweep_dir: Path, total: int | None, label: str, poll_s: float = 5.0):
         super().__init__(name="sweep-watch", daemon=True)
@@ -151,11 +153,6 @@ class SweepWatch(threading.Thread):
 class SweepProgress(Callback):
     def __init__(self) -> None:
         self.total: int | None = None
-        self.watch: SweepWatch | None = None
-
-    def __getstate__(self) -> dict:
-        # submitit pickles the callbacks with each job; the watch stays with the process that launched them
-        return {**self.__dict__, "watch": None}
 
     def _label(self, config: DictConfig) -> str:
         number = config.hydra.job.num + 1
@@ -169,8 +166,7 @@ class SweepProgress(Callback):
         if jobs_run_elsewhere(config):
             trials = OmegaConf.select(config, "hydra.sweeper.n_trials", default=None)
             where = OmegaConf.select(config, "cluster.name", default="submitit")
-            self.watch = SweepWatch(Path(config.hydra.sweep.dir), self.total or trials, f"{where} jobs")
-            self.watch.start()
+            SweepWatch(Path(config.hydra.sweep.dir), self.total or trials, f"{where} jobs").start()
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN or not detect_ranks().is_main:
@@ -191,8 +187,7 @@ class SweepProgress(Callback):
         write_json(jobs / f"{config.hydra.job.num}.json", record)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.watch is not None:
-            self.watch.stop()
+        SweepWatch.stop_all()
         sweep_dir = Path(config.hydra.sweep.dir)
         records = job_records(sweep_dir)
         # every job: a Slurm job's own lines are in its log, not on this console
