@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BackgroundRun, run_cli, train_args
+from conftest import BackgroundRun, error_line, run_cli, train_args
 from ibq.cli.import_official import composed, main as ibq_import
 from ibq.data.pack import sha256
 from ibq.engine import official
@@ -301,6 +301,60 @@ def test_a_fine_tuning_parent_is_part_of_the_signature_as_an_absolute_path(tmp_p
     own = tokenizer_identity(composed(["init_from=runs/parent"], "train").cfg)
     assert own.init_from == str(tmp_path / "runs" / "parent")
     assert signature(own) != signature(tokenizer_identity(composed([], "train").cfg))
+
+
+TEN_PHOTOS = "data.photos=[astronaut,chelsea,coffee,rocket,hubble_deep_field,immunohistochemistry,retina,stereo_motorcycle,camera,brick]"
+
+
+@pytest.mark.slow
+def test_a_generator_fine_tunes_from_an_imported_one_on_the_tokenizer_it_was_trained_on(imported: Path, tmp_path: Path):
+    parent = imported / "ar" / "ar"
+    record = json.loads((parent / "run.json").read_text())
+
+    def fine_tune(run_dir: Path, *overrides: str) -> list[str]:  # the parent's shape: 10 classes
+        return [sys.executable, "-m", "ibq.cli.train_ar", f"init_from={parent}", *record["overrides"], TEN_PHOTOS, "logger=none",
+                "ar_train.steps=2", "ar_train.batch_size=8", "ar_train.grid_classes=0", *overrides, f"hydra.run.dir={run_dir}"]
+
+    # A learning rate too small to move the weights: what the run starts from is what it saves.
+    fine_tuned = tmp_path / "fine_tuned"
+    training = BackgroundRun(fine_tune(fine_tuned, "ar_optim.lr=1e-12"))
+    refusals = {
+        "another tokenizer": (f"tokenizer_run={imported / 'ema'}",),
+        "another shape": ("transformer.depth=3",),
+    }
+    refused = {why: run_cli(fine_tune(tmp_path / why, *overrides)) for why, overrides in refusals.items()}
+    line = error_line(refused["another tokenizer"])
+    assert f"init_from={parent} was trained on the tokens of another tokenizer" in line
+    assert line.endswith(f"give its own, tokenizer_run={imported / 'ar' / 'tokenizer'}")
+    line = error_line(refused["another shape"])
+    assert f"init_from={parent} does not fit this run's transformer (the parent's overrides, as a shell takes them: model_scale=tiny" in line
+    assert "missing 9 tensor(s), e.g. blocks.2." in line
+    assert not any((tmp_path / why).exists() for why in refusals)
+
+    result = training.result()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"fine-tuned from       {parent} (step 0, signature {record['signature']})" in result.stdout
+    own = json.loads((fine_tuned / "run.json").read_text())
+    provenance = {key: record["imported"][key] for key in ("file", "sha256", "weights")}
+    assert own["parent"] == {"run_dir": str(parent), "signature": record["signature"], "step": 0, "imported": provenance}
+    assert own["signature"] != record["signature"] and own["status"] == "completed"
+    started, saved = (torch.load(path / "checkpoints" / "last.pt", weights_only=True)["model"] for path in (parent, fine_tuned))
+    assert started.keys() == saved.keys()
+    for name in started:
+        torch.testing.assert_close(saved[name], started[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_generator_trained_from_scratch_keeps_its_signature_and_a_parent_signs_as_an_absolute_path(tmp_path: Path, monkeypatch):
+    from ibq.runs.record import signature, stage_two_config
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = {"signature": "0" * 12, "step": 1, "codebook_size": 64, "weights": "ema"}
+    scratch = composed(["tokenizer_run=tok"], "train_ar").cfg
+    own, identity = stage_two_config(scratch, tmp_path / "tok", tokenizer)
+    assert "init_from" not in own and "init_from" not in identity  # as before init_from existed: resumes still match
+    own, fine_tuning = stage_two_config(composed(["tokenizer_run=tok", "init_from=runs/parent"], "train_ar").cfg, tmp_path / "tok", tokenizer)
+    assert own.init_from == fine_tuning.init_from == str(tmp_path / "runs" / "parent")
+    assert signature(fine_tuning) != signature(identity)
 
 
 @pytest.mark.slow

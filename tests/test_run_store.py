@@ -263,8 +263,8 @@ def test_the_runs_a_job_reads_are_checked_without_loading_them(tmp_path: Path):
 
     missing, empty = tmp_path / "missing", tmp_path / "empty"
     empty.mkdir()
-    refused = {("sample", "run_dir", "???"): "run_dir is required: the run directory of an ibq-train-ar run",
-               ("sample", "run_dir", missing): f"run_dir={missing} does not exist: point it at the run directory of an ibq-train-ar run",
+    refused = {("sample", "run_dir", "???"): "run_dir is required: the run directory of an ibq-train-ar or ibq-import generator run",
+               ("sample", "run_dir", missing): f"run_dir={missing} does not exist: point it at the run directory of an ibq-train-ar or ibq-import generator run",
                ("train_ar", "tokenizer_run", empty): f"tokenizer_run={empty} has no checkpoint (checkpoints/last.pt)",
                ("eval", "checkpoint", missing): f"checkpoint={missing} does not exist: point it at a checkpoint file or the run directory"}
     for (app, key, value), expected in refused.items():

@@ -56,7 +56,7 @@ SHARED_BY_RANKS = {"tokenize"}
 RUN_INPUTS = {
     "sample": [("run_dir", "generator", True)],
     "tokenize": [("tokenizer_run", "tokenizer", True)],
-    "train_ar": [("tokenizer_run", "tokenizer", True)],
+    "train_ar": [("tokenizer_run", "tokenizer", True), ("init_from", "generator", False)],
     "train": [("init_from", "tokenizer", False), ("train.extend_from", "tokenizer", False)],
     "eval": [("run_dir", "tokenizer", False), ("checkpoint", "tokenizer", False)],
 }

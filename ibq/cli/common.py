@@ -199,6 +199,12 @@ def objective_values(cfg, results: dict) -> list[float] | None:
     return [float(results[name]) for name in names] or None
 
 
+def parent_lines(training) -> list[str]:
+    """The summary's line for a fine-tuning run (init_from): the run it started from."""
+    parent = training.parent
+    return [] if parent is None else [f"fine-tuned from       {parent['run_dir']} (step {parent['step']}, signature {parent['signature']})"]
+
+
 def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_lines) -> list[float] | None:
     """What both training apps do: a dry run reports sizes; otherwise build and check everything
     (nothing written yet), keep Hydra's files, train, let rank 0 print the summary and return the

@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ibq.cli.common import entry_point, fid_detail, guarded, run_training
+from ibq.cli.common import entry_point, fid_detail, guarded, parent_lines, run_training
 from ibq.config import CONF_DIR
 
 
@@ -37,6 +37,7 @@ def summary_lines(training, results: dict, run_dir: Path) -> list[str]:
         f"psnr                  {fmt('psnr', 2)} dB",
         f"ssim                  {fmt('ssim', 4)}",
         f"lpips                 {fmt('lpips', 4)}",
+        *parent_lines(training),
         f"run directory         {run_dir}",
         f"results               {run_dir / 'results.json'}",
         f"reconstructions       {run_dir / results['reconstruction_grid']}",

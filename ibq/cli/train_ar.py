@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ibq.cli.common import entry_point, guarded, run_training
+from ibq.cli.common import entry_point, guarded, parent_lines, run_training
 from ibq.config import CONF_DIR, shell_override
 
 
@@ -28,6 +28,7 @@ def summary_lines(training, results: dict, run_dir: Path) -> list[str]:
         f"loss                  {results['loss']:.4f}",
         f"parameters            {results['parameters'] / 1e6:.2f}M",
         f"tokenizer             {training.tokenizer_run.run_dir} (signature {training.tokenizer_run.signature})",
+        *parent_lines(training),
         f"run directory         {run_dir}",
         f"results               {run_dir / 'results.json'}",
     ]

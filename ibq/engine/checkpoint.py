@@ -8,6 +8,7 @@ import math
 import pickle
 import random
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from ibq.config import build, one_line, shell_override
 from ibq.engine.distributed import any_rank, gather_objects
 from ibq.errors import TrainingDiverged, UserError
-from ibq.runs.record import atomic_write
+from ibq.runs.record import RunRecord, atomic_write
 
 CHECKPOINT = Path("checkpoints") / "last.pt"  # a run directory's checkpoint
 # The kinds of run a command loads: the apps that make one, and what its checkpoint holds besides step and config.
 RUN_KINDS = {
     "tokenizer": ("ibq-train or ibq-import tokenizer", ("tokenizer", "ema")),
-    "generator": ("ibq-train-ar", ("model",)),
+    "generator": ("ibq-train-ar or ibq-import generator", ("model",)),
     "any": ("ibq-train, ibq-train-ar or ibq-import", ()),
 }
 TOKENIZER_WEIGHTS = {"ema": "ema", "live": "tokenizer"}  # which weights -> the checkpoint entry holding them
@@ -175,6 +176,34 @@ def load_run(path: str | Path | None, key: str, kind: str = "tokenizer", outside
     if missing:
         raise UserError(f"{key}={path} is not an {app} run: {checkpoint} lacks {', '.join(missing)}")
     return LoadedRun(checkpoint, run_dir, state)
+
+
+@dataclass
+class Parent:
+    """The run (trained here or imported) whose weights start a fine-tuning run (init_from)."""
+
+    run: LoadedRun
+    overrides: list[str]  # its command line's overrides: those that shaped its model, a new run repeats
+
+    def record(self) -> dict:
+        """What the fine-tuning run's run.json keeps of its parent."""
+        return {"run_dir": str(self.run.run_dir), "signature": self.run.signature, "step": self.run.step,
+                "imported": self.run.state["config"].get("imported")}
+
+    def check_fits(self, weights: dict[str, torch.Tensor], model: torch.nn.Module, what: str) -> None:
+        """The parent's `weights` load into `model` (this run's `what`); else one line with the parent's overrides."""
+        check_tensors(
+            {key: tuple(value.shape) for key, value in weights.items()},
+            {key: tuple(value.shape) for key, value in model.state_dict().items()},
+            f"init_from={self.run.run_dir} does not fit this run's {what} (the parent's overrides, as a shell takes "
+            f"them: {' '.join(map(shlex.quote, self.overrides)) or 'none'})",
+        )
+
+
+def load_parent(init_from: str, kind: str) -> Parent:
+    """init_from's run of `kind` (RUN_KINDS), with the overrides its run.json lists."""
+    run = load_run(init_from, "init_from", kind)
+    return Parent(run, RunRecord(run.run_dir).data.get("overrides") or [])
 
 
 def non_finite_tensors(state: Any, name: str = "") -> list[str]:

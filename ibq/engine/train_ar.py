@@ -29,9 +29,9 @@ from ibq.data.positions import PositionSampler
 from ibq.data.splits import data_identity
 from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
-from ibq.config import build
+from ibq.config import build, shell_override
 from ibq.engine.build import resolve_precision
-from ibq.engine.checkpoint import CHECKPOINT, DivergenceWatch, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
+from ibq.engine.checkpoint import CHECKPOINT, DivergenceWatch, Parent, foreign_checkpoint, load_checkpoint, load_parent, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.job_config import check_ar_keys
 from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
@@ -90,6 +90,20 @@ def load_ar_run(run_dir: str | Path | None, device: torch.device) -> ARRun:
     return ARRun(run.run_dir, model, run.config, run.step, run.signature, tokenizer_run)
 
 
+def check_parent_tokenizer(parent: Parent, tokenizer_run: TokenizerRun) -> None:
+    """A generator fine-tunes on the tokens of the tokenizer it was trained on: another's codes mean other patches."""
+    trained_on, given = OmegaConf.to_container(parent.run.config.tokenizer), tokenizer_run.describe()
+    if trained_on != given:
+        def weights(tokenizer: dict) -> str:
+            return f"signature {tokenizer['signature']}, step {tokenizer['step']}, {tokenizer['codebook_size']} codes"
+
+        raise UserError(
+            f"init_from={parent.run.run_dir} was trained on the tokens of another tokenizer ({weights(trained_on)}) than "
+            f"tokenizer_run={tokenizer_run.run_dir} ({weights(given)}): give its own, "
+            f"{shell_override('tokenizer_run', parent.run.config.tokenizer_run)}"
+        )
+
+
 class ARTraining:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         check_ar_keys(cfg)
@@ -105,6 +119,9 @@ class ARTraining:
         seed_everything(cfg.seed)
 
         self.tokenizer_run = load_tokenizer_run(cfg.tokenizer_run, self.device)
+        parent = load_parent(cfg.init_from, "generator") if cfg.get("init_from") is not None else None  # fine-tuning
+        if parent is not None:
+            check_parent_tokenizer(parent, self.tokenizer_run)
         tokenizer = self.tokenizer_run.tokenizer
         cfg.transformer = sized_transformer(cfg, tokenizer.quantizer.codebook_size, tokenizer.downsample_factor, self.tokenizer_run.run_dir)
 
@@ -131,6 +148,7 @@ class ARTraining:
         self.signature = signature(self.identity)
 
         self.checkpoint_path = run_dir / CHECKPOINT
+        self.parent = None if parent is None else self._start_from(parent)
         self.deepspeed_dir = self.checkpoint_path.parent / "deepspeed"
         distributed.init_process_group(self.ranks, self.device, always=self.zero_stage is not None)
         self.trainee = self._wrap()  # what the step calls: the model, its DDP wrapper, or its DeepSpeed engine
@@ -146,6 +164,14 @@ class ARTraining:
         if self.ranks.world_size == 1:
             return self.model
         return distributed.data_parallel(self.model, self.device)
+
+    def _start_from(self, parent: Parent) -> dict:
+        """The parent's transformer weights, unless this run resumes from its own checkpoint (optimizer and
+        schedule start afresh); returns what run.json records of the parent."""
+        if not self.checkpoint_path.exists():
+            parent.check_fits(parent.run.state["model"], self.model, "transformer")
+            self.model.load_state_dict(parent.run.state["model"])
+        return parent.record()
 
     def _check_classes(self, highest: int, source: str) -> None:
         if highest >= self.num_classes:
@@ -233,6 +259,7 @@ class ARTraining:
             tokens=self.cfg.tokens,
             distributed=job_layout(self.ranks, self.layout, self.zero_stage),
             total_steps=self.total_steps,  # ar_train.steps, or what its epochs come to over the data
+            parent=self.parent,
         )
         return self.session.run(self._train)
 

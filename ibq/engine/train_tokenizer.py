@@ -14,7 +14,6 @@ metrics.jsonl, results.json and W&B."""
 from __future__ import annotations
 
 import logging
-import shlex
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -32,7 +31,7 @@ from ibq.engine import distributed
 from ibq.engine.acceleration import StepAcceleration, match_parameter_layout_
 from ibq.config import build
 from ibq.engine.build import resolve_precision
-from ibq.engine.checkpoint import DivergenceWatch, check_tensors, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
+from ibq.engine.checkpoint import DivergenceWatch, Parent, foreign_checkpoint, load_checkpoint, load_parent, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
 from ibq.engine.job_config import check_resolution, check_training_keys
@@ -46,19 +45,10 @@ from ibq.metrics.codebook import CodebookHistogram
 from ibq.metrics.fid import load_fid_network
 from ibq.metrics.lpips import try_load_lpips
 from ibq.metrics.reference import ReferenceCache, validation_key
-from ibq.runs.record import MetricsLog, RunRecord, config_differences, merge_results, result_config, signature, tokenizer_identity
+from ibq.runs.record import MetricsLog, config_differences, merge_results, result_config, signature, tokenizer_identity
 from ibq.runs.usage import save_usage
 
 log = logging.getLogger(__name__)
-
-
-def load_parent(init_from: str) -> dict:
-    """The tokenizer run (trained or imported) whose weights start a fine-tuning run: where it is, what it
-    is, and its checkpoint's state."""
-    run = load_run(init_from, "init_from", "tokenizer")
-    overrides = RunRecord(run.run_dir).data.get("overrides") or []
-    return {"run_dir": str(run.run_dir), "signature": run.signature, "step": run.step, "imported": run.state["config"].get("imported"),
-            "overrides": overrides, "state": run.state}
 
 
 class TokenizerTraining:
@@ -73,7 +63,7 @@ class TokenizerTraining:
         self.zero_stage = self.deepspeed_options.get("stage")
         self.device = distributed.device_for(self.ranks, cfg.train.device, "train.device")
         self.dtype = resolve_precision(cfg.train.precision, self.device, "train.precision")
-        parent = load_parent(cfg.init_from) if cfg.get("init_from") is not None else None  # fine-tuning
+        parent = load_parent(cfg.init_from, "tokenizer") if cfg.get("init_from") is not None else None  # fine-tuning
         self.acceleration = StepAcceleration.from_config(cfg.train, self.device)
         self.signature = signature(cfg)
         seed_everything(cfg.seed)
@@ -141,25 +131,20 @@ class TokenizerTraining:
     def total_steps(self) -> int:
         return self.cfg.train.steps
 
-    def _start_from(self, parent: dict) -> dict:
+    def _start_from(self, parent: Parent) -> dict:
         """The parent's weights (tokenizer, EMA and, when it has one of this shape, discriminator), unless this
         run resumes from its own checkpoint; returns what run.json records of the parent."""
-        state, built = parent.pop("state"), parent.pop("overrides")
         if not self.checkpoint_path.exists():
-            check_tensors(
-                {key: tuple(value.shape) for key, value in state["tokenizer"].items()},
-                {key: tuple(value.shape) for key, value in self.tokenizer.state_dict().items()},
-                f"init_from={parent['run_dir']} does not fit this run's model (the parent's overrides, as a shell takes them: "
-                f"{' '.join(map(shlex.quote, built)) or 'none'})",
-            )
+            state = parent.run.state
+            parent.check_fits(state["tokenizer"], self.tokenizer, "model")
             self.tokenizer.load_state_dict(state["tokenizer"])
             self.ema.load_state_dict(state["ema"])
             if "discriminator" in state:
                 try:
                     self.discriminator.load_state_dict(state["discriminator"])
                 except RuntimeError:
-                    log.info("init_from=%s: its discriminator has another shape; this run's starts from scratch", parent["run_dir"])
-        return parent
+                    log.info("init_from=%s: its discriminator has another shape; this run's starts from scratch", parent.run.run_dir)
+        return parent.record()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self, step: int, tag: str | None) -> dict:

@@ -215,13 +215,17 @@ def tokenizer_identity(cfg: DictConfig) -> DictConfig:
 
 
 def stage_two_config(cfg: DictConfig, tokenizer_run: Path, tokenizer: dict, **extra) -> tuple[DictConfig, DictConfig]:
-    """A stage-II run's own config: no stage-I keys, absolute paths (a resume from elsewhere is the same
-    run), what the tokenizer was when training started, and `extra` top-level nodes; and the part of it that
-    identifies the run (without the keys that only change how it reports)."""
+    """A stage-II run's own config: no stage-I keys, absolute paths (tokenizer_run, tokens, init_from: a resume
+    from elsewhere is the same run), what the tokenizer was when training started, and `extra` top-level nodes;
+    and the part of it that identifies the run (without the keys that only change how it reports)."""
     own = OmegaConf.to_container(without_keys(cfg, STAGE_I_KEYS))
     own["tokenizer_run"] = str(tokenizer_run)
     own["tokens"] = str(Path(cfg.tokens).expanduser().resolve()) if cfg.get("tokens") is not None else None
     own["tokenizer"] = tokenizer
+    if own.get("init_from") is not None:
+        own["init_from"] = parent_directory(own["init_from"])
+    else:  # a run trained from scratch keeps the signature it had before fine-tuning existed
+        own.pop("init_from", None)
     own.update(extra)
     identity = OmegaConf.create(own)
     for key in AR_REPORTING_KEYS:
