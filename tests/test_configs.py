@@ -143,12 +143,25 @@ def test_the_discriminator_is_refused_only_for_a_resolution_its_convolutions_can
 
 
 def test_an_objective_the_run_did_not_measure_is_named_with_the_numbers_it_has():
-    """A search over rfid with eval.rfid=false: the trial's results hold rfid as null."""
+    """A search over rfid without the FID network's weights: the trial's results hold rfid as null."""
     from ibq.cli.common import objective_values
     from ibq.errors import UserError
 
     cfg = OmegaConf.create({"objectives": ["codebook/utilization", "rfid"]})
-    with pytest.raises(UserError, match=r"objectives: rfid not measured by this run \(eval.rfid=false .*\); "
+    with pytest.raises(UserError, match=r"objectives: rfid not measured by this run \(a missing FID network .*\); "
                                         r"its numeric results: codebook/utilization, psnr$"):
         objective_values(cfg, {"codebook/utilization": 0.5, "rfid": None, "psnr": 20.0, "rfid/network": "x", "lpips_available": False})
     assert objective_values(cfg, {"codebook/utilization": 0.5, "rfid": 3.0}) == [0.5, 3.0]
+
+
+def test_a_search_on_rfid_with_rfid_switched_off_is_refused_before_any_trial():
+    from ibq.engine.job_config import check_training_keys
+    from ibq.errors import UserError
+
+    search = compose_train("sweep=lr_entropy_search")
+    check_training_keys(search)
+    search.eval.rfid = False
+    with pytest.raises(UserError, match=r"^objectives=\[…, rfid\] needs rFID, which eval.rfid=false leaves out: set eval.rfid=true"):
+        check_training_keys(search)
+    search.objectives = ["codebook/utilization"]
+    check_training_keys(search)

@@ -194,8 +194,8 @@ def objective_values(cfg, results: dict) -> list[float] | None:
     missing = [name for name in names if results.get(name) is None]
     if missing:
         measured = sorted(key for key, value in results.items() if isinstance(value, (int, float)) and not isinstance(value, bool))
-        raise UserError(f"objectives: {', '.join(missing)} not measured by this run (eval.rfid=false leaves rfid out, a missing "
-                        f"LPIPS backbone lpips); its numeric results: {', '.join(measured)}")
+        raise UserError(f"objectives: {', '.join(missing)} not measured by this run (a missing FID network leaves rfid out, a "
+                        f"missing LPIPS backbone lpips); its numeric results: {', '.join(measured)}")
     return [float(results[name]) for name in names] or None
 
 

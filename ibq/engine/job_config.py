@@ -52,6 +52,9 @@ def check_training_keys(cfg: DictConfig) -> None:
         raise UserError(f"eval.reference_cache_dir={cache_dir!r} is invalid: give a folder, or null to keep no statistics")
     if not isinstance(cfg.optim.lr, (int, float)) or cfg.optim.lr <= 0:
         raise UserError(f"optim.lr={cfg.optim.lr!r} is invalid: it must be a positive number")
+    if not cfg.eval.rfid and "rfid" in (cfg.get("objectives") or []):  # a search would run every trial for nothing
+        raise UserError("objectives=[…, rfid] needs rFID, which eval.rfid=false leaves out: set eval.rfid=true, "
+                        "or search on other objectives")
 
 
 def check_resolution(resolution: int, downsample_factor: int) -> None:
