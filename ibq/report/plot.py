@@ -69,6 +69,19 @@ def series(table: Table, metric: str, x: str) -> dict[str, list[tuple[str, float
     return {name: sorted(points, key=lambda p: sort_key(p[0])) for name, points in sorted(lines.items(), key=lambda kv: natural_key(kv[0]))}
 
 
+# A tick at each value of the factor up to this many; more (a search's sampled values) take matplotlib's ticks.
+MOST_VALUE_TICKS = 10
+
+
+def tick_label(value: str) -> str:
+    """A value as its tick reads: a search's sampled numbers (2.6464405117819743) to 4 significant digits."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if len(value) <= 8 else f"{number:.4g}"
+
+
 def new_figure() -> tuple[Figure, object]:
     figure = Figure(figsize=(6.4, 4.2), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
@@ -106,8 +119,9 @@ def metric_figure(table: Table, metric: str, x: str) -> Figure:
         axes.set_xscale("log", base=2)
     following = followers(table, x)
     at_x = {row.key[table.factors.index(x)]: [row.key[i] for i in following] for row in table.rows}
-    axes.set_xticks(list(where.values()), labels=["\n".join([value, *at_x[value]]) for value in all_x])
-    axes.minorticks_off()
+    if categorical or following or len(all_x) <= MOST_VALUE_TICKS:
+        axes.set_xticks(list(where.values()), labels=["\n".join([tick_label(value), *at_x[value]]) for value in all_x])
+        axes.minorticks_off()
     if categorical:
         axes.set_xlim(-0.6, len(all_x) - 0.4)
     below = f" (under it: {', '.join(table.factors[i] for i in following)})" if following else ""
