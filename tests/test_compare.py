@@ -313,6 +313,36 @@ def test_a_sweep_of_samplings_is_compared_by_the_scores_of_its_jobs(tmp_path):
     assert "| sampling.cfg_scale | runs | gFID |" in (sweep_dir / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_search_over_the_guidance_scale_returns_gfid_to_optuna_and_is_compared_like_a_grid(tmp_path):
+    """ibq-sample under Optuna: each trial's gFID is its one objective, the best is the lowest, and the sweep
+    folder (no multirun.yaml: a search sweeper writes none) is listed, tabled and plotted from its jobs."""
+    import yaml
+
+    ibq_import([str(AR), "--config", str(AR_CONFIG), "-o", str(tmp_path / "ar"), "logger=none"])
+    sweep_dir = tmp_path / "search"
+    searched = run_cli([sys.executable, "-m", "ibq.cli.sample", "-m", f"run_dir={tmp_path / 'ar' / 'ar'}", "hydra/sweeper=optuna",
+                        "+objectives=[gfid]", "hydra.sweeper.direction=minimize", "sampling.cfg_scale=interval(1.0,4.0)",
+                        "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", "hydra.sweeper.sampler.seed=0", "samples_per_class=1",
+                        "reference.limit=16", f"reference.cache_dir={tmp_path / 'fid'}", f"hydra.sweep.dir={sweep_dir}"])
+    assert searched.returncode == 0, searched.stderr[-3000:]
+    gfids = {json.loads(path.read_text())["sampling"]["cfg_scale"]: json.loads(path.read_text())["gfid"]
+             for path in sweep_dir.glob("*/results.json")}
+    assert len(gfids) == 2 and not any("objectives" in path.parent.name for path in sweep_dir.glob("*/results.json"))
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(gfids.values()))
+    assert best["best_params"]["sampling.cfg_scale"] == pytest.approx(min(gfids, key=gfids.get))
+
+    status = sweep_cli(["status", str(sweep_dir)])
+    assert status.returncode == 0 and "2 of 2 jobs done, 0 failed" in status.stdout, status.stderr
+    table = sweep_cli(["table", str(sweep_dir), "--format", "csv"])
+    assert table.returncode == 0, table.stderr
+    rows = [line.split(",") for line in table.stdout.strip().splitlines()[1:]]
+    assert {float(row[0]): float(row[2]) for row in rows} == pytest.approx(gfids)
+    plot = sweep_cli(["plot", str(sweep_dir), "--wandb", "disabled"])
+    assert plot.returncode == 0 and (sweep_dir / "plots" / "gfid_vs_sampling_cfg_scale.png").is_file(), plot.stderr
+
+
 def test_samplings_of_several_ar_runs_are_told_apart_by_their_run(tmp_path):
     """Each run named by its path below the folder the runs share; what a sampling takes from its run (step,
     classes, counts, gFID's reference) is a factor only where samplings of one run differ in it."""

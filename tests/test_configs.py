@@ -148,10 +148,32 @@ def test_an_objective_the_run_did_not_measure_is_named_with_the_numbers_it_has()
     from ibq.errors import UserError
 
     cfg = OmegaConf.create({"objectives": ["codebook/utilization", "rfid"]})
-    with pytest.raises(UserError, match=r"objectives: rfid not measured by this run \(a missing FID network .*\); "
+    with pytest.raises(UserError, match=r"objectives: rfid not measured by this run \(a metric switched off, or whose network weights are missing, "
+                                        r"is left out\); "
                                         r"its numeric results: codebook/utilization, psnr$"):
         objective_values(cfg, {"codebook/utilization": 0.5, "rfid": None, "psnr": 20.0, "rfid/network": "x", "lpips_available": False})
     assert objective_values(cfg, {"codebook/utilization": 0.5, "rfid": 3.0}) == [0.5, 3.0]
+    # One objective is returned as the number: Optuna's sweeper takes float(value) for a study of one direction.
+    assert objective_values(OmegaConf.create({"objectives": ["gfid"]}), {"gfid": 9.5, "is": 2.0}) == 9.5
+    assert objective_values(OmegaConf.create({}), {"gfid": 9.5}) is None
+
+
+def test_a_search_returns_one_objective_per_direction_or_is_refused_before_its_first_trial():
+    """Optuna learns of a mismatch only after its first batch of trials, in a traceback."""
+    from ibq.cli.checks import check_objectives
+    from ibq.errors import UserError
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        plain, search, grid = (compose("train", overrides=overrides, return_hydra_config=True)
+                               for overrides in (["hydra/sweeper=optuna"], ["sweep=lr_entropy_search"], []))
+    with pytest.raises(UserError, match=r"^hydra.sweeper.direction=\[minimize\]: a search needs what each trial returns, .* "
+                                        r"e.g. \+objectives=\[rfid\]$"):
+        check_objectives(plain)  # its direction is the sweeper's enum, not a string
+    check_objectives(search)
+    search.objectives = ["rfid"]
+    with pytest.raises(UserError, match=r"^objectives=\[rfid\] are 1 but hydra.sweeper.direction=\[maximize,minimize\] are 2: "):
+        check_objectives(search)
+    check_objectives(grid)  # the grid sweeper returns nothing to anyone
 
 
 def test_a_search_on_rfid_with_rfid_switched_off_is_refused_before_any_trial():

@@ -269,7 +269,26 @@ def job_subdir(config: DictConfig, key: str, value: str) -> str | None:
         return None
 
 
+def check_objectives(config: DictConfig) -> None:
+    """A search sweeper's directions (Optuna's hydra.sweeper.direction) against the objectives each trial
+    returns (common.objective_values): Optuna finds a mismatch only once the first trials have run."""
+    directions = OmegaConf.select(config, "hydra.sweeper.direction")
+    if directions is None:
+        return
+    # A string or an enum (the sweeper's structured config), or a list of them.
+    directions = [getattr(d, "name", str(d)) for d in (directions if OmegaConf.is_list(directions) else [directions])]
+    objectives = list(config.get("objectives") or [])
+    named = f"hydra.sweeper.direction=[{','.join(directions)}]"
+    if not objectives:
+        raise UserError(f"{named}: a search needs what each trial returns, one results.json key per direction, e.g. "
+                        f"+objectives=[{','.join(['rfid', 'psnr', 'ssim'][:len(directions)])}]")
+    if len(objectives) != len(directions):
+        raise UserError(f"objectives=[{','.join(objectives)}] are {len(objectives)} but {named} are {len(directions)}: "
+                        f"give one direction (maximize or minimize) per objective")
+
+
 def check_sweep(config: DictConfig, config_name: str) -> None:
+    check_objectives(config)
     hydra_overrides = given_overrides(config.hydra, "hydra")
     submitting = not config.get("dry_run", False)
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())

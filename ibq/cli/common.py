@@ -144,7 +144,7 @@ def guarded(task):
     ibq-tokenize; outputs/ itself stays)."""
 
     @wraps(task)
-    def wrapper(cfg) -> JobFailed | list[float] | None:
+    def wrapper(cfg) -> JobFailed | list[float] | float | None:
         hydra = HydraConfig.get()
         run_dir = Path(hydra.runtime.output_dir)
         in_sweep = hydra.mode == RunMode.MULTIRUN
@@ -187,16 +187,18 @@ def choices_text(choices: dict) -> str:
     return ", ".join(f"{key}={value}" for key, value in sorted(choices.items()) if value is not None)
 
 
-def objective_values(cfg, results: dict) -> list[float] | None:
-    """The run's `objectives` (keys of results.json), which a search sweeper's trial returns to it
-    (sweeps/lr_entropy_search.yaml); None without objectives."""
+def objective_values(cfg, results: dict) -> list[float] | float | None:
+    """The job's `objectives` (keys of its results.json), which a search sweeper's trial returns to it
+    (sweeps/lr_entropy_search.yaml; +objectives=[gfid] over ibq-sample's settings): a list for a study of
+    several, the number itself for one (what Optuna's sweeper takes for one direction); None without objectives."""
     names = list(cfg.get("objectives") or [])
     missing = [name for name in names if results.get(name) is None]
     if missing:
         measured = sorted(key for key, value in results.items() if isinstance(value, (int, float)) and not isinstance(value, bool))
-        raise UserError(f"objectives: {', '.join(missing)} not measured by this run (a missing FID network leaves rfid out, a "
-                        f"missing LPIPS backbone lpips); its numeric results: {', '.join(measured)}")
-    return [float(results[name]) for name in names] or None
+        raise UserError(f"objectives: {', '.join(missing)} not measured by this run (a metric switched off, or whose network "
+                        f"weights are missing, is left out); its numeric results: {', '.join(measured)}")
+    values = [float(results[name]) for name in names]
+    return values[0] if len(values) == 1 else values or None
 
 
 def parent_lines(training) -> list[str]:
@@ -205,7 +207,7 @@ def parent_lines(training) -> list[str]:
     return [] if parent is None else [f"fine-tuned from       {parent['run_dir']} (step {parent['step']}, signature {parent['signature']})"]
 
 
-def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_lines) -> list[float] | None:
+def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_lines) -> list[float] | float | None:
     """What both training apps do: a dry run reports sizes; otherwise build and check everything
     (nothing written yet), keep Hydra's files, train, let rank 0 print the summary and return the
     run's objective values to a search sweeper."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ibq.cli.common import entry_point, guarded, save_hydra_files
+from ibq.cli.common import entry_point, guarded, objective_values, save_hydra_files
 from ibq.cli.eval import generation_lines
 from ibq.config import CONF_DIR, shell_override
 from ibq.errors import UserError, check_positive_int
@@ -123,7 +123,7 @@ def draw_samples(run, labels, settings: dict, cfg: DictConfig, images_npy: Path,
 
 @hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
 @guarded
-def main(cfg: DictConfig, out_dir: Path) -> None:
+def main(cfg: DictConfig, out_dir: Path) -> list[float] | float | None:
     # The engine and torch are imported here, not with the module: completion and --help start without them.
     import torch
 
@@ -180,6 +180,7 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
             # This job's scores, as merged into the AR run: the run's file may hold another job's by now.
             results.update({key: value for key, value in evaluation.results.items() if key.split("/")[0] in ("gfid", "is", "eval")})
         write_json(out_dir / "results.json", results)
+    return objective_values(cfg, results)
 
 
 cli = entry_point(main)

@@ -194,8 +194,8 @@ def other_app_status(directory: Path) -> int:
     from ibq.cli.callbacks import count_jobs, outcome_lines
     from ibq.runs.record import job_records
 
-    records = job_records(directory)
-    total = count_jobs(OmegaConf.load(directory / "multirun.yaml")) or len(records)
+    records, multirun = job_records(directory), directory / "multirun.yaml"  # none from a search sweeper
+    total = (count_jobs(OmegaConf.load(multirun)) if multirun.is_file() else None) or len(records)
     print("\n".join(outcome_lines(directory, records, total, "not ended yet (pending, running, or ended without an outcome: see .submitit/)")))
     return 0
 

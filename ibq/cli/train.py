@@ -46,7 +46,7 @@ def summary_lines(training, results: dict, run_dir: Path) -> list[str]:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 @guarded
-def main(cfg: DictConfig, run_dir: Path) -> list[float] | None:
+def main(cfg: DictConfig, run_dir: Path) -> list[float] | float | None:
     from ibq.engine.train_tokenizer import TokenizerTraining
 
     return run_training(cfg, run_dir, "ibq-train", TokenizerTraining, dry_run, summary_lines)

@@ -40,7 +40,7 @@ def summary_lines(training, results: dict, run_dir: Path) -> list[str]:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train_ar", version_base="1.3")
 @guarded
-def main(cfg: DictConfig, run_dir: Path) -> list[float] | None:
+def main(cfg: DictConfig, run_dir: Path) -> list[float] | float | None:
     from ibq.engine.train_ar import ARTraining
 
     return run_training(cfg, run_dir, "ibq-train-ar", ARTraining, dry_run, summary_lines)

@@ -111,6 +111,13 @@ def plan_from_multirun(directory: Path) -> Plan:
     return plan
 
 
+def jobs_app(directory: Path) -> str | None:
+    """The app whose jobs a sweep folder holds, from a job's own Hydra record: a search sweeper (Optuna)
+    writes no multirun.yaml."""
+    recorded = next(directory.rglob(".hydra/hydra.yaml"), None)
+    return None if recorded is None else str(OmegaConf.load(recorded).hydra.job.config_name)
+
+
 def read_ledger(directory: Path) -> tuple[Plan | None, dict[str, str], list[str]]:
     ledger = read_json(directory / LEDGER_FILE)
     if ledger is not None:
@@ -168,6 +175,9 @@ def load_sweep(directory: Path, search: list[Path] | None = None) -> Sweep:
     notes += [f"{path / 'run.json'} cannot be read ({load_json(path / 'run.json')[1]}): its run is not counted"
               for path in unreadable.values()]
     if not runs and plan is None:
+        app = jobs_app(directory)
+        if app is not None and app not in KINDS:
+            raise OtherAppSweep(directory, app)
         runs_text = (f"no readable run ({len(unreadable)} run.json file(s) cannot be read, first "
                      f"{next(iter(unreadable.values())) / 'run.json'})") if unreadable else "no runs (no run.json below it)"
         raise UserError(f"{directory} holds {runs_text} and no sweep plan (sweep.json or multirun.yaml)")
