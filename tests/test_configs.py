@@ -176,6 +176,21 @@ def test_a_search_returns_one_objective_per_direction_or_is_refused_before_its_f
     check_objectives(grid)  # the grid sweeper returns nothing to anyone
 
 
+def test_a_defect_in_the_checks_stops_the_launch_rather_than_becoming_hydras_warning(capsys):
+    from ibq.cli.checks import exit_if_refused
+
+    def broken(config):
+        return len(config)  # a TypeError on None, as a check with a defect raises
+
+    with pytest.raises(SystemExit) as stopped:
+        exit_if_refused(broken, None)
+    assert stopped.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and lines[-1] == (
+        "error: the checks before the job failed (TypeError: object of type 'NoneType' has no len()): nothing was started; "
+        "the traceback above shows where")
+
+
 def test_a_search_on_rfid_with_rfid_switched_off_is_refused_before_any_trial():
     from ibq.engine.job_config import check_training_keys
     from ibq.errors import UserError

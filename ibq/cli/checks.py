@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import traceback
 from functools import lru_cache
 
 from hydra import compose
@@ -197,13 +198,18 @@ def check_layout(cfg: DictConfig, config_name: str, submitting: bool) -> None:
 
 def exit_if_refused(check, *args) -> None:
     """Run `check`; what it refuses exits here with one line, since Hydra turns a callback's exception into
-    a warning."""
+    a warning. A defect of the check itself exits too, with its traceback: a run or sweep must not start
+    unchecked."""
     try:
         check(*args)
     except UserError as error:
         fail(str(error))
     except (HydraException, OmegaConfBaseException) as error:
         fail(one_line(str(error)))
+    except Exception as error:
+        traceback.print_exc()
+        fail(f"the checks before the job failed ({type(error).__name__}: {one_line(str(error))}): nothing was started; "
+             f"the traceback above shows where", 1)
 
 
 def sweep_lines(config: DictConfig) -> list[str]:
