@@ -541,3 +541,28 @@ def test_a_missing_lpips_package_is_unavailable_like_a_missing_backbone(monkeypa
     assert "the lpips package cannot be imported" in caplog.text and "LPIPS is recorded as unavailable" in caplog.text
     with pytest.raises(FileNotFoundError, match="pip install lpips"):
         try_load_lpips("vgg", None, required=True)
+
+
+def test_one_sampling_is_scored_against_the_same_real_images_by_ibq_sample_and_ibq_eval(tmp_path: Path):
+    """ibq-eval samples=… run_dir=… (the parts of a split sampling, or a sampling scored again) takes the real
+    images ibq-sample scored against, so both give one gFID and share the cached statistics."""
+    from omegaconf import OmegaConf
+
+    from ibq.cli.sample import eval_config
+    from ibq.engine.evaluation_run import reference_selection
+
+    run = tmp_path / "ar"  # the run's scale sets the count (test_stage2)
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"choices": {"model_scale": "tiny"}}))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        evaluation = compose("eval", overrides=[f"samples={tmp_path / 's.npz'}", f"run_dir={run}"])
+        sampling = compose("sample", overrides=[f"run_dir={run}"])
+        sampling_all = compose("sample", overrides=[f"run_dir={run}", "reference.limit=null"])
+    by_sample = eval_config(sampling, run, tmp_path / "s.npz").reference
+    assert reference_selection(by_sample, own_data=True, run_dir=run) == ("train", 2048)
+    assert reference_selection(evaluation.reference, own_data=True, run_dir=run) == ("train", 2048)
+    # data=<an evaluation set>, which may have no train split: all of its val images, as before.
+    assert reference_selection(evaluation.reference, own_data=False, run_dir=run) == ("val", None)
+    assert reference_selection(OmegaConf.create({"split": "val", "limit": 16}), own_data=True, run_dir=run) == ("val", 16)
+    by_sample_all = eval_config(sampling_all, run, tmp_path / "s.npz").reference
+    assert reference_selection(by_sample_all, own_data=True, run_dir=run) == ("train", None)

@@ -75,13 +75,15 @@ def test_gfid_reference_images_follow_the_runs_scale_unless_given(tmp_path: Path
     """reference.limit=auto: 2048 real images at the CPU scale, whose FID-network pass takes minutes there, and
     10000 at the paper's scales (or where the run's scale is unknown); a number given is kept."""
     from ibq.cli.sample import eval_config
+    from ibq.engine.evaluation_run import reference_selection
 
     def limit(scale: str | None, *overrides: str) -> int:
         run_dir = tmp_path / str(scale)
         run_dir.mkdir(exist_ok=True)
         if scale is not None:
             (run_dir / "run.json").write_text(json.dumps({"choices": {"model_scale": scale}}))
-        return eval_config(compose_config("sample", f"run_dir={run_dir}", *overrides), run_dir, tmp_path / "samples.npz").reference.limit
+        reference = eval_config(compose_config("sample", f"run_dir={run_dir}", *overrides), run_dir, tmp_path / "samples.npz").reference
+        return reference_selection(reference, own_data=True, run_dir=run_dir)[1]
 
     assert [limit(scale) for scale in ("tiny", "B", "XXL", None)] == [2048, 10000, 10000, 10000]
     assert limit("tiny", "reference.limit=500") == 500

@@ -15,7 +15,7 @@ from ibq.cli.eval import generation_lines
 from ibq.config import CONF_DIR, shell_override
 from ibq.errors import UserError, check_positive_int
 from ibq.runs.lock import RunLock
-from ibq.runs.record import RunRecord, atomic_write, write_json
+from ibq.runs.record import atomic_write, write_json
 
 if TYPE_CHECKING:
     from ibq.engine.train_ar import ARRun
@@ -36,20 +36,6 @@ def scored(cfg: DictConfig) -> bool:
     return cfg.parts == 1 and (cfg.metrics.fid or cfg.metrics.inception_weights_path is not None)
 
 
-# reference.limit=auto: gFID's real images by the run's model_scale. At the CPU scale, the fewest that give the
-# 2048 features a full-rank covariance (their pass through the FID network takes minutes on a CPU, not half an hour).
-AUTO_REFERENCE_IMAGES = {"tiny": 2048}
-DEFAULT_REFERENCE_IMAGES = 10000
-
-
-def auto_reference_images(run_dir: Path) -> int:
-    try:
-        choices = RunRecord(run_dir).data.get("choices") or {}
-    except (OSError, ValueError):  # no readable run.json: the run's own check says so
-        choices = {}
-    return AUTO_REFERENCE_IMAGES.get(choices.get("model_scale"), DEFAULT_REFERENCE_IMAGES)
-
-
 def eval_config(cfg: DictConfig, run_dir: Path, samples: Path) -> DictConfig:
     """ibq-eval's settings (conf/eval.yaml) for these samples and this run, with ours on top."""
     from ibq.engine.evaluation_run import check_settings
@@ -58,8 +44,7 @@ def eval_config(cfg: DictConfig, run_dir: Path, samples: Path) -> DictConfig:
     for key in ("defaults", "hydra"):
         base.pop(key)
     ours = {node: {k: v for k, v in OmegaConf.to_container(cfg[node]).items() if v is not None} for node in ("metrics", "reference")}
-    if ours["reference"].get("limit") == "auto":
-        ours["reference"]["limit"] = auto_reference_images(run_dir)
+    ours["reference"]["limit"] = cfg.reference.limit  # null here too: every image of the split
     ours["metrics"]["is"] = cfg.metrics.inception_weights_path is not None
     eval_cfg = OmegaConf.merge(base, ours, {"samples": str(samples), "run_dir": str(run_dir), "device": cfg.device, "wandb_mode": cfg.wandb_mode})
     check_settings(eval_cfg)

@@ -73,9 +73,9 @@ def check_settings(cfg: DictConfig) -> None:
         if name not in REQUIRABLE:
             raise UserError(f"metrics.required contains {name!r}; valid: {', '.join(REQUIRABLE)}")
     check_positive_int("metrics.is_splits", metrics.is_splits)
-    if cfg.reference.split not in SPLITS:
-        raise UserError(f"reference.split={cfg.reference.split!r} is invalid; valid: {', '.join(SPLITS)}")
-    if cfg.reference.limit is not None:
+    if cfg.reference.split not in ("auto", *SPLITS):
+        raise UserError(f"reference.split={cfg.reference.split!r} is invalid; valid: auto, {', '.join(SPLITS)}")
+    if cfg.reference.limit not in (None, "auto"):
         check_positive_int("reference.limit", cfg.reference.limit)
 
 
@@ -351,8 +351,35 @@ def reference_data_config(cfg: DictConfig, choices: dict, train_cfg: DictConfig 
     )
 
 
-def reference_stats(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None, samples: AdmSamples | AdmSampleParts, network,
-                    device: torch.device, seed: int, batch_size: int) -> tuple[ReferenceStats, bool | None]:
+# reference.limit=auto on a run's own data: gFID's real images by the run's model_scale. At the CPU scale, the fewest
+# that give the 2048 features a full-rank covariance (their pass through the FID network takes minutes on a CPU,
+# not half an hour).
+AUTO_REFERENCE_IMAGES = {"tiny": 2048}
+DEFAULT_REFERENCE_IMAGES = 10000
+
+
+def auto_reference_images(run_dir: Path) -> int:
+    try:
+        choices = RunRecord(run_dir).data.get("choices") or {}
+    except (OSError, ValueError):  # no readable run.json: the run's own check says so
+        choices = {}
+    return AUTO_REFERENCE_IMAGES.get(choices.get("model_scale"), DEFAULT_REFERENCE_IMAGES)
+
+
+def reference_selection(reference: DictConfig, own_data: bool, run_dir: Path | None) -> tuple[str, int | None]:
+    """reference.split and .limit, `auto` resolved: on the run's own data, its training images up to
+    auto_reference_images (as ibq-sample scores, so that both give one gFID for one sampling); on a data= set
+    (an evaluation set may have no other split), all of its val split."""
+    split = reference.split if reference.split != "auto" else "train" if own_data else "val"
+    limit = reference.limit
+    if limit == "auto":
+        limit = auto_reference_images(run_dir) if own_data and run_dir is not None else None
+    return split, limit
+
+
+def reference_stats(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None, run_dir: Path | None,
+                    samples: AdmSamples | AdmSampleParts, network, device: torch.device, seed: int,
+                    batch_size: int) -> tuple[ReferenceStats, bool | None]:
     """From reference.stats, or computed on the real set and cached; also whether the cache had them."""
     if cfg.reference.stats:
         return load_reference_npz(cfg.reference.stats, FID_FEATURE_DIM), None
@@ -361,7 +388,7 @@ def reference_stats(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None
     data_config = OmegaConf.to_container(data_cfg, resolve=True)
     if tuple(samples.resolution) != (data_config["resolution"],) * 2:
         log.warning("samples are %sx%s but the reference set is at %s px", *samples.resolution, data_config["resolution"])
-    split, limit = cfg.reference.split, cfg.reference.limit
+    split, limit = reference_selection(cfg.reference, own_data=not choices.get("data"), run_dir=run_dir)
     cache = ReferenceCache(cfg.reference.cache_dir, refresh=cfg.reference.refresh)
     key = reference_key(data_config, split, limit, seed, network.sha1)
 
@@ -409,7 +436,7 @@ def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval", 
     seed = train_cfg.get("seed", 0) if train_cfg is not None else 0
     reference, cached = (None, None)
     if networks.fid is not None:
-        reference, cached = reference_stats(cfg, choices, train_cfg, samples, networks.fid, device, seed, batch_size)
+        reference, cached = reference_stats(cfg, choices, train_cfg, run_dir, samples, networks.fid, device, seed, batch_size)
     evaluator = GenerationEvaluator(device, networks.fid, networks.inception, cfg.metrics.is_splits, cfg.metrics.is_shuffle)
     metrics = evaluator(samples.batches(batch_size), reference, total=samples.batch_count(batch_size))
     results = {
