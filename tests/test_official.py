@@ -321,6 +321,8 @@ def test_a_generator_fine_tunes_from_an_imported_one_on_the_tokenizer_it_was_tra
     refusals = {
         "another tokenizer": (f"tokenizer_run={imported / 'ema'}",),
         "another shape": ("transformer.depth=3",),
+        "more classes": ("data.photos=[astronaut,chelsea,coffee,rocket,hubble_deep_field,immunohistochemistry,"
+                                           "retina,stereo_motorcycle,camera,brick,grass]",),
     }
     refused = {why: run_cli(fine_tune(tmp_path / why, *overrides)) for why, overrides in refusals.items()}
     line = error_line(refused["another tokenizer"])
@@ -329,6 +331,8 @@ def test_a_generator_fine_tunes_from_an_imported_one_on_the_tokenizer_it_was_tra
     line = error_line(refused["another shape"])
     assert f"init_from={parent} does not fit this run's transformer (the parent's overrides, as a shell takes them: model_scale=tiny" in line
     assert "missing 9 tensor(s), e.g. blocks.2." in line
+    line = error_line(refused["more classes"])  # before the run starts, as for any stage-II run
+    assert line == "error: the training data has class index 10, outside the model's classes 0..9: set transformer.num_classes=11 or more"
     assert not any((tmp_path / why).exists() for why in refusals)
 
     result = training.result()

@@ -155,4 +155,5 @@ def build_image_folder(
         raise UserError(f"data.root={root} does not exist: point it at a folder with train/<class>/ and val/<class>/")
     train_samples = scan_split(root_path, train_split)
     val_samples = scan_split(root_path, val_split)[:val_limit]
-    return DataSplits(FolderTrain(train_samples, resolution, seed), FolderVal(val_samples, resolution), num_workers)
+    return DataSplits(FolderTrain(train_samples, resolution, seed), FolderVal(val_samples, resolution), num_workers,
+                      num_classes=max(label for _, label in train_samples) + 1)

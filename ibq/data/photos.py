@@ -114,4 +114,5 @@ def build_photos(
     photos: list[str], shorter_side: int, resolution: int, val_crops_per_photo: int, seed: int, num_workers: int = 0
 ) -> DataSplits:
     split = split_photos(list(photos), shorter_side, resolution, val_crops_per_photo)
-    return DataSplits(PhotoCrops(split.train, resolution, seed), TensorImages(split.val_crops, split.val_labels), num_workers)
+    return DataSplits(PhotoCrops(split.train, resolution, seed), TensorImages(split.val_crops, split.val_labels), num_workers,
+                      num_classes=len(split.train))  # a crop's label is its photo

@@ -15,12 +15,13 @@ class DataSplits:
     """A training set addressed by sample position, or a ShardStream (see batches.py), or None for a set
     that is only evaluated on; a fixed validation set; and how to load them. `name`, when set, is the
     prefix ibq-eval also reports the set's metrics under (coco/rfid), so that one run keeps its numbers
-    on several sets."""
+    on several sets. `num_classes` lets stage II refuse a model with too few classes before it trains."""
 
     train: Dataset | ShardStream | None
     val: Dataset
     num_workers: int = 0
     name: str | None = None
+    num_classes: int | None = None  # how many classes the training labels index, where known before reading them
 
 
 # Data config keys that do not change the images: loading speed, and the name ibq-eval reports a set's metrics under.

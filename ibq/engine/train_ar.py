@@ -135,6 +135,8 @@ class ARTraining:
         else:
             splits = build(cfg.data, seed=cfg.seed)
             self.train_set, self.num_workers, self.tokenize = indexed_train(splits, cfg.data, "ibq-train-ar"), splits.num_workers, True
+            if splits.num_classes is not None:  # else checked batch by batch
+                self._check_classes(splits.num_classes - 1, "the training data")
 
         self.model = build(cfg.transformer).to(self.device)
         self.parameter_count = self.model.parameter_counts()["total"]
