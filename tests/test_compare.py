@@ -341,6 +341,9 @@ def test_a_search_over_the_guidance_scale_returns_gfid_to_optuna_and_is_compared
     assert {float(row[0]): float(row[2]) for row in rows} == pytest.approx(gfids)
     plot = sweep_cli(["plot", str(sweep_dir), "--wandb", "disabled"])
     assert plot.returncode == 0 and (sweep_dir / "plots" / "gfid_vs_sampling_cfg_scale.png").is_file(), plot.stderr
+    terminal = sweep_cli(["table", str(sweep_dir)])
+    best_scale = min(gfids, key=gfids.get)
+    assert f"search best: gfid {gfids[best_scale]:.4g} at sampling.cfg_scale={best_scale:.4g}" in terminal.stdout.splitlines()
 
 
 def test_samplings_of_several_ar_runs_are_told_apart_by_their_run(tmp_path):

@@ -4,6 +4,7 @@ user's presets, Hydra's command line (completion, dict overrides), and value che
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -332,6 +333,12 @@ def test_an_optuna_search_runs_its_trials_through_submitit_and_lists_them_like_g
     status = subprocess.run([sys.executable, "-m", "ibq.cli.sweep", "status", str(sweep)], cwd=REPO, capture_output=True, text=True,
                             timeout=300, env=cli_env())
     assert "3 jobs: 3 done" in status.stdout, status.stdout + status.stderr
+    table = subprocess.run([sys.executable, "-m", "ibq.cli.sweep", "table", str(sweep)], cwd=REPO, capture_output=True, text=True,
+                           timeout=300, env=cli_env())
+    front = [line for line in table.stdout.splitlines() if line.startswith("search Pareto front: ")]
+    assert len(front) == len(best.solutions) and all(re.fullmatch(
+        r"search Pareto front: codebook/utilization [\d.e+-]+, psnr [\d.e+-]+ at optim.lr=[\d.e+-]+ "
+        r"quantizer.entropy_weight=[\d.e+-]+ codebook_size=(256|512)", line) for line in front), table.stdout
 
 
 @pytest.mark.parametrize(("overrides", "sweeper", "batch_key", "batch"), [

@@ -265,6 +265,7 @@ def metric_list(text: str | None) -> list[str] | None:
 
 
 def cmd_table(args) -> int:
+    from ibq.ledger.sweep import search_outcome
     from ibq.report.table import build_table, render_markdown, render_terminal, sampling_note
 
     runs, sweep, group = compared_runs(args)
@@ -292,6 +293,8 @@ def cmd_table(args) -> int:
     if args.format == "terminal" and (mixed := sampling_note(table)):
         print(f"note: {mixed}")
     if args.format == "terminal" and sweep is not None:
+        for line in search_outcome(sweep.directory):
+            print(line)
         unfinished = [s for s in sweep.jobs if s.state != "done"]
         if unfinished:
             print(f"({len(unfinished)} job(s) not completed and not in the table: ibq-sweep status {sweep.directory})")
@@ -375,6 +378,7 @@ def cmd_report(args) -> int:
     from ibq.config import one_line
     from ibq.ledger.wandb_source import online_problem
     from ibq.report.curves import has_usage, logged_metrics
+    from ibq.ledger.sweep import search_outcome
     from ibq.report.report import sections, wandb_report, write_local
     from ibq.report.table import build_table
 
@@ -392,6 +396,7 @@ def cmd_report(args) -> int:
         if sweep.plan:
             lines.append(f"command: {command_line(sweep.plan)}")
         lines.append("jobs: " + ", ".join(f"{n} {state}" for state, n in sweep.counts().items()))
+        lines += search_outcome(sweep.directory)
         problems = [f"{s.state}: {shown(s.overrides)}" + (f" ({s.reason})" if s.reason else "") for s in sweep.jobs if s.state != "done"]
     parts = sections(lines, table, plots, problems)
     md_path, html_path = write_local(title, parts, out)

@@ -118,6 +118,25 @@ def jobs_app(directory: Path) -> str | None:
     return None if recorded is None else str(OmegaConf.load(recorded).hydra.job.config_name)
 
 
+def search_outcome(directory: Path) -> list[str]:
+    """What a search sweeper found (Optuna's optimization_results.yaml): its best trial, or the trials of its
+    Pareto front, each as its objectives' values at its parameters; nothing for a grid."""
+    found = directory / "optimization_results.yaml"
+    if not found.is_file():
+        return []
+    found = OmegaConf.to_container(OmegaConf.load(found))
+    job_config = next(directory.rglob(".hydra/config.yaml"), None)
+    names = list(OmegaConf.load(job_config).get("objectives") or []) if job_config is not None else []
+
+    def trial(values: list[float], params: dict) -> str:
+        scores = ", ".join(f"{names[i] if i < len(names) else f'objective {i + 1}'} {value:.4g}" for i, value in enumerate(values))
+        return f"{scores} at " + " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items())
+
+    if "best_params" in found:
+        return [f"search best: {trial([found['best_value']], found['best_params'])}"]
+    return [f"search Pareto front: {trial(solution['values'], solution['params'])}" for solution in found.get("solutions") or []]
+
+
 def read_ledger(directory: Path) -> tuple[Plan | None, dict[str, str], list[str]]:
     ledger = read_json(directory / LEDGER_FILE)
     if ledger is not None:
