@@ -224,7 +224,7 @@ def stage_two_config(cfg: DictConfig, tokenizer_run: Path, tokenizer: dict, **ex
     own["tokenizer"] = tokenizer
     if own.get("init_from") is not None:
         own["init_from"] = parent_directory(own["init_from"])
-    else:  # a run trained from scratch keeps the signature it had before fine-tuning existed
+    else:  # from scratch: no key at all, so that runs recorded without one still match their resumes
         own.pop("init_from", None)
     own.update(extra)
     identity = OmegaConf.create(own)
