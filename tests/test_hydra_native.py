@@ -420,7 +420,7 @@ def test_a_run_directory_named_after_its_overrides_is_told_the_quotes_it_needs(m
     ("sample", ["parts=4", "part=4"], "part=4 is invalid: with parts=4 it must be an integer in 0..3"),
     ("sample", ["classes=[]"], "classes=[] is invalid: give a list of class indices, e.g. [0,5,9] (null: every class)"),
     ("sample", ["classes=3"], "classes=3 is invalid: give a list of class indices, e.g. [0,5,9] (null: every class)"),
-    ("sample", ["run_dir=x", "reference.split=nope"], "reference.split='nope' is invalid; valid: val, train"),  # of the scoring ibq-eval
+    ("sample", ["run_dir=x", "reference.split=nope"], "reference.split='nope' is invalid; valid: auto, val, train"),  # of the scoring ibq-eval
     ("eval", ["weights=both"], "weights='both' is invalid; valid: ema, live"),
     ("eval", ["metrics.lpips=[vgg,squeeze]"], "metrics.lpips contains 'squeeze'; valid backbones: vgg, alex"),
     ("tokenize", ["shard_size=0"], "shard_size=0 is invalid: it must be a positive integer"),
