@@ -5,6 +5,7 @@ with nothing written, and the key mapping of every released size on the meta dev
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
@@ -308,7 +309,8 @@ TEN_PHOTOS = "data.photos=[astronaut,chelsea,coffee,rocket,hubble_deep_field,imm
 
 @pytest.mark.slow
 def test_a_generator_fine_tunes_from_an_imported_one_on_the_tokenizer_it_was_trained_on(imported: Path, tmp_path: Path):
-    parent = imported / "ar" / "ar"
+    parent = tmp_path / "parent"  # a copy, removed once the fine-tuning run has started from it
+    shutil.copytree(imported / "ar" / "ar", parent)
     record = json.loads((parent / "run.json").read_text())
 
     def fine_tune(run_dir: Path, *overrides: str) -> list[str]:  # the parent's shape: 10 classes
@@ -346,6 +348,14 @@ def test_a_generator_fine_tunes_from_an_imported_one_on_the_tokenizer_it_was_tra
     assert started.keys() == saved.keys()
     for name in started:
         torch.testing.assert_close(saved[name], started[name], rtol=0, atol=1e-6, msg=name)
+
+    # Resuming reads its own checkpoint, not the parent, which is gone; run.json keeps the parent it started from.
+    shutil.rmtree(parent)
+    resumed = run_cli(fine_tune(fine_tuned, "ar_optim.lr=1e-12"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"fine-tuned from       {parent} (step 0, signature {record['signature']})" in resumed.stdout
+    again = json.loads((fine_tuned / "run.json").read_text())
+    assert again["parent"] == own["parent"] and again["resumes"][-1]["step"] == 2 and again["status"] == "completed"
 
 
 def test_a_generator_trained_from_scratch_keeps_its_signature_and_a_parent_signs_as_an_absolute_path(tmp_path: Path, monkeypatch):

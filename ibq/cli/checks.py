@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import traceback
 from functools import lru_cache
+from pathlib import Path
 
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
@@ -61,6 +62,8 @@ RUN_INPUTS = {
     "train": [("init_from", "tokenizer", False), ("train.extend_from", "tokenizer", False)],
     "eval": [("run_dir", "tokenizer", False), ("checkpoint", "tokenizer", False)],
 }
+# Runs read only when a run starts: one that resumes from its own checkpoint no longer needs them.
+STARTING_POINTS = {"init_from", "train.extend_from"}
 
 
 def checked_variants(overrides: list[str], parser: OverridesParser | None = None) -> list[list[str]]:
@@ -147,28 +150,31 @@ def check_slurm(cluster) -> None:
         raise UserError(f"cluster.gpus_per_node={gpus}, but the nodes of {where} have at most {partition_gpus(cluster.partition)} GPUs")
 
 
-def check_run_inputs(cfg: DictConfig, config_name: str) -> None:
+def check_run_inputs(cfg: DictConfig, config_name: str, run_dir: Path | None = None) -> None:
     """The runs the job reads exist and hold a checkpoint (not read yet). A dry run reads none; ibq-eval
-    of samples= reads no run (its run_dir, if any, only records the results)."""
+    of samples= reads no run (its run_dir, if any, only records the results); a run in `run_dir` that
+    resumes from its own checkpoint reads no STARTING_POINTS."""
     if cfg.get("dry_run") or (config_name == "eval" and cfg.get("samples")):
         return
+    from ibq.engine.checkpoint import CHECKPOINT, locate_run  # here, not at import: its module loads torch
+
+    resuming = run_dir is not None and (run_dir / CHECKPOINT).is_file()
     for key, kind, required in RUN_INPUTS.get(config_name, []):
         path = OmegaConf.select(cfg, key, default=None)  # None for ??? too
-        if path is not None or required:
-            from ibq.engine.checkpoint import locate_run  # here, not at import: its module loads torch
-
+        if (path is not None or required) and not (resuming and key in STARTING_POINTS):
             locate_run(path, key, kind, outside_a_run=key == "checkpoint")
 
 
-def check_job(cfg: DictConfig, config_name: str, submitting: bool = False) -> None:
+def check_job(cfg: DictConfig, config_name: str, submitting: bool = False, run_dir: Path | None = None) -> None:
     """A job's values, cluster preset, batch layout (cfg[section]), DeepSpeed options, its engine's
-    checks and the runs it reads; with `submitting`, also what Slurm must offer."""
+    checks and the runs it reads (those of its `run_dir`, where known); with `submitting`, also what
+    Slurm must offer."""
     check_values(cfg)
     check_layout(cfg, config_name, submitting)
     if config_name in JOB_CHECKS:
         module, function = JOB_CHECKS[config_name].split(":")
         getattr(importlib.import_module(module), function)(cfg)
-    check_run_inputs(cfg, config_name)
+    check_run_inputs(cfg, config_name, run_dir)
 
 
 def check_layout(cfg: DictConfig, config_name: str, submitting: bool) -> None:
@@ -312,7 +318,7 @@ def check_sweep(config: DictConfig, config_name: str) -> None:
 class ConfigChecks(Callback):
     def on_run_start(self, config: DictConfig, config_name: str | None = None, **kwargs) -> None:
         """The job, before Hydra makes its folder (hydra.run.dir may lie inside a run it reads)."""
-        exit_if_refused(check_job, config, config_name)
+        exit_if_refused(check_job, config, config_name, False, Path(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs) -> None:
         """Every job of the sweep, before its folder is made or anything is submitted. For a submitit

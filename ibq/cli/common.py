@@ -149,7 +149,7 @@ def guarded(task):
         run_dir = Path(hydra.runtime.output_dir)
         in_sweep = hydra.mode == RunMode.MULTIRUN
         try:
-            check_job(cfg, hydra.job.config_name)
+            check_job(cfg, hydra.job.config_name, run_dir=run_dir)
             return task(cfg, run_dir)  # what a search sweeper optimises (objective_values), else None
         except BrokenPipeError:  # before Hydra reports it as the job's failure
             reader_gone(141)

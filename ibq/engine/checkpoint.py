@@ -200,10 +200,18 @@ class Parent:
         )
 
 
-def load_parent(init_from: str, kind: str) -> Parent:
-    """init_from's run of `kind` (RUN_KINDS), with the overrides its run.json lists."""
+def fine_tuning_parent(init_from: str | None, kind: str, run_dir: Path) -> tuple[Parent | None, dict | None]:
+    """init_from's run of `kind` (RUN_KINDS), with the overrides its run.json lists, whose weights start the
+    run in `run_dir`, and what that run's run.json keeps of it; (None, None) for a run from scratch. A run
+    that resumes from its own checkpoint reads no parent: the parent may have trained on, moved or gone
+    since, and the record keeps the one the run started from."""
+    if init_from is None:
+        return None, None
+    if (run_dir / CHECKPOINT).is_file():
+        return None, RunRecord(run_dir).data.get("parent")
     run = load_run(init_from, "init_from", kind)
-    return Parent(run, RunRecord(run.run_dir).data.get("overrides") or [])
+    parent = Parent(run, RunRecord(run.run_dir).data.get("overrides") or [])
+    return parent, parent.record()
 
 
 def non_finite_tensors(state: Any, name: str = "") -> list[str]:

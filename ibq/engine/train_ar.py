@@ -31,7 +31,7 @@ from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.config import build, shell_override
 from ibq.engine.build import resolve_precision
-from ibq.engine.checkpoint import CHECKPOINT, DivergenceWatch, Parent, foreign_checkpoint, load_checkpoint, load_parent, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
+from ibq.engine.checkpoint import CHECKPOINT, DivergenceWatch, Parent, fine_tuning_parent, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.job_config import check_ar_keys
 from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
@@ -119,7 +119,7 @@ class ARTraining:
         seed_everything(cfg.seed)
 
         self.tokenizer_run = load_tokenizer_run(cfg.tokenizer_run, self.device)
-        parent = load_parent(cfg.init_from, "generator") if cfg.get("init_from") is not None else None  # fine-tuning
+        parent, self.parent = fine_tuning_parent(cfg.get("init_from"), "generator", run_dir)
         if parent is not None:
             check_parent_tokenizer(parent, self.tokenizer_run)
         tokenizer = self.tokenizer_run.tokenizer
@@ -150,7 +150,9 @@ class ARTraining:
         self.signature = signature(self.identity)
 
         self.checkpoint_path = run_dir / CHECKPOINT
-        self.parent = None if parent is None else self._start_from(parent)
+        if parent is not None:
+            parent.check_fits(parent.run.state["model"], self.model, "transformer")
+            self.model.load_state_dict(parent.run.state["model"])  # optimizer and schedule start afresh
         self.deepspeed_dir = self.checkpoint_path.parent / "deepspeed"
         distributed.init_process_group(self.ranks, self.device, always=self.zero_stage is not None)
         self.trainee = self._wrap()  # what the step calls: the model, its DDP wrapper, or its DeepSpeed engine
@@ -166,14 +168,6 @@ class ARTraining:
         if self.ranks.world_size == 1:
             return self.model
         return distributed.data_parallel(self.model, self.device)
-
-    def _start_from(self, parent: Parent) -> dict:
-        """The parent's transformer weights, unless this run resumes from its own checkpoint (optimizer and
-        schedule start afresh); returns what run.json records of the parent."""
-        if not self.checkpoint_path.exists():
-            parent.check_fits(parent.run.state["model"], self.model, "transformer")
-            self.model.load_state_dict(parent.run.state["model"])
-        return parent.record()
 
     def _check_classes(self, highest: int, source: str) -> None:
         if highest >= self.num_classes:

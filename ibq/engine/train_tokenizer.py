@@ -31,7 +31,7 @@ from ibq.engine import distributed
 from ibq.engine.acceleration import StepAcceleration, match_parameter_layout_
 from ibq.config import build
 from ibq.engine.build import resolve_precision
-from ibq.engine.checkpoint import DivergenceWatch, Parent, foreign_checkpoint, load_checkpoint, load_parent, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
+from ibq.engine.checkpoint import DivergenceWatch, Parent, fine_tuning_parent, foreign_checkpoint, load_checkpoint, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.ema import EMA
 from ibq.engine.evaluate import ReconstructionEvaluator
 from ibq.engine.job_config import check_resolution, check_training_keys
@@ -63,7 +63,7 @@ class TokenizerTraining:
         self.zero_stage = self.deepspeed_options.get("stage")
         self.device = distributed.device_for(self.ranks, cfg.train.device, "train.device")
         self.dtype = resolve_precision(cfg.train.precision, self.device, "train.precision")
-        parent = load_parent(cfg.init_from, "tokenizer") if cfg.get("init_from") is not None else None  # fine-tuning
+        parent, self.parent = fine_tuning_parent(cfg.get("init_from"), "tokenizer", run_dir)
         self.acceleration = StepAcceleration.from_config(cfg.train, self.device)
         self.signature = signature(cfg)
         seed_everything(cfg.seed)
@@ -93,7 +93,8 @@ class TokenizerTraining:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
         self.checkpoint_path = run_dir / "checkpoints" / "last.pt"
-        self.parent = None if parent is None else self._start_from(parent)
+        if parent is not None:
+            self._start_from(parent)
         self.deepspeed_dir = run_dir / "checkpoints" / "deepspeed"
         distributed.init_process_group(self.ranks, self.device, always=self.zero_stage is not None)
         # What the steps call: the bare modules, DDP wrappers, or DeepSpeed engines.
@@ -131,20 +132,17 @@ class TokenizerTraining:
     def total_steps(self) -> int:
         return self.cfg.train.steps
 
-    def _start_from(self, parent: Parent) -> dict:
-        """The parent's weights (tokenizer, EMA and, when it has one of this shape, discriminator), unless this
-        run resumes from its own checkpoint; returns what run.json records of the parent."""
-        if not self.checkpoint_path.exists():
-            state = parent.run.state
-            parent.check_fits(state["tokenizer"], self.tokenizer, "model")
-            self.tokenizer.load_state_dict(state["tokenizer"])
-            self.ema.load_state_dict(state["ema"])
-            if "discriminator" in state:
-                try:
-                    self.discriminator.load_state_dict(state["discriminator"])
-                except RuntimeError:
-                    log.info("init_from=%s: its discriminator has another shape; this run's starts from scratch", parent.run.run_dir)
-        return parent.record()
+    def _start_from(self, parent: Parent) -> None:
+        """The parent's weights: tokenizer, EMA and, when it has one of this shape, discriminator."""
+        state = parent.run.state
+        parent.check_fits(state["tokenizer"], self.tokenizer, "model")
+        self.tokenizer.load_state_dict(state["tokenizer"])
+        self.ema.load_state_dict(state["ema"])
+        if "discriminator" in state:
+            try:
+                self.discriminator.load_state_dict(state["discriminator"])
+            except RuntimeError:
+                log.info("init_from=%s: its discriminator has another shape; this run's starts from scratch", parent.run.run_dir)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self, step: int, tag: str | None) -> dict:
