@@ -159,8 +159,8 @@ def test_an_objective_the_run_did_not_measure_is_named_with_the_numbers_it_has()
 
 
 def test_a_search_returns_one_objective_per_direction_or_is_refused_before_its_first_trial():
-    """Optuna learns of a mismatch only after its first batch of trials, in a traceback."""
-    from ibq.cli.checks import check_objectives
+    """Optuna learns of a mismatch, or of no trial to run, only after the launch, in a traceback."""
+    from ibq.cli.checks import check_objectives, check_trial_counts
     from ibq.errors import UserError
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -174,6 +174,13 @@ def test_a_search_returns_one_objective_per_direction_or_is_refused_before_its_f
     with pytest.raises(UserError, match=r"^objectives=\[rfid\] are 1 but hydra.sweeper.direction=\[maximize,minimize\] are 2: "):
         check_objectives(search)
     check_objectives(grid)  # the grid sweeper returns nothing to anyone
+
+    check_trial_counts(search)
+    for key in ("n_trials", "n_jobs"):  # Optuna's traceback after the launch, or a division by zero
+        counted = search.copy()
+        counted.hydra.sweeper[key] = 0
+        with pytest.raises(UserError, match=rf"^hydra.sweeper.{key}=0: a search needs at least 1; give hydra.sweeper.{key}=1 or more$"):
+            check_trial_counts(counted)
 
 
 def test_a_defect_in_the_checks_stops_the_launch_rather_than_becoming_hydras_warning(capsys):

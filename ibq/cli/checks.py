@@ -299,8 +299,18 @@ def check_objectives(config: DictConfig) -> None:
                         f"give one direction (maximize or minimize) per objective")
 
 
+def check_trial_counts(config: DictConfig) -> None:
+    """Optuna's trial counts: with no trial it fails after the launch (no best trial to write), and with
+    no job per batch it divides by zero."""
+    for key in ("n_trials", "n_jobs"):
+        value = OmegaConf.select(config, f"hydra.sweeper.{key}")
+        if isinstance(value, int) and value < 1:
+            raise UserError(f"hydra.sweeper.{key}={value}: a search needs at least 1; give hydra.sweeper.{key}=1 or more")
+
+
 def check_sweep(config: DictConfig, config_name: str) -> None:
     check_objectives(config)
+    check_trial_counts(config)
     hydra_overrides = given_overrides(config.hydra, "hydra")
     submitting = not config.get("dry_run", False)
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
