@@ -320,11 +320,16 @@ def test_a_search_over_the_guidance_scale_returns_gfid_to_optuna_and_is_compared
     import yaml
 
     ibq_import([str(AR), "--config", str(AR_CONFIG), "-o", str(tmp_path / "ar"), "logger=none"])
-    sweep_dir = tmp_path / "search"
-    searched = run_cli([sys.executable, "-m", "ibq.cli.sample", "-m", f"run_dir={tmp_path / 'ar' / 'ar'}", "hydra/sweeper=optuna",
+    sweep_dir, storage = tmp_path / "search", f"sqlite:///{tmp_path / 'search.db'}"
+
+    def search(*overrides: str):  # its study kept in a storage, so that a later launch continues it
+        return run_cli([sys.executable, "-m", "ibq.cli.sample", "-m", f"run_dir={tmp_path / 'ar' / 'ar'}", "hydra/sweeper=optuna",
                         "+objectives=[gfid]", "hydra.sweeper.direction=minimize", "sampling.cfg_scale=interval(1.0,4.0)",
-                        "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", "hydra.sweeper.sampler.seed=0", "samples_per_class=1",
-                        "reference.limit=16", f"reference.cache_dir={tmp_path / 'fid'}", f"hydra.sweep.dir={sweep_dir}"])
+                        "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", "samples_per_class=1", "reference.limit=16",
+                        f"reference.cache_dir={tmp_path / 'fid'}", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=cfg",
+                        *overrides])
+
+    searched = search("hydra.sweeper.sampler.seed=0", f"hydra.sweep.dir={sweep_dir}")
     assert searched.returncode == 0, searched.stderr[-3000:]
     gfids = {json.loads(path.read_text())["sampling"]["cfg_scale"]: json.loads(path.read_text())["gfid"]
              for path in sweep_dir.glob("*/results.json")}
@@ -332,6 +337,13 @@ def test_a_search_over_the_guidance_scale_returns_gfid_to_optuna_and_is_compared
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(gfids.values()))
     assert best["best_params"]["sampling.cfg_scale"] == pytest.approx(min(gfids, key=gfids.get))
+    import optuna
+
+    stored = optuna.load_study(study_name="cfg", storage=storage).trials
+    assert {trial.params["sampling.cfg_scale"]: trial.value for trial in stored} == pytest.approx(gfids)
+    again = search("hydra.sweeper.sampler.seed=0", f"hydra.sweep.dir={tmp_path / 'again'}")  # would draw the same two scales
+    assert again.returncode == 2 and error_line(again).endswith("give another, e.g. hydra.sweeper.sampler.seed=1")
+    assert not (tmp_path / "again").exists()
 
     status = sweep_cli(["status", str(sweep_dir)])
     assert status.returncode == 0 and "2 of 2 jobs done, 0 failed" in status.stdout, status.stderr

@@ -183,6 +183,38 @@ def test_a_search_returns_one_objective_per_direction_or_is_refused_before_its_f
             check_trial_counts(counted)
 
 
+def test_a_stored_search_continues_with_a_new_sampler_seed_and_refuses_one_used_before(tmp_path: Path):
+    """A seeded sampler draws the same points on every launch: continuing a stored study with a seed it
+    has seen would train its first trials again. Also: Optuna's storage opens at all (SQLAlchemy < 2)."""
+    import optuna
+
+    from ibq.cli.checks import SAMPLER_SEEDS, check_continued_study, record_sampler_seed
+    from ibq.errors import UserError
+
+    storage = f"sqlite:///{tmp_path / 'searches' / 'search.db'}"  # its folder made at the launch
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        search = compose("train", overrides=["sweep=lr_entropy_search", f"hydra.sweeper.storage={storage}"], return_hydra_config=True)
+    check_continued_study(search)  # no study yet: nothing is opened, nothing created
+    assert not (tmp_path / "searches").exists()
+    record_sampler_seed(search)  # the launch goes ahead
+    study = optuna.load_study(study_name="lr_entropy", storage=storage)
+    assert study.user_attrs[SAMPLER_SEEDS] == [0] and [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+
+    with pytest.raises(UserError, match=rf"^hydra.sweeper.storage={storage} holds study lr_entropy \(0 trials\), which this search "
+                                        r"continues; its launches used hydra.sweeper.sampler.seed=0, and a seed used before draws the same "
+                                        r"points again: give another, e.g. hydra.sweeper.sampler.seed=1$"):
+        check_continued_study(search)
+    search.hydra.sweeper.sampler.seed = 1
+    check_continued_study(search)
+    record_sampler_seed(search)
+    assert optuna.load_study(study_name="lr_entropy", storage=storage).user_attrs[SAMPLER_SEEDS] == [0, 1]
+
+    search.hydra.sweeper.storage = "postgresql://nowhere/db"  # its driver is not installed
+    with pytest.raises(UserError, match=r"^hydra.sweeper.storage=postgresql://nowhere/db cannot be opened \(ImportError: .*\): "
+                                        r"give an Optuna storage URL, e.g. hydra.sweeper.storage=sqlite:///search.db$"):
+        check_continued_study(search)
+
+
 def test_a_defect_in_the_checks_stops_the_launch_rather_than_becoming_hydras_warning(capsys):
     from ibq.cli.checks import exit_if_refused
 

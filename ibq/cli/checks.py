@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import traceback
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -281,14 +282,21 @@ def job_subdir(config: DictConfig, key: str, value: str) -> str | None:
         return None
 
 
+def sweeper_directions(config: DictConfig) -> list[str] | None:
+    """hydra.sweeper.direction as a list of names; None for a sweeper without directions (the grid)."""
+    directions = OmegaConf.select(config, "hydra.sweeper.direction")
+    if directions is None:
+        return None
+    # A string or an enum (the sweeper's structured config), or a list of them.
+    return [getattr(d, "name", str(d)) for d in (directions if OmegaConf.is_list(directions) else [directions])]
+
+
 def check_objectives(config: DictConfig) -> None:
     """A search sweeper's directions (Optuna's hydra.sweeper.direction) against the objectives each trial
     returns (common.objective_values): Optuna finds a mismatch only once the first trials have run."""
-    directions = OmegaConf.select(config, "hydra.sweeper.direction")
+    directions = sweeper_directions(config)
     if directions is None:
         return
-    # A string or an enum (the sweeper's structured config), or a list of them.
-    directions = [getattr(d, "name", str(d)) for d in (directions if OmegaConf.is_list(directions) else [directions])]
     objectives = list(config.get("objectives") or [])
     named = f"hydra.sweeper.direction=[{','.join(directions)}]"
     if not objectives:
@@ -308,9 +316,80 @@ def check_trial_counts(config: DictConfig) -> None:
             raise UserError(f"hydra.sweeper.{key}={value}: a search needs at least 1; give hydra.sweeper.{key}=1 or more")
 
 
+SAMPLER_SEEDS = "ibq/sampler_seeds"  # a stored study's user attribute: the seeds its launches' samplers used
+
+
+@dataclass(frozen=True)
+class StoredSearch:
+    """A search whose study lives in an Optuna storage (hydra.sweeper.storage and study_name): a later
+    launch with both continues it, each launch adding hydra.sweeper.n_trials trials."""
+
+    storage: str
+    name: str
+    seed: int | None  # hydra.sweeper.sampler.seed
+
+    @classmethod
+    def of(cls, config: DictConfig) -> StoredSearch | None:
+        storage, name = (OmegaConf.select(config, f"hydra.sweeper.{key}") for key in ("storage", "study_name"))
+        if storage is None or name is None:
+            return None  # a study in memory, or under a new name each launch
+        return cls(str(storage), str(name), OmegaConf.select(config, "hydra.sweeper.sampler.seed"))
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        return Path(self.storage.removeprefix("sqlite:///")) if self.storage.startswith("sqlite:///") else None
+
+    def new_file(self) -> bool:
+        """A SQLite storage that does not exist yet (opening it creates it)."""
+        return self.sqlite_file is not None and not self.sqlite_file.is_file()
+
+    def opened(self, open_storage):
+        """`open_storage()`, or one line naming the storage instead of Optuna's traceback after the launch."""
+        try:
+            return open_storage()
+        except Exception as error:  # SQLAlchemy's and Optuna's errors differ by backend
+            raise UserError(f"hydra.sweeper.storage={self.storage} cannot be opened ({type(error).__name__}: "
+                            f"{one_line(str(error)) or 'no message'}): give an Optuna storage URL, e.g. "
+                            f"hydra.sweeper.storage=sqlite:///search.db") from None
+
+
+def check_continued_study(config: DictConfig) -> None:
+    """A launch that continues a stored study with a sampler seed an earlier launch of it used would draw
+    that launch's points again: runs done already, trained again in the new sweep folder."""
+    search = StoredSearch.of(config)
+    if search is None or search.seed is None or search.new_file():
+        return
+    import optuna  # here, not at import: only searches need it
+
+    summaries = search.opened(lambda: optuna.study.get_all_study_summaries(search.storage))
+    study = next((summary for summary in summaries if summary.study_name == search.name), None)
+    used = study.user_attrs.get(SAMPLER_SEEDS, []) if study is not None else []
+    if search.seed in used:
+        raise UserError(f"hydra.sweeper.storage={search.storage} holds study {search.name} ({study.n_trials} trials), which "
+                        f"this search continues; its launches used hydra.sweeper.sampler.seed={','.join(map(str, used))}, and "
+                        f"a seed used before draws the same points again: give another, e.g. hydra.sweeper.sampler.seed={max(used) + 1}")
+
+
+def record_sampler_seed(config: DictConfig) -> None:
+    """Once the checks have passed: the stored study keeps the seed this launch's sampler uses, so that a
+    later launch is refused the same one. The study is made here as the sweeper makes it, which then
+    loads it."""
+    search = StoredSearch.of(config)
+    if search is None or search.seed is None or config.get("dry_run"):
+        return
+    import optuna
+
+    if search.sqlite_file is not None:  # SQLite makes the file, not its folder
+        search.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+    study = search.opened(lambda: optuna.create_study(study_name=search.name, storage=search.storage,
+                                                      directions=sweeper_directions(config), load_if_exists=True))
+    study.set_user_attr(SAMPLER_SEEDS, sorted({*study.user_attrs.get(SAMPLER_SEEDS, []), search.seed}))
+
+
 def check_sweep(config: DictConfig, config_name: str) -> None:
     check_objectives(config)
     check_trial_counts(config)
+    check_continued_study(config)
     hydra_overrides = given_overrides(config.hydra, "hydra")
     submitting = not config.get("dry_run", False)
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
@@ -334,6 +413,7 @@ class ConfigChecks(Callback):
         """Every job of the sweep, before its folder is made or anything is submitted. For a submitit
         cluster, also the requeue signal that submitit asks Slurm to send."""
         exit_if_refused(check_sweep, config, config_name)
+        exit_if_refused(record_sampler_seed, config)
         cluster = config.get("cluster")
         if cluster is not None and cluster.launcher in SUBMITIT_LAUNCHERS and cluster.requeue_signal:
             os.environ["SUBMITIT_PREEMPT_SIGNAL"] = str(cluster.requeue_signal).upper().removeprefix("SIG")
