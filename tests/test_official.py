@@ -320,11 +320,12 @@ def test_a_generator_fine_tunes_from_an_imported_one_on_the_tokenizer_it_was_tra
     # A learning rate too small to move the weights: what the run starts from is what it saves.
     fine_tuned = tmp_path / "fine_tuned"
     training = BackgroundRun(fine_tune(fine_tuned, "ar_optim.lr=1e-12"))
+    eleven = "data.photos=[astronaut,chelsea,coffee,rocket,hubble_deep_field,immunohistochemistry,retina,stereo_motorcycle,camera,brick,grass]"
     refusals = {
         "another tokenizer": (f"tokenizer_run={imported / 'ema'}",),
         "another shape": ("transformer.depth=3",),
-        "more classes": ("data.photos=[astronaut,chelsea,coffee,rocket,hubble_deep_field,immunohistochemistry,"
-                                           "retina,stereo_motorcycle,camera,brick,grass]",),
+        "more classes": (eleven,),
+        "another label set": (eleven, "transformer.num_classes=11"),
     }
     refused = {why: run_cli(fine_tune(tmp_path / why, *overrides)) for why, overrides in refusals.items()}
     line = error_line(refused["another tokenizer"])
@@ -335,7 +336,12 @@ def test_a_generator_fine_tunes_from_an_imported_one_on_the_tokenizer_it_was_tra
     assert "missing 9 tensor(s), e.g. blocks.2." in line
     line = error_line(refused["more classes"])  # before the run starts, as for any stage-II run
     assert line == "error: the training data has class index 10, outside the model's classes 0..9: set transformer.num_classes=11 or more"
+    line = error_line(refused["another label set"])
+    assert line == (f"error: init_from={parent} has 10 classes, this run transformer.num_classes=11: give its own (transformer.num_classes=10) "
+                    f"for the same labels, or init_from_classes=fresh to start the class embeddings anew for a label set of this run's own")
     assert not any((tmp_path / why).exists() for why in refusals)
+    relabelled = tmp_path / "relabelled"  # eleven classes of its own: new class rows, the rest from the parent
+    relabelling = BackgroundRun(fine_tune(relabelled, eleven, "transformer.num_classes=11", "init_from_classes=fresh", "ar_optim.lr=1e-12"))
 
     result = training.result()
     assert result.returncode == 0, result.stderr[-3000:]
@@ -348,6 +354,17 @@ def test_a_generator_fine_tunes_from_an_imported_one_on_the_tokenizer_it_was_tra
     assert started.keys() == saved.keys()
     for name in started:
         torch.testing.assert_close(saved[name], started[name], rtol=0, atol=1e-6, msg=name)
+
+    result = relabelling.result()
+    assert result.returncode == 0, result.stderr[-3000:]
+    fresh = torch.load(relabelled / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name in started:
+        if name != "class_embed.weight":
+            torch.testing.assert_close(fresh[name], started[name], rtol=0, atol=1e-6, msg=name)
+    classes = fresh["class_embed.weight"]
+    assert classes.shape == (12, started["class_embed.weight"].shape[1])
+    torch.testing.assert_close(classes[-1], started["class_embed.weight"][-1], rtol=0, atol=1e-6)  # CFG's null class
+    assert not torch.allclose(classes[:10], started["class_embed.weight"][:10], atol=1e-3)
 
     # Resuming reads its own checkpoint, not the parent, which is gone; run.json keeps the parent it started from.
     shutil.rmtree(parent)
@@ -366,9 +383,25 @@ def test_a_generator_trained_from_scratch_keeps_its_signature_and_a_parent_signs
     scratch = composed(["tokenizer_run=tok"], "train_ar").cfg
     own, identity = stage_two_config(scratch, tmp_path / "tok", tokenizer)
     assert "init_from" not in own and "init_from" not in identity  # as before init_from existed: resumes still match
+    assert "init_from_classes" not in own
     own, fine_tuning = stage_two_config(composed(["tokenizer_run=tok", "init_from=runs/parent"], "train_ar").cfg, tmp_path / "tok", tokenizer)
     assert own.init_from == fine_tuning.init_from == str(tmp_path / "runs" / "parent")
-    assert signature(fine_tuning) != signature(identity)
+    assert signature(fine_tuning) != signature(identity) and "init_from_classes" not in own  # the parent's classes, as before
+    _, relabelled = stage_two_config(composed(["tokenizer_run=tok", "init_from=runs/parent", "init_from_classes=fresh"], "train_ar").cfg,
+                                     tmp_path / "tok", tokenizer)
+    assert relabelled.init_from_classes == "fresh" and signature(relabelled) != signature(fine_tuning)
+
+
+def test_fresh_class_embeddings_need_a_parent_and_a_known_choice():
+    from ibq.config import check_values
+    from ibq.engine.job_config import check_ar_keys
+    from ibq.errors import UserError
+
+    with pytest.raises(UserError, match=r"^init_from_classes=fresh starts a fine-tuning run's class embeddings anew, but init_from is not "
+                                        r"given: give init_from=<generator run>, or leave init_from_classes out$"):
+        check_ar_keys(composed(["tokenizer_run=tok", "init_from_classes=fresh"], "train_ar").cfg)
+    with pytest.raises(UserError, match=r"^init_from_classes='new' is invalid: it must be parent \(its class embeddings\) or fresh "):
+        check_values(composed(["init_from=runs/parent", "init_from_classes=new"], "train_ar").cfg)
 
 
 @pytest.mark.slow

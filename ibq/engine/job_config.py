@@ -112,6 +112,9 @@ def check_tokenizer_job(cfg: DictConfig) -> None:
 def check_ar_keys(cfg: DictConfig) -> None:
     if "transformer" not in cfg:
         raise UserError("this model_scale has no stage-II transformer: choose model_scale=tiny, B, L, XL or XXL")
+    if cfg.get("init_from_classes") == "fresh" and cfg.get("init_from") is None:
+        raise UserError("init_from_classes=fresh starts a fine-tuning run's class embeddings anew, but init_from is not given: "
+                        "give init_from=<generator run>, or leave init_from_classes out")
     ar = cfg.ar_train
     for key in ("batch_size", "log_every", "checkpoint_every", "epochs"):
         check_positive_int(f"ar_train.{key}", ar[key])

@@ -43,6 +43,7 @@ from ibq.generation.sampling import sample
 from ibq.models.transformer import Transformer, next_token_loss
 from ibq.runs.record import AR_REPORTING_KEYS, config_differences, merge_results, result_config, signature, sized_transformer, stage_two_config
 
+CLASS_TABLE = "class_embed.weight"  # the transformer's class embeddings, one row per class, then CFG's null class
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and embeddings (dim >= 2); none on norms and biases."""
@@ -104,6 +105,26 @@ def check_parent_tokenizer(parent: Parent, tokenizer_run: TokenizerRun) -> None:
         )
 
 
+def start_from(parent: Parent, model: Transformer, classes: str) -> None:
+    """Loads the parent's transformer weights into `model`. With classes=fresh, for a label set of the run's
+    own (of any size), the class rows start as a new model's; the null class of CFG, the table's last row,
+    is no label of either set and comes from the parent."""
+    weights = dict(parent.run.state["model"])
+    table = weights[CLASS_TABLE]
+    if classes == "fresh":  # only its width must fit
+        weights[CLASS_TABLE] = table.new_empty((model.num_classes + 1, table.shape[1]), device="meta")
+    elif table.shape[0] != model.num_classes + 1:
+        raise UserError(
+            f"init_from={parent.run.run_dir} has {table.shape[0] - 1} classes, this run transformer.num_classes={model.num_classes}: "
+            f"give its own (transformer.num_classes={table.shape[0] - 1}) for the same labels, or init_from_classes=fresh to start "
+            f"the class embeddings anew for a label set of this run's own"
+        )
+    parent.check_fits(weights, model, "transformer")
+    if classes == "fresh":
+        weights[CLASS_TABLE] = torch.cat([model.class_embed.weight.detach()[:-1].to(table), table[-1:]])
+    model.load_state_dict(weights)
+
+
 class ARTraining:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         check_ar_keys(cfg)
@@ -151,8 +172,7 @@ class ARTraining:
 
         self.checkpoint_path = run_dir / CHECKPOINT
         if parent is not None:
-            parent.check_fits(parent.run.state["model"], self.model, "transformer")
-            self.model.load_state_dict(parent.run.state["model"])  # optimizer and schedule start afresh
+            start_from(parent, self.model, cfg.init_from_classes)  # optimizer and schedule start afresh
         self.deepspeed_dir = self.checkpoint_path.parent / "deepspeed"
         distributed.init_process_group(self.ranks, self.device, always=self.zero_stage is not None)
         self.trainee = self._wrap()  # what the step calls: the model, its DDP wrapper, or its DeepSpeed engine

@@ -226,6 +226,8 @@ def stage_two_config(cfg: DictConfig, tokenizer_run: Path, tokenizer: dict, **ex
         own["init_from"] = parent_directory(own["init_from"])
     else:  # from scratch: no key at all, so that runs recorded without one still match their resumes
         own.pop("init_from", None)
+    if own.get("init_from_classes") == "parent" or "init_from" not in own:  # likewise, for the parent's classes
+        own.pop("init_from_classes", None)
     own.update(extra)
     identity = OmegaConf.create(own)
     for key in AR_REPORTING_KEYS:
