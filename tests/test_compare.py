@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import IBQ_TRAIN, error_line, read_jsonl, run_cli, wandb_records
+from ibq.cli.sweep import make_plots
 from ibq.ledger.runs import discover
 from ibq.report.table import build_table
 from ibq.runs.record import sweep_group
@@ -108,6 +110,24 @@ def test_latex_bolds_the_best_value_by_each_metrics_direction(tmp_path):
     per_size = table.pivot_latex("codebook_size", "rfid").splitlines()
     assert per_size[2] == r"quantizer & codebook\_size=256 $\downarrow$ & codebook\_size=1024 $\downarrow$ \\"
     assert per_size[4] == r"ibq & $\mathbf{5.00}$ & $\mathbf{4.00}$ \\"
+
+
+def test_a_searchs_sampled_values_read_to_4_digits_unless_two_would_read_alike_and_csv_keeps_them_whole(tmp_path):
+    root = tmp_path / "search"
+    for index, (lr, weight) in enumerate([("0.0012520653814999472", "0.12345678901"), ("0.0026938830192854116", "0.12345678902")]):
+        trial = fake_run(root / f"trial{index}", signature=f"trial{index}", **{"optim.lr": lr, "quantizer.entropy_weight": weight},
+                         results={"rfid": 3.0 - index, "psnr": 20.0 + index})
+        config = yaml.safe_load((trial / ".hydra" / "config.yaml").read_text())
+        (trial / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**config, "objectives": ["psnr"]}))
+    table = build_table(discover(root))
+    assert table.factors == ["optim.lr", "quantizer.entropy_weight"]
+    assert [row[:2] for row in table.body()] == [["0.001252", "0.12345678901"], ["0.002694", "0.12345678902"]]  # 0.1235 twice
+    assert table.latex().splitlines()[4].startswith("0.001252 & 0.12345678901 & 1 &")
+    assert table.pivot("optim.lr", "rfid")[0] == ["quantizer.entropy_weight", "optim.lr=0.001252", "optim.lr=0.002694"]
+    assert table.csv().splitlines()[1].startswith("0.0012520653814999472,0.12345678901,1,")
+    # The search's objective is drawn too, though no default plot has PSNR; its ticks read as the table does.
+    plots = make_plots(table, None, "optim.lr", tmp_path / "plots")
+    assert "PSNR vs optim.lr" in plots and plots["PSNR vs optim.lr"].is_file()
 
 
 def test_columns_are_honoured_in_csv(tmp_path):
@@ -317,7 +337,6 @@ def test_a_sweep_of_samplings_is_compared_by_the_scores_of_its_jobs(tmp_path):
 def test_a_search_over_the_guidance_scale_returns_gfid_to_optuna_and_is_compared_like_a_grid(tmp_path):
     """ibq-sample under Optuna: each trial's gFID is its one objective, the best is the lowest, and the sweep
     folder (no multirun.yaml: a search sweeper writes none) is listed, tabled and plotted from its jobs."""
-    import yaml
 
     ibq_import([str(AR), "--config", str(AR_CONFIG), "-o", str(tmp_path / "ar"), "logger=none"])
     sweep_dir, storage = tmp_path / "search", f"sqlite:///{tmp_path / 'search.db'}"

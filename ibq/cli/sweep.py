@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -324,6 +325,15 @@ def default_plot_metrics(table) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(m for final, _ in chosen for m in final), tuple(dict.fromkeys(m for _, curves in chosen for m in curves))
 
 
+def search_objectives(table) -> tuple[str, ...]:
+    """What a search's trials returned to its sweeper (their `objectives`): drawn against x by default too."""
+    names: dict[str, None] = {}
+    for row in table.rows:
+        for run in row.runs:
+            names.update(dict.fromkeys(json.loads(run.config.get("objectives") or "[]")))
+    return tuple(names)
+
+
 def make_plots(table, metrics: list[str] | None, x: str | None, out: Path, usage: bool = False, samplings: bool = False) -> dict[str, Path]:
     """Final values against `x` for the metrics runs report in results.json, curves over the steps for those
     they logged in metrics.jsonl (both where both), and with `usage` the sorted code usage. `metrics` None:
@@ -337,6 +347,7 @@ def make_plots(table, metrics: list[str] | None, x: str | None, out: Path, usage
     logged = logged_metrics(table) if on_disk else set()
     paths = {}
     final_metrics, curve_metrics = (SAMPLING_PLOT_METRICS, ()) if samplings else default_plot_metrics(table)
+    final_metrics = tuple(dict.fromkeys(final_metrics + search_objectives(table)))
     for metric in metrics or dict.fromkeys(final_metrics + curve_metrics):
         final = (bool(metrics) or metric in final_metrics) and any(row.cell(metric).values for row in table.rows)
         curve = (bool(metrics) or metric in curve_metrics) and metric in logged and bool(curve_series(table, metric))

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ibq.errors import UserError
-from ibq.report.table import Table, axis_label, label, natural_key, sort_key
+from ibq.report.table import Table, axis_label, label, natural_key, readable, sort_key
 
 BOUND = "codebook/utilization_bound"
 
@@ -73,15 +73,6 @@ def series(table: Table, metric: str, x: str) -> dict[str, list[tuple[str, float
 MOST_VALUE_TICKS = 10
 
 
-def tick_label(value: str) -> str:
-    """A value as its tick reads: a search's sampled numbers (2.6464405117819743) to 4 significant digits."""
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return value if len(value) <= 8 else f"{number:.4g}"
-
-
 def new_figure() -> tuple[Figure, object]:
     figure = Figure(figsize=(6.4, 4.2), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
@@ -120,7 +111,8 @@ def metric_figure(table: Table, metric: str, x: str) -> Figure:
     following = followers(table, x)
     at_x = {row.key[table.factors.index(x)]: [row.key[i] for i in following] for row in table.rows}
     if categorical or following or len(all_x) <= MOST_VALUE_TICKS:
-        axes.set_xticks(list(where.values()), labels=["\n".join([tick_label(value), *at_x[value]]) for value in all_x])
+        shown = readable(all_x)
+        axes.set_xticks(list(where.values()), labels=["\n".join([shown[value], *at_x[value]]) for value in all_x])
         axes.minorticks_off()
     if categorical:
         axes.set_xlim(-0.6, len(all_x) - 0.4)

@@ -16,6 +16,7 @@ import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ibq.errors import UserError
 from ibq.ledger.runs import Run
@@ -120,6 +121,20 @@ def factor_value(run: Run, factor: str) -> str:
     return str(value)
 
 
+def readable(values) -> dict[str, str]:
+    """Each of a factor's values as a table or a plot shows it: a search's sampled numbers (0.0012520653814999472)
+    to 4 significant digits, unless two of them would then read alike. CSV keeps them whole."""
+    def short(value: str) -> str:
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return value if len(value) <= 8 else f"{number:.4g}"
+
+    shown = {value: short(value) for value in set(values)}
+    return shown if len(set(shown.values())) == len(shown) else {value: value for value in shown}
+
+
 @dataclass
 class Cell:
     values: list[float]
@@ -163,8 +178,18 @@ class Table:
     def header(self) -> list[str]:
         return self.factors + ["runs"] + [label(m) for m in self.metrics]
 
+    @cached_property
+    def shown(self) -> dict[str, dict[str, str]]:
+        """Each factor's values as read (`readable`)."""
+        return {factor: readable(row.key[at] for row in self.rows) for at, factor in enumerate(self.factors)}
+
+    def shown_key(self, key: tuple[str, ...], factors: list[str] | None = None) -> list[str]:
+        """A row's (or a pivot's row's) factor values as read."""
+        factors = self.factors if factors is None else factors
+        return [self.shown[factor][value] for factor, value in zip(factors, key)]
+
     def body(self) -> list[list[str]]:
-        return [list(row.key) + [str(len(row.runs))] + [row.cell(m).text(decimals(m)) for m in self.metrics] for row in self.rows]
+        return [self.shown_key(row.key) + [str(len(row.runs))] + [row.cell(m).text(decimals(m)) for m in self.metrics] for row in self.rows]
 
     def terminal(self) -> str:
         return render_terminal(self.header, self.body(), numeric_from=len(self.factors))
@@ -197,9 +222,9 @@ class Table:
     def pivot(self, column: str, metric: str) -> tuple[list[str], list[list[str]]]:
         """`metric` with the values of the factor `column` as columns and the other factors as rows."""
         row_factors, columns, grid = self.pivot_cells(column, metric)
-        header = (row_factors or [""]) + [f"{column}={c}" for c in columns]
+        header = (row_factors or [""]) + [f"{column}={self.shown[column][c]}" for c in columns]
         empty = Cell([])
-        body = [list(key or ("all",)) + [cells.get(c, empty).text(decimals(metric)) for c in columns] for key, cells in grid]
+        body = [(self.shown_key(key, row_factors) or ["all"]) + [cells.get(c, empty).text(decimals(metric)) for c in columns] for key, cells in grid]
         return header, body
 
     def pivot_csv(self, column: str) -> str:
@@ -217,14 +242,15 @@ class Table:
 
     def latex(self) -> str:
         """A booktabs tabular: mean ± std per metric, the best value of each column in bold."""
-        keys = [list(row.key) + [str(len(row.runs))] for row in self.rows]
+        keys = [self.shown_key(row.key) + [str(len(row.runs))] for row in self.rows]
         cells = [[row.cell(m) for m in self.metrics] for row in self.rows]
         return render_latex(self.factors + ["runs"], [label(m) for m in self.metrics], keys, cells, self.metrics, text_columns=len(self.factors))
 
     def pivot_latex(self, column: str, metric: str) -> str:
         row_factors, columns, grid = self.pivot_cells(column, metric)
         cells = [[row.get(c, Cell([])) for c in columns] for _, row in grid]
-        return render_latex(row_factors or [""], [f"{column}={c}" for c in columns], [list(key or ("all",)) for key, _ in grid],
+        return render_latex(row_factors or [""], [f"{column}={self.shown[column][c]}" for c in columns],
+                            [self.shown_key(key, row_factors) or ["all"] for key, _ in grid],
                             cells, [metric] * len(columns), text_columns=max(1, len(row_factors)))
 
 
