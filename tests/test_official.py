@@ -337,8 +337,9 @@ def test_a_generator_fine_tunes_from_an_imported_one_on_the_tokenizer_it_was_tra
     line = error_line(refused["more classes"])  # before the run starts, as for any stage-II run
     assert line == "error: the training data has class index 10, outside the model's classes 0..9: set transformer.num_classes=11 or more"
     line = error_line(refused["another label set"])
-    assert line == (f"error: init_from={parent} has 10 classes, this run transformer.num_classes=11: give its own (transformer.num_classes=10) "
-                    f"for the same labels, or init_from_classes=fresh to start the class embeddings anew for a label set of this run's own")
+    assert line == (f"error: init_from={parent} has 10 classes and this run 11 (transformer.num_classes=11): give its number for the same "
+                    f"labels (transformer.num_classes=10), or init_from_classes=fresh to start the class embeddings anew for a label set "
+                    f"of this run's own")
     assert not any((tmp_path / why).exists() for why in refusals)
     relabelled = tmp_path / "relabelled"  # eleven classes of its own: new class rows, the rest from the parent
     relabelling = BackgroundRun(fine_tune(relabelled, eleven, "transformer.num_classes=11", "init_from_classes=fresh", "ar_optim.lr=1e-12"))

@@ -45,6 +45,7 @@ from ibq.runs.record import AR_REPORTING_KEYS, config_differences, merge_results
 
 CLASS_TABLE = "class_embed.weight"  # the transformer's class embeddings, one row per class, then CFG's null class
 
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and embeddings (dim >= 2); none on norms and biases."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -115,9 +116,9 @@ def start_from(parent: Parent, model: Transformer, classes: str) -> None:
         weights[CLASS_TABLE] = table.new_empty((model.num_classes + 1, table.shape[1]), device="meta")
     elif table.shape[0] != model.num_classes + 1:
         raise UserError(
-            f"init_from={parent.run.run_dir} has {table.shape[0] - 1} classes, this run transformer.num_classes={model.num_classes}: "
-            f"give its own (transformer.num_classes={table.shape[0] - 1}) for the same labels, or init_from_classes=fresh to start "
-            f"the class embeddings anew for a label set of this run's own"
+            f"init_from={parent.run.run_dir} has {table.shape[0] - 1} classes and this run {model.num_classes} "
+            f"(transformer.num_classes={model.num_classes}): give its number for the same labels (transformer.num_classes="
+            f"{table.shape[0] - 1}), or init_from_classes=fresh to start the class embeddings anew for a label set of this run's own"
         )
     parent.check_fits(weights, model, "transformer")
     if classes == "fresh":
