@@ -87,13 +87,13 @@ OmegaConf.register_new_resolver("ibq.cache", user_cache, replace=True)
 def open_node() -> DictConfig:
     """An empty node that takes new keys: Hydra's struct mode refuses a dict override with new keys
     (cluster.sbatch={constraint: a100}) in YAML nodes, but keeps this node's flag through merging.
-    Group configs place it under such keys (`- /ibq/open/node@cluster.sbatch`)."""
+    Group configs place it under such keys (`- /hydra/ibq_open/node@cluster.sbatch`)."""
     node = OmegaConf.create({})
     OmegaConf.set_struct(node, False)
     return node
 
 
-ConfigStore.instance().store(group="ibq/open", name="node", node=open_node())
+ConfigStore.instance().store(group="hydra/ibq_open", name="node", node=open_node())
 
 
 # What Python says of a call whose keywords do not fit the callable's signature.

@@ -124,6 +124,9 @@ def test_help_says_what_the_app_does_then_lists_hydras_groups_and_config(module:
     about, groups = result.stdout.split("\n\n== Configuration groups ==\n", 1)
     assert about.startswith(f"{app}: ") and f"\n  {app} " in about  # a description, then examples
     assert "\ncluster: local, local_parallel, slurm, slurm_gpu, slurm_multinode\n" in groups
+    listed = groups.split("\n== Config ==\n")[0].splitlines()[2:]  # only groups a user picks from, not plumbing
+    assert {line.split(":")[0] for line in listed if line} <= {"cluster", "data", "data/source", "deepspeed", "experiment", "logger",
+                                                               "model_scale", "quantizer", "sweep"}
     assert "\n== Config ==\n" in groups and "Use --hydra-help to view Hydra specific help" in groups
 
 
