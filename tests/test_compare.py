@@ -130,6 +130,33 @@ def test_a_searchs_sampled_values_read_to_4_digits_unless_two_would_read_alike_a
     assert "PSNR vs optim.lr" in plots and plots["PSNR vs optim.lr"].is_file()
 
 
+def test_a_folder_of_a_stored_search_says_what_its_study_holds_now_every_launch_included(tmp_path, monkeypatch):
+    """optimization_results.yaml is the best when that launch ended; a later launch of the study may have found better."""
+    import optuna
+
+    from ibq.ledger.sweep import search_outcome
+
+    study = optuna.create_study(study_name="lr", storage=f"sqlite:///{tmp_path / 'search.db'}", direction="minimize")
+    for lr, loss in ((0.002, 4.0), (0.001, 3.5), (0.003, 3.0)):  # the third from a later launch, in another folder
+        study.add_trial(optuna.trial.create_trial(params={"optim.lr": lr}, distributions={"optim.lr": optuna.distributions.LogUniformDistribution(1e-4, 1e-2)},
+                                                  value=loss))
+    job = tmp_path / "first" / "job0" / ".hydra"
+    job.mkdir(parents=True)
+    (job / "config.yaml").write_text(yaml.safe_dump({"objectives": ["loss"]}))
+    (job / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {"storage": "sqlite:///search.db", "study_name": "lr"},
+                                                              "runtime": {"cwd": str(tmp_path)}}}))  # relative to the launch's folder
+    (tmp_path / "first" / "optimization_results.yaml").write_text(yaml.safe_dump({"name": "optuna", "best_params": {"optim.lr": 0.001},
+                                                                                   "best_value": 3.5}))
+    monkeypatch.chdir(tmp_path / "first")  # ibq-sweep table, run from elsewhere
+    assert search_outcome(tmp_path / "first") == [
+        "search best: loss 3.5 at optim.lr=0.001",
+        f"search study: lr in sqlite:///{tmp_path / 'search.db'}: 3 trials, 1 of them in this folder; best of all: loss 3 at optim.lr=0.003",
+    ]
+    (tmp_path / "search.db").rename(tmp_path / "moved.db")
+    assert search_outcome(tmp_path / "first")[1].endswith(": cannot be read here (no such file)")
+    assert not (tmp_path / "search.db").exists()  # a table reads; it makes no empty storage
+
+
 def test_columns_are_honoured_in_csv(tmp_path):
     table = build_table(discover(seeded_sweep(tmp_path / "sweep")))
     lines = table.pivot_csv("codebook_size").splitlines()
@@ -374,7 +401,9 @@ def test_a_search_over_the_guidance_scale_returns_gfid_to_optuna_and_is_compared
     assert plot.returncode == 0 and (sweep_dir / "plots" / "gfid_vs_sampling_cfg_scale.png").is_file(), plot.stderr
     terminal = sweep_cli(["table", str(sweep_dir)])
     best_scale = min(gfids, key=gfids.get)
-    assert f"search best: gfid {gfids[best_scale]:.4g} at sampling.cfg_scale={best_scale:.4g}" in terminal.stdout.splitlines()
+    best = f"gfid {gfids[best_scale]:.4g} at sampling.cfg_scale={best_scale:.4g}"
+    assert f"search best: {best}" in terminal.stdout.splitlines()
+    assert f"search study: cfg in {storage}: 2 trials, 2 of them in this folder; best of all: {best}" in terminal.stdout.splitlines()
 
 
 def test_samplings_of_several_ar_runs_are_told_apart_by_their_run(tmp_path):

@@ -120,21 +120,55 @@ def jobs_app(directory: Path) -> str | None:
 
 def search_outcome(directory: Path) -> list[str]:
     """What a search sweeper found (Optuna's optimization_results.yaml): its best trial, or the trials of its
-    Pareto front, each as its objectives' values at its parameters; nothing for a grid."""
+    Pareto front, each as its objectives' values at its parameters; nothing for a grid. A stored study
+    (hydra.sweeper.storage) adds what it holds now, every launch's trials included."""
     found = directory / "optimization_results.yaml"
     if not found.is_file():
         return []
     found = OmegaConf.to_container(OmegaConf.load(found))
     job_config = next(directory.rglob(".hydra/config.yaml"), None)
     names = list(OmegaConf.load(job_config).get("objectives") or []) if job_config is not None else []
-
-    def trial(values: list[float], params: dict) -> str:
-        scores = ", ".join(f"{names[i] if i < len(names) else f'objective {i + 1}'} {value:.4g}" for i, value in enumerate(values))
-        return f"{scores} at " + " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items())
-
     if "best_params" in found:
-        return [f"search best: {trial([found['best_value']], found['best_params'])}"]
-    return [f"search Pareto front: {trial(solution['values'], solution['params'])}" for solution in found.get("solutions") or []]
+        lines = [f"search best: {trial_text(names, [found['best_value']], found['best_params'])}"]
+    else:
+        lines = [f"search Pareto front: {trial_text(names, solution['values'], solution['params'])}" for solution in found.get("solutions") or []]
+    if job_config is not None:
+        lines += stored_study(job_config.parent / "hydra.yaml", names, len(list(directory.rglob(".hydra/config.yaml"))))
+    return lines
+
+
+def trial_text(names: list[str], values: list[float], params: dict) -> str:
+    """A trial as its objectives' values at its parameters."""
+    scores = ", ".join(f"{names[i] if i < len(names) else f'objective {i + 1}'} {value:.4g}" for i, value in enumerate(values))
+    return f"{scores} at " + " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items())
+
+
+def stored_study(job_hydra: Path, names: list[str], trials_here: int) -> list[str]:
+    """A stored study's trials and best ones as it holds them now (later launches may have added to it since
+    this folder's optimization_results.yaml); nothing for a study in memory."""
+    if not job_hydra.is_file():
+        return []
+    hydra = OmegaConf.load(job_hydra).hydra
+    storage, name = (OmegaConf.select(hydra, f"sweeper.{key}") for key in ("storage", "study_name"))
+    if storage is None or name is None:
+        return []
+    if storage.startswith("sqlite:///"):
+        file = Path(storage.removeprefix("sqlite:///"))
+        file = file if file.is_absolute() else Path(hydra.runtime.cwd) / file  # as the launch opened it
+        storage = f"sqlite:///{file}"
+        if not file.is_file():  # opening it would make an empty one
+            return [f"search study: {name} in {storage}: cannot be read here (no such file)"]
+    where = f"search study: {name} in {storage}"
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(study_name=name, storage=storage)
+        best = study.best_trials
+    except Exception as error:  # moved, a server not reached from here, or no trial completed yet
+        return [f"{where}: cannot be read here ({type(error).__name__})"]
+    return [f"{where}: {len(study.trials)} trials, {trials_here} of them in this folder; best of all: "
+            + "; ".join(trial_text(names, t.values, t.params) for t in best)]
 
 
 def read_ledger(directory: Path) -> tuple[Plan | None, dict[str, str], list[str]]:
