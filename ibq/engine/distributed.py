@@ -61,12 +61,13 @@ def init_process_group(ranks: Ranks, device: torch.device, always: bool = False)
     )
 
 
-def data_parallel(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+def data_parallel(module: torch.nn.Module, device: torch.device, broadcast_buffers: bool = True) -> DistributedDataParallel:
     """`module` under DDP, its gradients views of the all-reduce buckets: one copy of the gradients in
     memory instead of two. (Set to None by zero_grad, each is computed anew in the backward pass and
-    copied into its bucket, which it then views: measured faster on CPU than zeroing the views in place.)"""
+    copied into its bucket, which it then views: measured faster on CPU than zeroing the views in place.)
+    With `broadcast_buffers`, rank 0's buffers are copied into every rank's, in place, before each forward."""
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
+    return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True, broadcast_buffers=broadcast_buffers)
 
 
 def shutdown() -> None:

@@ -111,7 +111,12 @@ class TokenizerTraining:
             return self._deepspeed_engines()
         if self.ranks.world_size == 1:
             return self.tokenizer, self.discriminator
-        return distributed.data_parallel(self.tokenizer, self.device), distributed.data_parallel(self.discriminator, self.device)
+        # The discriminator runs twice before its backward pass (real, then fake images). Broadcasting its
+        # BatchNorm statistics before the second run would change, in place, tensors that torch 2.4's batch
+        # norm keeps for the backward pass; they are left per rank instead: in training mode no output
+        # depends on them, and rank 0's, the ones a broadcast would copy, are those checkpointed.
+        return (distributed.data_parallel(self.tokenizer, self.device),
+                distributed.data_parallel(self.discriminator, self.device, broadcast_buffers=False))
 
     def _deepspeed_engines(self):
         config = deepspeed_config(self.deepspeed_options, self.layout)
