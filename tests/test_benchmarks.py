@@ -101,7 +101,11 @@ def test_bench_gpu_profiles_the_measured_steps_on_stderr():
     result = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--only", "ibq", "--profile", "5"], cwd=REPO,
                             capture_output=True, text=True, timeout=600, env=cli_env())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "bench_gpu profile of ibq_chunked_k262144 (one call, by self_" in result.stderr and "aten::mm" in result.stderr
+    profile = result.stderr.split("bench_gpu profile of ibq_chunked_k262144 (one call, by self_", 1)
+    assert len(profile) == 2, result.stderr[-3000:]
+    # Its 5 costliest operators: which ones, and in which order, depends on the load on the machine.
+    rows = [line.split()[0] for line in profile[1].split("Self CPU time total")[0].splitlines() if "%" in line and "Name" not in line]
+    assert len(rows) == 5 and any(name.startswith("aten::") for name in rows), profile[1][:2000]
     assert all(LINE.fullmatch(line) for line in result.stdout.splitlines())  # the figures' lines as without it
 
 
