@@ -191,6 +191,15 @@ def hydra_value(value) -> str:
     return f'"{escaped}"'
 
 
+def sqlite_file(storage: str, cwd: str | Path | None = None) -> Path | None:
+    """The file of an SQLite storage URL (Optuna's hydra.sweeper.storage=sqlite:///<path>), a relative path
+    taken from `cwd` where given; None for another kind of storage."""
+    if not storage.startswith("sqlite:///"):
+        return None
+    file = Path(storage.removeprefix("sqlite:///"))
+    return file if cwd is None or file.is_absolute() else Path(cwd) / file
+
+
 def shell_override(key: str, value) -> str:
     """key=value as typed into a shell: 'run_dir="outputs/multirun/<time>/codebook_size=1024,seed=0"'."""
     return shlex.quote(f"{key}={hydra_value(value)}")

@@ -29,7 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from ibq.config import APPS, check_values, fail, given_overrides, grid_sweeper, one_line, parse, search_space_on_the_grid, sweep_values
+from ibq.config import APPS, check_values, fail, given_overrides, grid_sweeper, one_line, parse, search_space_on_the_grid, sqlite_file, sweep_values
 from ibq.engine.ranks import check_deepspeed, detect_ranks, plan_batches
 from ibq.errors import UserError, check_positive_int
 
@@ -337,7 +337,7 @@ class StoredSearch:
 
     @property
     def sqlite_file(self) -> Path | None:
-        return Path(self.storage.removeprefix("sqlite:///")) if self.storage.startswith("sqlite:///") else None
+        return sqlite_file(self.storage)
 
     def new_file(self) -> bool:
         """A SQLite storage that does not exist yet (opening it creates it)."""

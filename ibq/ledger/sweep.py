@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ibq.config import APPS, given_overrides
+from ibq.config import APPS, given_overrides, sqlite_file
 from ibq.errors import UserError
 from ibq.ledger.cost import KINDS
 from ibq.ledger.liveness import run_process_alive
@@ -126,14 +126,15 @@ def search_outcome(directory: Path) -> list[str]:
     if not found.is_file():
         return []
     found = OmegaConf.to_container(OmegaConf.load(found))
-    job_config = next(directory.rglob(".hydra/config.yaml"), None)
+    jobs = list(directory.rglob(".hydra/config.yaml"))
+    job_config = jobs[0] if jobs else None
     names = list(OmegaConf.load(job_config).get("objectives") or []) if job_config is not None else []
     if "best_params" in found:
         lines = [f"search best: {trial_text(names, [found['best_value']], found['best_params'])}"]
     else:
         lines = [f"search Pareto front: {trial_text(names, solution['values'], solution['params'])}" for solution in found.get("solutions") or []]
     if job_config is not None:
-        lines += stored_study(job_config.parent / "hydra.yaml", names, len(list(directory.rglob(".hydra/config.yaml"))))
+        lines += stored_study(job_config.parent / "hydra.yaml", names, len(jobs))
     return lines
 
 
@@ -152,9 +153,8 @@ def stored_study(job_hydra: Path, names: list[str], trials_here: int) -> list[st
     storage, name = (OmegaConf.select(hydra, f"sweeper.{key}") for key in ("storage", "study_name"))
     if storage is None or name is None:
         return []
-    if storage.startswith("sqlite:///"):
-        file = Path(storage.removeprefix("sqlite:///"))
-        file = file if file.is_absolute() else Path(hydra.runtime.cwd) / file  # as the launch opened it
+    file = sqlite_file(storage, hydra.runtime.cwd)  # a relative path as the launch opened it
+    if file is not None:
         storage = f"sqlite:///{file}"
         if not file.is_file():  # opening it would make an empty one
             return [f"search study: {name} in {storage}: cannot be read here (no such file)"]
