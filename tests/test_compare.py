@@ -5,6 +5,7 @@ One 2-job sweep with evaluations at steps 2 and 4 serves every end-to-end test."
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -148,12 +149,16 @@ def test_a_folder_of_a_stored_search_says_what_its_study_holds_now_every_launch_
     (tmp_path / "first" / "optimization_results.yaml").write_text(yaml.safe_dump({"name": "optuna", "best_params": {"optim.lr": 0.001},
                                                                                    "best_value": 3.5}))
     monkeypatch.chdir(tmp_path / "first")  # ibq-sweep table, run from elsewhere
-    assert search_outcome(tmp_path / "first") == [
-        "search best: loss 3.5 at optim.lr=0.001",
-        f"search study: lr in sqlite:///{tmp_path / 'search.db'}: 3 trials, 1 of them in this folder; best of all: loss 3 at optim.lr=0.003",
-    ]
+    study_line = f"search study: lr in sqlite:///{tmp_path / 'search.db'}: 3 trials"
+    assert search_outcome([tmp_path / "first"]) == [
+        "search best: loss 3.5 at optim.lr=0.001", f"{study_line}, 1 of them in this folder; best of all: loss 3 at optim.lr=0.003"]
+    shutil.copytree(tmp_path / "first", tmp_path / "second")  # the later launch: the study is told once, for both folders
+    (tmp_path / "second" / "optimization_results.yaml").write_text(yaml.safe_dump({"best_params": {"optim.lr": 0.003}, "best_value": 3.0}))
+    assert search_outcome([tmp_path / "first", tmp_path / "second"]) == [
+        f"{tmp_path / 'first'}: search best: loss 3.5 at optim.lr=0.001", f"{tmp_path / 'second'}: search best: loss 3 at optim.lr=0.003",
+        f"{study_line}, 2 of them in these folders; best of all: loss 3 at optim.lr=0.003"]
     (tmp_path / "search.db").rename(tmp_path / "moved.db")
-    assert search_outcome(tmp_path / "first")[1].endswith(": cannot be read here (no such file)")
+    assert search_outcome([tmp_path / "first"])[1].endswith(": cannot be read here (no such file)")
     assert not (tmp_path / "search.db").exists()  # a table reads; it makes no empty storage
 
 
@@ -169,7 +174,7 @@ def test_wandb_report_groups_by_quantizer_with_curves_and_media(tmp_path):
     from ibq.report.report import wandb_report
 
     table = build_table(discover(seeded_sweep(tmp_path / "sweep")))  # no run reports rFID
-    report = wandb_report("ibq sweep g", "a test", table, group="g-1a2b3c", project="ibq", entity="fake-entity", curves=["loss/g"])
+    report = wandb_report("ibq sweep g", "a test", table, groups=["g-1a2b3c"], project="ibq", entity="fake-entity", curves=["loss/g"])
     assert report.entity == "fake-entity"
     grid = report.blocks[-1]
     assert grid.runsets[0].groupby == ["config.choices.quantizer"] and grid.runsets[0].name == "g-1a2b3c"
@@ -181,6 +186,8 @@ def test_wandb_report_groups_by_quantizer_with_curves_and_media(tmp_path):
     assert line.y == ["loss/g"] and line.groupby.name == "choices.quantizer" and line.groupby_rangefunc == "stddev"
     assert media.media_keys == ["media/reconstructions"]
     assert "| quantizer | codebook_size |" in report.blocks[2].text
+    two_sweeps = wandb_report("ibq sweeps g, h", "a test", table, groups=["g-1a2b3c", "h-4d5e6f"], project="ibq", entity="fake-entity", curves=[])
+    assert two_sweeps.blocks[-1].runsets[0].filters == 'Metric("Group") in [\'g-1a2b3c\', \'h-4d5e6f\'] and Metric("JobType") == \'train\''
 
 
 def test_tags_name_only_the_choices_that_were_set_and_sync_lists_every_folder(tmp_path):
@@ -431,3 +438,28 @@ def test_samplings_of_several_ar_runs_are_told_apart_by_their_run(tmp_path):
     sampling(4, "a", 1.0, 200, 25.0)  # run a sampled again after more training: its step tells the two apart
     table = build_table([status.run for status in load_sampling_sweep(tmp_path / "sweep").jobs])
     assert table.factors == ["ar_run", "sampling.cfg_scale", "step"]
+
+
+def test_sampling_sweeps_of_two_ar_runs_compare_in_one_table(tmp_path):
+    """Each folder samples one run, whose path alone names nothing: together the runs are told apart by their
+    paths below the folder they share, as in one sweep over both; a training sweep is no sampling sweep."""
+    from ibq.errors import UserError
+    from ibq.ledger.sweep import load_comparison
+
+    for run, gfid in (("a", 30.0), ("b/x", 40.0)):
+        folder = tmp_path / f"sweep_{run[0]}" / "job0"
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    config_name: sample\n")  # what says it is ibq-sample's
+        (folder / "samples.npz").write_bytes(b"")
+        (folder / "results.json").write_text(json.dumps({
+            "run_dir": str(tmp_path / "runs" / run), "step": 100, "seed": 0, "samples": 8, "npz": str(folder / "samples.npz"),
+            "sampling": {"cfg_scale": 2.0}, "gfid": gfid}))
+    comparison = load_comparison([tmp_path / "sweep_a", tmp_path / "sweep_b"])
+    assert comparison.samplings and [sweep.group for sweep in comparison.sweeps] == [sweep_group(tmp_path / "sweep_a"), sweep_group(tmp_path / "sweep_b")]
+    table = build_table(comparison.runs)
+    assert [(row.key, row.cell("gfid").mean) for row in table.rows] == [(("a",), 30.0), (("b/x",), 40.0)]
+    assert table.factors == ["ar_run"]
+
+    fake_run(tmp_path / "tokenizers" / "run", results={"codebook/utilization": 0.9})
+    with pytest.raises(UserError, match=f"^{tmp_path / 'tokenizers'} holds training runs and {tmp_path / 'sweep_a'} samplings of ibq-sample: "):
+        load_comparison([tmp_path / "sweep_a", tmp_path / "tokenizers"])

@@ -104,6 +104,64 @@ def test_a_job_rerun_elsewhere_counts_once(tmp_path):
     assert [len(row.runs) for row in build_table(discover(tmp_path)).rows] == [1]
 
 
+def test_several_sweep_folders_are_compared_in_one_table(tmp_path, monkeypatch, capsys):
+    """The sweep of one quantizer and the sweep of another, in one table, plot and report; a configuration both
+    folders completed counts once, the run of the folder given first; what they write goes to an analysis folder
+    named after both (in either order), not into either sweep."""
+    from ibq.cli.sweep import main as ibq_sweep
+
+    ibq, vq = tmp_path / "ibq_sweep", tmp_path / "vq_sweep"
+    for size in ("256", "1024"):
+        fake_run(ibq / size, quantizer="ibq", codebook_size=size, results={"codebook/utilization": 0.9})
+        fake_run(vq / size, quantizer="vq", codebook_size=size, results={"codebook/utilization": 0.3})
+    fake_run(vq / "ibq_again", quantizer="ibq", codebook_size="256", results={"codebook/utilization": 0.1})
+    fake_run(vq / "4096", quantizer="vq", codebook_size="4096", status="failed", error="out of memory")
+
+    def utilization(*folders: Path) -> dict[tuple[str, str], float]:
+        result = sweep_cli(["table", *map(str, folders), "--format", "csv", "--metrics", "codebook/utilization"])
+        assert result.returncode == 0, result.stderr
+        header, *rows = [line.split(",") for line in result.stdout.strip().splitlines()]
+        factors = header.index("runs")
+        return {tuple(row[:factors]): float(row[factors + 1]) for row in rows}
+
+    assert utilization(ibq, vq) == {("ibq", "256"): 0.9, ("ibq", "1024"): 0.9, ("vq", "256"): 0.3, ("vq", "1024"): 0.3}
+    assert utilization(vq, ibq)[("ibq", "256")] == 0.1
+    assert utilization(ibq) == {("256",): 0.9, ("1024",): 0.9}  # one folder: as before
+
+    terminal = sweep_cli(["table", str(ibq), str(vq)]).stdout.splitlines()
+    assert terminal[0].startswith(f"sweeps {ibq.name}, {vq.name}: 4 completed runs in 4 groups")
+    assert ("note: 1 completed run(s) repeat the configuration (signature) of a run listed before them, in the same folder or one "
+            "given earlier, and are not counted") in terminal
+    assert f"(1 job(s) not completed and not in the table: ibq-sweep status {vq})" in terminal
+
+    monkeypatch.chdir(tmp_path)
+    for order in ((ibq, vq), (vq, ibq)):
+        with pytest.raises(SystemExit) as exited:
+            ibq_sweep(["plot", *map(str, order), "--wandb", "disabled", "--metric", "codebook/utilization"])
+        assert exited.value.code == 0
+    written = [line.removeprefix("wrote ") for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
+    assert len(written) == 2 and written[0] == written[1] and Path(written[0]).is_file()
+    assert Path(written[0]).parts[:2] == ("outputs", "analysis") and Path(written[0]).parts[2].startswith("compare-2-sweeps-")
+    assert not (ibq / "plots").exists() and not (vq / "plots").exists()
+    with pytest.raises(SystemExit) as exited:
+        ibq_sweep(["report", str(ibq), str(vq), "--offline"])
+    assert exited.value.code == 0
+    report = (Path(written[0]).parents[1] / "report" / "report.md").read_text()
+    assert report.startswith(f"# ibq sweeps {ibq.name}, {vq.name}\n\n## Sweeps\n\n- directory: {ibq} (W&B group {ibq.name})")
+    assert "- failed: quantizer=vq codebook_size=4096 model_scale=tiny logger=none (out of memory)" in report
+
+
+def test_runs_of_two_apps_are_not_compared(tmp_path):
+    tokenizers, generators = tmp_path / "tokenizers", tmp_path / "generators"
+    for folder, kind in ((tokenizers, "tokenizer"), (generators, "generator")):
+        run = fake_run(folder / "run", results={"codebook/utilization": 0.9})
+        record = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**record, "kind": kind}))
+    line = error_line(sweep_cli(["table", str(tokenizers), str(generators)]))
+    assert line == (f"error: {generators} holds runs of ibq-train-ar and {tokenizers} runs of ibq-train: a table, plot or report "
+                    f"compares runs of one app; give their folders in separate commands")
+
+
 # -- states ---------------------------------------------------------------------------------------------
 def test_states_and_reasons(tmp_path):
     root = tmp_path / "sweep"
@@ -376,6 +434,6 @@ def test_wandb_report_is_built_from_the_table(tmp_path):
     from ibq.report.report import wandb_report
 
     table = build_table(discover(seeded_sweep(tmp_path / "sweep")))
-    report = wandb_report("ibq sweep g", "a test", table, group="g", project="ibq", entity="someone", curves=["loss/g"])
+    report = wandb_report("ibq sweep g", "a test", table, groups=["g"], project="ibq", entity="someone", curves=["loss/g"])
     assert report.entity == "someone" and len(report.blocks) == 4
     assert "| quantizer | codebook_size |" in report.blocks[2].text

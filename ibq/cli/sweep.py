@@ -4,6 +4,7 @@
   ibq-sweep launch codebook_scaling model_scale=tiny   run the jobs that have not completed anywhere yet
   ibq-sweep status outputs/multirun/<time>             done / running / failed / preempted / interrupted per job
   ibq-sweep table  outputs/multirun/<time>             metrics by quantizer x codebook size, mean ± std over seeds
+  ibq-sweep table  outputs/multirun/<A> <B>            several sweeps in one table (plot, report and status too)
   ibq-sweep table  <AR run>/samples/multirun_<time>    a sweep of ibq-sample: gFID and IS by guidance scale (plot, report too)
   ibq-sweep plot   outputs/multirun/<time>             utilization (and rFID) vs codebook size, loss curves, PNG + W&B
   ibq-sweep diff   RUN_DIR RUN_DIR                     config keys that differ, then the metrics side by side
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
@@ -154,21 +156,30 @@ def report_launch(results, directory: Path) -> int:
 
 
 # -- status / retry ------------------------------------------------------------------------------------
-def load(args):
+def load(directory: str, args):
     from ibq.ledger.sweep import load_sweep
 
-    return load_sweep(Path(args.sweep_dir), search_roots(args))
+    return load_sweep(Path(directory), search_roots(args))
 
 
 def cmd_status(args) -> int:
     if args.source == "wandb":
         return wandb_status(args)
+    for i, directory in enumerate(args.sweep_dirs):
+        if i:
+            print()
+        sweep_status(directory, args)
+    return 0
+
+
+def sweep_status(directory: str, args) -> None:
     from ibq.ledger.sweep import RETRYABLE, OtherAppSweep, progress
 
     try:
-        sweep = load(args)
+        sweep = load(directory, args)
     except OtherAppSweep as other:
-        return other_app_status(other.directory)
+        other_app_status(other.directory)
+        return
     counts = ", ".join(f"{n} {state}" for state, n in sweep.counts().items())
     print(f"sweep {sweep.directory} (W&B group {sweep.group}): {len(sweep.jobs)} jobs: {counts}")
     for note in sweep.notes:
@@ -185,10 +196,9 @@ def cmd_status(args) -> int:
     retryable = [s for s in sweep.jobs if s.state in RETRYABLE]
     if retryable:
         print(f"{len(retryable)} job(s) can be relaunched: ibq-sweep retry {sweep.directory}")
-    return 0
 
 
-def other_app_status(directory: Path) -> int:
+def other_app_status(directory: Path) -> None:
     """A sweep of ibq-tokenize, ibq-sample or ibq-eval: the outcome each job recorded as it ended (cli.callbacks)."""
     from omegaconf import OmegaConf
 
@@ -198,14 +208,16 @@ def other_app_status(directory: Path) -> int:
     records, multirun = job_records(directory), directory / "multirun.yaml"  # none from a search sweeper
     total = (count_jobs(OmegaConf.load(multirun)) if multirun.is_file() else None) or len(records)
     print("\n".join(outcome_lines(directory, records, total, "not ended yet (pending, running, or ended without an outcome: see .submitit/)")))
-    return 0
 
 
 def wandb_status(args) -> int:
-    runs, group = wandb_source_runs(args)
-    print(f"W&B group {group}: {len(runs)} runs")
-    body = [[run.name, run.status, run.signature or "", " ".join(f"{k}={v}" for k, v in sorted(run.choices.items()))] for run in runs]
-    print_table(["run", "state", "id", "choices"], body)
+    from ibq.ledger.wandb_source import wandb_runs
+
+    for i, group in enumerate(wandb_groups(args)):
+        runs = wandb_runs(group, args.project or "ibq", args.entity)
+        print(("\n" if i else "") + f"W&B group {group}: {len(runs)} runs")
+        body = [[run.name, run.status, run.signature or "", " ".join(f"{k}={v}" for k, v in sorted(run.choices.items()))] for run in runs]
+        print_table(["run", "state", "id", "choices"], body)
     return 0
 
 
@@ -213,7 +225,7 @@ def cmd_retry(args) -> int:
     from ibq.ledger.launch import relaunch
     from ibq.ledger.sweep import RETRYABLE
 
-    sweep = load(args)
+    sweep = load(args.sweep_dir, args)
     targets = [s for s in sweep.jobs if s.state in RETRYABLE]
     if not targets:
         print(f"nothing to retry in {sweep.directory}: " + ", ".join(f"{n} {state}" for state, n in sweep.counts().items()))
@@ -228,37 +240,41 @@ def cmd_retry(args) -> int:
 
 
 # -- table / plot / report -----------------------------------------------------------------------------
-def wandb_source_runs(args):
+def wandb_groups(args) -> list[str]:
+    """The W&B groups named on the command line: a sweep folder stands for its runs' group."""
     from ibq.ledger.sweep import load_sweep
-    from ibq.ledger.wandb_source import require_online, wandb_runs
+    from ibq.ledger.wandb_source import require_online
 
     require_online("--source wandb")
-    target = Path(args.sweep_dir)
-    group = load_sweep(target).group if target.is_dir() else args.sweep_dir
-    return wandb_runs(group, args.project or "ibq", args.entity), group
+    return list(dict.fromkeys(load_sweep(Path(target)).group if Path(target).is_dir() else target for target in args.sweep_dirs))
+
+
+def analysis_group(groups: list[str]) -> str:
+    """Where an analysis of runs goes in W&B: their sweep's group, or for several sweeps a group named after them
+    all (the same sweeps in any order, the same group)."""
+    if len(groups) == 1:
+        return groups[0]
+    digest = hashlib.sha256("\n".join(sorted(groups)).encode()).hexdigest()[:6]
+    return f"compare-{len(groups)}-sweeps-{digest}"
 
 
 def compared_runs(args):
-    """(runs, sweep or None, group): completed and other runs, from disk or from W&B."""
+    """(runs, comparison or None, groups): the runs of the sweep folders, or with --source wandb of the W&B groups,
+    completed or not; `comparison` holds the folders' sweeps (None for W&B)."""
     if args.source == "wandb":
-        runs, group = wandb_source_runs(args)
-        return runs, None, group
-    from ibq.ledger.sweep import OtherAppSweep, load_sampling_sweep
+        from ibq.ledger.wandb_source import wandb_runs
 
-    try:
-        sweep = load(args)
-    except OtherAppSweep as other:
-        if other.config_name != "sample":
-            raise
-        sweep = load_sampling_sweep(other.directory)
-        if not any(s.run.completed for s in sweep.jobs):
-            found = f"{len(sweep.jobs)} sampling(s), none scored" if sweep.jobs else "no finished sampling yet"
-            raise UserError(f"{sweep.directory} holds {found}: a sampling is scored where metrics.fid is on and parts=1, the parts of "
-                            f"one sampling together by ibq-eval samples=<their sweep folder> run_dir=<AR run>; see `ibq-sweep status {sweep.directory}`")
-    runs = [s.run for s in sweep.jobs if s.run is not None]
-    if not runs:
-        raise UserError(f"{sweep.directory} holds no runs yet (no run.json below it); see `ibq-sweep status {sweep.directory}`")
-    return runs, sweep, sweep.group
+        groups = wandb_groups(args)
+        return [run for group in groups for run in wandb_runs(group, args.project or "ibq", args.entity)], None, groups
+    from ibq.ledger.sweep import load_comparison
+
+    comparison = load_comparison([Path(d) for d in args.sweep_dirs], search_roots(args))
+    return comparison.runs, comparison, comparison.groups
+
+
+def repeats_text(repeats: int) -> str:
+    return (f"{repeats} completed run(s) repeat the configuration (signature) of a run listed before them, in the same folder or one "
+            f"given earlier, and are not counted")
 
 
 def metric_list(text: str | None) -> list[str] | None:
@@ -269,7 +285,7 @@ def cmd_table(args) -> int:
     from ibq.ledger.sweep import search_outcome
     from ibq.report.table import build_table, render_markdown, render_terminal, sampling_note
 
-    runs, sweep, group = compared_runs(args)
+    runs, comparison, groups = compared_runs(args)
     table = build_table(runs, metric_list(args.metrics))
     if args.columns and args.format == "csv":
         text = table.pivot_csv(args.columns)
@@ -286,27 +302,35 @@ def cmd_table(args) -> int:
         return 0
     if args.format == "terminal":
         runs_done = sum(len(row.runs) for row in table.rows)
-        compared = "scored sampling" if sweep is not None and sweep.samplings else "completed run"
-        groups = len(table.rows)
-        print(f"sweep {group}: {runs_done} {compared}{'s' * (runs_done != 1)} in {groups} group{'s' * (groups != 1)} "
-              f"(mean ± std over the runs of a group: its seeds)")
+        compared = "scored sampling" if comparison is not None and comparison.samplings else "completed run"
+        rows = len(table.rows)
+        print(f"sweep{'s' * (len(groups) > 1)} {', '.join(groups)}: {runs_done} {compared}{'s' * (runs_done != 1)} in {rows} "
+              f"group{'s' * (rows != 1)} (mean ± std over the runs of a group: its seeds)")
     print(text)
-    if args.format == "terminal" and (mixed := sampling_note(table)):
+    if args.format != "terminal":
+        return 0
+    if mixed := sampling_note(table):
         print(f"note: {mixed}")
-    if args.format == "terminal" and sweep is not None:
-        for line in search_outcome(sweep.directory):
-            print(line)
+    if comparison is not None and comparison.repeats:
+        print(f"note: {repeats_text(comparison.repeats)}")
+    sweeps = comparison.sweeps if comparison is not None else []
+    for line in search_outcome([sweep.directory for sweep in sweeps]):
+        print(line)
+    for sweep in sweeps:
         unfinished = [s for s in sweep.jobs if s.state != "done"]
         if unfinished:
             print(f"({len(unfinished)} job(s) not completed and not in the table: ibq-sweep status {sweep.directory})")
     return 0
 
 
-def output_dir(sweep, group: str, name: str, chosen: str | None = None) -> Path:
-    """`chosen` (--out), else <sweep dir>/<name>, else (runs from W&B only) outputs/analysis/<group>/<name>."""
+def output_dir(comparison, groups: list[str], name: str, chosen: str | None = None) -> Path:
+    """`chosen` (--out), else <sweep dir>/<name> for one sweep folder, else outputs/analysis/<analysis group>/<name>
+    (several folders, or runs from W&B)."""
     if chosen:
         return Path(chosen)
-    return (sweep.directory if sweep is not None else DEFAULT_RUNS / "analysis" / group) / name
+    if comparison is not None and len(comparison.sweeps) == 1:
+        return comparison.sweeps[0].directory / name
+    return DEFAULT_RUNS / "analysis" / analysis_group(groups) / name
 
 
 def wandb_project(runs) -> str:
@@ -373,13 +397,14 @@ def cmd_plot(args) -> int:
     from ibq.report.table import build_table
     from ibq.report.wandb_log import log_analysis
 
-    runs, sweep, group = compared_runs(args)
+    runs, comparison, groups = compared_runs(args)
     table = build_table(runs)
-    paths = make_plots(table, args.metric, args.x, output_dir(sweep, group, "plots", args.out), usage=args.usage,
-                       samplings=sweep is not None and sweep.samplings)
+    paths = make_plots(table, args.metric, args.x, output_dir(comparison, groups, "plots", args.out), usage=args.usage,
+                       samplings=comparison is not None and comparison.samplings)
     for path in paths.values():
         print(f"wrote {path}")
-    where = log_analysis(table, list(paths.values()), group, args.project or wandb_project(runs), args.entity, output_dir(sweep, group, "analysis"), args.wandb)
+    where = log_analysis(table, list(paths.values()), analysis_group(groups), args.project or wandb_project(runs), args.entity,
+                         output_dir(comparison, groups, "analysis"), args.wandb)
     if where:
         print(f"W&B ({args.wandb}): {where}")
     return 0
@@ -393,23 +418,28 @@ def cmd_report(args) -> int:
     from ibq.report.report import sections, wandb_report, write_local
     from ibq.report.table import build_table
 
-    runs, sweep, group = compared_runs(args)
+    runs, comparison, groups = compared_runs(args)
     table = build_table(runs)
-    out = output_dir(sweep, group, "report", args.out)
-    on_disk = sweep is not None
-    samplings = sweep is not None and sweep.samplings
+    out = output_dir(comparison, groups, "report", args.out)
+    on_disk = comparison is not None
+    samplings = on_disk and comparison.samplings
     plots = make_plots(table, None, None, out / "plots", usage=on_disk and has_usage(table), samplings=samplings)
-    title = f"ibq sweep {group}"
-    lines = [f"W&B group: {group}", f"factors: {', '.join(table.factors) or 'none'}"]
-    problems = []
-    if sweep is not None:
-        lines.insert(0, f"directory: {sweep.directory}")
+    title = f"ibq sweep{'s' * (len(groups) > 1)} {', '.join(groups)}"
+    lines, problems = [], []
+    for sweep in comparison.sweeps if on_disk else []:
+        lines.append(f"directory: {sweep.directory}" + (f" (W&B group {sweep.group})" if len(comparison.sweeps) > 1 else ""))
         if sweep.plan:
             lines.append(f"command: {command_line(sweep.plan)}")
         lines.append("jobs: " + ", ".join(f"{n} {state}" for state, n in sweep.counts().items()))
-        lines += search_outcome(sweep.directory)
-        problems = [f"{s.state}: {shown(s.overrides)}" + (f" ({s.reason})" if s.reason else "") for s in sweep.jobs if s.state != "done"]
-    parts = sections(lines, table, plots, problems)
+        problems += [f"{s.state}: {shown(s.overrides)}" + (f" ({s.reason})" if s.reason else "") for s in sweep.jobs if s.state != "done"]
+    if on_disk:
+        lines += search_outcome([sweep.directory for sweep in comparison.sweeps])
+    if not on_disk or len(comparison.sweeps) == 1:
+        lines.append(f"W&B group: {', '.join(groups)}")
+    lines.append(f"factors: {', '.join(table.factors) or 'none'}")
+    if on_disk and comparison.repeats:
+        lines.append(repeats_text(comparison.repeats))
+    parts = sections(lines, table, plots, problems, heading=f"Sweep{'s' * (len(groups) > 1)}")
     md_path, html_path = write_local(title, parts, out)
     print(f"wrote {md_path}\nwrote {html_path}")
     problem = "--offline" if args.offline else online_problem()
@@ -420,7 +450,7 @@ def cmd_report(args) -> int:
         return 0
     try:
         curves = [m for m in default_plot_metrics(table)[1] if not on_disk or m in logged_metrics(table)]
-        report = wandb_report(title, "; ".join(lines), table, group, args.project or wandb_project(runs), args.entity, curves)
+        report = wandb_report(title, "; ".join(lines), table, groups, args.project or wandb_project(runs), args.entity, curves)
         report.save()
     except Exception as error:  # the Reports API (public preview) raises many types
         print(f"W&B Report not created ({type(error).__name__}: {one_line(str(error))}); "
@@ -484,7 +514,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--runs", action="append", metavar="DIR", help=f"also count completed runs below DIR (always: {DEFAULT_RUNS}/)")
 
     def source_options(sp):
-        sp.add_argument("sweep_dir", help="a sweep directory (outputs/multirun/<time>), or with --source wandb a W&B group")
+        sp.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="sweep directories (outputs/multirun/<time>; several are "
+                        "compared together, each configuration counted once), or with --source wandb W&B groups")
         sp.add_argument("--source", choices=("disk", "wandb"), default="disk", help="read the runs from their directories (default) or from the W&B API")
         sp.add_argument("--project", help="W&B project (default: the runs' logger.project, else ibq)")
         sp.add_argument("--entity", help="W&B entity (default: your default entity)")

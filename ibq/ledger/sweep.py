@@ -118,24 +118,31 @@ def jobs_app(directory: Path) -> str | None:
     return None if recorded is None else str(OmegaConf.load(recorded).hydra.job.config_name)
 
 
-def search_outcome(directory: Path) -> list[str]:
-    """What a search sweeper found (Optuna's optimization_results.yaml): its best trial, or the trials of its
-    Pareto front, each as its objectives' values at its parameters; nothing for a grid. A stored study
-    (hydra.sweeper.storage) adds what it holds now, every launch's trials included."""
-    found = directory / "optimization_results.yaml"
-    if not found.is_file():
-        return []
-    found = OmegaConf.to_container(OmegaConf.load(found))
-    jobs = list(directory.rglob(".hydra/config.yaml"))
-    job_config = jobs[0] if jobs else None
-    names = list(OmegaConf.load(job_config).get("objectives") or []) if job_config is not None else []
-    if "best_params" in found:
-        lines = [f"search best: {trial_text(names, [found['best_value']], found['best_params'])}"]
-    else:
-        lines = [f"search Pareto front: {trial_text(names, solution['values'], solution['params'])}" for solution in found.get("solutions") or []]
-    if job_config is not None:
-        lines += stored_study(job_config.parent / "hydra.yaml", names, len(jobs))
-    return lines
+def search_outcome(directories: list[Path]) -> list[str]:
+    """What a search sweeper found (Optuna's optimization_results.yaml) in each folder: its best trial, or the
+    trials of its Pareto front, each as its objectives' values at its parameters; nothing for a grid. A stored
+    study (hydra.sweeper.storage) adds what it holds now, every launch's trials included, once for the folders
+    of its launches given together."""
+    lines: list[str] = []
+    studies: dict[tuple[str, str], tuple[list[str], int]] = {}  # (storage, name) -> (objective names, trials in these folders)
+    for directory in directories:
+        found = directory / "optimization_results.yaml"
+        if not found.is_file():
+            continue
+        found = OmegaConf.to_container(OmegaConf.load(found))
+        jobs = list(directory.rglob(".hydra/config.yaml"))
+        names = list(OmegaConf.load(jobs[0]).get("objectives") or []) if jobs else []
+        where = f"{directory}: " if len(directories) > 1 else ""
+        if "best_params" in found:
+            lines.append(f"{where}search best: {trial_text(names, [found['best_value']], found['best_params'])}")
+        else:
+            lines += [f"{where}search Pareto front: {trial_text(names, solution['values'], solution['params'])}"
+                      for solution in found.get("solutions") or []]
+        if jobs and (address := study_address(jobs[0].parent / "hydra.yaml")) is not None:
+            studies[address] = (names, studies.get(address, (names, 0))[1] + len(jobs))
+    here = "this folder" if len(directories) == 1 else "these folders"
+    return lines + [stored_study(storage, name, names, f"{trials_here} of them in {here}")
+                    for (storage, name), (names, trials_here) in studies.items()]
 
 
 def trial_text(names: list[str], values: list[float], params: dict) -> str:
@@ -144,21 +151,26 @@ def trial_text(names: list[str], values: list[float], params: dict) -> str:
     return f"{scores} at " + " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items())
 
 
-def stored_study(job_hydra: Path, names: list[str], trials_here: int) -> list[str]:
-    """A stored study's trials and best ones as it holds them now (later launches may have added to it since
-    this folder's optimization_results.yaml); nothing for a study in memory."""
+def study_address(job_hydra: Path) -> tuple[str, str] | None:
+    """(storage URL, study name) of a job's stored study, a relative SQLite path made absolute as the launch
+    opened it; None for a study kept in memory."""
     if not job_hydra.is_file():
-        return []
+        return None
     hydra = OmegaConf.load(job_hydra).hydra
     storage, name = (OmegaConf.select(hydra, f"sweeper.{key}") for key in ("storage", "study_name"))
     if storage is None or name is None:
-        return []
-    file = sqlite_file(storage, hydra.runtime.cwd)  # a relative path as the launch opened it
-    if file is not None:
-        storage = f"sqlite:///{file}"
-        if not file.is_file():  # opening it would make an empty one
-            return [f"search study: {name} in {storage}: cannot be read here (no such file)"]
+        return None
+    file = sqlite_file(storage, hydra.runtime.cwd)
+    return (f"sqlite:///{file}" if file is not None else str(storage)), str(name)
+
+
+def stored_study(storage: str, name: str, names: list[str], trials_here: str) -> str:
+    """A stored study's trials and best ones as it holds them now (later launches may have added to it since a
+    folder's optimization_results.yaml)."""
     where = f"search study: {name} in {storage}"
+    file = sqlite_file(storage)
+    if file is not None and not file.is_file():  # opening it would make an empty one
+        return f"{where}: cannot be read here (no such file)"
     try:
         import optuna
 
@@ -166,9 +178,8 @@ def stored_study(job_hydra: Path, names: list[str], trials_here: int) -> list[st
         study = optuna.load_study(study_name=name, storage=storage)
         best = study.best_trials
     except Exception as error:  # moved, a server not reached from here, or no trial completed yet
-        return [f"{where}: cannot be read here ({type(error).__name__})"]
-    return [f"{where}: {len(study.trials)} trials, {trials_here} of them in this folder; best of all: "
-            + "; ".join(trial_text(names, t.values, t.params) for t in best)]
+        return f"{where}: cannot be read here ({type(error).__name__})"
+    return f"{where}: {len(study.trials)} trials, {trials_here}; best of all: " + "; ".join(trial_text(names, t.values, t.params) for t in best)
 
 
 def read_ledger(directory: Path) -> tuple[Plan | None, dict[str, str], list[str]]:
@@ -272,15 +283,16 @@ def load_sweep(directory: Path, search: list[Path] | None = None) -> Sweep:
     return Sweep(directory, plan, notes, statuses, reused)
 
 
-def load_sampling_sweep(directory: Path) -> Sweep:
+def load_sampling_sweep(directory: Path, named: bool = True) -> Sweep:
     """A sweep of ibq-sample (CFG scales, temperatures or seeds, over one AR run or several): one job per
-    sampling folder, with its gFID and IS where they were scored, and the jobs that failed as they recorded it."""
+    sampling folder, with its gFID and IS where they were scored, and the jobs that failed as they recorded it.
+    `named`: the AR runs named by their paths below the folder they share (name_ar_runs), else absolute."""
     directory = Path(directory)
     records = job_records(directory)
     overrides = {Path(r["output_dir"]).resolve(): r["overrides"] for r in records if "output_dir" in r}
     statuses = []
     samplings = [run for run in map(load_sampling, sampling_dirs(directory)) if run is not None]
-    for run in name_ar_runs(samplings):
+    for run in name_ar_runs(samplings) if named else samplings:
         run.record["overrides"] = overrides.get(run.path.resolve(), [])
         statuses.append(JobStatus(None, run, "done", "" if run.results else "not scored (metrics.fid=false, or one part of several)"))
     for record in records:
@@ -289,6 +301,77 @@ def load_sampling_sweep(directory: Path) -> Sweep:
                          choices={}, config={}, results=None, record={"overrides": record["overrides"]})
             statuses.append(JobStatus(None, failed, "failed", record["reason"]))
     return Sweep(directory, None, [], statuses, {}, samplings=True)
+
+
+def load_compared_sweep(directory: Path, search: list[Path] | None = None, named: bool = True) -> Sweep:
+    """A folder whose runs a table, plot or report compares: a sweep of ibq-train or ibq-train-ar, or one of
+    ibq-sample with at least one scored sampling."""
+    try:
+        return load_sweep(directory, search)
+    except OtherAppSweep as other:
+        if other.config_name != "sample":
+            raise
+        sweep = load_sampling_sweep(other.directory, named)
+    if not any(s.run.completed for s in sweep.jobs):
+        found = f"{len(sweep.jobs)} sampling(s), none scored" if sweep.jobs else "no finished sampling yet"
+        raise UserError(f"{sweep.directory} holds {found}: a sampling is scored where metrics.fid is on and parts=1, the parts of "
+                        f"one sampling together by ibq-eval samples=<their sweep folder> run_dir=<AR run>; see `ibq-sweep status {sweep.directory}`")
+    return sweep
+
+
+def runs_kind(sweep: Sweep) -> str | None:
+    """What a folder's runs are, as the app that made them (None: training runs whose record does not say)."""
+    if sweep.samplings:
+        return "samplings of ibq-sample"
+    made_by = {APPS[config] for config, kind in KINDS.items() for s in sweep.jobs if s.run is not None and s.run.record.get("kind") == kind}
+    return f"runs of {made_by.pop()}" if len(made_by) == 1 else None
+
+
+@dataclass
+class Comparison:
+    """The runs of one sweep folder or of several compared together (a grid and the seeds added to it later,
+    the launches of one search, the sweeps of two quantizers), each run once."""
+    sweeps: list[Sweep]
+    runs: list[Run]
+    repeats: int  # completed runs of a configuration that a run of an earlier folder completed too (same signature)
+
+    @property
+    def groups(self) -> list[str]:
+        return list(dict.fromkeys(sweep.group for sweep in self.sweeps))
+
+    @property
+    def samplings(self) -> bool:
+        return self.sweeps[0].samplings
+
+
+def load_comparison(directories: list[Path], search: list[Path] | None = None) -> Comparison:
+    """`directories` in the order given: where two hold the same configuration, the first one's run counts."""
+    several = len(directories) > 1
+    sweeps = [load_compared_sweep(Path(directory), search, named=not several) for directory in directories]
+    for i, sweep in enumerate(sweeps):
+        for earlier in sweeps[:i]:
+            kind, earlier_kind = runs_kind(sweep), runs_kind(earlier)
+            if sweep.samplings != earlier.samplings or (kind and earlier_kind and kind != earlier_kind):
+                raise UserError(f"{sweep.directory} holds {kind or 'training runs'} and {earlier.directory} {earlier_kind or 'training runs'}: "
+                                f"a table, plot or report compares runs of one app; give their folders in separate commands")
+    runs, paths, signatures, repeats = [], set(), set(), 0
+    for sweep in sweeps:
+        for status in sweep.jobs:
+            run = status.run
+            if run is None or (run.path is not None and run.path.resolve() in paths):  # a run two folders list (a sweep reusing another's)
+                continue
+            if run.path is not None:
+                paths.add(run.path.resolve())
+            if run.completed and run.signature:
+                repeats += run.signature in signatures
+                signatures.add(run.signature)
+            runs.append(run)
+    if several and sweeps[0].samplings:
+        name_ar_runs(runs)
+    if not runs:
+        where = " or ".join(str(sweep.directory) for sweep in sweeps)
+        raise UserError(f"{where} holds no runs yet (no run.json below it); see `ibq-sweep status {sweeps[0].directory}`")
+    return Comparison(sweeps, runs, repeats)
 
 
 # What a sampling takes from its AR run unless it is given: shown only where it tells apart samplings of one run.

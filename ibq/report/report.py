@@ -23,9 +23,9 @@ class Section:
     content: object
 
 
-def sections(title_lines: list[str], table: Table, plots: dict[str, Path], problems: list[str]) -> list[Section]:
-    """`plots`: heading -> PNG."""
-    parts = [Section("Sweep", "items", title_lines), Section("All metrics (mean ± std over seeds)", "table", (table.header, table.body(), len(table.factors)))]
+def sections(title_lines: list[str], table: Table, plots: dict[str, Path], problems: list[str], heading: str = "Sweep") -> list[Section]:
+    """`plots`: heading -> PNG; `heading` that of `title_lines`."""
+    parts = [Section(heading, "items", title_lines), Section("All metrics (mean ± std over seeds)", "table", (table.header, table.body(), len(table.factors)))]
     if "codebook_size" in table.factors and len(table.factors) > 1:
         for metric in PIVOT_METRICS:
             if metric in table.metrics and any(row.cell(metric).values for row in table.rows):
@@ -104,15 +104,17 @@ def write_local(title: str, parts: list[Section], out_dir: Path) -> tuple[Path, 
     return md_path, html_path
 
 
-def wandb_report(title: str, description: str, table: Table, group: str, project: str, entity: str | None, curves: list[str]):
-    """The W&B Report object (not saved): the table as Markdown, then panels over the group's training runs (not
-    their evaluations, which share the group), grouped
+def wandb_report(title: str, description: str, table: Table, groups: list[str], project: str, entity: str | None, curves: list[str]):
+    """The W&B Report object (not saved): the table as Markdown, then panels over the training runs of the sweeps'
+    W&B groups (not their evaluations, which share the groups), grouped
     by quantizer: each final metric some run has against the codebook size (log axis), `curves` over the
     steps (mean with a std band per quantizer), and the reconstruction grids."""
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
 
-    runset = wr.Runset(entity=entity or "", project=project, name=group, filters=[expr.Metric("Group") == group, expr.Metric("JobType") == "train"], groupby=[f"config.{QUANTIZER}"])
+    group = expr.Metric("Group") == groups[0] if len(groups) == 1 else expr.Metric("Group").isin(groups)
+    runset = wr.Runset(entity=entity or "", project=project, name=", ".join(groups), filters=[group, expr.Metric("JobType") == "train"],
+                       groupby=[f"config.{QUANTIZER}"])
     size = wr.Config("quantizer.codebook_size")
     finals = [m for m in PIVOT_METRICS if m in table.metrics]
     panels = [wr.ScatterPlot(title=f"{label(m)} vs codebook size", x=size, y=wr.SummaryMetric(m), log_x=True) for m in finals]
