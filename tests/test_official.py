@@ -358,6 +358,9 @@ def test_a_generator_fine_tunes_from_an_imported_one_on_the_tokenizer_it_was_tra
 
     result = relabelling.result()
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"fine-tuned from       {parent} (step 0, signature {record['signature']}); class embeddings new for its 11 classes "
+            f"(the parent's 10)") in result.stdout
+    assert json.loads((relabelled / "run.json").read_text())["parent"]["fresh_classes"] == {"run": 11, "parent": 10}
     fresh = torch.load(relabelled / "checkpoints" / "last.pt", weights_only=True)["model"]
     for name in started:
         if name != "class_embed.weight":

@@ -202,9 +202,14 @@ def objective_values(cfg, results: dict) -> list[float] | float | None:
 
 
 def parent_lines(training) -> list[str]:
-    """The summary's line for a fine-tuning run (init_from): the run it started from."""
+    """The summary's line for a fine-tuning run (init_from): the run it started from, and whether the class
+    embeddings started anew (init_from_classes=fresh)."""
     parent = training.parent
-    return [] if parent is None else [f"fine-tuned from       {parent['run_dir']} (step {parent['step']}, signature {parent['signature']})"]
+    if parent is None:
+        return []
+    fresh = parent.get("fresh_classes")
+    anew = f"; class embeddings new for its {fresh['run']} classes (the parent's {fresh['parent']})" if fresh else ""
+    return [f"fine-tuned from       {parent['run_dir']} (step {parent['step']}, signature {parent['signature']}){anew}"]
 
 
 def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_lines) -> list[float] | float | None:

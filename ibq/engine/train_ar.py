@@ -106,10 +106,10 @@ def check_parent_tokenizer(parent: Parent, tokenizer_run: TokenizerRun) -> None:
         )
 
 
-def start_from(parent: Parent, model: Transformer, classes: str) -> None:
+def start_from(parent: Parent, model: Transformer, classes: str) -> int:
     """Loads the parent's transformer weights into `model`. With classes=fresh, for a label set of the run's
     own (of any size), the class rows start as a new model's; the null class of CFG, the table's last row,
-    is no label of either set and comes from the parent."""
+    is no label of either set and comes from the parent. Returns the parent's number of classes."""
     weights = dict(parent.run.state["model"])
     table = weights[CLASS_TABLE]
     if classes == "fresh":  # only its width must fit
@@ -124,6 +124,7 @@ def start_from(parent: Parent, model: Transformer, classes: str) -> None:
     if classes == "fresh":
         weights[CLASS_TABLE] = torch.cat([model.class_embed.weight.detach()[:-1].to(table), table[-1:]])
     model.load_state_dict(weights)
+    return table.shape[0] - 1
 
 
 class ARTraining:
@@ -173,7 +174,9 @@ class ARTraining:
 
         self.checkpoint_path = run_dir / CHECKPOINT
         if parent is not None:
-            start_from(parent, self.model, cfg.init_from_classes)  # optimizer and schedule start afresh
+            parent_classes = start_from(parent, self.model, cfg.init_from_classes)  # optimizer and schedule start afresh
+            if cfg.init_from_classes == "fresh":
+                self.parent["fresh_classes"] = {"run": self.num_classes, "parent": parent_classes}
         self.deepspeed_dir = self.checkpoint_path.parent / "deepspeed"
         distributed.init_process_group(self.ranks, self.device, always=self.zero_stage is not None)
         self.trainee = self._wrap()  # what the step calls: the model, its DDP wrapper, or its DeepSpeed engine
