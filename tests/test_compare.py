@@ -157,6 +157,11 @@ def test_a_folder_of_a_stored_search_says_what_its_study_holds_now_every_launch_
     assert search_outcome([tmp_path / "first", tmp_path / "second"]) == [
         f"{tmp_path / 'first'}: search best: loss 3.5 at optim.lr=0.001", f"{tmp_path / 'second'}: search best: loss 3 at optim.lr=0.003",
         f"{study_line}, 2 of them in these folders; best of all: loss 3 at optim.lr=0.003"]
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, params={"optim.lr": 0.004},  # a launch interrupted
+                                              distributions={"optim.lr": optuna.distributions.LogUniformDistribution(1e-4, 1e-2)}))
+    assert search_outcome([tmp_path / "first"])[1].startswith(
+        f"search study: lr in sqlite:///{tmp_path / 'search.db'}: 4 trials, 1 of them in this folder; 3 complete, 1 running (a launch "
+        f"still at work, or one interrupted); best of all: loss 3 at")
     (tmp_path / "search.db").rename(tmp_path / "moved.db")
     assert search_outcome([tmp_path / "first"])[1].endswith(": cannot be read here (no such file)")
     assert not (tmp_path / "search.db").exists()  # a table reads; it makes no empty storage

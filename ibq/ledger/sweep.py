@@ -179,7 +179,20 @@ def stored_study(storage: str, name: str, names: list[str], trials_here: str) ->
         best = study.best_trials
     except Exception as error:  # moved, a server not reached from here, or no trial completed yet
         return f"{where}: cannot be read here ({type(error).__name__})"
-    return f"{where}: {len(study.trials)} trials, {trials_here}; best of all: " + "; ".join(trial_text(names, t.values, t.params) for t in best)
+    return (f"{where}: {len(study.trials)} trials, {trials_here}{trial_states(study.trials)}; best of all: "
+            + "; ".join(trial_text(names, t.values, t.params) for t in best))
+
+
+def trial_states(trials: list) -> str:
+    """Where not every trial completed, how many are in which state ('; 4 complete, 2 running (…)'): a launch
+    that was interrupted leaves its trials running in the study, where the sampler leaves them out."""
+    states: dict[str, int] = {}
+    for trial in trials:
+        states[trial.state.name.lower()] = states.get(trial.state.name.lower(), 0) + 1
+    if set(states) <= {"complete"}:
+        return ""
+    return "; " + ", ".join(f"{n} {state}" + (" (a launch still at work, or one interrupted)" if state == "running" else "")
+                            for state, n in states.items())
 
 
 def read_ledger(directory: Path) -> tuple[Plan | None, dict[str, str], list[str]]:
