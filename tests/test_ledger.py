@@ -151,6 +151,27 @@ def test_several_sweep_folders_are_compared_in_one_table(tmp_path, monkeypatch, 
     assert "- failed: quantizer=vq codebook_size=4096 model_scale=tiny logger=none (out of memory)" in report
 
 
+def test_sort_puts_the_best_rows_first_by_the_metrics_direction(tmp_path):
+    for quantizer, rfid, utilization in (("a", 3.0, 0.5), ("b", 1.0, 0.2), ("c", None, 0.9), ("d", 2.0, 0.7)):
+        fake_run(tmp_path / quantizer, quantizer=quantizer, results={"rfid": rfid, "codebook/utilization": utilization, "step": 10})
+
+    def order(*options: str) -> list[str]:
+        result = sweep_cli(["table", str(tmp_path), "--format", "csv", *options])
+        assert result.returncode == 0, result.stderr
+        return [line.split(",")[0] for line in result.stdout.strip().splitlines()[1:]]
+
+    assert order() == ["a", "b", "c", "d"]
+    assert order("--sort", "rfid") == ["b", "d", "a", "c"]  # lower is better; a run without it last
+    assert order("--sort", "codebook/utilization") == ["c", "d", "a", "b"]  # higher is better
+    assert order("--sort", "step", "--metrics", "rfid") == ["a", "b", "c", "d"]  # no direction: ascending, ties as they were
+    header = sweep_cli(["table", str(tmp_path), "--format", "csv", "--sort", "step", "--metrics", "rfid"]).stdout.splitlines()[0]
+    assert header == "quantizer,runs,rfid_mean,rfid_std,rfid_n,step_mean,step_std,step_n"  # the sorting metric is shown
+    line = error_line(sweep_cli(["table", str(tmp_path), "--sort", "rfid", "--columns", "quantizer"]))
+    assert line == ("error: --sort rfid orders the rows of one table, and --columns quantizer makes a table per metric whose rows "
+                    "are the other factors: give one of the two")
+    assert error_line(sweep_cli(["table", str(tmp_path), "--sort", "fid_50k"])).startswith("error: no run reports the metric 'fid_50k'; reported: ")
+
+
 def test_runs_of_two_apps_are_not_compared(tmp_path):
     tokenizers, generators = tmp_path / "tokenizers", tmp_path / "generators"
     for folder, kind in ((tokenizers, "tokenizer"), (generators, "generator")):

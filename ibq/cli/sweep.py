@@ -287,6 +287,13 @@ def cmd_table(args) -> int:
 
     runs, comparison, groups = compared_runs(args)
     table = build_table(runs, metric_list(args.metrics))
+    if args.sort:
+        if args.columns:
+            raise UserError(f"--sort {args.sort} orders the rows of one table, and --columns {args.columns} makes a table per metric "
+                            f"whose rows are the other factors: give one of the two")
+        if args.sort not in table.metrics:  # shown too, so that the order can be read
+            table = build_table(runs, table.metrics + [args.sort])
+        table = table.sorted_by(args.sort)
     if args.columns and args.format == "csv":
         text = table.pivot_csv(args.columns)
     elif args.columns and args.format == "latex":
@@ -540,6 +547,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--metrics", help="comma-separated results keys (default: those of utilization, bound, perplexity, rFID, PSNR, SSIM, "
                                       "LPIPS that some run reports)")
     sp.add_argument("--columns", metavar="FACTOR", help="one table per metric with the values of FACTOR as columns (e.g. codebook_size)")
+    sp.add_argument("--sort", metavar="METRIC", help="rows best first by METRIC's mean (higher utilization, PSNR, SSIM, IS first; lower "
+                                                     "rFID, LPIPS, gFID, loss first; ascending for others), e.g. a search's trials by its objective")
     sp.add_argument("--format", choices=("terminal", "markdown", "csv", "latex"), default="terminal",
                     help="csv: one line per group with <metric>_mean/_std/_n; latex: a booktabs tabular, the best value per column in bold")
     sp.add_argument("--output", help="write to this file instead of the terminal")

@@ -188,6 +188,17 @@ class Table:
         factors = self.factors if factors is None else factors
         return [self.shown[factor][value] for factor, value in zip(factors, key)]
 
+    def sorted_by(self, metric: str) -> Table:
+        """The rows best first by `metric`'s mean (by its direction; ascending where it has none), rows without
+        it last; ties keep their order."""
+        sign = -1 if direction(metric) > 0 else 1
+
+        def rank(row: Row) -> tuple[bool, float]:
+            mean = row.cell(metric).mean
+            return mean is None, 0.0 if mean is None else sign * mean
+
+        return Table(self.factors, self.metrics, sorted(self.rows, key=rank))
+
     def body(self) -> list[list[str]]:
         return [self.shown_key(row.key) + [str(len(row.runs))] + [row.cell(m).text(decimals(m)) for m in self.metrics] for row in self.rows]
 
