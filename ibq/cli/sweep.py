@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
@@ -249,15 +248,6 @@ def wandb_groups(args) -> list[str]:
     return list(dict.fromkeys(load_sweep(Path(target)).group if Path(target).is_dir() else target for target in args.sweep_dirs))
 
 
-def analysis_group(groups: list[str]) -> str:
-    """Where an analysis of runs goes in W&B: their sweep's group, or for several sweeps a group named after them
-    all (the same sweeps in any order, the same group)."""
-    if len(groups) == 1:
-        return groups[0]
-    digest = hashlib.sha256("\n".join(sorted(groups)).encode()).hexdigest()[:6]
-    return f"compare-{len(groups)}-sweeps-{digest}"
-
-
 def compared_runs(args):
     """(runs, comparison or None, groups): the runs of the sweep folders, or with --source wandb of the W&B groups,
     completed or not; `comparison` holds the folders' sweeps (None for W&B)."""
@@ -333,6 +323,8 @@ def cmd_table(args) -> int:
 def output_dir(comparison, groups: list[str], name: str, chosen: str | None = None) -> Path:
     """`chosen` (--out), else <sweep dir>/<name> for one sweep folder, else outputs/analysis/<analysis group>/<name>
     (several folders, or runs from W&B)."""
+    from ibq.ledger.sweep import analysis_group
+
     if chosen:
         return Path(chosen)
     if comparison is not None and len(comparison.sweeps) == 1:
@@ -401,6 +393,7 @@ def make_plots(table, metrics: list[str] | None, x: str | None, out: Path, usage
 
 
 def cmd_plot(args) -> int:
+    from ibq.ledger.sweep import analysis_group
     from ibq.report.table import build_table
     from ibq.report.wandb_log import log_analysis
 

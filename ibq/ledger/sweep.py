@@ -8,6 +8,7 @@ elsewhere. Run directories that match no job are listed as well."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -355,6 +356,15 @@ class Comparison:
     @property
     def samplings(self) -> bool:
         return self.sweeps[0].samplings
+
+
+def analysis_group(groups: list[str]) -> str:
+    """The W&B group (and folder name) of an analysis of runs: their sweep's group, or for several sweeps a name
+    of them all (the same sweeps in any order, the same name)."""
+    if len(groups) == 1:
+        return groups[0]
+    digest = hashlib.sha256("\n".join(sorted(groups)).encode()).hexdigest()[:6]
+    return f"compare-{len(groups)}-sweeps-{digest}"
 
 
 def load_comparison(directories: list[Path], search: list[Path] | None = None) -> Comparison:
