@@ -172,6 +172,32 @@ def test_sort_puts_the_best_rows_first_by_the_metrics_direction(tmp_path):
     assert error_line(sweep_cli(["table", str(tmp_path), "--sort", "fid_50k"])).startswith("error: no run reports the metric 'fid_50k'; reported: ")
 
 
+def test_where_keeps_the_runs_that_take_the_values_given(tmp_path):
+    seeded_sweep(tmp_path / "sweep")
+    run = tmp_path / "sweep" / "vq_1024_0" / ".hydra" / "config.yaml"
+    run.write_text(run.read_text().replace("lr: 0.0001", "lr: 0.0002"))
+
+    def rows(*where: str) -> list[list[str]]:
+        result = sweep_cli(["table", str(tmp_path / "sweep"), "--format", "csv", "--metrics", "codebook/utilization",
+                            *[f"--where={condition}" for condition in where]])
+        assert result.returncode == 0, result.stderr
+        return [line.split(",")[:-3] for line in result.stdout.strip().splitlines()]
+
+    assert rows("codebook_size=256") == [["quantizer", "runs"], ["ibq", "3"], ["vq", "3"]]
+    assert rows("quantizer=vq,fsq", "codebook_size=1024") == [["optim.lr", "runs"], ["0.0001", "2"], ["0.0002", "1"]]
+    assert rows("optim.lr=2e-4") == [["runs"], ["1"]]  # 2e-4 is 0.0002
+    terminal = sweep_cli(["table", str(tmp_path / "sweep"), "--where", "quantizer=vq"]).stdout
+    assert terminal.startswith("sweep sweep where quantizer=vq: 6 completed runs in 3 groups")
+    refusals = {
+        "quantiser=vq": "error: --where quantiser=vq: no run has the key 'quantiser'; give a config group, codebook_size or a config key "
+                        "(e.g. quantizer, optim.lr)",
+        "codebook_size=4096": "error: --where codebook_size=4096: no run has that value of codebook_size; its values: 256, 1024",
+        "quantizer": "error: --where 'quantizer': give KEY=VALUE or KEY=VALUE,VALUE, e.g. --where codebook_size=1024,16384",
+    }
+    for condition, line in refusals.items():
+        assert error_line(sweep_cli(["table", str(tmp_path / "sweep"), "--where", condition])) == line
+
+
 def test_runs_of_two_apps_are_not_compared(tmp_path):
     tokenizers, generators = tmp_path / "tokenizers", tmp_path / "generators"
     for folder, kind in ((tokenizers, "tokenizer"), (generators, "generator")):

@@ -251,14 +251,17 @@ def wandb_groups(args) -> list[str]:
 def compared_runs(args):
     """(runs, comparison or None, groups): the runs of the sweep folders, or with --source wandb of the W&B groups,
     completed or not; `comparison` holds the folders' sweeps (None for W&B)."""
+    from ibq.report.table import selected
+
     if args.source == "wandb":
         from ibq.ledger.wandb_source import wandb_runs
 
         groups = wandb_groups(args)
-        return [run for group in groups for run in wandb_runs(group, args.project or "ibq", args.entity)], None, groups
+        return selected([run for group in groups for run in wandb_runs(group, args.project or "ibq", args.entity)], args.where or []), None, groups
     from ibq.ledger.sweep import load_comparison
 
     comparison = load_comparison([Path(d) for d in args.sweep_dirs], search_roots(args))
+    comparison.runs = selected(comparison.runs, args.where or [])
     return comparison.runs, comparison, comparison.groups
 
 
@@ -301,7 +304,8 @@ def cmd_table(args) -> int:
         runs_done = sum(len(row.runs) for row in table.rows)
         compared = "scored sampling" if comparison is not None and comparison.samplings else "completed run"
         rows = len(table.rows)
-        print(f"sweep{'s' * (len(groups) > 1)} {', '.join(groups)}: {runs_done} {compared}{'s' * (runs_done != 1)} in {rows} "
+        where = f" where {' '.join(args.where)}" if args.where else ""
+        print(f"sweep{'s' * (len(groups) > 1)} {', '.join(groups)}{where}: {runs_done} {compared}{'s' * (runs_done != 1)} in {rows} "
               f"group{'s' * (rows != 1)} (mean ± std over the runs of a group: its seeds)")
     print(text)
     if args.format != "terminal":
@@ -436,6 +440,8 @@ def cmd_report(args) -> int:
         lines += search_outcome([sweep.directory for sweep in comparison.sweeps])
     if not on_disk or len(comparison.sweeps) == 1:
         lines.append(f"W&B group: {', '.join(groups)}")
+    if args.where:
+        lines.append(f"runs where {' '.join(args.where)}")
     lines.append(f"factors: {', '.join(table.factors) or 'none'}")
     if on_disk and comparison.repeats:
         lines.append(repeats_text(comparison.repeats))
@@ -521,6 +527,10 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--entity", help="W&B entity (default: your default entity)")
         runs_option(sp)
 
+    def where_option(sp):
+        sp.add_argument("--where", action="append", metavar="KEY=VALUE[,VALUE]", help="only the runs whose KEY (a config group, "
+                        "codebook_size, or a config key such as optim.lr) takes one of the values; repeatable, all must hold")
+
     for name, help_text in (("plan", "list a sweep's jobs without running anything"), ("launch", "run the jobs of a sweep that have not completed anywhere")):
         sp = sub.add_parser(name, help=help_text)
         sp.add_argument("items", nargs="*", metavar="SWEEP|OVERRIDE", help="a sweep name (sweeps/<name>.yaml) and/or ibq-train overrides")
@@ -537,6 +547,7 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("table", help="metrics by config-group choices, mean ± std over seeds")
     source_options(sp)
+    where_option(sp)
     sp.add_argument("--metrics", help="comma-separated results keys (default: those of utilization, bound, perplexity, rFID, PSNR, SSIM, "
                                       "LPIPS that some run reports)")
     sp.add_argument("--columns", metavar="FACTOR", help="one table per metric with the values of FACTOR as columns (e.g. codebook_size)")
@@ -548,6 +559,7 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("plot", help="PNG plots of a metric against a factor, also logged to W&B")
     source_options(sp)
+    where_option(sp)
     sp.add_argument("--metric", action="append", help="key to plot (repeatable): its final value from results.json against --x, its curve "
                                                       "over the steps from metrics.jsonl (e.g. loss/g); default: utilization and rFID, and the "
                                                       "loss/g and utilization curves where logged")
@@ -567,6 +579,7 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("report", help="W&B Report when online; report.md and report.html in any case")
     source_options(sp)
+    where_option(sp)
     sp.add_argument("--out", help="folder for the local report (default: <sweep dir>/report)")
     sp.add_argument("--offline", action="store_true", help="do not try to create a W&B Report")
     return p

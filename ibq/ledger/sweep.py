@@ -347,7 +347,13 @@ class Comparison:
     the launches of one search, the sweeps of two quantizers), each run once."""
     sweeps: list[Sweep]
     runs: list[Run]
-    repeats: int  # completed runs of a configuration that a run of an earlier folder completed too (same signature)
+
+    @property
+    def repeats(self) -> int:
+        """Completed runs of a configuration that a run listed before them completed too (same signature): a table
+        counts the first one only."""
+        signatures = [run.signature for run in self.runs if run.completed and run.signature]
+        return len(signatures) - len(set(signatures))
 
     @property
     def groups(self) -> list[str]:
@@ -377,7 +383,7 @@ def load_comparison(directories: list[Path], search: list[Path] | None = None) -
             if sweep.samplings != earlier.samplings or (kind and earlier_kind and kind != earlier_kind):
                 raise UserError(f"{sweep.directory} holds {kind or 'training runs'} and {earlier.directory} {earlier_kind or 'training runs'}: "
                                 f"a table, plot or report compares runs of one app; give their folders in separate commands")
-    runs, paths, signatures, repeats = [], set(), set(), 0
+    runs, paths = [], set()
     for sweep in sweeps:
         for status in sweep.jobs:
             run = status.run
@@ -385,16 +391,13 @@ def load_comparison(directories: list[Path], search: list[Path] | None = None) -
                 continue
             if run.path is not None:
                 paths.add(run.path.resolve())
-            if run.completed and run.signature:
-                repeats += run.signature in signatures
-                signatures.add(run.signature)
             runs.append(run)
     if several and sweeps[0].samplings:
         name_ar_runs(runs)
     if not runs:
         where = " or ".join(str(sweep.directory) for sweep in sweeps)
         raise UserError(f"{where} holds no runs yet (no run.json below it); see `ibq-sweep status {sweeps[0].directory}`")
-    return Comparison(sweeps, runs, repeats)
+    return Comparison(sweeps, runs)
 
 
 # What a sampling takes from its AR run unless it is given: shown only where it tells apart samplings of one run.

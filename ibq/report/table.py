@@ -121,6 +121,35 @@ def factor_value(run: Run, factor: str) -> str:
     return str(value)
 
 
+def same_value(value, given: str) -> bool:
+    """A run's value as a command line gives it: 1e-4 is 0.0001, true is True."""
+    if str(value).lower() == given.lower():
+        return True
+    try:
+        return math.isclose(float(value), float(given), rel_tol=1e-9)
+    except ValueError:  # not a number
+        return False
+
+
+def selected(runs: list[Run], conditions: list[str]) -> list[Run]:
+    """The runs whose value of each condition's key (KEY=VALUE or KEY=VALUE,VALUE: a config-group choice,
+    codebook_size, or a config key such as optim.lr) is one of its values."""
+    for condition in conditions:
+        key, _, values = condition.partition("=")
+        if not key or not values:
+            raise UserError(f"--where {condition!r}: give KEY=VALUE or KEY=VALUE,VALUE, e.g. --where codebook_size=1024,16384")
+        having = [run for run in runs if key in run.choices or key in run.config]
+        if not having:
+            raise UserError(f"--where {condition}: no run has the key {key!r}; give a config group, codebook_size or a config key "
+                            f"(e.g. quantizer, optim.lr)")
+        kept = [run for run in having if any(same_value(factor_value(run, key), given) for given in values.split(","))]
+        if not kept:
+            found = sorted({factor_value(run, key) for run in having}, key=sort_key)
+            raise UserError(f"--where {condition}: no run has that value of {key}; its values: {', '.join(found)}")
+        runs = kept
+    return runs
+
+
 def readable(values) -> dict[str, str]:
     """Each of a factor's values as a table or a plot shows it: a search's sampled numbers (0.0012520653814999472)
     to 4 significant digits, unless two of them would then read alike. CSV keeps them whole."""
