@@ -265,6 +265,13 @@ def compared_runs(args):
     return comparison.runs, comparison, comparison.groups
 
 
+def sweeps_text(groups: list[str]) -> str:
+    """'sweep g', 'sweeps g, h', or for many '12 sweeps (g, …, z)'."""
+    if len(groups) > 3:
+        return f"{len(groups)} sweeps ({groups[0]}, …, {groups[-1]})"
+    return f"sweep{'s' * (len(groups) > 1)} {', '.join(groups)}"
+
+
 def repeats_text(repeats: int) -> str:
     return (f"{repeats} completed run(s) repeat the configuration (signature) of a run listed before them, in the same folder or one "
             f"given earlier, and are not counted")
@@ -305,7 +312,7 @@ def cmd_table(args) -> int:
         compared = "scored sampling" if comparison is not None and comparison.samplings else "completed run"
         rows = len(table.rows)
         where = f" where {' '.join(args.where)}" if args.where else ""
-        print(f"sweep{'s' * (len(groups) > 1)} {', '.join(groups)}{where}: {runs_done} {compared}{'s' * (runs_done != 1)} in {rows} "
+        print(f"{sweeps_text(groups)}{where}: {runs_done} {compared}{'s' * (runs_done != 1)} in {rows} "
               f"group{'s' * (rows != 1)} (mean ± std over the runs of a group: its seeds)")
     print(text)
     if args.format != "terminal":
@@ -428,7 +435,7 @@ def cmd_report(args) -> int:
     on_disk = comparison is not None
     samplings = on_disk and comparison.samplings
     plots = make_plots(table, None, None, out / "plots", usage=on_disk and has_usage(table), samplings=samplings)
-    title = f"ibq sweep{'s' * (len(groups) > 1)} {', '.join(groups)}"
+    title = f"ibq {sweeps_text(groups)}"
     lines, problems = [], []
     for sweep in comparison.sweeps if on_disk else []:
         lines.append(f"directory: {sweep.directory}" + (f" (W&B group {sweep.group})" if len(comparison.sweeps) > 1 else ""))
