@@ -295,6 +295,21 @@ def test_diff_of_a_folder_without_a_run_is_one_line(tmp_path):
     fake_run(tmp_path / "a", results={"psnr": 20.0})
     line = error_line(run_cli([sys.executable, "-m", "ibq.cli.sweep", "diff", str(tmp_path / "a"), str(tmp_path)]))
     assert f"{tmp_path}: not a run directory" in line
+    line = error_line(sweep_cli(["diff", str(tmp_path / "a")]))
+    assert line == "error: diff takes 2 to 26 run directories (1 given); ibq-sweep table compares the runs of whole folders"
+
+
+def test_diff_of_three_runs_sets_each_against_the_first(tmp_path):
+    for name, quantizer, psnr in (("a", "ibq", 20.0), ("b", "vq", 19.5), ("c", "vq", None)):
+        fake_run(tmp_path / name, quantizer=quantizer, signature=name, results={"psnr": psnr})
+    result = sweep_cli(["diff", *(str(tmp_path / name) for name in "abc")])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"A: {tmp_path / 'a'}  (completed, signature a,") and lines[2].startswith(f"C: {tmp_path / 'c'}")
+    assert "1 config key(s) differ:" in lines and ["quantizer", "(choice)", "ibq", "vq", "vq"] in [line.split() for line in lines]
+    metrics = lines[lines.index("metrics (results.json):") + 1:]
+    assert metrics[0].split() == ["metric", "A", "B", "C", "B", "-", "A", "C", "-", "A"]
+    assert metrics[2].split() == ["PSNR", "20.00", "19.50", "–", "-0.50"]  # C has no PSNR: no difference
 
 
 

@@ -7,7 +7,7 @@
   ibq-sweep table  outputs/multirun/<A> <B>            several sweeps in one table (plot, report and status too)
   ibq-sweep table  <AR run>/samples/multirun_<time>    a sweep of ibq-sample: gFID and IS by guidance scale (plot, report too)
   ibq-sweep plot   outputs/multirun/<time>             utilization (and rFID) vs codebook size, loss curves, PNG + W&B
-  ibq-sweep diff   RUN_DIR RUN_DIR                     config keys that differ, then the metrics side by side
+  ibq-sweep diff   RUN_DIR RUN_DIR [RUN_DIR ...]       config keys that differ, then the metrics side by side
   ibq-sweep retry  outputs/multirun/<time>             relaunch the failed / preempted / interrupted / missing jobs
   ibq-sweep report outputs/multirun/<time>             W&B Report when online, else report.md + report.html
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import string
 import sys
 import time
 from pathlib import Path
@@ -477,31 +478,37 @@ def cmd_diff(args) -> int:
     from ibq.ledger.runs import load_run
     from ibq.report.table import decimals, label, number
 
+    if not 2 <= len(args.run_dirs) <= len(string.ascii_uppercase):
+        raise UserError(f"diff takes 2 to {len(string.ascii_uppercase)} run directories ({len(args.run_dirs)} given); "
+                        f"ibq-sweep table compares the runs of whole folders")
     runs = []
-    for directory in (args.run_a, args.run_b):
+    for directory in args.run_dirs:
         run = load_run(Path(directory)) if Path(directory).is_dir() else None
         if run is None:
-            raise UserError(f"{directory}: not a run directory (no readable run.json); give two folders that ibq-train or ibq-train-ar wrote")
+            raise UserError(f"{directory}: not a run directory (no readable run.json); give folders that ibq-train or ibq-train-ar wrote")
         runs.append(run)
-    a, b = runs
-    for name, run in (("A", a), ("B", b)):
+    names = list(string.ascii_uppercase[: len(runs)])
+    for name, run in zip(names, runs):
         git = run.record.get("git") or {}
         commit = f"git {str(git.get('sha'))[:10]}{' (dirty)' if git.get('dirty') else ''}" if git.get("sha") else "git unknown"
         print(f"{name}: {run.location}  ({run.status}, signature {run.signature}, {commit})")
-    body = [[f"{k} (choice)", a.choices.get(k, "<absent>"), b.choices.get(k, "<absent>")]
-            for k in sorted(set(a.choices) | set(b.choices)) if a.choices.get(k) != b.choices.get(k)]
-    keys = sorted(k for k in set(a.config) | set(b.config)
-                  if a.config.get(k, "<absent>") != b.config.get(k, "<absent>") and k not in a.choices and k not in b.choices)  # codebook_size: shown as a choice
-    body += [[k, str(a.config.get(k, "<absent>")), str(b.config.get(k, "<absent>"))] for k in keys]
+
+    def differing(values_of) -> list[str]:
+        keys = sorted(set().union(*(values_of(run) for run in runs)))
+        return [k for k in keys if len({repr(values_of(run).get(k, "<absent>")) for run in runs}) > 1]
+
+    body = [[f"{k} (choice)", *(run.choices.get(k, "<absent>") for run in runs)] for k in differing(lambda run: run.choices)]
+    chosen = set().union(*(run.choices for run in runs))  # codebook_size: shown as a choice
+    body += [[k, *(str(run.config.get(k, "<absent>")) for run in runs)] for k in differing(lambda run: run.config) if k not in chosen]
     if body:
         print(f"\n{len(body)} config key(s) differ:")
-        print_table(["key", "A", "B"], body)
+        print_table(["key", *names], body)
     else:
         print("\nthe configs are the same")
-    results_a, results_b = a.results or {}, b.results or {}
-    metrics = sorted(k for k in set(results_a) | set(results_b) if number(results_a.get(k)) is not None or number(results_b.get(k)) is not None)
+    results = [run.results or {} for run in runs]
+    metrics = sorted(k for k in set().union(*results) if any(number(r.get(k)) is not None for r in results))
     if not metrics:
-        print("\nneither run has results.json")
+        print(f"\n{'neither run' if len(runs) == 2 else 'no run'} has results.json")
         return 0
 
     def shown_value(value, digits: int) -> str:
@@ -509,12 +516,13 @@ def cmd_diff(args) -> int:
 
     body = []
     for metric in metrics:
-        va, vb = results_a.get(metric), results_b.get(metric)
-        digits = 0 if isinstance(va, int) and isinstance(vb, int) else decimals(metric)
-        delta = f"{number(vb) - number(va):+.{digits}f}" if number(va) is not None and number(vb) is not None else ""
-        body.append([label(metric), shown_value(va, digits), shown_value(vb, digits), delta])
+        values = [r.get(metric) for r in results]
+        digits = 0 if all(isinstance(v, int) for v in values) else decimals(metric)
+        base = number(values[0])
+        deltas = [f"{number(v) - base:+.{digits}f}" if base is not None and number(v) is not None else "" for v in values[1:]]
+        body.append([label(metric), *(shown_value(v, digits) for v in values), *deltas])
     print("\nmetrics (results.json):")
-    print_table(["metric", "A", "B", "B - A"], body, numeric={1, 2, 3})
+    print_table(["metric", *names, *(f"{name} - A" for name in names[1:])], body, numeric=set(range(1, 2 * len(runs))))
     return 0
 
 
@@ -575,9 +583,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="folder for the PNGs (default: <sweep dir>/plots)")
     sp.add_argument("--wandb", choices=("offline", "online", "disabled"), default="offline", help="log the plots as a W&B analysis run in the sweep's group")
 
-    sp = sub.add_parser("diff", help="two runs: the config keys that differ, then their metrics side by side")
-    sp.add_argument("run_a", metavar="RUN_DIR")
-    sp.add_argument("run_b", metavar="RUN_DIR")
+    sp = sub.add_parser("diff", help="two runs or more: the config keys that differ, then their metrics side by side (each against the first)")
+    sp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
 
     sp = sub.add_parser("retry", help="relaunch failed, preempted, interrupted and never-started jobs")
     sp.add_argument("sweep_dir")
