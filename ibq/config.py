@@ -355,6 +355,7 @@ VALUE_RULES = {
     "ar_optim.betas": ("two numbers in [0, 1), e.g. [0.9,0.95]", lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_fraction, v))),
     "data.num_workers": ("an integer >= 0 (0: load in the training process)", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
     "train.ema_decay": ("a number in [0, 1)", is_fraction),
+    "train.keep_every": ("an integer >= 0 (0: keep checkpoints/last.pt only)", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
     "init_from_classes": ("parent (its class embeddings) or fresh (new ones, for a label set of this run's own)",
                           lambda v: v in ("parent", "fresh")),
 }

@@ -88,8 +88,9 @@ def photo_samples() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    result = train(run_dir, "logger=wandb")  # offline: the evaluation must find and resume its W&B run
+    result = train(run_dir, "logger=wandb", "train.keep_every=2")  # offline: the evaluation must find and resume its W&B run
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "kept checkpoints      2 (train.keep_every): step0000002.pt … step0000004.pt" in result.stdout
     return run_dir
 
 
@@ -187,6 +188,27 @@ def test_checkpoint_outside_a_run_writes_beside_it(run_copy: Path, tmp_path: Pat
     trained = json.loads((run_copy / "results.json").read_text())
     assert results["eval/step"] == 4 and results["psnr"] == pytest.approx(trained["psnr"], rel=1e-6)
     assert results["rfid"] is None and results["rfid/samples"] == 0
+
+
+@pytest.mark.slow
+def test_a_kept_checkpoint_is_evaluated_into_the_curve_and_results_json_keeps_the_final_figures(run_copy: Path):
+    checkpoints = run_copy / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["last.pt", "step0000002.pt", "step0000004.pt"]  # train.keep_every=2
+    kept = torch.load(checkpoints / "step0000002.pt", weights_only=True, mmap=True)
+    last = torch.load(checkpoints / "last.pt", weights_only=True, mmap=True)
+    assert kept["step"] == 2 and not torch.equal(kept["ema"]["shadow.encoder.conv_in.weight"], last["ema"]["shadow.encoder.conv_in.weight"])
+    final = (run_copy / "results.json").read_text()
+    common = ["metrics.fid=false", "metrics.lpips=[]", "wandb_mode=disabled"]
+
+    lines = evaluate_in_process(f"checkpoint={checkpoints / 'step0000002.pt'}", *common)
+    assert (run_copy / "results.json").read_text() == final
+    logged = read_jsonl(run_copy / "metrics.jsonl")[-1]
+    assert logged["step"] == 2 and logged["eval/step"] == 2 and logged["psnr"] > 0
+    assert lines[-1] == (f"  results               {run_copy / 'metrics.jsonl'} (at step 2; results.json keeps the figures of the run's "
+                         f"last checkpoint (step 4))")
+
+    evaluate_in_process(f"checkpoint={checkpoints / 'step0000004.pt'}", *common)  # the last step's: the run's final figures
+    assert json.loads((run_copy / "results.json").read_text())["eval/checkpoint"] == str(checkpoints / "step0000004.pt")
 
 
 def bad_samples(tmp_path: Path, kind: str) -> Path:

@@ -22,7 +22,7 @@ import torch
 
 from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, QUICK, BackgroundRun, error_line, read_jsonl, run_cli
 from ibq.cli.callbacks import count_jobs, unusable_directory
-from ibq.engine.checkpoint import load_checkpoint, non_finite_tensors, save_checkpoint, stop_if_state_not_finite
+from ibq.engine.checkpoint import keep_checkpoint, load_checkpoint, non_finite_tensors, save_checkpoint, stop_if_state_not_finite
 from ibq.engine.ranks import Ranks
 from ibq.engine.session import RunSession
 from ibq.errors import Terminated, TrainingDiverged, UserError
@@ -175,6 +175,18 @@ def test_non_finite_state_is_never_checkpointed(tmp_path: Path):
     with pytest.raises(TrainingDiverged, match=rf"non-finite values at step 6 in discriminator.conv.weight.*last good checkpoint is {checkpoint} \(step 4\)"):
         stop_if_state_not_finite(6, bad, checkpoint, torch.device("cpu"))
     assert load_checkpoint(checkpoint)["step"] == 4
+
+
+def test_a_kept_checkpoint_stays_as_it_was_when_the_next_one_is_written(tmp_path: Path):
+    checkpoint = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(checkpoint, {"step": 2, "tokenizer": {"w": torch.ones(3)}})
+    (tmp_path / "checkpoints" / ".step0000002.pt.tmp").write_bytes(b"a killed keep's leftover")
+    kept = keep_checkpoint(checkpoint, 2)
+    assert kept == tmp_path / "checkpoints" / "step0000002.pt" and kept.stat().st_ino == checkpoint.stat().st_ino  # no copy
+    save_checkpoint(checkpoint, {"step": 4, "tokenizer": {"w": torch.zeros(3)}})
+    assert load_checkpoint(kept)["step"] == 2 and load_checkpoint(kept)["tokenizer"]["w"].tolist() == [1.0, 1.0, 1.0]
+    assert load_checkpoint(checkpoint)["step"] == 4
+    assert sorted(path.name for path in checkpoint.parent.iterdir()) == ["last.pt", "step0000002.pt"]
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"junk\n"])  # the last, a KeyError in torch's pre-zip reader

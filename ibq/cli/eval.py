@@ -25,7 +25,7 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 def closing_lines(evaluation: Evaluation, wandb_mode: str) -> list[str]:
-    lines = [f"  results               {evaluation.destination}"]
+    lines = [f"  results               {evaluation.destination}" + (f" ({evaluation.note})" if evaluation.note else "")]
     if evaluation.wandb_dir:
         lines.append(f"  W&B ({wandb_mode})         {evaluation.wandb_dir}")
     return lines

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import codecs
 import math
+import os
 import pickle
 import random
 import re
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,23 @@ def legacy_numpy_globals() -> list:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def keep_checkpoint(checkpoint: Path, step: int) -> Path:
+    """The checkpoint just written, kept as checkpoints/step<step>.pt: a hard link, which writes no bytes and
+    stays as it is when the next checkpoint replaces (renames over) last.pt; a copy where the file system
+    has no links."""
+    kept = checkpoint.with_name(f"step{step:07d}.pt")
+
+    def link(tmp: Path) -> None:
+        tmp.unlink(missing_ok=True)  # a killed keep's leftover
+        try:
+            os.link(checkpoint, tmp)
+        except OSError:
+            shutil.copyfile(checkpoint, tmp)
+
+    atomic_write(kept, link)
+    return kept
 
 
 def read_error(path: Path, error: Exception) -> str:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from ibq.config import build
-from ibq.engine.checkpoint import TOKENIZER_WEIGHTS, LoadedRun, load_run
+from ibq.engine.checkpoint import CHECKPOINT, TOKENIZER_WEIGHTS, LoadedRun, load_run, read_checkpoint
 from ibq.engine.distributed import one_process_device
 from ibq.engine.evaluate import GenerationEvaluator, ReconstructionEvaluator, real_feature_stats
 from ibq.errors import UserError, check_positive_int, unset_key
@@ -51,6 +51,7 @@ class Evaluation:
     wandb_dir: str | None  # the evaluation's W&B run folder, when it has one
     reference: str | None = None  # generation: where gFID's reference statistics came from
     resolution: tuple[int, int] | None = None  # generation: the samples' height and width
+    note: str | None = None  # where the results are not the run's final ones, why
 
 
 # ------------------------------------------------------------------------------------------------------ settings
@@ -177,10 +178,11 @@ def scalars(results: dict) -> dict:
 
 
 def publish(run_dir: Path, step: int, results: dict, train_cfg: DictConfig | None, run_id: str | None, wandb_mode: str,
-            job_type: str) -> str | None:
-    """Merge into results.json, append to metrics.jsonl and log to the evaluation's own W&B run, grouped with the
-    training run (`job_type` eval or sample); returns the W&B dir."""
-    merge_results(run_dir / "results.json", results)
+            job_type: str, final: bool = True) -> str | None:
+    """Merge into results.json (where `final`), append to metrics.jsonl and log to the evaluation's own W&B run,
+    grouped with the training run (`job_type` eval or sample); returns the W&B dir."""
+    if final:
+        merge_results(run_dir / "results.json", results)
     MetricsLog(run_dir / "metrics.jsonl").append(step, scalars(results))
 
     logger = train_cfg.get("logger") if train_cfg is not None else None
@@ -206,11 +208,13 @@ def named_metrics(name: str, metrics: dict) -> dict:
 
 
 def record(results: dict, step: int, run_dir: Path | None, train_cfg: DictConfig | None, run_id: str | None, cfg: DictConfig,
-           beside: Path, job_type: str) -> tuple[Path, str | None]:
+           beside: Path, job_type: str, final: bool = True) -> tuple[Path, str | None]:
     """Into the run (results.json, metrics.jsonl, W&B), or, outside a run, into `output` or a results file
-    beside `beside`; returns the results file and the W&B dir."""
+    beside `beside`; returns the results file and the W&B dir. Not `final` (an earlier checkpoint of the run
+    than its last): metrics.jsonl and W&B only, so that results.json keeps the figures of the run's end."""
     if run_dir is not None:
-        return run_dir / "results.json", publish(run_dir, step, results, train_cfg, run_id, cfg.wandb_mode, job_type)
+        return run_dir / ("results.json" if final else "metrics.jsonl"), publish(run_dir, step, results, train_cfg, run_id, cfg.wandb_mode,
+                                                                                 job_type, final)
     destination = Path(cfg.output).expanduser() if cfg.output else beside.with_suffix(".results.json")
     merge_results(destination, results)
     return destination, None
@@ -274,8 +278,22 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> Evaluation:
     if data.name:
         results.update(named_metrics(data.name, metrics))
     run_id = wandb_run_id(run.run_dir, run.signature) if run.run_dir is not None else None
-    destination, wandb_dir = record(results, run.step, run.run_dir, train_cfg, run_id, cfg, run.checkpoint_path, "eval")
-    return Evaluation(results, destination, wandb_dir)
+    last_step = later_checkpoint_step(run)
+    destination, wandb_dir = record(results, run.step, run.run_dir, train_cfg, run_id, cfg, run.checkpoint_path, "eval",
+                                    final=last_step is None)
+    note = None if last_step is None else (f"at step {run.step}; results.json keeps the figures of the run's last checkpoint "
+                                           f"(step {last_step})")
+    return Evaluation(results, destination, wandb_dir, note=note)
+
+
+def later_checkpoint_step(run: LoadedRun) -> int | None:
+    """The step of the last checkpoint of the run that an earlier checkpoint of it (a kept one, train.keep_every)
+    belongs to; None where the checkpoint evaluated is the run's last, or lies outside a run."""
+    last = run.run_dir / CHECKPOINT if run.run_dir is not None else None
+    if last is None or not last.is_file() or last.resolve() == run.checkpoint_path.resolve():
+        return None
+    step = int(read_checkpoint(last, mmap=True)["step"])
+    return step if step > run.step else None
 
 
 # ---------------------------------------------------------------------------------------------------- generation

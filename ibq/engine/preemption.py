@@ -20,6 +20,7 @@ from typing import NoReturn
 import torch
 
 from ibq.engine import distributed
+from ibq.engine.checkpoint import CHECKPOINT, keep_checkpoint
 from ibq.engine.distributed import any_rank
 from ibq.engine.ranks import Ranks
 from ibq.runs.record import timestamp
@@ -118,13 +119,17 @@ class RequeueSignal:
 
 
 def checkpoint_or_leave(step: int, steps: int, checkpoint_every: int, save, requeue: RequeueSignal,
-                        device: torch.device, ranks: Ranks, session, logged: bool) -> bool:
-    """The end of a training step on every rank: the periodic (and the final) checkpoint; on a pending
-    requeue signal, a checkpoint at this step unless one was just written, then the exit for requeue.
-    `logged`: this step's figures were read on the host. Returns whether `save(step)` wrote a checkpoint."""
-    saved = step % checkpoint_every == 0 or step == steps
+                        device: torch.device, ranks: Ranks, session, logged: bool, keep_every: int = 0) -> bool:
+    """The end of a training step on every rank: the periodic (and the final) checkpoint, and every
+    `keep_every` steps one that stays (keep_checkpoint); on a pending requeue signal, a checkpoint at this
+    step unless one was just written, then the exit for requeue. `logged`: this step's figures were read on
+    the host. Returns whether `save(step)` wrote a checkpoint."""
+    keep = keep_every > 0 and step % keep_every == 0
+    saved = step % checkpoint_every == 0 or step == steps or keep
     if saved:
-        save(step)
+        save(step)  # ends with every rank past the write
+        if keep and ranks.is_main:
+            keep_checkpoint(session.run_dir / CHECKPOINT, step)
     if step < steps and requeue.pending(device, step, waits_anyway=logged or saved):
         if not saved:
             save(step)

@@ -313,7 +313,7 @@ class TokenizerTraining:
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != steps:
                     self._evaluate(evaluator, codebook_size, step)
                 if checkpoint_or_leave(step, steps, cfg.train.checkpoint_every, self._save, requeue, device, self.ranks, self.session,
-                                       logged):
+                                       logged, keep_every=cfg.train.keep_every):
                     self.divergence.saved(step)
         if self.start_step == steps and steps > 0 and main:
             log.info("run already trained to %d steps: evaluating its checkpoint", steps)

@@ -35,7 +35,8 @@ def timestamp() -> str:
 
 # Keys that change where or how a run is reported, not what it computes (conf/train.yaml's
 # override_dirname.exclude_keys lists the same, so that they do not name a run either).
-NON_RESULT_KEYS = ("run_dir", "logger", "cluster", "dry_run", "objectives", "train.log_every", "train.checkpoint_every", "data.num_workers",
+NON_RESULT_KEYS = ("run_dir", "logger", "cluster", "dry_run", "objectives", "train.log_every", "train.checkpoint_every", "train.keep_every",
+                   "data.num_workers",
                    "data.read_timeout_s", "eval.every", "eval.reference_cache_dir",
                    "train.extend_from",
                    "train.compile", "train.channels_last", "train.activation_checkpointing", "quantizer.chunk_kernels")
