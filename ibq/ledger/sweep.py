@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,9 +188,7 @@ def stored_study(storage: str, name: str, names: list[str], trials_here: str) ->
 def trial_states(trials: list) -> str:
     """Where not every trial completed, how many are in which state ('; 4 complete, 2 running (…)'): a launch
     that was interrupted leaves its trials running in the study, where the sampler leaves them out."""
-    states: dict[str, int] = {}
-    for trial in trials:
-        states[trial.state.name.lower()] = states.get(trial.state.name.lower(), 0) + 1
+    states = Counter(trial.state.name.lower() for trial in trials)
     if set(states) <= {"complete"}:
         return ""
     return "; " + ", ".join(f"{n} {state}" + (" (a launch still at work, or one interrupted)" if state == "running" else "")
