@@ -495,7 +495,7 @@ def cmd_diff(args) -> int:
 
     def differing(values_of) -> list[str]:
         keys = sorted(set().union(*(values_of(run) for run in runs)))
-        return [k for k in keys if len({repr(values_of(run).get(k, "<absent>")) for run in runs}) > 1]
+        return [k for k in keys if len({values_of(run).get(k, "<absent>") for run in runs}) > 1]  # flattened: hashable
 
     body = [[f"{k} (choice)", *(run.choices.get(k, "<absent>") for run in runs)] for k in differing(lambda run: run.choices)]
     chosen = set().union(*(run.choices for run in runs))  # codebook_size: shown as a choice

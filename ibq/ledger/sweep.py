@@ -376,9 +376,9 @@ def load_comparison(directories: list[Path], search: list[Path] | None = None) -
     """`directories` in the order given: where two hold the same configuration, the first one's run counts."""
     several = len(directories) > 1
     sweeps = [load_compared_sweep(Path(directory), search, named=not several) for directory in directories]
-    for i, sweep in enumerate(sweeps):
-        for earlier in sweeps[:i]:
-            kind, earlier_kind = runs_kind(sweep), runs_kind(earlier)
+    kinds = [runs_kind(sweep) for sweep in sweeps]
+    for i, (sweep, kind) in enumerate(zip(sweeps, kinds)):
+        for earlier, earlier_kind in zip(sweeps[:i], kinds[:i]):
             if sweep.samplings != earlier.samplings or (kind and earlier_kind and kind != earlier_kind):
                 raise UserError(f"{sweep.directory} holds {kind or 'training runs'} and {earlier.directory} {earlier_kind or 'training runs'}: "
                                 f"a table, plot or report compares runs of one app; give their folders in separate commands")
