@@ -344,18 +344,26 @@ def is_fraction(value) -> bool:
     return is_number(value) and 0 <= value < 1
 
 
+def is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+KEEP_EVERY = ("an integer >= 0 (0: keep checkpoints/last.pt only)", lambda v: is_integer(v) and v >= 0)
+
+
 # Keys whose values Hydra accepts but no run can use: what each must be, and the test. Keys an app's
 # config lacks are skipped.
 VALUE_RULES = {
-    "seed": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "codebook_size": ("a positive integer, e.g. 16384", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "seed": ("an integer", is_integer),
+    "codebook_size": ("a positive integer, e.g. 16384", lambda v: is_integer(v) and v > 0),
     "optim.lr": ("a finite number > 0", lambda v: is_number(v) and math.isfinite(v) and v > 0),
     "ar_optim.lr": ("a finite number > 0", lambda v: is_number(v) and math.isfinite(v) and v > 0),
     "optim.betas": ("two numbers in [0, 1), e.g. [0.5,0.9]", lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_fraction, v))),
     "ar_optim.betas": ("two numbers in [0, 1), e.g. [0.9,0.95]", lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_fraction, v))),
-    "data.num_workers": ("an integer >= 0 (0: load in the training process)", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "data.num_workers": ("an integer >= 0 (0: load in the training process)", lambda v: is_integer(v) and v >= 0),
     "train.ema_decay": ("a number in [0, 1)", is_fraction),
-    "train.keep_every": ("an integer >= 0 (0: keep checkpoints/last.pt only)", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "train.keep_every": KEEP_EVERY,
+    "ar_train.keep_every": KEEP_EVERY,
     "init_from_classes": ("parent (its class embeddings) or fresh (new ones, for a label set of this run's own)",
                           lambda v: v in ("parent", "fresh")),
 }

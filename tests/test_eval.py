@@ -207,6 +207,9 @@ def test_a_kept_checkpoint_is_evaluated_into_the_curve_and_results_json_keeps_th
     assert lines[-1] == (f"  results               {run_copy / 'metrics.jsonl'} (at step 2; results.json keeps the figures of the run's "
                          f"last checkpoint (step 4))")
 
+    assert evaluate_in_process(f"run_dir={run_copy}", "step=2", *common) == lines  # the same checkpoint, named by its step
+    assert read_jsonl(run_copy / "metrics.jsonl")[-1]["psnr"] == logged["psnr"]
+
     evaluate_in_process(f"checkpoint={checkpoints / 'step0000004.pt'}", *common)  # the last step's: the run's final figures
     assert json.loads((run_copy / "results.json").read_text())["eval/checkpoint"] == str(checkpoints / "step0000004.pt")
 
@@ -240,6 +243,8 @@ def bad_samples(tmp_path: Path, kind: str) -> Path:
           "metrics.lpips_backbone_paths.alex={tmp}/alex.pth"], "alex.pth (place torchvision's alexnet-owt-7be5be79.pth there"),
         (["run_dir={run}", "metrics.fid_network_path={tmp}/missing.pt"], "missing.pt not found"),
         (["run_dir={run}", "weights=best"], "weights='best' is invalid; valid: ema, live"),
+        (["run_dir={run}", "step=3"], "step=3: {run} has no checkpoint of that step; it kept steps 2, 4, and last.pt is step 4"),
+        (["checkpoint={run}/checkpoints/last.pt", "step=2"], "step=2 picks a checkpoint of run_dir=<run> to evaluate: give it with run_dir="),
         (["samples={tmp}/float.npz"], "arr_0 has dtype float32, expected uint8"),
         (["samples={tmp}/nchw.npz"], "arr_0 has shape (4, 3, 8, 8), expected N x H x W x 3"),
         (["samples={tmp}/no_arr_0.npz"], "has no arr_0"),
@@ -260,7 +265,7 @@ def test_bad_input_is_one_line_and_writes_nothing(run_copy: Path, tmp_path: Path
     with pytest.raises((UserError, FileNotFoundError)) as raised:
         evaluate_in_process(f"reference.cache_dir={cache}", "metrics.lpips=[]", *args)
     message = str(raised.value)
-    assert expected in message and "\n" not in message
+    assert expected.format(run=run_copy) in message and "\n" not in message
     assert run_files(run_copy) == before and not cache.exists()
     assert not list(tmp_path.glob("*.results.json"))
 
@@ -588,3 +593,34 @@ def test_one_sampling_is_scored_against_the_same_real_images_by_ibq_sample_and_i
     assert reference_selection(OmegaConf.create({"split": "val", "limit": 16}), own_data=True, run_dir=run) == ("val", 16)
     by_sample_all = eval_config(sampling_all, run, tmp_path / "s.npz").reference
     assert reference_selection(by_sample_all, own_data=True, run_dir=run) == ("train", None)
+
+
+def test_samples_of_an_earlier_checkpoint_are_scored_into_the_curve_and_results_json_keeps_the_runs_last(tmp_path: Path,
+                                                                                                         stand_in_fid: StandInNetwork):
+    """ibq-eval of an ibq-sample sampling of a kept AR checkpoint (ibq-sample step=N): at the step that drew it."""
+    from ibq.engine.checkpoint import save_checkpoint
+
+    run = tmp_path / "ar"
+    save_checkpoint(run / "checkpoints" / "last.pt", {"step": 300})
+    (run / "results.json").write_text(json.dumps({"step": 300, "gfid": 12.5}))
+    np.savez(tmp_path / "reference.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    common = [f"run_dir={run}", f"reference.stats={tmp_path / 'reference.npz'}", "metrics.is=false", "wandb_mode=disabled"]
+
+    def sampling(step: int) -> Path:
+        folder = tmp_path / f"step_{step}"
+        folder.mkdir()
+        save_adm_npz(folder / "samples.npz", to_adm_array(photo_samples()))
+        sampling = {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        (folder / "results.json").write_text(json.dumps({"step": step, "sampling": sampling, "seed": 0, "npz": str(folder / "samples.npz")}))
+        return folder / "samples.npz"
+
+    lines = evaluate_in_process(f"samples={sampling(100)}", *common)
+    assert json.loads((run / "results.json").read_text()) == {"step": 300, "gfid": 12.5}
+    logged = read_jsonl(run / "metrics.jsonl")[-1]
+    assert logged["step"] == 100 and logged["gfid"] > 0 and logged["eval/samples"] == 12
+    assert lines[-1] == (f"  results               {run / 'metrics.jsonl'} (at step 100; results.json keeps the figures of the run's "
+                         f"last checkpoint (step 300))")
+
+    lines = evaluate_in_process(f"samples={sampling(300)}", *common)  # the last checkpoint's: the run's final figures
+    assert json.loads((run / "results.json").read_text())["gfid"] == logged["gfid"]
+    assert read_jsonl(run / "metrics.jsonl")[-1]["step"] == 300 and lines[-1] == f"  results               {run / 'results.json'}"

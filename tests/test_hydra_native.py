@@ -164,6 +164,7 @@ def test_a_printed_override_reads_back_as_its_value_in_a_shell_and_in_hydra(valu
         ({"data": {"num_workers": -1}}, "data.num_workers=-1 is invalid: it must be an integer >= 0"),
         ({"train": {"ema_decay": 5}}, "train.ema_decay=5 is invalid: it must be a number in [0, 1)"),
         ({"train": {"keep_every": -1}}, "train.keep_every=-1 is invalid: it must be an integer >= 0 (0: keep checkpoints/last.pt only)"),
+        ({"ar_train": {"keep_every": 2.5}}, "ar_train.keep_every=2.5 is invalid: it must be an integer >= 0 (0: keep checkpoints/last.pt only)"),
         ({"codebook_size": 0}, "codebook_size=0 is invalid: it must be a positive integer"),
         ({"codebook_size": 1024.0}, "codebook_size=1024.0 is invalid: it must be a positive integer"),
         ({"codebook_size": "1024"}, "codebook_size='1024' is invalid: it must be a positive integer"),
@@ -178,7 +179,7 @@ def test_values_no_run_can_use_are_refused(values: dict, expected: str):
 
 def test_values_a_run_can_use_pass():
     check_values(OmegaConf.create({"seed": 3, "optim": {"lr": 1e-4, "betas": [0.5, 0.9]}, "data": {"num_workers": 0},
-                                   "train": {"ema_decay": 0.0, "keep_every": 0}, "codebook_size": 262144, "quantizer": {"codebook_size": "${codebook_size}"}}))
+                                   "train": {"ema_decay": 0.0, "keep_every": 0}, "ar_train": {"keep_every": 500}, "codebook_size": 262144, "quantizer": {"codebook_size": "${codebook_size}"}}))
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import torch
 
 from conftest import IBQ_TRAIN, ONE_CROP_PER_PHOTO, QUICK, BackgroundRun, error_line, read_jsonl, run_cli
 from ibq.cli.callbacks import count_jobs, unusable_directory
-from ibq.engine.checkpoint import keep_checkpoint, load_checkpoint, non_finite_tensors, save_checkpoint, stop_if_state_not_finite
+from ibq.engine.checkpoint import checkpoint_at_step, keep_checkpoint, load_checkpoint, non_finite_tensors, save_checkpoint, stop_if_state_not_finite
 from ibq.engine.ranks import Ranks
 from ibq.engine.session import RunSession
 from ibq.errors import Terminated, TrainingDiverged, UserError
@@ -187,6 +187,25 @@ def test_a_kept_checkpoint_stays_as_it_was_when_the_next_one_is_written(tmp_path
     assert load_checkpoint(kept)["step"] == 2 and load_checkpoint(kept)["tokenizer"]["w"].tolist() == [1.0, 1.0, 1.0]
     assert load_checkpoint(checkpoint)["step"] == 4
     assert sorted(path.name for path in checkpoint.parent.iterdir()) == ["last.pt", "step0000002.pt"]
+
+
+def test_a_step_names_the_checkpoint_kept_then_or_last_pt_and_is_refused_where_there_is_none(tmp_path: Path):
+    checkpoint = tmp_path / "checkpoints" / "last.pt"
+    for step in range(10, 80, 10):
+        save_checkpoint(checkpoint, {"step": step, "model": {}})
+        keep_checkpoint(checkpoint, step)
+    save_checkpoint(checkpoint, {"step": 75, "model": {}})  # the run's end, not a multiple of keep_every
+    assert checkpoint_at_step(tmp_path, 20, "run_dir", "generator") == checkpoint.with_name("step0000020.pt")
+    assert checkpoint_at_step(tmp_path, 75, "run_dir", "generator") == checkpoint
+    with pytest.raises(UserError, match=r"^step=25: .* has no checkpoint of that step; it kept steps 10, 20, …, 70 \(7 in all\), "
+                                        r"and last.pt is step 75$"):
+        checkpoint_at_step(tmp_path, 25, "run_dir", "generator")
+    for kept in checkpoint.parent.glob("step*.pt"):
+        kept.unlink()
+    with pytest.raises(UserError, match=r"^step=20: .* it kept none \(keep_every\), and last.pt is step 75$"):
+        checkpoint_at_step(tmp_path, 20, "run_dir", "generator")
+    with pytest.raises(UserError, match=r"^run_dir=.*missing does not exist"):
+        checkpoint_at_step(tmp_path / "missing", 20, "run_dir", "generator")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"junk\n"])  # the last, a KeyError in torch's pre-zip reader

@@ -353,8 +353,10 @@ def token_shards(workdir: Path, tokenizer_run: Path) -> Path:
 def ar_run(workdir: Path, tokenizer_run: Path, token_shards: Path) -> Path:
     run_dir = workdir / "ar"
     result = run_cli(IBQ_TRAIN_AR + [f"tokenizer_run={tokenizer_run}", f"tokens={token_shards}", "ar_train.steps=300",
-                                     "ar_optim.lr=1e-3", *SMALL_AR, f"hydra.run.dir={run_dir}"])
+                                     "ar_optim.lr=1e-3", "ar_train.keep_every=100", *SMALL_AR, f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"kept checkpoints      3 (ar_train.keep_every): step0000100.pt … step0000300.pt; ibq-sample run_dir={run_dir} step=<N> "
+            f"samples one") in result.stdout
     return run_dir
 
 
@@ -486,6 +488,25 @@ def test_trained_model_samples_are_closer_to_the_data_and_are_scored(workdir: Pa
 
 
 @pytest.mark.slow
+def test_a_kept_checkpoint_is_sampled_and_scored_into_the_curve_at_its_step(workdir: Path, ar_run: Path):
+    assert sorted(path.name for path in (ar_run / "checkpoints").iterdir()) == ["last.pt", "step0000100.pt", "step0000200.pt", "step0000300.pt"]
+    earlier, last = load_ar_run(ar_run, torch.device("cpu"), step=100), load_ar_run(ar_run, torch.device("cpu"))
+    assert earlier.step == 100 and not torch.equal(earlier.model.head.weight, last.model.head.weight)
+    final = (ar_run / "results.json").read_text()
+    result = run_cli(IBQ_SAMPLE + [f"run_dir={ar_run}", "step=100", *FEW_SAMPLES, f"reference.cache_dir={workdir / 'fid_stats'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    (folder,) = (ar_run / "samples").glob("*step=100*")  # the step names the sampling's folder
+    sampling = json.loads((folder / "results.json").read_text())
+    assert sampling["step"] == 100 and sampling["checkpoint"] == str(ar_run / "checkpoints" / "step0000100.pt")
+    assert f"samples of {ar_run} (step 100, step0000100.pt)" in result.stdout
+    assert (ar_run / "results.json").read_text() == final  # the run's end keeps its figures
+    logged = read_jsonl(ar_run / "metrics.jsonl")[-1]
+    assert logged["step"] == 100 and logged["gfid"] == sampling["gfid"]
+    assert f"{ar_run / 'metrics.jsonl'} (at step 100; results.json keeps the figures of the run's last checkpoint (step 300))" in result.stdout
+
+
+@pytest.mark.slow
 def test_samples_are_deterministic_per_seed(ar_run: Path, tmp_path: Path):
     result = run_cli(IBQ_SAMPLE + [f"run_dir={ar_run}", "classes=[3,7]", "samples_per_class=2", "seed=5", "metrics.fid=false",
                                    "sampling.top_p=0.9", f"hydra.run.dir={tmp_path / 'out'}"])
@@ -506,11 +527,13 @@ def test_samples_are_deterministic_per_seed(ar_run: Path, tmp_path: Path):
         (["sampling.cfg_scale=-1"], "sampling.cfg_scale=-1"),
         (["sampling.top_p=0"], "sampling.top_p=0"),
         (["sampling.top_p=1.5"], "sampling.top_p=1.5"),
+        (["step=150"], "step=150: {run} has no checkpoint of that step; it kept steps 100, 200, 300, and last.pt is step 300"),
+        (["step=0"], "step=0 is invalid: it must be a positive integer"),
     ],
 )
 def test_bad_sampling_input_is_refused(ar_run: Path, tmp_path: Path, overrides: list[str], expected: str):
     line = error_line(run_cli(IBQ_SAMPLE + [f"run_dir={ar_run}", *overrides, f"hydra.run.dir={tmp_path / 'out'}"]))
-    assert expected in line
+    assert expected.format(run=ar_run) in line, line
     assert not (tmp_path / "out").exists()
 
 

@@ -40,7 +40,7 @@ CHECKED_ROOTS = ("cluster", "deepspeed", "train", "ar_train", "model_scale", "ex
                  "seed", "codebook_size", "optim", "ar_optim", "data", "run_dir", "checkpoint", "tokenizer_run", "init_from",
                  "quantizer", "model", "discriminator", "transformer", "eval",
                  "samples", "samples_per_class", "batch_size", "shard_size", "precision", "sampling", "metrics", "reference",
-                 "weights", "wandb_mode", "part", "parts")
+                 "weights", "wandb_mode", "part", "parts", "step")
 # module:function that checks each app's job from its config alone; imported only when a job is about to run
 # or be submitted (most load torch).
 JOB_CHECKS = {

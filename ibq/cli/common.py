@@ -20,7 +20,7 @@ from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueE
 
 from ibq.cli.callbacks import JobFailed, SweepWatch
 from ibq.cli.checks import BATCH_SECTIONS, check_job
-from ibq.config import fail, given_overrides, missing_config_line, one_line, reader_gone, unparsable
+from ibq.config import fail, given_overrides, missing_config_line, one_line, reader_gone, shell_override, unparsable
 from ibq.engine.ranks import detect_ranks
 from ibq.errors import Terminated, TrainingDiverged, UserError, interruption, unset_key
 from ibq.runs.lock import RunLock
@@ -210,6 +210,16 @@ def parent_lines(training) -> list[str]:
     fresh = parent.get("fresh_classes")
     anew = f"; class embeddings new for its {fresh['run']} classes (the parent's {fresh['parent']})" if fresh else ""
     return [f"fine-tuned from       {parent['run_dir']} (step {parent['step']}, signature {parent['signature']}){anew}"]
+
+
+def kept_checkpoint_lines(run_dir: Path, key: str, reader: str, does: str) -> list[str]:
+    """The summary's line for the checkpoints the run kept along the way (`key`, its keep_every), and how the
+    app `reader` reads one (`does`: what it does with it)."""
+    kept = sorted(run_dir.glob("checkpoints/step*.pt"))
+    if not kept:
+        return []
+    return [f"kept checkpoints      {len(kept)} ({key}): {kept[0].name} … {kept[-1].name}; "
+            f"{reader} {shell_override('run_dir', run_dir)} step=<N> {does}"]
 
 
 def run_training(cfg, run_dir: Path, app: str, training_class, dry_run, summary_lines) -> list[float] | float | None:

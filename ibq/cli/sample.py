@@ -55,10 +55,15 @@ def check_sample_job(cfg: DictConfig) -> None:
     """What the job refuses from its config alone (checks.JOB_CHECKS: before a sweep is submitted, and when the job
     starts); the classes and the run's own sampling settings are checked against the run once it is loaded."""
     from ibq.engine.build import check_precision
+    from ibq.engine.checkpoint import checkpoint_at_step
     from ibq.generation.sampling import check_sampling_args
 
     for key in ("samples_per_class", "batch_size", "parts"):
         check_positive_int(key, cfg[key])
+    if cfg.step is not None:
+        check_positive_int("step", cfg.step)
+        if not OmegaConf.is_missing(cfg, "run_dir"):
+            checkpoint_at_step(cfg.run_dir, cfg.step, "run_dir", "generator")
     if isinstance(cfg.part, bool) or not isinstance(cfg.part, int) or not 0 <= cfg.part < cfg.parts:
         raise UserError(f"part={cfg.part!r} is invalid: with parts={cfg.parts} it must be an integer in 0..{cfg.parts - 1}")
     if cfg.classes is not None and (not OmegaConf.is_list(cfg.classes) or len(cfg.classes) == 0):
@@ -121,7 +126,7 @@ def main(cfg: DictConfig, out_dir: Path) -> list[float] | float | None:
 
     device = one_process_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device, "precision")
-    run = load_ar_run(None if OmegaConf.is_missing(cfg, "run_dir") else cfg.run_dir, device)
+    run = load_ar_run(None if OmegaConf.is_missing(cfg, "run_dir") else cfg.run_dir, device, cfg.step)
     hold_linear_weights_in(run.model, dtype)  # the model only samples, under autocast to `dtype`
     settings = sampling_settings(cfg, run)
     classes = torch.arange(run.model.num_classes) if cfg.classes is None else torch.tensor(list(cfg.classes), dtype=torch.long)
@@ -142,6 +147,7 @@ def main(cfg: DictConfig, out_dir: Path) -> list[float] | float | None:
             "run_dir": str(run.run_dir),
             "run_signature": run.signature,
             "step": run.step,
+            "checkpoint": str(run.checkpoint),
             "sampling": settings,
             "seed": cfg.seed,
             "batch_size": cfg.batch_size,
@@ -153,14 +159,16 @@ def main(cfg: DictConfig, out_dir: Path) -> list[float] | float | None:
             "npz": str(samples_path),
             "grid": str(out_dir / "grid.png"),
         }
-        print(f"\nibq-sample: {len(labels)} samples of {run.run_dir} (step {run.step}), " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        checkpoint = "" if run.checkpoint.name == "last.pt" else f", {run.checkpoint.name}"
+        print(f"\nibq-sample: {len(labels)} samples of {run.run_dir} (step {run.step}{checkpoint}), "
+              + ", ".join(f"{k}={v}" for k, v in settings.items()))
         print(f"  samples (ADM .npz)    {samples_path}")
         print(f"  grid                  {out_dir / 'grid.png'}")
         if cfg.parts > 1:
             print(f"  {f'part {cfg.part} of {cfg.parts}':<22}once every part is drawn: ibq-eval "
                   f"{shell_override('samples', out_dir.parent)} {shell_override('run_dir', run.run_dir)}")
         if eval_cfg is not None:
-            evaluation = evaluate_generation(eval_cfg, choices={}, job_type="sample", sampling={**settings, "seed": cfg.seed})
+            evaluation = evaluate_generation(eval_cfg, choices={}, job_type="sample", sampling={**settings, "seed": cfg.seed}, step=run.step)
             print("\n".join(generation_lines(evaluation, eval_cfg)))
             # This job's scores, as merged into the AR run: the run's file may hold another job's by now.
             results.update({key: value for key, value in evaluation.results.items() if key.split("/")[0] in ("gfid", "is", "eval")})

@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ibq.cli.common import entry_point, fid_detail, guarded, parent_lines, run_training
+from ibq.cli.common import entry_point, fid_detail, guarded, kept_checkpoint_lines, parent_lines, run_training
 from ibq.config import CONF_DIR
 
 
@@ -28,7 +28,6 @@ def summary_lines(training, results: dict, run_dir: Path) -> list[str]:
         value = results.get(key)
         return "unavailable" if value is None else f"{value:.{digits}f}"
 
-    kept = sorted(run_dir.glob("checkpoints/step*.pt"))
     return [
         f"codebook/utilization  {fmt('codebook/utilization', 4)}  ({results['codebook/tokens']} tokens; "
         f"a uniform code assignment would reach {results['codebook/utilization_bound']:.4f})",
@@ -42,8 +41,7 @@ def summary_lines(training, results: dict, run_dir: Path) -> list[str]:
         f"run directory         {run_dir}",
         f"results               {run_dir / 'results.json'}",
         f"reconstructions       {run_dir / results['reconstruction_grid']}",
-        *([f"kept checkpoints      {len(kept)} (train.keep_every): {kept[0].name} … {kept[-1].name}; ibq-eval checkpoint=<one> scores it"]
-          if kept else []),
+        *kept_checkpoint_lines(run_dir, "train.keep_every", "ibq-eval", "scores one"),
     ]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ibq.cli.common import entry_point, guarded, parent_lines, run_training
+from ibq.cli.common import entry_point, guarded, kept_checkpoint_lines, parent_lines, run_training
 from ibq.config import CONF_DIR, shell_override
 
 
@@ -34,6 +34,7 @@ def summary_lines(training, results: dict, run_dir: Path) -> list[str]:
     ]
     if "sample_grid" in results:
         lines.append(f"samples               {run_dir / results['sample_grid']}")
+    lines += kept_checkpoint_lines(run_dir, "ar_train.keep_every", "ibq-sample", "samples one")
     lines.append(f"next                  ibq-sample {shell_override('run_dir', run_dir)}   (samples, gFID and IS)")
     return lines
 

@@ -83,11 +83,19 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def kept_path(checkpoint: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is kept beside `checkpoint` (train.keep_every, ar_train.keep_every)."""
+    return checkpoint.with_name(f"step{step:07d}.pt")
+
+
+KEPT_NAME = re.compile(r"step(\d+)\.pt")
+
+
 def keep_checkpoint(checkpoint: Path, step: int) -> Path:
     """The checkpoint just written, kept as checkpoints/step<step>.pt: a hard link, which writes no bytes and
     stays as it is when the next checkpoint replaces (renames over) last.pt; a copy where the file system
     has no links."""
-    kept = checkpoint.with_name(f"step{step:07d}.pt")
+    kept = kept_path(checkpoint, step)
 
     def link(tmp: Path) -> None:
         tmp.unlink(missing_ok=True)  # a killed keep's leftover
@@ -102,6 +110,14 @@ def keep_checkpoint(checkpoint: Path, step: int) -> Path:
 
 def read_error(path: Path, error: Exception) -> str:
     return f"checkpoint {path} cannot be read ({type(error).__name__}: {one_line(str(error)) or 'empty'})"
+
+
+def saved_step(checkpoint: Path) -> int:
+    """The step a checkpoint was written at, read memory-mapped (its tensors stay on disk)."""
+    try:
+        return int(read_checkpoint(checkpoint, mmap=True)["step"])
+    except Exception as error:  # torch raises several types for a file that is not a checkpoint
+        raise UserError(read_error(checkpoint, error)) from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -180,6 +196,22 @@ def locate_run(path: str | Path | None, key: str, kind: str = "tokenizer", outsi
     if not (path / CHECKPOINT).is_file():
         raise UserError(f"{key}={path} has no checkpoint ({CHECKPOINT}): train it with {app} first, or pick another run")
     return path / CHECKPOINT, path
+
+
+def checkpoint_at_step(path: str | Path | None, step: int, key: str, kind: str) -> Path:
+    """The checkpoint of `step` of the run at `path` (which `key` gave; a run of `kind`, RUN_KINDS): the one
+    kept at that step, or last.pt where it is of that step. Else one line with the steps the run has."""
+    last, run_dir = locate_run(path, key, kind)
+    kept = kept_path(last, step)
+    if kept.is_file():
+        return kept
+    last_step = saved_step(last)
+    if last_step == step:
+        return last
+    steps = sorted(int(match[1]) for file in last.parent.iterdir() if (match := KEPT_NAME.fullmatch(file.name)))
+    listed = ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} in all)"
+    kept_steps = f"it kept steps {listed}" if steps else "it kept none (keep_every)"
+    raise UserError(f"step={step}: {run_dir} has no checkpoint of that step; {kept_steps}, and last.pt is step {last_step}")
 
 
 def load_run(path: str | Path | None, key: str, kind: str = "tokenizer", outside_a_run: bool = False) -> LoadedRun:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from ibq.config import build
-from ibq.engine.checkpoint import CHECKPOINT, TOKENIZER_WEIGHTS, LoadedRun, load_run, read_checkpoint
+from ibq.engine.checkpoint import CHECKPOINT, TOKENIZER_WEIGHTS, LoadedRun, checkpoint_at_step, load_run, saved_step
 from ibq.engine.distributed import one_process_device
 from ibq.engine.evaluate import GenerationEvaluator, ReconstructionEvaluator, real_feature_stats
 from ibq.errors import UserError, check_positive_int, unset_key
@@ -78,6 +78,12 @@ def check_settings(cfg: DictConfig) -> None:
         raise UserError(f"reference.split={cfg.reference.split!r} is invalid; valid: auto, {', '.join(SPLITS)}")
     if cfg.reference.limit not in (None, "auto"):
         check_positive_int("reference.limit", cfg.reference.limit)
+    if cfg.step is not None:
+        check_positive_int("step", cfg.step)
+        if cfg.samples or not cfg.run_dir:
+            raise UserError(f"step={cfg.step} picks a checkpoint of run_dir=<run> to evaluate: give it with run_dir= (a checkpoint= "
+                            f"file is of one step already; samples= carry the step that drew them)")
+        checkpoint_at_step(cfg.run_dir, cfg.step, "run_dir", "tokenizer")
 
 
 def eval_batch_size(cfg: DictConfig, train_cfg: DictConfig | None) -> int:
@@ -93,6 +99,8 @@ def evaluated_run(cfg: DictConfig) -> LoadedRun:
     """The run_dir= run, or the checkpoint= file (its run: the run directory it lies in, if any)."""
     if cfg.run_dir and cfg.checkpoint:
         raise UserError("give run_dir=<run directory> or checkpoint=<file>, not both")
+    if cfg.run_dir and cfg.step is not None:
+        return load_run(checkpoint_at_step(cfg.run_dir, cfg.step, "run_dir", "tokenizer"), "run_dir", outside_a_run=True)
     if cfg.run_dir:
         return load_run(cfg.run_dir, "run_dir")
     return load_run(cfg.checkpoint, "checkpoint", outside_a_run=True)
@@ -278,22 +286,25 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> Evaluation:
     if data.name:
         results.update(named_metrics(data.name, metrics))
     run_id = wandb_run_id(run.run_dir, run.signature) if run.run_dir is not None else None
-    last_step = later_checkpoint_step(run)
+    last_step = later_checkpoint_step(run.run_dir, run.step)
     destination, wandb_dir = record(results, run.step, run.run_dir, train_cfg, run_id, cfg, run.checkpoint_path, "eval",
                                     final=last_step is None)
-    note = None if last_step is None else (f"at step {run.step}; results.json keeps the figures of the run's last checkpoint "
-                                           f"(step {last_step})")
-    return Evaluation(results, destination, wandb_dir, note=note)
+    return Evaluation(results, destination, wandb_dir, note=earlier_checkpoint_note(run.step, last_step))
 
 
-def later_checkpoint_step(run: LoadedRun) -> int | None:
-    """The step of the last checkpoint of the run that an earlier checkpoint of it (a kept one, train.keep_every)
-    belongs to; None where the checkpoint evaluated is the run's last, or lies outside a run."""
-    last = run.run_dir / CHECKPOINT if run.run_dir is not None else None
-    if last is None or not last.is_file() or last.resolve() == run.checkpoint_path.resolve():
+def later_checkpoint_step(run_dir: Path | None, step: int) -> int | None:
+    """The step of the run's last checkpoint where the checkpoint of `step` evaluated is an earlier one of it (a
+    kept one, keep_every); None where it is the last, or lies outside a run."""
+    last = run_dir / CHECKPOINT if run_dir is not None else None
+    if last is None or not last.is_file():
         return None
-    step = int(read_checkpoint(last, mmap=True)["step"])
-    return step if step > run.step else None
+    last_step = saved_step(last)
+    return last_step if last_step > step else None
+
+
+def earlier_checkpoint_note(step: int, last_step: int | None) -> str | None:
+    """Evaluation.note for the figures of a checkpoint older than the run's last (later_checkpoint_step)."""
+    return None if last_step is None else f"at step {step}; results.json keeps the figures of the run's last checkpoint (step {last_step})"
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -332,15 +343,13 @@ def sample_parts(folder: Path) -> list[Path]:
     return [by_part[part] for part in range(parts)]
 
 
-def sampling_of(samples: AdmSamples | AdmSampleParts) -> dict | None:
-    """How ibq-sample drew the samples (its settings and seed), from the results.json beside them (a part's,
-    for a folder of parts); None for samples from elsewhere."""
+def sampling_record(samples: AdmSamples | AdmSampleParts) -> dict:
+    """ibq-sample's record of the samples, the results.json beside them (a part's, for a folder of parts):
+    its settings and seed, and the step of the checkpoint that drew them; empty for samples from elsewhere."""
     first = samples.files[0].path if isinstance(samples, AdmSampleParts) else samples.path
     record_path = first.parent / "results.json"
     record = json.loads(record_path.read_text()) if first.name == "samples.npz" and record_path.is_file() else {}
-    if "sampling" not in record:  # ibq-sample's record of its samples.npz (moved or not)
-        return None
-    return {**record["sampling"], "seed": record.get("seed")}
+    return record if "sampling" in record else {}  # ibq-sample's record of its samples.npz (moved or not)
 
 
 def open_samples(path: Path) -> AdmSamples | AdmSampleParts:
@@ -426,10 +435,13 @@ def reference_stats(cfg: DictConfig, choices: dict, train_cfg: DictConfig | None
     return ReferenceStats.from_feature_stats(stats, f"{dataset_name(data_config)} {split} ({cache.path(key)})"), cached
 
 
-def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval", sampling: dict | None = None) -> Evaluation:
+def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval", sampling: dict | None = None,
+                        step: int | None = None) -> Evaluation:
     """`job_type`: `sample` when ibq-sample scores its own samples, passing how it drew them (`sampling`:
-    its settings and seed; otherwise they are read beside the samples). They are recorded with the scores
-    (`eval/sampling`), since gFID and IS are comparable only at the same settings."""
+    its settings and seed; `step`: its checkpoint's; otherwise they are read beside the samples). They are
+    recorded with the scores (`eval/sampling`), since gFID and IS are comparable only at the same settings.
+    Samples of a checkpoint older than the run's last are scored into its metrics.jsonl at their step, as an
+    earlier checkpoint's reconstruction is."""
     if cfg.checkpoint:
         raise UserError("checkpoint= is for reconstruction; generation takes samples= (and run_dir= to record into a run)")
     samples = open_samples(Path(cfg.samples).expanduser())
@@ -457,23 +469,29 @@ def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval", 
         reference, cached = reference_stats(cfg, choices, train_cfg, run_dir, samples, networks.fid, device, seed, batch_size)
     evaluator = GenerationEvaluator(device, networks.fid, networks.inception, cfg.metrics.is_splits, cfg.metrics.is_shuffle)
     metrics = evaluator(samples.batches(batch_size), reference, total=samples.batch_count(batch_size))
+    drawn = sampling_record(samples)
+    if sampling is None and drawn:
+        sampling = {**drawn["sampling"], "seed": drawn.get("seed")}
     results = {
         **{key: None for key in ("gfid", "is")},
         **metrics,
         "eval/samples_file": str(samples.path),
         "eval/samples": len(samples),
-        "eval/sampling": sampling or sampling_of(samples),
+        "eval/sampling": sampling,
         "eval/reference_cached": cached,
         "eval/unavailable": networks.unavailable,
         "eval/time": timestamp(),
     }
-    step, run_id = 0, None
+    drawn_at, run_id, last_step = step if step is not None else drawn.get("step"), None, None
     if run_dir is not None:
         results_path = run_dir / "results.json"
-        step = json.loads(results_path.read_text()).get("step", 0) if results_path.is_file() else 0
+        if drawn_at is None:  # samples from elsewhere: of the run's end
+            drawn_at = json.loads(results_path.read_text()).get("step", 0) if results_path.is_file() else 0
+        last_step = later_checkpoint_step(run_dir, drawn_at)
         run_id = wandb_run_id(run_dir, None)
-    destination, wandb_dir = record(results, step, run_dir, train_cfg, run_id, cfg, samples.path, job_type)
-    return Evaluation(results, destination, wandb_dir, reference.source if reference is not None else None, tuple(samples.resolution))
+    destination, wandb_dir = record(results, drawn_at or 0, run_dir, train_cfg, run_id, cfg, samples.path, job_type, final=last_step is None)
+    return Evaluation(results, destination, wandb_dir, reference.source if reference is not None else None, tuple(samples.resolution),
+                      note=earlier_checkpoint_note(drawn_at, last_step))
 
 
 def evaluate(cfg: DictConfig, choices: dict) -> Evaluation:

@@ -31,7 +31,7 @@ from ibq.engine import distributed
 from ibq.engine.ar_schedule import apply_schedule, var_schedule
 from ibq.config import build, shell_override
 from ibq.engine.build import resolve_precision
-from ibq.engine.checkpoint import CHECKPOINT, DivergenceWatch, Parent, fine_tuning_parent, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
+from ibq.engine.checkpoint import CHECKPOINT, DivergenceWatch, Parent, checkpoint_at_step, fine_tuning_parent, foreign_checkpoint, load_checkpoint, load_run, restore_rng, rng_entries, save_checkpoint, seed_everything, stop_if_state_not_finite
 from ibq.engine.job_config import check_ar_keys
 from ibq.engine.media import save_grid
 from ibq.engine.preemption import RequeueSignal, checkpoint_or_leave
@@ -71,6 +71,7 @@ class ARRun:
     """A trained stage-II run, ready to sample."""
 
     run_dir: Path
+    checkpoint: Path  # last.pt, or the one kept at an earlier step
     model: Transformer
     config: DictConfig  # the run's own config (stage-I keys left out)
     step: int
@@ -78,8 +79,12 @@ class ARRun:
     tokenizer_run: TokenizerRun
 
 
-def load_ar_run(run_dir: str | Path | None, device: torch.device) -> ARRun:
-    run = load_run(run_dir, "run_dir", "generator")
+def load_ar_run(run_dir: str | Path | None, device: torch.device, step: int | None = None) -> ARRun:
+    """The run's last checkpoint, or that of `step` (checkpoint_at_step)."""
+    if step is None:
+        run = load_run(run_dir, "run_dir", "generator")
+    else:
+        run = load_run(checkpoint_at_step(run_dir, step, "run_dir", "generator"), "run_dir", "generator", outside_a_run=True)
     model = build(run.config.transformer)
     model.load_state_dict(run.state["model"])
     model = model.to(device).eval().requires_grad_(False)
@@ -89,7 +94,7 @@ def load_ar_run(run_dir: str | Path | None, device: torch.device) -> ARRun:
             f"tokenizer_run={tokenizer_run.run_dir} changed since run_dir={run.run_dir} was trained on it "
             f"(then {OmegaConf.to_container(run.config.tokenizer)}, now {tokenizer_run.describe()})"
         )
-    return ARRun(run.run_dir, model, run.config, run.step, run.signature, tokenizer_run)
+    return ARRun(run.run_dir, run.checkpoint_path, model, run.config, run.step, run.signature, tokenizer_run)
 
 
 def check_parent_tokenizer(parent: Parent, tokenizer_run: TokenizerRun) -> None:
@@ -338,7 +343,7 @@ class ARTraining:
                     self.session.log(step, metrics)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{values.lr:.2e}")
                 if checkpoint_or_leave(step, steps, cfg.ar_train.checkpoint_every, self._save, requeue, device, self.ranks, self.session,
-                                       logged):
+                                       logged, keep_every=cfg.ar_train.keep_every):
                     self.divergence.saved(step)
 
         if not main:

@@ -48,7 +48,7 @@ STAGE_I_KEYS = ("model", "quantizer", "discriminator", "loss", "optim", "train",
 STAGE_II_KEYS = ("transformer", "sampling", "ar_train")
 # ar_train keys that change how a stage-II run reports, not what it trains: left out of its signature, so a
 # resume may change them.
-AR_REPORTING_KEYS = ("log_every", "checkpoint_every", "grid_classes")
+AR_REPORTING_KEYS = ("log_every", "checkpoint_every", "keep_every", "grid_classes")
 # The transformer's sizes that its tokenizer sets: `auto` takes them from tokenizer_run.
 FOLLOWS_TOKENIZER = ("vocab_size", "block_size")
 # Config-group choices that say where or how a run was launched or logged, not what it computed.
