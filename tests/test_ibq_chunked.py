@@ -301,11 +301,16 @@ def test_triton_kernels_under_the_interpreter():
     runs the gradient tests of partly used outputs, which turn the backward kernels' paths on and off, and
     the tests of equal codes, for the fused kernels and the row kernels."""
     pytest.importorskip("triton", reason="Triton is not installed: CPU-only builds of torch come without it")
+    # The backward kernels recompute the logits and need the forward's bits, which a GPU gives (one FMA chain over
+    # D per logit, whatever the tile). The interpreter's tl.dot is numpy's matmul: OpenBLAS's FMA kernels (Haswell,
+    # Zen, ...) sum an element in an order that depends on the matrix's shape, so tiles of other shapes round a
+    # logit differently; its kernels without FMA (Prescott: any x86-64) sum each element in one order.
+    blas = {"OPENBLAS_CORETYPE": "Prescott"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
          "test_triton_kernels_equal_dense or test_triton_row_kernels_equal_dense or test_chunked_gradients_when_only_some_outputs_are_used"
          " or test_equal_codes_give_the_first_index"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", **blas},
     )
     assert result.returncode == 0 and "16 passed" in result.stdout, result.stdout[-3000:]
 

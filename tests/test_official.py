@@ -349,7 +349,8 @@ def test_a_generator_fine_tunes_from_an_imported_one_on_the_tokenizer_it_was_tra
     assert f"fine-tuned from       {parent} (step 0, signature {record['signature']})" in result.stdout
     own = json.loads((fine_tuned / "run.json").read_text())
     provenance = {key: record["imported"][key] for key in ("file", "sha256", "weights")}
-    assert own["parent"] == {"run_dir": str(parent), "signature": record["signature"], "step": 0, "imported": provenance}
+    assert own["parent"] == {"run_dir": str(parent), "checkpoint": str(parent / "checkpoints" / "last.pt"), "signature": record["signature"],
+                             "step": 0, "imported": provenance}
     assert own["signature"] != record["signature"] and own["status"] == "completed"
     started, saved = (torch.load(path / "checkpoints" / "last.pt", weights_only=True)["model"] for path in (parent, fine_tuned))
     assert started.keys() == saved.keys()

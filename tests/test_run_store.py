@@ -10,6 +10,7 @@ import http.server
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -177,13 +178,17 @@ def test_non_finite_state_is_never_checkpointed(tmp_path: Path):
     assert load_checkpoint(checkpoint)["step"] == 4
 
 
-def test_a_kept_checkpoint_stays_as_it_was_when_the_next_one_is_written(tmp_path: Path):
+def test_a_kept_checkpoint_holds_the_weights_and_stays_as_it_was_when_the_next_one_is_written(tmp_path: Path):
     checkpoint = tmp_path / "checkpoints" / "last.pt"
-    save_checkpoint(checkpoint, {"step": 2, "tokenizer": {"w": torch.ones(3)}})
+    state = {"step": 2, "signature": "abc", "config": {"seed": 0}, "tokenizer": {"w": torch.ones(3)}, "ema": {"shadow.w": torch.ones(3)},
+             "discriminator": {"w": torch.ones(3)}, "opt_g": {"state": {0: {"exp_avg": torch.ones(1000)}}}, "rng": {"python": [1]}}
+    save_checkpoint(checkpoint, state)
     (tmp_path / "checkpoints" / ".step0000002.pt.tmp").write_bytes(b"a killed keep's leftover")
     kept = keep_checkpoint(checkpoint, 2)
-    assert kept == tmp_path / "checkpoints" / "step0000002.pt" and kept.stat().st_ino == checkpoint.stat().st_ino  # no copy
-    save_checkpoint(checkpoint, {"step": 4, "tokenizer": {"w": torch.zeros(3)}})
+    assert kept == tmp_path / "checkpoints" / "step0000002.pt"
+    assert sorted(load_checkpoint(kept)) == ["config", "discriminator", "ema", "signature", "step", "tokenizer"]  # what evaluation,
+    # sampling and fine-tuning read
+    save_checkpoint(checkpoint, {**state, "step": 4, "tokenizer": {"w": torch.zeros(3)}})
     assert load_checkpoint(kept)["step"] == 2 and load_checkpoint(kept)["tokenizer"]["w"].tolist() == [1.0, 1.0, 1.0]
     assert load_checkpoint(checkpoint)["step"] == 4
     assert sorted(path.name for path in checkpoint.parent.iterdir()) == ["last.pt", "step0000002.pt"]
@@ -305,6 +310,35 @@ def test_the_runs_a_job_reads_are_checked_without_loading_them(tmp_path: Path):
     for app, cfg in [("train", {"init_from": None}), ("train_ar", {"tokenizer_run": missing, "dry_run": True}),
                      ("eval", {"run_dir": missing, "samples": "samples.npz"}), ("train", {"train": {"extend_from": None}})]:
         check_run_inputs(OmegaConf.create(cfg), app)  # optional, a dry run, generation: nothing to read
+
+
+def test_a_kept_checkpoint_starts_a_fine_tuning_run_named_by_its_run_and_step(tmp_path: Path):
+    from omegaconf import OmegaConf
+
+    from ibq.cli.checks import check_run_inputs
+    from ibq.engine.checkpoint import fine_tuning_parent
+
+    parent_dir = tmp_path / "parent"
+    checkpoint = parent_dir / "checkpoints" / "last.pt"
+    save_checkpoint(checkpoint, {"step": 4, "signature": "abc", "config": {"seed": 0}, "tokenizer": {"w": torch.ones(3)},
+                                 "ema": {"shadow.w": torch.ones(3)}, "opt_g": {}})
+    (parent_dir / "run.json").write_text(json.dumps({"overrides": ["model_scale=tiny"]}))
+    kept = keep_checkpoint(checkpoint, 4)
+    save_checkpoint(checkpoint, {"step": 6, "signature": "abc", "config": {"seed": 0}, "tokenizer": {"w": torch.zeros(3)},
+                                 "ema": {"shadow.w": torch.zeros(3)}})
+    check_run_inputs(OmegaConf.create({"init_from": str(kept)}), "train")
+    parent, record = fine_tuning_parent(str(kept), "tokenizer", tmp_path / "child")
+    assert record == {"run_dir": str(parent_dir), "checkpoint": str(kept), "signature": "abc", "step": 4, "imported": None}
+    assert parent.overrides == ["model_scale=tiny"] and parent.run.state["tokenizer"]["w"].tolist() == [1.0, 1.0, 1.0]
+
+    outside = tmp_path / "elsewhere.pt"
+    shutil.copyfile(kept, outside)
+    expected = f"init_from={outside} lies outside a run directory: give a run directory, or a checkpoint it kept (<run>/checkpoints/step<N>.pt)"
+    for refuse in (lambda: check_run_inputs(OmegaConf.create({"init_from": str(outside)}), "train"),
+                   lambda: fine_tuning_parent(str(outside), "tokenizer", tmp_path / "child")):
+        with pytest.raises(UserError) as raised:
+            refuse()
+        assert str(raised.value) == expected
 
 
 class Silent:

@@ -157,13 +157,16 @@ def check_run_inputs(cfg: DictConfig, config_name: str, run_dir: Path | None = N
     resumes from its own checkpoint reads no STARTING_POINTS."""
     if cfg.get("dry_run") or (config_name == "eval" and cfg.get("samples")):
         return
-    from ibq.engine.checkpoint import CHECKPOINT, locate_run  # here, not at import: its module loads torch
+    from ibq.engine.checkpoint import CHECKPOINT, locate_parent, locate_run  # here, not at import: its module loads torch
 
     resuming = run_dir is not None and (run_dir / CHECKPOINT).is_file()
     for key, kind, required in RUN_INPUTS.get(config_name, []):
         path = OmegaConf.select(cfg, key, default=None)  # None for ??? too
         if (path is not None or required) and not (resuming and key in STARTING_POINTS):
-            locate_run(path, key, kind, outside_a_run=key == "checkpoint")
+            if key == "init_from":
+                locate_parent(path, kind)
+            else:
+                locate_run(path, key, kind, outside_a_run=key == "checkpoint")
 
 
 def check_job(cfg: DictConfig, config_name: str, submitting: bool = False, run_dir: Path | None = None) -> None:

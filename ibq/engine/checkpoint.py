@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import codecs
 import math
-import os
 import pickle
 import random
 import re
 import shlex
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,20 +89,16 @@ def kept_path(checkpoint: Path, step: int) -> Path:
 KEPT_NAME = re.compile(r"step(\d+)\.pt")
 
 
+# What a kept checkpoint holds: what evaluation, sampling and fine-tuning read (the weights: live, EMA and the
+# discriminator's), not the optimizer and RNG state only a resume needs, which reads last.pt: a third to a half of the size.
+KEPT_ENTRIES = ("step", "signature", "config", "tokenizer", "ema", "discriminator", "model")
+
+
 def keep_checkpoint(checkpoint: Path, step: int) -> Path:
-    """The checkpoint just written, kept as checkpoints/step<step>.pt: a hard link, which writes no bytes and
-    stays as it is when the next checkpoint replaces (renames over) last.pt; a copy where the file system
-    has no links."""
+    """The weights of the checkpoint just written (KEPT_ENTRIES), kept as checkpoints/step<step>.pt."""
+    state = read_checkpoint(checkpoint, mmap=True)
     kept = kept_path(checkpoint, step)
-
-    def link(tmp: Path) -> None:
-        tmp.unlink(missing_ok=True)  # a killed keep's leftover
-        try:
-            os.link(checkpoint, tmp)
-        except OSError:
-            shutil.copyfile(checkpoint, tmp)
-
-    atomic_write(kept, link)
+    save_checkpoint(kept, {key: state[key] for key in KEPT_ENTRIES if key in state})
     return kept
 
 
@@ -238,8 +232,8 @@ class Parent:
 
     def record(self) -> dict:
         """What the fine-tuning run's run.json keeps of its parent."""
-        return {"run_dir": str(self.run.run_dir), "signature": self.run.signature, "step": self.run.step,
-                "imported": self.run.state["config"].get("imported")}
+        return {"run_dir": str(self.run.run_dir), "checkpoint": str(self.run.checkpoint_path), "signature": self.run.signature,
+                "step": self.run.step, "imported": self.run.state["config"].get("imported")}
 
     def check_fits(self, weights: dict[str, torch.Tensor], model: torch.nn.Module, what: str) -> None:
         """The parent's `weights` load into `model` (this run's `what`); else one line with the parent's overrides."""
@@ -251,6 +245,16 @@ class Parent:
         )
 
 
+def locate_parent(init_from: str | Path, kind: str) -> Path:
+    """init_from's checkpoint: a run's last.pt, or one it kept (<run>/checkpoints/step<N>.pt), whose run (its
+    overrides, its record) the fine-tuning run names as its parent."""
+    checkpoint, run_dir = locate_run(init_from, "init_from", kind, outside_a_run=True)
+    if run_dir is None:
+        raise UserError(f"init_from={checkpoint} lies outside a run directory: give a run directory, or a checkpoint it kept "
+                        f"(<run>/checkpoints/step<N>.pt)")
+    return checkpoint
+
+
 def fine_tuning_parent(init_from: str | None, kind: str, run_dir: Path) -> tuple[Parent | None, dict | None]:
     """init_from's run of `kind` (RUN_KINDS), with the overrides its run.json lists, whose weights start the
     run in `run_dir`, and what that run's run.json keeps of it; (None, None) for a run from scratch. A run
@@ -260,7 +264,7 @@ def fine_tuning_parent(init_from: str | None, kind: str, run_dir: Path) -> tuple
         return None, None
     if (run_dir / CHECKPOINT).is_file():
         return None, RunRecord(run_dir).data.get("parent")
-    run = load_run(init_from, "init_from", kind)
+    run = load_run(locate_parent(init_from, kind), "init_from", kind, outside_a_run=True)
     parent = Parent(run, RunRecord(run.run_dir).data.get("overrides") or [])
     return parent, parent.record()
 
