@@ -205,7 +205,7 @@ def test_a_kept_checkpoint_is_evaluated_into_the_curve_and_results_json_keeps_th
     logged = read_jsonl(run_copy / "metrics.jsonl")[-1]
     assert logged["step"] == 2 and logged["eval/step"] == 2 and logged["psnr"] > 0
     assert lines[-1] == (f"  results               {run_copy / 'metrics.jsonl'} (at step 2; results.json keeps the figures of the run's "
-                         f"last checkpoint (step 4))")
+                         f"end (step 4))")
 
     assert evaluate_in_process(f"run_dir={run_copy}", "step=2", *common) == lines  # the same checkpoint, named by its step
     assert read_jsonl(run_copy / "metrics.jsonl")[-1]["psnr"] == logged["psnr"]
@@ -602,13 +602,14 @@ def test_samples_of_an_earlier_checkpoint_are_scored_into_the_curve_and_results_
 
     run = tmp_path / "ar"
     save_checkpoint(run / "checkpoints" / "last.pt", {"step": 300})
+    (run / "run.json").write_text(json.dumps({"status": "completed", "total_steps": 300}))
     (run / "results.json").write_text(json.dumps({"step": 300, "gfid": 12.5}))
     np.savez(tmp_path / "reference.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     common = [f"run_dir={run}", f"reference.stats={tmp_path / 'reference.npz'}", "metrics.is=false", "wandb_mode=disabled"]
 
     def sampling(step: int) -> Path:
         folder = tmp_path / f"step_{step}"
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)
         save_adm_npz(folder / "samples.npz", to_adm_array(photo_samples()))
         sampling = {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
         (folder / "results.json").write_text(json.dumps({"step": step, "sampling": sampling, "seed": 0, "npz": str(folder / "samples.npz")}))
@@ -619,8 +620,15 @@ def test_samples_of_an_earlier_checkpoint_are_scored_into_the_curve_and_results_
     logged = read_jsonl(run / "metrics.jsonl")[-1]
     assert logged["step"] == 100 and logged["gfid"] > 0 and logged["eval/samples"] == 12
     assert lines[-1] == (f"  results               {run / 'metrics.jsonl'} (at step 100; results.json keeps the figures of the run's "
-                         f"last checkpoint (step 300))")
+                         f"end (step 300))")
 
-    lines = evaluate_in_process(f"samples={sampling(300)}", *common)  # the last checkpoint's: the run's final figures
+    # The run while it still trains (to step 500): its last checkpoint so far is not its end.
+    (run / "run.json").write_text(json.dumps({"status": "running", "total_steps": 500}))
+    lines = evaluate_in_process(f"samples={sampling(300)}", *common)
+    assert json.loads((run / "results.json").read_text()) == {"step": 300, "gfid": 12.5}
+    assert lines[-1].endswith("(at step 300; results.json keeps the figures of the run's end (step 500))")
+
+    (run / "run.json").write_text(json.dumps({"status": "completed", "total_steps": 300}))
+    lines = evaluate_in_process(f"samples={sampling(300)}", *common)  # the completed run's last checkpoint: its final figures
     assert json.loads((run / "results.json").read_text())["gfid"] == logged["gfid"]
     assert read_jsonl(run / "metrics.jsonl")[-1]["step"] == 300 and lines[-1] == f"  results               {run / 'results.json'}"

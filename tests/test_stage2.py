@@ -503,7 +503,7 @@ def test_a_kept_checkpoint_is_sampled_and_scored_into_the_curve_at_its_step(work
     assert (ar_run / "results.json").read_text() == final  # the run's end keeps its figures
     logged = read_jsonl(ar_run / "metrics.jsonl")[-1]
     assert logged["step"] == 100 and logged["gfid"] == sampling["gfid"]
-    assert f"{ar_run / 'metrics.jsonl'} (at step 100; results.json keeps the figures of the run's last checkpoint (step 300))" in result.stdout
+    assert f"{ar_run / 'metrics.jsonl'} (at step 100; results.json keeps the figures of the run's end (step 300))" in result.stdout
 
 
 @pytest.mark.slow

@@ -293,18 +293,22 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> Evaluation:
 
 
 def later_checkpoint_step(run_dir: Path | None, step: int) -> int | None:
-    """The step of the run's last checkpoint where the checkpoint of `step` evaluated is an earlier one of it (a
-    kept one, keep_every); None where it is the last, or lies outside a run."""
+    """The step the run ends at where the checkpoint of `step` evaluated is an earlier one (kept, keep_every):
+    its last checkpoint's, or for a run still training (or stopped before its end) its total_steps, whose
+    figures its results.json is for; None where the checkpoint is the run's end, or lies outside a run."""
     last = run_dir / CHECKPOINT if run_dir is not None else None
     if last is None or not last.is_file():
         return None
-    last_step = saved_step(last)
-    return last_step if last_step > step else None
+    end = saved_step(last)
+    record = RunRecord(run_dir).data
+    if record.get("status") != "completed":
+        end = max(end, record.get("total_steps") or 0)
+    return end if end > step else None
 
 
-def earlier_checkpoint_note(step: int, last_step: int | None) -> str | None:
-    """Evaluation.note for the figures of a checkpoint older than the run's last (later_checkpoint_step)."""
-    return None if last_step is None else f"at step {step}; results.json keeps the figures of the run's last checkpoint (step {last_step})"
+def earlier_checkpoint_note(step: int, end: int | None) -> str | None:
+    """Evaluation.note for the figures of a checkpoint before the run's end (later_checkpoint_step)."""
+    return None if end is None else f"at step {step}; results.json keeps the figures of the run's end (step {end})"
 
 
 # ---------------------------------------------------------------------------------------------------- generation
