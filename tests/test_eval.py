@@ -595,7 +595,7 @@ def test_one_sampling_is_scored_against_the_same_real_images_by_ibq_sample_and_i
     assert reference_selection(by_sample_all, own_data=True, run_dir=run) == ("train", None)
 
 
-def test_samples_of_an_earlier_checkpoint_are_scored_into_the_curve_and_results_json_keeps_the_runs_last(tmp_path: Path,
+def test_samples_of_an_earlier_checkpoint_are_scored_into_the_curve_and_results_json_keeps_the_runs_end(tmp_path: Path,
                                                                                                          stand_in_fid: StandInNetwork):
     """ibq-eval of an ibq-sample sampling of a kept AR checkpoint (ibq-sample step=N): at the step that drew it."""
     from ibq.engine.checkpoint import save_checkpoint

@@ -218,8 +218,8 @@ def named_metrics(name: str, metrics: dict) -> dict:
 def record(results: dict, step: int, run_dir: Path | None, train_cfg: DictConfig | None, run_id: str | None, cfg: DictConfig,
            beside: Path, job_type: str, final: bool = True) -> tuple[Path, str | None]:
     """Into the run (results.json, metrics.jsonl, W&B), or, outside a run, into `output` or a results file
-    beside `beside`; returns the results file and the W&B dir. Not `final` (an earlier checkpoint of the run
-    than its last): metrics.jsonl and W&B only, so that results.json keeps the figures of the run's end."""
+    beside `beside`; returns the results file and the W&B dir. Not `final` (a checkpoint before the run's end,
+    later_checkpoint_step): metrics.jsonl and W&B only, so that results.json keeps the figures of the run's end."""
     if run_dir is not None:
         return run_dir / ("results.json" if final else "metrics.jsonl"), publish(run_dir, step, results, train_cfg, run_id, cfg.wandb_mode,
                                                                                  job_type, final)
@@ -286,10 +286,9 @@ def evaluate_reconstruction(cfg: DictConfig, choices: dict) -> Evaluation:
     if data.name:
         results.update(named_metrics(data.name, metrics))
     run_id = wandb_run_id(run.run_dir, run.signature) if run.run_dir is not None else None
-    last_step = later_checkpoint_step(run.run_dir, run.step)
-    destination, wandb_dir = record(results, run.step, run.run_dir, train_cfg, run_id, cfg, run.checkpoint_path, "eval",
-                                    final=last_step is None)
-    return Evaluation(results, destination, wandb_dir, note=earlier_checkpoint_note(run.step, last_step))
+    end = later_checkpoint_step(run.run_dir, run.step)
+    destination, wandb_dir = record(results, run.step, run.run_dir, train_cfg, run_id, cfg, run.checkpoint_path, "eval", final=end is None)
+    return Evaluation(results, destination, wandb_dir, note=earlier_checkpoint_note(run.step, end))
 
 
 def later_checkpoint_step(run_dir: Path | None, step: int) -> int | None:
@@ -444,7 +443,7 @@ def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval", 
     """`job_type`: `sample` when ibq-sample scores its own samples, passing how it drew them (`sampling`:
     its settings and seed; `step`: its checkpoint's; otherwise they are read beside the samples). They are
     recorded with the scores (`eval/sampling`), since gFID and IS are comparable only at the same settings.
-    Samples of a checkpoint older than the run's last are scored into its metrics.jsonl at their step, as an
+    Samples of a checkpoint before the run's end are scored into its metrics.jsonl at their step, as an
     earlier checkpoint's reconstruction is."""
     if cfg.checkpoint:
         raise UserError("checkpoint= is for reconstruction; generation takes samples= (and run_dir= to record into a run)")
@@ -486,16 +485,16 @@ def evaluate_generation(cfg: DictConfig, choices: dict, job_type: str = "eval", 
         "eval/unavailable": networks.unavailable,
         "eval/time": timestamp(),
     }
-    drawn_at, run_id, last_step = step if step is not None else drawn.get("step"), None, None
+    drawn_at, run_id, end = step if step is not None else drawn.get("step"), None, None
     if run_dir is not None:
         results_path = run_dir / "results.json"
         if drawn_at is None:  # samples from elsewhere: of the run's end
             drawn_at = json.loads(results_path.read_text()).get("step", 0) if results_path.is_file() else 0
-        last_step = later_checkpoint_step(run_dir, drawn_at)
+        end = later_checkpoint_step(run_dir, drawn_at)
         run_id = wandb_run_id(run_dir, None)
-    destination, wandb_dir = record(results, drawn_at or 0, run_dir, train_cfg, run_id, cfg, samples.path, job_type, final=last_step is None)
+    destination, wandb_dir = record(results, drawn_at or 0, run_dir, train_cfg, run_id, cfg, samples.path, job_type, final=end is None)
     return Evaluation(results, destination, wandb_dir, reference.source if reference is not None else None, tuple(samples.resolution),
-                      note=earlier_checkpoint_note(drawn_at, last_step))
+                      note=earlier_checkpoint_note(drawn_at, end))
 
 
 def evaluate(cfg: DictConfig, choices: dict) -> Evaluation:
