@@ -215,7 +215,9 @@ def parent_lines(training) -> list[str]:
 def kept_checkpoint_lines(run_dir: Path, key: str, reader: str, does: str) -> list[str]:
     """The summary's line for the checkpoints the run kept along the way (`key`, its keep_every), and how the
     app `reader` reads one (`does`: what it does with it)."""
-    kept = sorted(run_dir.glob("checkpoints/step*.pt"))
+    from ibq.engine.checkpoint import kept_checkpoints  # here, not at import: its module loads torch
+
+    kept = list(kept_checkpoints(run_dir / "checkpoints").values())
     if not kept:
         return []
     return [f"kept checkpoints      {len(kept)} ({key}): {kept[0].name} … {kept[-1].name}; "

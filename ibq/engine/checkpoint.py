@@ -89,6 +89,12 @@ def kept_path(checkpoint: Path, step: int) -> Path:
 KEPT_NAME = re.compile(r"step(\d+)\.pt")
 
 
+def kept_checkpoints(folder: Path) -> dict[int, Path]:
+    """The checkpoints kept in a run's checkpoints/ folder, by step, in step order."""
+    found = {int(match[1]): file for file in folder.iterdir() if (match := KEPT_NAME.fullmatch(file.name))} if folder.is_dir() else {}
+    return dict(sorted(found.items()))
+
+
 # What a kept checkpoint holds: what evaluation, sampling and fine-tuning read (the weights: live, EMA and the
 # discriminator's), not the optimizer and RNG state only a resume needs, which reads last.pt: a third to a half of the size.
 KEPT_ENTRIES = ("step", "signature", "config", "tokenizer", "ema", "discriminator", "model")
@@ -202,7 +208,7 @@ def checkpoint_at_step(path: str | Path | None, step: int, key: str, kind: str) 
     last_step = saved_step(last)
     if last_step == step:
         return last
-    steps = sorted(int(match[1]) for file in last.parent.iterdir() if (match := KEPT_NAME.fullmatch(file.name)))
+    steps = list(kept_checkpoints(last.parent))
     listed = ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} in all)"
     kept_steps = f"it kept steps {listed}" if steps else "it kept none (keep_every)"
     raise UserError(f"step={step}: {run_dir} has no checkpoint of that step; {kept_steps}, and last.pt is step {last_step}")
