@@ -26,3 +26,8 @@ def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise UserError(f"{name}={value!r} is invalid: it must be a positive integer")
     return value
+
+
+def steps_text(steps: list[int]) -> str:
+    """Steps for a one-line message: all of a few, the first two and the last of many."""
+    return ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} in all)"

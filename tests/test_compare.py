@@ -5,6 +5,7 @@ One 2-job sweep with evaluations at steps 2 and 4 serves every end-to-end test."
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -97,7 +98,70 @@ def test_latex_table_and_diff_of_two_runs(evaluated_sweep):
     assert "utilization" in metrics_part and "B - A" in metrics_part
 
 
+@pytest.mark.slow
+def test_a_table_at_steps_holds_each_evaluation_along_training(evaluated_sweep):
+    result = sweep_cli(["table", str(evaluated_sweep), "--steps", "all", "--metrics", "codebook/utilization", "--format", "csv"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(",") for line in result.stdout.splitlines()]
+    assert rows[0] == ["quantizer", "step", "runs", "codebook/utilization_mean", "codebook/utilization_std", "codebook/utilization_n"]
+    assert [row[:3] for row in rows[1:]] == [["ibq", "2", "1"], ["ibq", "4", "1"], ["vq", "2", "1"], ["vq", "4", "1"]]
+    for row in rows[1:]:
+        if row[1] == "4":  # the final evaluation is the run's results.json
+            results = json.loads((run_of(evaluated_sweep, row[0]) / "results.json").read_text())
+            assert float(row[3]) == results["codebook/utilization"]
+
+
 # -- units ----------------------------------------------------------------------------------------------
+def runs_evaluated_along_training(root: Path) -> Path:
+    """ibq and vq over seeds 0 and 1, evaluated at steps 50 and 100 (rFID 100 / step + base + seed) and logging
+    the loss at steps 10, 50 and 100; a third ibq seed failed after its evaluation at step 50."""
+    for quantizer, base in (("ibq", 5.0), ("vq", 9.0)):
+        for seed in (0, 1, 2) if quantizer == "ibq" else (0, 1):
+            status = "failed" if seed == 2 else "completed"
+            run = fake_run(root / f"{quantizer}_{seed}", status=status, seed=seed, quantizer=quantizer, results={"rfid": base + 1 + seed})
+            lines = [{"step": 10, "loss/g": 0.9}]
+            for step in (50, 100) if seed < 2 else (50,):
+                lines += [{"step": step, "loss/g": 0.5}, {"step": step, "rfid": 100 / step + base + seed, "psnr": step / 10}]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def test_a_table_at_steps_averages_the_seeds_at_each_evaluated_step_and_counts_a_run_at_the_steps_it_reached(tmp_path):
+    from ibq.report.curves import runs_at_steps
+
+    runs, metrics = runs_at_steps(discover(runs_evaluated_along_training(tmp_path / "sweep")), None, None)
+    assert metrics == ["rfid", "psnr"]  # the evaluation's figures, not the losses logged between
+    table = build_table(runs, metrics, at_steps=True)
+    assert table.factors == ["quantizer", "step"]
+    assert [(row.key, len(row.runs)) for row in table.rows] == [(("ibq", "50"), 3), (("ibq", "100"), 2), (("vq", "50"), 2), (("vq", "100"), 2)]
+    assert table.rows[0].cell("rfid").values == [7.0, 8.0, 9.0]  # the failed seed's evaluation at 50 counts
+    assert table.rows[3].cell("rfid").text(2) == "10.50 ± 0.71"
+    header, body = table.pivot("step", "rfid")
+    assert header == ["quantizer", "step=50", "step=100"] and body[1] == ["vq", "11.50 ± 0.71", "10.50 ± 0.71"]
+
+    one_step = build_table(*runs_at_steps(discover(tmp_path / "sweep"), ["psnr"], [100]), at_steps=True)
+    assert one_step.factors == ["quantizer", "step"] and [row.key for row in one_step.rows] == [("ibq", "100"), ("vq", "100")]
+    losses = build_table(*runs_at_steps(discover(tmp_path / "sweep"), ["loss/g"], None), at_steps=True)
+    assert [row.key[1] for row in losses.rows] == ["10", "50", "100", "10", "50", "100"]
+    assert build_table(discover(tmp_path / "sweep")).rows[0].cell("rfid").values == [6.0, 7.0]  # without steps: completed runs' results.json
+
+
+def test_a_table_at_steps_refuses_in_one_line_what_the_runs_did_not_log(tmp_path):
+    sweep = runs_evaluated_along_training(tmp_path / "sweep")
+    result = sweep_cli(["table", str(sweep), "--steps", "50,100", "--columns", "step", "--metrics", "rfid"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == ("sweep sweep: 5 runs at 2 evaluated step(s) in 4 rows (mean ± std over the runs of a row: "
+                                             "its seeds; a run still training or stopped counts at the steps it reached)")
+    assert [re.split(r"\s{2,}", line.strip()) for line in result.stdout.splitlines()[-2:]] == [
+        ["ibq", "8.00 ± 1.00", "6.50 ± 0.71"], ["vq", "11.50 ± 0.71", "10.50 ± 0.71"]]
+    assert error_line(sweep_cli(["table", str(sweep), "--steps", "75"])) == (
+        "error: --steps 75: no run logged rFID, PSNR at that step; they did at steps 50, 100")
+    assert error_line(sweep_cli(["table", str(sweep), "--steps", "50k"])) == (
+        "error: --steps 50k: give all (every evaluated step) or steps as integers, e.g. --steps 50000,100000")
+    assert error_line(sweep_cli(["table", str(sweep), "--steps", "all", "--metrics", "gfid"])) == (
+        "error: no run logs the metric 'gfid' in its metrics.jsonl; logged: loss/g, psnr, rfid")
+
+
 def test_latex_bolds_the_best_value_by_each_metrics_direction(tmp_path):
     root = tmp_path / "sweep"
     for quantizer, size, rfid in (("ibq", "256", 5.0), ("vq", "256", 9.0), ("ibq", "1024", 4.0), ("vq", "1024", 12.0)):

@@ -282,18 +282,37 @@ def metric_list(text: str | None) -> list[str] | None:
     return [m.strip() for m in text.split(",") if m.strip()] if text else None
 
 
+def step_list(text: str) -> list[int] | None:
+    """--steps: None for every evaluated step (all), else the steps given."""
+    if text == "all":
+        return None
+    try:
+        return [int(step) for step in text.split(",")]
+    except ValueError:
+        raise UserError(f"--steps {text}: give all (every evaluated step) or steps as integers, e.g. --steps 50000,100000") from None
+
+
 def cmd_table(args) -> int:
     from ibq.ledger.sweep import search_outcome
     from ibq.report.table import build_table, render_markdown, render_terminal, sampling_note
 
     runs, comparison, groups = compared_runs(args)
-    table = build_table(runs, metric_list(args.metrics))
+    at_steps = args.steps is not None
+    if at_steps:
+        from ibq.report.curves import runs_at_steps
+
+        if args.source == "wandb":
+            raise UserError("--steps reads the runs' metrics.jsonl: leave out --source wandb")
+        runs, metrics = runs_at_steps(runs, metric_list(args.metrics), step_list(args.steps))
+    else:
+        metrics = metric_list(args.metrics)
+    table = build_table(runs, metrics, at_steps)
     if args.sort:
         if args.columns:
             raise UserError(f"--sort {args.sort} orders the rows of one table, and --columns {args.columns} makes a table per metric "
                             f"whose rows are the other factors: give one of the two")
         if args.sort not in table.metrics:  # shown too, so that the order can be read
-            table = build_table(runs, table.metrics + [args.sort])
+            table = build_table(runs, table.metrics + [args.sort], at_steps)
         table = table.sorted_by(args.sort)
     if args.columns and args.format == "csv":
         text = table.pivot_csv(args.columns)
@@ -309,12 +328,14 @@ def cmd_table(args) -> int:
         print(f"wrote {args.output}")
         return 0
     if args.format == "terminal":
-        runs_done = sum(len(row.runs) for row in table.rows)
-        compared = "scored sampling" if comparison is not None and comparison.samplings else "completed run"
+        runs_done = len({run.location for row in table.rows for run in row.runs})
+        compared = ("run" if at_steps else "scored sampling" if comparison is not None and comparison.samplings else "completed run")
         rows = len(table.rows)
         where = f" where {' '.join(args.where)}" if args.where else ""
-        print(f"{sweeps_text(groups)}{where}: {runs_done} {compared}{'s' * (runs_done != 1)} in {rows} "
-              f"group{'s' * (rows != 1)} (mean ± std over the runs of a group: its seeds)")
+        grouped = (f"at {len({row.key[-1] for row in table.rows})} evaluated step(s) in {rows} row{'s' * (rows != 1)} (mean ± std over "
+                   f"the runs of a row: its seeds; a run still training or stopped counts at the steps it reached)" if at_steps else
+                   f"in {rows} group{'s' * (rows != 1)} (mean ± std over the runs of a group: its seeds)")
+        print(f"{sweeps_text(groups)}{where}: {runs_done} {compared}{'s' * (runs_done != 1)} {grouped}")
     print(text)
     if args.format != "terminal":
         return 0
@@ -325,7 +346,7 @@ def cmd_table(args) -> int:
     sweeps = comparison.sweeps if comparison is not None else []
     for line in search_outcome([sweep.directory for sweep in sweeps]):
         print(line)
-    for sweep in sweeps:
+    for sweep in sweeps if not at_steps else []:
         unfinished = [s for s in sweep.jobs if s.state != "done"]
         if unfinished:
             print(f"({len(unfinished)} job(s) not completed and not in the table: ibq-sweep status {sweep.directory})")
@@ -571,6 +592,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=("terminal", "markdown", "csv", "latex"), default="terminal",
                     help="csv: one line per group with <metric>_mean/_std/_n; latex: a booktabs tabular, the best value per column in bold")
     sp.add_argument("--output", help="write to this file instead of the terminal")
+    sp.add_argument("--steps", metavar="all|STEP[,STEP]",
+                    help="a row per step at which the runs were evaluated (their metrics.jsonl: training's evaluations, ibq-eval "
+                         "step=N), whatever their state: all such steps, or those given (e.g. 50000,100000); --columns step "
+                         "puts the steps side by side")
 
     sp = sub.add_parser("plot", help="PNG plots of a metric against a factor, also logged to W&B")
     source_options(sp)

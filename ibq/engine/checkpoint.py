@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ibq.config import build, one_line, shell_override
 from ibq.engine.distributed import any_rank, gather_objects
-from ibq.errors import TrainingDiverged, UserError
+from ibq.errors import TrainingDiverged, UserError, steps_text
 from ibq.runs.record import RunRecord, atomic_write
 
 CHECKPOINT = Path("checkpoints") / "last.pt"  # a run directory's checkpoint
@@ -209,8 +209,7 @@ def checkpoint_at_step(path: str | Path | None, step: int, key: str, kind: str) 
     if last_step == step:
         return last
     steps = list(kept_checkpoints(last.parent))
-    listed = ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} in all)"
-    kept_steps = f"it kept steps {listed}" if steps else "it kept none (keep_every)"
+    kept_steps = f"it kept steps {steps_text(steps)}" if steps else "it kept none (keep_every)"
     raise UserError(f"step={step}: {run_dir} has no checkpoint of that step; {kept_steps}, and last.pt is step {last_step}")
 
 

@@ -1,24 +1,29 @@
-"""What a run's directory holds beyond its final results, drawn across runs: any `metrics.jsonl` key over
-the training steps (one line per group of the comparison table, mean ± std band over its runs: the seeds),
-and the sorted code usage of the last evaluation (rank vs share of the tokens, log-log), the picture of
-codebook collapse."""
+"""What a run's directory holds beyond its final results, across runs: any `metrics.jsonl` key over the
+training steps (one line per group of the comparison table, mean ± std band over its runs: the seeds), the
+figures of the evaluations along training as rows of a table (`ibq-sweep table --steps`), and the sorted code
+usage of the last evaluation (rank vs share of the tokens, log-log), the picture of codebook collapse."""
 
 from __future__ import annotations
 
 import statistics
+from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ibq.errors import UserError
+from ibq.errors import UserError, steps_text
+from ibq.ledger.runs import Run
 from ibq.report.plot import new_figure, save_figure, slug
-from ibq.report.table import Row, Table, axis_label, label, number
+from ibq.report.table import DEFAULT_METRICS, STEP, Row, Table, axis_label, label, number
 from ibq.runs.record import MetricsLog
 from ibq.runs.usage import sorted_frequencies, usage_steps
 
 USAGE_PLOT = "code_usage_sorted.png"
+# A table at steps shows the evaluations' figures by default: stage II's training loss is logged at every log step.
+STEP_METRICS = [metric for metric in DEFAULT_METRICS if metric != "loss"]
 
 
 def curve_name(metric: str) -> str:
@@ -29,21 +34,52 @@ def row_label(table: Table, row: Row) -> str:
     return ", ".join(f"{factor}={value}" for factor, value in zip(table.factors, row.key)) or "all runs"
 
 
-def on_disk(table: Table) -> list:
-    runs = [run for row in table.rows for run in row.runs]
+def on_disk_runs(runs: list[Run]) -> list[Run]:
     if any(run.path is None for run in runs):
-        raise UserError("curves and code usage are read from the run directories: leave out --source wandb")
+        raise UserError("curves, figures at steps and code usage are read from the run directories: leave out --source wandb")
     return runs
+
+
+def on_disk(table: Table) -> list[Run]:
+    return on_disk_runs([run for row in table.rows for run in row.runs])
+
+
+def logged_steps(run_dir: Path) -> dict[int, dict[str, float]]:
+    """step -> the numbers a run's metrics.jsonl holds at that step, its lines merged (the training log's, the
+    evaluation's, ibq-eval's on another set), a later line's number winning."""
+    steps: dict[int, dict[str, float]] = defaultdict(dict)
+    for line in MetricsLog(run_dir / "metrics.jsonl").read():
+        steps[line["step"]].update((key, value) for key, value in line.items() if key != STEP and number(value) is not None)
+    return dict(steps)
 
 
 def run_curve(run_dir: Path, metric: str) -> dict[int, float]:
     """step -> value of `metric` in a run's metrics.jsonl."""
-    curve = {}
-    for line in MetricsLog(run_dir / "metrics.jsonl").read():
-        value = number(line.get(metric))
-        if value is not None:
-            curve[line["step"]] = value
-    return curve
+    return {step: line[metric] for step, line in logged_steps(run_dir).items() if metric in line}
+
+
+def runs_at_steps(runs: list[Run], metrics: list[str] | None, steps: list[int] | None) -> tuple[list[Run], list[str]]:
+    """(a run for each run and step at which its metrics.jsonl holds one of `metrics`, with the figures of that step
+    as its results and the step as a config key: the rows of build_table(at_steps=True); the metrics). `metrics`
+    None: those of STEP_METRICS that some run logged. `steps` None: every such step, else each must be one."""
+    lines = {id(run): logged_steps(run.path) for run in on_disk_runs(runs)}
+    logged = sorted({key for by_step in lines.values() for line in by_step.values() for key in line})
+    if metrics is None:
+        metrics = [metric for metric in STEP_METRICS if metric in logged]
+        if not metrics:
+            raise UserError(f"no run logs an evaluation in its metrics.jsonl ({', '.join(map(label, STEP_METRICS))}); "
+                            f"--metrics names others (logged: {', '.join(logged) or 'none'})")
+    for metric in metrics:
+        if metric not in logged:
+            raise UserError(f"no run logs the metric {metric!r} in its metrics.jsonl; logged: {', '.join(logged) or 'none'}")
+    evaluated = sorted({step for by_step in lines.values() for step, line in by_step.items() if any(m in line for m in metrics)})
+    for step in steps or []:
+        if step not in evaluated:
+            raise UserError(f"--steps {step}: no run logged {', '.join(map(label, metrics))} at that step; they did at steps "
+                            f"{steps_text(evaluated)}")
+    return [replace(run, config={**run.config, STEP: step}, results=line, signature=run.signature and f"{run.signature}@{step}")
+            for run in runs for step, line in sorted(lines[id(run)].items())
+            if (steps is None or step in steps) and any(metric in line for metric in metrics)], metrics
 
 
 def curve_series(table: Table, metric: str) -> dict[str, tuple[list[int], list[float], list[float]]]:
@@ -119,11 +155,7 @@ def has_usage(table: Table) -> bool:
 
 def logged_metrics(table: Table) -> set[str]:
     """Every numeric key some run's metrics.jsonl holds."""
-    keys = set()
-    for run in on_disk(table):
-        for line in MetricsLog(run.path / "metrics.jsonl").read():
-            keys.update(k for k, v in line.items() if k != "step" and number(v) is not None)
-    return keys
+    return {key for run in on_disk(table) for line in logged_steps(run.path).values() for key in line}
 
 
 def save_curve(table: Table, metric: str, out_dir: Path) -> Path:

@@ -41,6 +41,7 @@ DEFAULT_METRICS = ["codebook/utilization", "codebook/utilization_bound", "codebo
                    "gfid", "is", "loss"]
 UNITS = {"psnr": "dB", "throughput/images_per_s": "images/s", "throughput/data_wait_share": "share of step time"}
 AVERAGED = "seed"
+STEP = "step"
 FACTOR_ORDER = ("quantizer", "codebook_size", "model_scale", "data", "experiment")
 
 
@@ -101,7 +102,8 @@ def ignored_key(key: str) -> bool:
 
 
 def factors_of(runs: list[Run]) -> list[str]:
-    """A key missing from some runs (a run older than a config group or key) only counts where present."""
+    """A key missing from some runs (a run older than a config group or key) only counts where present. The
+    choices first, then config keys, `step` (a sampling's checkpoint, a row of a table at steps) last."""
     choice_keys = {k for run in runs for k in run.choices} - set(LAUNCH_CHOICES)
     varying = [k for k in choice_keys if len({run.choices[k] for run in runs if k in run.choices}) > 1]
     varying.sort(key=lambda k: (FACTOR_ORDER.index(k) if k in FACTOR_ORDER else len(FACTOR_ORDER), k))
@@ -113,7 +115,7 @@ def factors_of(runs: list[Run]) -> list[str]:
         for key in set().union(*(m.config for m in members)):
             if not ignored_key(key) and len({repr(m.config[key]) for m in members if key in m.config}) > 1:
                 keys.add(key)
-    return varying + sorted(keys)
+    return varying + sorted(keys, key=lambda key: (key == STEP, key))
 
 
 def factor_value(run: Run, factor: str) -> str:
@@ -354,10 +356,12 @@ def sampling_note(table: Table) -> str | None:
             f"ibq-sample (ibq-sweep table <its folder>)")
 
 
-def build_table(runs: list[Run], metrics: list[str] | None = None) -> Table:
+def build_table(runs: list[Run], metrics: list[str] | None = None, at_steps: bool = False) -> Table:
     """Completed runs only; `metrics`: None for the defaults that some run reports, else each must be reported
-    by some run."""
-    done = dedupe([run for run in runs if run.completed])
+    by some run. `at_steps`: the runs are a run at each step it was evaluated (curves.runs_at_steps), in any
+    state (the figures of a step stand whatever became of the run after it), and the step is a factor even
+    where it is one for all."""
+    done = dedupe([run for run in runs if run.completed or (at_steps and run.results is not None)])
     if not done:
         raise UserError("no completed run with results.json to compare (see `ibq-sweep status`)")
     if metrics is None:  # the defaults that some run reports: no all-empty column
@@ -368,6 +372,8 @@ def build_table(runs: list[Run], metrics: list[str] | None = None) -> Table:
             if not any(number(run.results.get(metric)) is not None for run in done):
                 raise UserError(f"no run reports the metric {metric!r}; reported: {', '.join(reported)}")
     factors = factors_of(done)
+    if at_steps and STEP not in factors:
+        factors.append(STEP)
     rows: dict[tuple[str, ...], Row] = {}
     for run in done:
         key = tuple(factor_value(run, f) for f in factors)
