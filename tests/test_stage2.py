@@ -27,7 +27,10 @@ from ibq.engine.tokens import TokenShards, load_tokenizer_run
 from ibq.engine.train_ar import load_ar_run, sample_images
 from ibq.errors import UserError
 from ibq.generation.sampling import sample
+from ibq.ledger.runs import discover
 from ibq.metrics.adm import to_adm_array
+from ibq.report.curves import runs_at_steps
+from ibq.report.table import build_table
 
 IBQ_TOKENIZE = [sys.executable, "-m", "ibq.cli.tokenize"]
 IBQ_SAMPLE = [sys.executable, "-m", "ibq.cli.sample"]
@@ -504,6 +507,8 @@ def test_a_kept_checkpoint_is_sampled_and_scored_into_the_curve_at_its_step(work
     logged = read_jsonl(ar_run / "metrics.jsonl")[-1]
     assert logged["step"] == 100 and logged["gfid"] == sampling["gfid"]
     assert f"{ar_run / 'metrics.jsonl'} (at step 100; results.json keeps the figures of the run's end (step 300))" in result.stdout
+    runs, metrics = runs_at_steps(discover(ar_run), None, [100])  # the row of ibq-sweep table --steps 100
+    assert metrics[0] == "gfid" and build_table(runs, metrics, at_steps=True).rows[0].cell("gfid").values == [sampling["gfid"]]
 
 
 @pytest.mark.slow

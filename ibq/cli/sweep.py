@@ -336,7 +336,7 @@ def cmd_table(args) -> int:
                    f"the runs of a row: its seeds; a run still training or stopped counts at the steps it reached)" if at_steps else
                    f"in {rows} group{'s' * (rows != 1)} (mean ± std over the runs of a group: its seeds)")
         print(f"{sweeps_text(groups)}{where}: {runs_done} {compared}{'s' * (runs_done != 1)} {grouped}")
-    print(text)
+    print(text.rstrip("\n"))  # csv ends in a newline: no empty last line
     if args.format != "terminal":
         return 0
     if mixed := sampling_note(table):
