@@ -160,6 +160,8 @@ def test_a_table_at_steps_refuses_in_one_line_what_the_runs_did_not_log(tmp_path
         "error: --steps 50k: give all (every evaluated step) or steps as integers, e.g. --steps 50000,100000")
     assert error_line(sweep_cli(["table", str(sweep), "--steps", "all", "--metrics", "gfid"])) == (
         "error: no run logs the metric 'gfid' in its metrics.jsonl; logged: loss/g, psnr, rfid")
+    assert error_line(sweep_cli(["table", str(sweep), "--steps", "all", "--source", "wandb"])) == (
+        "error: --steps reads the runs' metrics.jsonl: leave out --source wandb")
 
 
 def test_latex_bolds_the_best_value_by_each_metrics_direction(tmp_path):

@@ -296,14 +296,16 @@ def cmd_table(args) -> int:
     from ibq.ledger.sweep import search_outcome
     from ibq.report.table import build_table, render_markdown, render_terminal, sampling_note
 
-    runs, comparison, groups = compared_runs(args)
     at_steps = args.steps is not None
+    if at_steps:
+        steps = step_list(args.steps)
+        if args.source == "wandb":
+            raise UserError("--steps reads the runs' metrics.jsonl: leave out --source wandb")
+    runs, comparison, groups = compared_runs(args)
     if at_steps:
         from ibq.report.curves import runs_at_steps
 
-        if args.source == "wandb":
-            raise UserError("--steps reads the runs' metrics.jsonl: leave out --source wandb")
-        runs, metrics = runs_at_steps(runs, metric_list(args.metrics), step_list(args.steps))
+        runs, metrics = runs_at_steps(runs, metric_list(args.metrics), steps)
     else:
         metrics = metric_list(args.metrics)
     table = build_table(runs, metrics, at_steps)
