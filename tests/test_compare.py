@@ -233,6 +233,28 @@ def test_a_folder_of_a_stored_search_says_what_its_study_holds_now_every_launch_
     assert not (tmp_path / "search.db").exists()  # a table reads; it makes no empty storage
 
 
+def test_the_report_holds_the_table_at_the_evaluated_steps_local_and_on_wandb(tmp_path):
+    from ibq.report.curves import evaluations_table
+    from ibq.report.report import AT_STEPS, wandb_report
+
+    sweep = runs_evaluated_along_training(tmp_path / "sweep")
+    result = sweep_cli(["report", str(sweep), "--offline", "--out", str(tmp_path / "report")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "report" / "report.md").read_text()
+    at_steps = report.split(f"## {AT_STEPS}\n\n")[1].split("\n\n")[0].splitlines()
+    assert at_steps[0] == "| quantizer | step | runs | rFID | PSNR |" and len(at_steps) == 6
+    assert at_steps[2] == "| ibq | 50 | 3 | 8.00 ± 1.00 | 5.00 ± 0.00 |"  # the failed seed counts where it was evaluated
+
+    table = evaluations_table(discover(sweep))
+    blocks = wandb_report("ibq sweep", "a test", build_table(discover(sweep)), ["sweep"], "ibq", "fake-entity", [], at_steps=table).blocks
+    assert blocks[3].text == AT_STEPS and blocks[4].text == table.markdown()
+    for run in ("ibq_0", "vq_0", "vq_1"):
+        shutil.rmtree(sweep / run)
+    for run in ("ibq_1", "ibq_2"):  # evaluated at step 50 only: no table along training
+        (sweep / run / "metrics.jsonl").write_text(json.dumps({"step": 50, "rfid": 8.0}) + "\n")
+    assert evaluations_table(discover(sweep)) is None
+
+
 def test_columns_are_honoured_in_csv(tmp_path):
     table = build_table(discover(seeded_sweep(tmp_path / "sweep")))
     lines = table.pivot_csv("codebook_size").splitlines()

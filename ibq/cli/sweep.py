@@ -448,7 +448,7 @@ def cmd_plot(args) -> int:
 def cmd_report(args) -> int:
     from ibq.config import one_line
     from ibq.ledger.wandb_source import online_problem
-    from ibq.report.curves import has_usage, logged_metrics
+    from ibq.report.curves import evaluations_table, has_usage, logged_metrics
     from ibq.ledger.sweep import search_outcome
     from ibq.report.report import sections, wandb_report, write_local
     from ibq.report.table import build_table
@@ -476,7 +476,8 @@ def cmd_report(args) -> int:
     lines.append(f"factors: {', '.join(table.factors) or 'none'}")
     if on_disk and comparison.repeats:
         lines.append(repeats_text(comparison.repeats))
-    parts = sections(lines, table, plots, problems, heading=f"Sweep{'s' * (len(groups) > 1)}")
+    at_steps = evaluations_table(runs) if on_disk and not samplings else None
+    parts = sections(lines, table, plots, problems, heading=f"Sweep{'s' * (len(groups) > 1)}", at_steps=at_steps)
     md_path, html_path = write_local(title, parts, out)
     print(f"wrote {md_path}\nwrote {html_path}")
     problem = "--offline" if args.offline else online_problem()
@@ -487,7 +488,7 @@ def cmd_report(args) -> int:
         return 0
     try:
         curves = [m for m in default_plot_metrics(table)[1] if not on_disk or m in logged_metrics(table)]
-        report = wandb_report(title, "; ".join(lines), table, groups, args.project or wandb_project(runs), args.entity, curves)
+        report = wandb_report(title, "; ".join(lines), table, groups, args.project or wandb_project(runs), args.entity, curves, at_steps)
         report.save()
     except Exception as error:  # the Reports API (public preview) raises many types
         print(f"W&B Report not created ({type(error).__name__}: {one_line(str(error))}); "

@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 from ibq.errors import UserError, steps_text
 from ibq.ledger.runs import Run
 from ibq.report.plot import new_figure, save_figure, slug
-from ibq.report.table import DEFAULT_METRICS, STEP, Row, Table, axis_label, label, number
+from ibq.report.table import DEFAULT_METRICS, STEP, Row, Table, axis_label, build_table, label, number
 from ibq.runs.record import MetricsLog
 from ibq.runs.usage import sorted_frequencies, usage_steps
 
@@ -80,6 +80,17 @@ def runs_at_steps(runs: list[Run], metrics: list[str] | None, steps: list[int] |
     return [replace(run, config={**run.config, STEP: step}, results=line, signature=run.signature and f"{run.signature}@{step}")
             for run in runs for step, line in sorted(lines[id(run)].items())
             if (steps is None or step in steps) and any(metric in line for metric in metrics)], metrics
+
+
+def evaluations_table(runs: list[Run]) -> Table | None:
+    """The table at steps (evaluation figures, runs in any state) where the runs were evaluated at two steps or
+    more; None where they were evaluated once or never."""
+    try:
+        step_runs, metrics = runs_at_steps(runs, None, None)
+    except UserError:  # no evaluation in any metrics.jsonl
+        return None
+    table = build_table(step_runs, metrics, at_steps=True)
+    return table if len({row.key[-1] for row in table.rows}) > 1 else None
 
 
 def curve_series(table: Table, metric: str) -> dict[str, tuple[list[int], list[float], list[float]]]:

@@ -23,14 +23,21 @@ class Section:
     content: object
 
 
-def sections(title_lines: list[str], table: Table, plots: dict[str, Path], problems: list[str], heading: str = "Sweep") -> list[Section]:
-    """`plots`: heading -> PNG; `heading` that of `title_lines`."""
+AT_STEPS = "At the evaluated steps (mean ± std over the seeds there)"
+
+
+def sections(title_lines: list[str], table: Table, plots: dict[str, Path], problems: list[str], heading: str = "Sweep",
+             at_steps: Table | None = None) -> list[Section]:
+    """`plots`: heading -> PNG; `heading` that of `title_lines`; `at_steps`: the table of the evaluations along
+    training (curves.evaluations_table), where there is one."""
     parts = [Section(heading, "items", title_lines), Section("All metrics (mean ± std over seeds)", "table", (table.header, table.body(), len(table.factors)))]
     if "codebook_size" in table.factors and len(table.factors) > 1:
         for metric in PIVOT_METRICS:
             if metric in table.metrics and any(row.cell(metric).values for row in table.rows):
                 header, body = table.pivot("codebook_size", metric)
                 parts.append(Section(f"{label(metric)} by codebook size", "table", (header, body, len(table.factors) - 1)))
+    if at_steps is not None:
+        parts.append(Section(AT_STEPS, "table", (at_steps.header, at_steps.body(), len(at_steps.factors))))
     notes = measurement_notes(table)
     if notes:
         parts.append(Section("How the metrics were measured", "items", notes))
@@ -104,11 +111,12 @@ def write_local(title: str, parts: list[Section], out_dir: Path) -> tuple[Path, 
     return md_path, html_path
 
 
-def wandb_report(title: str, description: str, table: Table, groups: list[str], project: str, entity: str | None, curves: list[str]):
-    """The W&B Report object (not saved): the table as Markdown, then panels over the training runs of the sweeps'
-    W&B groups (not their evaluations, which share the groups), grouped
-    by quantizer: each final metric some run has against the codebook size (log axis), `curves` over the
-    steps (mean with a std band per quantizer), and the reconstruction grids."""
+def wandb_report(title: str, description: str, table: Table, groups: list[str], project: str, entity: str | None, curves: list[str],
+                 at_steps: Table | None = None):
+    """The W&B Report object (not saved): the table as Markdown (and the table at the evaluated steps where there
+    is one), then panels over the training runs of the sweeps' W&B groups (not their evaluations, which share the
+    groups), grouped by quantizer: each final metric some run has against the codebook size (log axis), `curves`
+    over the steps (mean with a std band per quantizer), and the reconstruction grids."""
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
 
@@ -121,6 +129,9 @@ def wandb_report(title: str, description: str, table: Table, groups: list[str], 
     panels += [wr.LinePlot(title=f"{label(m)} during training", x="Step", y=[m], groupby=wr.Config(QUANTIZER), groupby_aggfunc="mean",
                            groupby_rangefunc="stddev", title_y=axis_label(m)) for m in curves]
     panels.append(wr.MediaBrowser(title="reconstructions (top: validation images, bottom: reconstructions)", media_keys=[MEDIA_KEY], num_columns=2))
-    blocks = [wr.H1(text=title), wr.P(text=description), wr.MarkdownBlock(text=table.markdown()), wr.PanelGrid(runsets=[runset], panels=panels)]
+    blocks = [wr.H1(text=title), wr.P(text=description), wr.MarkdownBlock(text=table.markdown())]
+    if at_steps is not None:
+        blocks += [wr.H2(text=AT_STEPS), wr.MarkdownBlock(text=at_steps.markdown())]
+    blocks.append(wr.PanelGrid(runsets=[runset], panels=panels))
     options = {"entity": entity} if entity else {}
     return wr.Report(project=project, title=title[:128], description=description, blocks=blocks, **options)
