@@ -465,6 +465,9 @@ def test_a_sweep_of_samplings_is_compared_by_the_scores_of_its_jobs(tmp_path):
     assert [row[0] for row in rows] == ["1.0", "3.0"]
     terminal = sweep_cli(["table", str(sweep_dir)])
     assert "4 scored samplings in 2 groups" in terminal.stdout
+    assert error_line(sweep_cli(["table", str(sweep_dir), "--steps", "all"])) == (
+        f"error: --steps follows training runs along their metrics.jsonl, and {sweep_dir} holds samplings of ibq-sample: a sampling "
+        f"sweep over step= is a table by step without it")
 
     plot = sweep_cli(["plot", str(sweep_dir), "--wandb", "disabled"])
     assert plot.returncode == 0, plot.stderr

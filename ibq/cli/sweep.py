@@ -305,6 +305,9 @@ def cmd_table(args) -> int:
     if at_steps:
         from ibq.report.curves import runs_at_steps
 
+        if comparison.samplings:
+            raise UserError(f"--steps follows training runs along their metrics.jsonl, and {comparison.sweeps[0].directory} holds samplings of "
+                            f"ibq-sample: a sampling sweep over step= is a table by step without it")
         runs, metrics = runs_at_steps(runs, metric_list(args.metrics), steps)
     else:
         metrics = metric_list(args.metrics)
