@@ -62,8 +62,8 @@ def runs_at_steps(runs: list[Run], metrics: list[str] | None, steps: list[int] |
     """(a run for each run and step at which its metrics.jsonl holds one of `metrics`, with the figures of that step
     as its results and the step as a config key: the rows of build_table(at_steps=True); the metrics). `metrics`
     None: those of STEP_METRICS that some run logged. `steps` None: every such step, else each must be one."""
-    lines = {id(run): logged_steps(run.path) for run in on_disk_runs(runs)}
-    logged = sorted({key for by_step in lines.values() for line in by_step.values() for key in line})
+    lines = [(run, logged_steps(run.path)) for run in on_disk_runs(runs)]
+    logged = sorted({key for _, by_step in lines for line in by_step.values() for key in line})
     if metrics is None:
         metrics = [metric for metric in STEP_METRICS if metric in logged]
         if not metrics:
@@ -72,13 +72,13 @@ def runs_at_steps(runs: list[Run], metrics: list[str] | None, steps: list[int] |
     for metric in metrics:
         if metric not in logged:
             raise UserError(f"no run logs the metric {metric!r} in its metrics.jsonl; logged: {', '.join(logged) or 'none'}")
-    evaluated = sorted({step for by_step in lines.values() for step, line in by_step.items() if any(m in line for m in metrics)})
+    evaluated = sorted({step for _, by_step in lines for step, line in by_step.items() if any(m in line for m in metrics)})
     for step in steps or []:
         if step not in evaluated:
             raise UserError(f"--steps {step}: no run logged {', '.join(map(label, metrics))} at that step; they did at steps "
                             f"{steps_text(evaluated)}")
     return [replace(run, config={**run.config, STEP: step}, results=line, signature=run.signature and f"{run.signature}@{step}")
-            for run in runs for step, line in sorted(lines[id(run)].items())
+            for run, by_step in lines for step, line in sorted(by_step.items())
             if (steps is None or step in steps) and any(metric in line for metric in metrics)], metrics
 
 
