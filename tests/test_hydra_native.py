@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from conftest import IBQ_TRAIN, REPO, cli_env, error_line, require_slow_mark, run_cli
-from ibq.config import CONF_DIR, check_values, hydra_value, shell_override
+from ibq.config import APPS, CONF_DIR, check_values, hydra_value, shell_override
 from ibq.errors import UserError
 from ibq.runs.record import run_dirname
 
@@ -139,6 +139,31 @@ def test_an_app_loads_without_torch_so_completion_and_help_answer_at_once(app: s
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=cli_env())
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.split() == [], f"importing {app} loads {loaded.stdout.strip()}"
+
+
+@pytest.mark.parametrize(("config_name", "missing_run"), [("train", "init_from"), ("train_ar", "tokenizer_run"),
+                                                         ("tokenize", "tokenizer_run"), ("sample", "run_dir"), ("eval", "run_dir")])
+def test_a_job_refused_by_its_checks_loads_no_evaluation_or_image_library(config_name: str, missing_run: str):
+    """`ibq-sample run_dir=<typo>` answers after loading what its checks need: torch, not scikit-image's
+    metrics (which load scipy.stats) or torchvision, seconds more of every such answer."""
+    code = f"""
+import sys
+from hydra import compose, initialize_config_dir
+from ibq.cli.checks import check_job
+from ibq.errors import UserError
+with initialize_config_dir({str(CONF_DIR)!r}, version_base=None):
+    cfg = compose({config_name!r}, overrides=[{missing_run!r} + "=/no/such/run"])
+try:
+    check_job(cfg, {config_name!r})
+except UserError as error:
+    print(error)
+print(" ".join(m for m in ("scipy", "skimage", "torchvision") if m in sys.modules))
+"""
+    checked = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=cli_env())
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    refusal, loaded = checked.stdout.splitlines()
+    assert refusal.startswith(f"{missing_run}=/no/such/run does not exist"), refusal
+    assert loaded == "", f"the checks of {APPS[config_name]} load {loaded}"
 
 
 @pytest.mark.parametrize("value", ["outputs/multirun/2026-12-01_10-00-00/codebook_size=1024,seed=0", "/runs/my run", 'a"b', "it's",

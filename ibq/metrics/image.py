@@ -4,7 +4,6 @@ back as float in [0, 1], data range 1, scikit-image's defaults (SSIM: 7x7 unifor
 from __future__ import annotations
 
 import numpy as np
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import Tensor
 
 from ibq.metrics.fid import to_uint8
@@ -17,6 +16,9 @@ def unit_images(images: Tensor) -> np.ndarray:
 
 def psnr_ssim(real: Tensor, reconstructed: Tensor) -> tuple[list[float], list[float]]:
     """Per-image PSNR (dB) and SSIM."""
+    # here, not at import: scikit-image's metrics load scipy.stats, seconds of every app's start otherwise
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
     psnrs, ssims = [], []
     for a, b in zip(unit_images(real), unit_images(reconstructed)):
         psnrs.append(float(peak_signal_noise_ratio(a, b, data_range=1.0)))
