@@ -130,15 +130,21 @@ def test_help_says_what_the_app_does_then_lists_hydras_groups_and_config(module:
     assert "\n== Config ==\n" in groups and "Use --hydra-help to view Hydra specific help" in groups
 
 
+def loaded_after(code: str, modules: tuple[str, ...]) -> tuple[str, list[str]]:
+    """`code` run in a fresh process: (what it printed, those of `modules` it loaded)."""
+    code += f"\nimport sys; print(' '.join(m for m in {modules!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=cli_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    *printed, loaded = result.stdout.splitlines()
+    return "\n".join(printed), loaded.split()
+
+
 @pytest.mark.parametrize("app", ["ibq.cli.train", "ibq.cli.train_ar", "ibq.cli.eval", "ibq.cli.sample", "ibq.cli.tokenize"])
 def test_an_app_loads_without_torch_so_completion_and_help_answer_at_once(app: str):
     """Completion, --help and --cfg load the app's module and compose its config, nothing more: torch,
     which takes seconds to import, is loaded by the job that uses it."""
-    heavy = ("torch", "scipy", "deepspeed", "wandb")
-    code = f"import sys, {app}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
-    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=cli_env())
-    assert loaded.returncode == 0, loaded.stderr[-2000:]
-    assert loaded.stdout.split() == [], f"importing {app} loads {loaded.stdout.strip()}"
+    _, loaded = loaded_after(f"import {app}", ("torch", "scipy", "deepspeed", "wandb"))
+    assert loaded == [], f"importing {app} loads {' '.join(loaded)}"
 
 
 @pytest.mark.parametrize(("config_name", "missing_run"), [("train", "init_from"), ("train_ar", "tokenizer_run"),
@@ -146,8 +152,7 @@ def test_an_app_loads_without_torch_so_completion_and_help_answer_at_once(app: s
 def test_a_job_refused_by_its_checks_loads_no_evaluation_or_image_library(config_name: str, missing_run: str):
     """`ibq-sample run_dir=<typo>` answers after loading what its checks need: torch, not scikit-image's
     metrics (which load scipy.stats) or torchvision, seconds more of every such answer."""
-    code = f"""
-import sys
+    refusal, loaded = loaded_after(f"""
 from hydra import compose, initialize_config_dir
 from ibq.cli.checks import check_job
 from ibq.errors import UserError
@@ -156,14 +161,9 @@ with initialize_config_dir({str(CONF_DIR)!r}, version_base=None):
 try:
     check_job(cfg, {config_name!r})
 except UserError as error:
-    print(error)
-print(" ".join(m for m in ("scipy", "skimage", "torchvision") if m in sys.modules))
-"""
-    checked = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=cli_env())
-    assert checked.returncode == 0, checked.stderr[-2000:]
-    refusal, loaded = checked.stdout.splitlines()
+    print(error)""", ("scipy", "skimage", "torchvision"))
     assert refusal.startswith(f"{missing_run}=/no/such/run does not exist"), refusal
-    assert loaded == "", f"the checks of {APPS[config_name]} load {loaded}"
+    assert loaded == [], f"the checks of {APPS[config_name]} load {' '.join(loaded)}"
 
 
 @pytest.mark.parametrize("value", ["outputs/multirun/2026-12-01_10-00-00/codebook_size=1024,seed=0", "/runs/my run", 'a"b', "it's",
