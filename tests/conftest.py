@@ -234,6 +234,25 @@ def photo_shards(tmp_path_factory) -> Path:
     return output
 
 
+@pytest.fixture
+def gpu_reported(monkeypatch: pytest.MonkeyPatch):
+    """`gpu_reported((major, minor), name, triton=True)`: the GPU torch.cuda reports from here on, on any
+    machine, and whether the triton package is there, for code that asks before any CUDA tensor exists."""
+    import importlib.util
+
+    import torch
+
+    find_spec = importlib.util.find_spec
+
+    def report(capability: tuple[int, int], name: str = "NVIDIA H200", triton: bool = True) -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        if not triton:
+            monkeypatch.setattr(importlib.util, "find_spec", lambda module, *args: None if module == "triton" else find_spec(module, *args))
+
+    return report
+
+
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []

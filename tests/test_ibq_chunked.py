@@ -3,12 +3,14 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ibq.errors import UserError
 from ibq.quantizers import IBQ
+from ibq.quantizers import triton_ibq
 from ibq.quantizers.chunked import chunked_ibq
 
 K, D = 64, 8
@@ -313,6 +315,16 @@ def test_triton_kernels_under_the_interpreter():
         capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", **blas},
     )
     assert result.returncode == 0 and "16 passed" in result.stdout, result.stdout[-3000:]
+
+
+@pytest.mark.skipif(triton_ibq.triton is None, reason="Triton is not installed: CPU-only builds of torch come without it")
+def test_triton_kernels_serve_only_gpus_triton_compiles_for(gpu_reported):
+    """Elsewhere chunk_kernels=triton and triton_rows compute with torch, as off CUDA."""
+    tokens_on_the_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))  # what available() reads of them
+    gpu_reported((9, 0))
+    assert triton_ibq.available(tokens_on_the_gpu) and not triton_ibq.available(torch.zeros(1))
+    gpu_reported((6, 0), "Tesla P100-PCIE-16GB")
+    assert not triton_ibq.available(tokens_on_the_gpu)
 
 
 @pytest.mark.cuda

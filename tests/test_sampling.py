@@ -7,6 +7,7 @@ import torch
 from conftest import graph_host_reads
 from ibq.errors import UserError
 from ibq.generation import filter_logits, hold_linear_weights_in, sample
+from ibq.generation.sampling import replays_graphs
 from ibq.models.transformer import Transformer
 
 
@@ -130,6 +131,18 @@ def test_linear_weights_held_in_the_autocast_dtype_draw_the_same_tokens(model, s
         expected = sample(model, LABELS, seed=7, cfg_scale=2.5, static=static)
         assert torch.equal(sample(held, LABELS, seed=7, cfg_scale=2.5, static=static), expected)
     model.reset_cache()
+
+
+def test_the_step_is_replayed_as_cuda_graphs_only_on_a_gpu_triton_serves(gpu_reported, caplog):
+    """Elsewhere the static step runs eagerly, where torch.compile would fail at the first token."""
+    assert not replays_graphs(torch.device("cpu"))
+    gpu_reported((9, 0))
+    assert replays_graphs(torch.device("cuda")) and replays_graphs(torch.device("cuda", 0))
+    gpu_reported((6, 1), "Tesla P4")
+    with caplog.at_level(logging.WARNING):
+        assert not replays_graphs(torch.device("cuda")) and not replays_graphs(torch.device("cuda", 0))
+    assert caplog.text.count("sampling decodes eagerly, without CUDA graphs: torch.compile cannot generate kernels here "
+                             "(Tesla P4 has compute capability 6.1, and Triton needs 7.0 or more)") == 1  # once per process
 
 
 @pytest.mark.cuda

@@ -108,7 +108,8 @@ def test_the_step_options_give_the_plain_step_losses(tmp_path: Path, monkeypatch
         ({"channels_last": True}, {"cpu": (False, True), "cuda": (True, True)}),
     ],
 )
-def test_channels_last_follows_compilation_unless_set(train: dict, expected: dict):
+def test_channels_last_follows_compilation_unless_set(train: dict, expected: dict, gpu_reported):
+    gpu_reported((9, 0))
     for device, (compiled, channels_last) in expected.items():
         acceleration = StepAcceleration.from_config(OmegaConf.create(train), torch.device(device))
         assert (acceleration.compiled, acceleration.channels_last) == (compiled, channels_last), device
@@ -116,7 +117,9 @@ def test_channels_last_follows_compilation_unless_set(train: dict, expected: dic
         StepAcceleration.from_config(OmegaConf.create({"channels_last": "yes"}), torch.device("cpu"))
 
 
-def test_compile_takes_torch_compile_modes():
+def test_compile_takes_torch_compile_modes(gpu_reported):
+    gpu_reported((9, 0))
+
     def mode(value, device="cpu"):
         return StepAcceleration.from_config(OmegaConf.create({"compile": value}), torch.device(device))
 
@@ -127,6 +130,27 @@ def test_compile_takes_torch_compile_modes():
     with pytest.raises(UserError, match=r"train.compile='maybe' is invalid: valid are auto \(default on CUDA, none elsewhere\), "
                                         r"none, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs \(false: none, true: default\)"):
         mode("maybe")
+
+
+@pytest.mark.parametrize(
+    ("gpu", "reason"),
+    [
+        (((6, 0), "Tesla P100-PCIE-16GB"), "Tesla P100-PCIE-16GB has compute capability 6.0, and Triton needs 7.0 or more"),
+        (((8, 0), "NVIDIA A100", False), "the triton package is not installed"),
+    ],
+)
+def test_a_gpu_triton_does_not_serve_trains_eagerly_unless_compilation_is_asked_for(gpu, reason, gpu_reported, caplog):
+    """torch.compile would fail inside the first step there, after minutes of set-up."""
+    gpu_reported(*gpu)
+    acceleration = StepAcceleration.from_config(OmegaConf.create({}), torch.device("cuda"))
+    assert acceleration.record() == {"compile": "none", "channels_last": False, "activation_checkpointing": "none"}
+    assert f"train.compile=auto runs the networks eagerly: torch.compile cannot generate kernels here ({reason})" in caplog.text
+    for value in (True, "reduce-overhead"):
+        with pytest.raises(UserError) as refusal:
+            StepAcceleration.from_config(OmegaConf.create({"compile": value}), torch.device("cuda"))
+        mode = "default" if value is True else value
+        assert str(refusal.value) == f"train.compile={mode} cannot run on cuda: {reason}; give train.compile=false"
+    assert not StepAcceleration.from_config(OmegaConf.create({"compile": False}), torch.device("cuda")).compiled
 
 
 def test_the_compile_mode_reaches_torch_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

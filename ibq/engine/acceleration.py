@@ -1,8 +1,8 @@
 """How the tokenizer step uses its device: channels_last, torch.compile and activation checkpointing.
 
-`train.compile` defaults to `auto`: torch.compile's default mode on CUDA, none on CPU, where it does not
-pay (Inductor took 7 minutes to compile the tiny step on a shared 2-core machine, which then ran no
-faster). Its other values are torch.compile's modes: `reduce-overhead` replays each compiled network's
+`train.compile` defaults to `auto`: torch.compile's default mode on CUDA (where Triton serves the GPU), none
+on CPU, where it does not pay (Inductor took 7 minutes to compile the tiny step on a shared 2-core
+machine, which then ran no faster). Its other values are torch.compile's modes: `reduce-overhead` replays each compiled network's
 forward and backward as CUDA graphs, for steps whose time goes to launching kernels (small micro-batches).
 `train.channels_last` defaults to `auto`: on where the step is compiled. Eager, PyTorch's GroupNorm
 reads NHWC inputs slowly: on an H200 the paper's eager step ran at 49.0 images/s at micro-batch 32 with
@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ibq.errors import UserError
+from ibq.inductor import gpu_kernels_unavailable
 from ibq.models.tokenizer import RECOMPUTE
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,15 @@ class StepAcceleration:
 
     @classmethod
     def from_config(cls, train: DictConfig, device: torch.device) -> StepAcceleration:
+        unavailable = gpu_kernels_unavailable(device) if device.type == "cuda" else None
         if train.get("compile", SWITCHES["compile"]) == "auto":
-            mode = "default" if device.type == "cuda" else "none"
+            mode = "default" if device.type == "cuda" and unavailable is None else "none"
+            if unavailable:
+                log.warning("train.compile=auto runs the networks eagerly: torch.compile cannot generate kernels here (%s)", unavailable)
         else:
             mode = _named(train, "compile", COMPILE_MODES, false="none", true="default", also=("auto (default on CUDA, none elsewhere)",))
+            if mode != "none" and unavailable:
+                raise UserError(f"train.compile={mode} cannot run on {device}: {unavailable}; give train.compile=false")
         return cls(compile=mode, channels_last=_switch(train, "channels_last", mode != "none"),
                    activation_checkpointing=_named(train, "activation_checkpointing", RECOMPUTE, false="none", true="blocks"))
 

@@ -9,8 +9,9 @@ so. Draws come from one torch.Generator, so a seed fixes the samples, with or wi
 
 The static cache (`static=True`, the default on CUDA) decodes at fixed shapes, gpt-fast's way: on CUDA
 its step is compiled with mode="reduce-overhead", so each token replays one CUDA graph instead of
-launching the step's ~700 kernels from the host; on CPU it runs eagerly and gives the same tokens as the
-dynamic cache. Drawing the tokens stays outside the graph, so the generator's sequence is the same."""
+launching the step's ~700 kernels from the host; on CPU, and on a GPU Triton does not serve, it runs
+eagerly and gives the same tokens as the dynamic cache. Drawing the tokens stays outside the graph, so
+the generator's sequence is the same."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ibq.errors import UserError
+from ibq.inductor import gpu_kernels_unavailable
 from ibq.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,7 @@ def sample(
 
     tokens = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
     static = use_cache and (device.type == "cuda" if static is None else static)
-    graphs = static and device.type == "cuda"
+    graphs = static and replays_graphs(device)
     step = compiled_step(model) if graphs else model.step
     was_training = model.training
     model.eval()
@@ -157,6 +159,21 @@ def hold_linear_weights_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         if isinstance(module, nn.Linear):
             module.to(dtype)
     return model
+
+
+def replays_graphs(device: torch.device) -> bool:
+    """Whether the static step is compiled into CUDA graphs on `device`: on a GPU Triton serves."""
+    if device.type != "cuda":
+        return False
+    unavailable = gpu_kernels_unavailable(device)
+    if unavailable:
+        note_eager_decoding(unavailable)
+    return unavailable is None
+
+
+@lru_cache(maxsize=None)  # once per reason and process, not once per batch
+def note_eager_decoding(reason: str) -> None:
+    log.warning("sampling decodes eagerly, without CUDA graphs: torch.compile cannot generate kernels here (%s)", reason)
 
 
 def compiled_step(model: Transformer):

@@ -28,6 +28,8 @@ import functools
 import torch
 from torch import Tensor
 
+from ibq.inductor import gpu_kernels_unavailable
+
 try:
     import triton
     import triton.language as tl
@@ -48,8 +50,8 @@ CODEBOOK_GRADIENT_TILES = dict(BLOCK_N=64, BLOCK_K=32, BLOCK_D=32, num_warps=8)
 
 
 def available(tokens: Tensor) -> bool:
-    """Whether the kernels serve these tokens: CUDA tensors and Triton installed."""
-    return triton is not None and tokens.is_cuda
+    """Whether the kernels serve these tokens: CUDA tensors on a GPU Triton compiles for."""
+    return triton is not None and tokens.is_cuda and gpu_kernels_unavailable(tokens.device) is None
 
 
 if triton is not None:
