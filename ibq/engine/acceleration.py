@@ -1,9 +1,10 @@
 """How the tokenizer step uses its device: channels_last, torch.compile and activation checkpointing.
 
-`train.compile` defaults to `auto`: torch.compile's default mode on CUDA (where Triton serves the GPU), none
-on CPU, where it does not pay (Inductor took 7 minutes to compile the tiny step on a shared 2-core
-machine, which then ran no faster). Its other values are torch.compile's modes: `reduce-overhead` replays each compiled network's
-forward and backward as CUDA graphs, for steps whose time goes to launching kernels (small micro-batches).
+`train.compile` defaults to `auto`: torch.compile's default mode on CUDA, none on CPU, where it does not
+pay (Inductor took 7 minutes to compile the tiny step on a shared 2-core machine, which then ran no
+faster), and none on a GPU Triton does not compile for, where a mode asked for is refused. Its other
+values are torch.compile's modes: `reduce-overhead` replays each compiled network's forward and backward
+as CUDA graphs, for steps whose time goes to launching kernels (small micro-batches).
 `train.channels_last` defaults to `auto`: on where the step is compiled. Eager, PyTorch's GroupNorm
 reads NHWC inputs slowly: on an H200 the paper's eager step ran at 49.0 images/s at micro-batch 32 with
 channels_last, where an earlier version's NCHW step ran at 59.1; on CPU the tiny step at 23.1 against
