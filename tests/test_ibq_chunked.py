@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from ibq.errors import UserError
-from ibq.quantizers import IBQ
-from ibq.quantizers import triton_ibq
+from ibq.quantizers import IBQ, triton_ibq
 from ibq.quantizers.chunked import chunked_ibq
 
 K, D = 64, 8
